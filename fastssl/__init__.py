@@ -1,0 +1,9 @@
+"""fastssl: fused Triton kernels for self-supervised and generative learning in PyTorch.
+
+The public API (shared/API.md) is re-exported here; each capability lives in one slice:
+``fastssl.contrastive``, ``fastssl.diffusion``, ``fastssl.propagation`` over ``fastssl.kernels.*``.
+"""
+__version__ = "0.1.0"
+
+# diffusion slice
+from .diffusion import cfg_combine  # noqa: E402,F401

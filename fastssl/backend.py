@@ -1,0 +1,62 @@
+"""The one place that decides, for every op, whether the Triton kernels or the PyTorch path runs.
+
+``FASTSSL_BACKEND`` (read at each call, so tests and users can switch at run time):
+
+- ``auto`` (default): CUDA tensors run the Triton kernels, CPU tensors the memory-bounded PyTorch path.
+- ``triton``: always the Triton kernels. On CPU tensors this needs ``TRITON_INTERPRET=1`` set before
+  Triton is first imported (how the test suite runs the kernels without a GPU).
+- ``torch``: always the PyTorch path.
+
+>>> import torch
+>>> from fastssl.backend import use_triton
+>>> use_triton(torch.zeros(3))  # a CPU tensor under the default "auto"
+False
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton runs its kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def requested_backend() -> str:
+    """The value of ``FASTSSL_BACKEND``, validated; ``auto`` when unset."""
+    value = os.environ.get("FASTSSL_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"FASTSSL_BACKEND={value!r} is not one of {BACKENDS}")
+    return value
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether an op over ``tensors`` should launch the Triton kernels (else the PyTorch path).
+
+    Raises:
+        RuntimeError: ``FASTSSL_BACKEND=triton`` where the kernels cannot run: Triton is not installed,
+            or the tensors are on the CPU without ``TRITON_INTERPRET=1``.
+    """
+    on_cuda = all(t.is_cuda for t in tensors)
+    choice = requested_backend()
+    if choice == "torch":
+        return False
+    if choice == "auto":
+        return on_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("FASTSSL_BACKEND=triton but Triton is not installed; pip install triton")
+    if not on_cuda and not interpreting():
+        raise RuntimeError(
+            "FASTSSL_BACKEND=triton with CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before Triton is imported, move the tensors to CUDA, or use FASTSSL_BACKEND=auto|torch"
+        )
+    return True
