@@ -2,7 +2,7 @@
 
 For each kernel x launch variant x autotune config: ``triton.compile`` for ``GPUTarget("cuda", arch,
 32)``, then ``cuobjdump --dump-resource-usage`` on the cubin. A result is bad when it does not compile,
-spills (``LOCAL`` > 0), needs more shared memory than the chip has (static + dynamic > 227 KB on
+spills (``LOCAL`` or ``STACK`` > 0: ptxas spills into the stack frame), needs more shared memory than the chip has (static + dynamic > 227 KB on
 sm_90, 163 KB on sm_80), or is a matmul kernel whose sm_90 PTX lacks ``wgmma``.
 
 Run it as ``python -m fastssl.kernels.aot --arch 90`` (prints JSON lines, exits 1 on a bad result);
@@ -107,8 +107,8 @@ def compile_one(spec, variant, config, arch: int) -> dict:
     total_shared = dynamic_shared + (usage["shared"] or 0)
     if usage["local"] is None:
         result["problems"].append("cuobjdump reported no LOCAL figure")
-    elif usage["local"] > 0:
-        result["problems"].append(f"spills: LOCAL:{usage['local']} bytes of local memory")
+    elif usage["local"] > 0 or (usage["stack"] or 0) > 0:  # ptxas puts spilled registers in the stack frame
+        result["problems"].append(f"spills: LOCAL:{usage['local']} STACK:{usage['stack']} bytes of local memory")
     if total_shared > SHARED_LIMIT[arch]:
         result["problems"].append(f"shared memory {total_shared} B over the sm_{arch} limit {SHARED_LIMIT[arch]} B")
     if spec.uses_dot and arch >= 90 and "wgmma" not in compiled.asm["ptx"]:

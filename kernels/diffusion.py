@@ -13,11 +13,12 @@ import triton.language as tl
 from .registry import autotune, bucket, keep, register, variant
 
 # Elementwise configs: 4-16 elements a thread (16-byte vectors for fp32 and bf16), 4 or 8 warps.
+# 32 a thread (4096 x 4 warps) spills in the fp64 variants (ptxas, sm_90, tests/test_compile_sm90.py).
 ELEMENTWISE_CONFIGS = [
     triton.Config({"BLOCK": block}, num_warps=warps)
     for block in (1024, 2048, 4096)
     for warps in (4, 8)
-    if keep(block, warps, min_elems_per_thread=4, max_block=4096)
+    if keep(block, warps, min_per_thread=4, max_per_thread=16)
 ]
 
 TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}

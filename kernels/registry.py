@@ -87,9 +87,12 @@ def autotune(configs, key, **kwargs):
     return triton.autotune(configs[:1] if INTERPRET else configs, key=key, **kwargs)
 
 
-def keep(block: int, num_warps: int, *, max_block: int = 1 << 16, min_elems_per_thread: int = 1) -> bool:
-    """The autotune filter: drop configs with blocks over ``max_block`` or too few elements per thread."""
-    return block <= max_block and block >= num_warps * 32 * min_elems_per_thread
+def keep(block: int, num_warps: int, *, max_block: int = 1 << 16, min_per_thread: int = 1,
+         max_per_thread: int = 1 << 16) -> bool:
+    """The autotune filter: drop configs with blocks over ``max_block`` or with too few or too many
+    elements per thread (too many spill: the compile test catches them)."""
+    per_thread = block // (num_warps * 32)
+    return block <= max_block and min_per_thread <= per_thread <= max_per_thread
 
 
 def bucket(n: int) -> int:

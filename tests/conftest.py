@@ -1,0 +1,119 @@
+"""Shared test harness.
+
+- Without a GPU the Triton kernels run on Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set here,
+  before anything imports Triton, so one plain ``pytest`` runs every kernel test on both backends.
+- ``backend`` parametrizes a test over the Triton kernels and the PyTorch path (``FASTSSL_BACKEND``).
+- Every output a kernel launcher allocates is poisoned with NaN, so an element a kernel forgets to write
+  fails the parity tests instead of passing on leftover memory.
+- Seeds: each test is seeded from the session seed (printed in the header; set ``FASTSSL_TEST_SEED`` to
+  replay a run) and its own name, so inputs are fresh each run and reproducible on demand.
+- ``TOLERANCES`` and :func:`assert_close_lowp` hold the precision rules.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import random
+import sys
+import zlib
+
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") is None:
+    raise RuntimeError("Triton was imported before tests/conftest.py could set TRITON_INTERPRET")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SESSION_SEED = int(os.environ.get("FASTSSL_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+# Absolute and relative tolerances against a float64 reference, for well-conditioned O(1) outputs.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+
+def pytest_report_header(config):
+    interp = os.environ.get("TRITON_INTERPRET", "0")
+    return f"fastssl: device={DEVICE} TRITON_INTERPRET={interp} FASTSSL_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    seed = (SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    torch.manual_seed(seed)
+    random.seed(seed)
+    yield
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch) -> str:
+    """Run the test on the PyTorch path and on the Triton kernels (interpreted on the CPU)."""
+    monkeypatch.setenv("FASTSSL_BACKEND", request.param)
+    return request.param
+
+
+class _PoisonedTorch:
+    """``torch`` as a kernel module sees it in tests: ``empty``/``empty_like`` return NaN-filled tensors."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    @staticmethod
+    def _poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty(self, *args, **kwargs):
+        return self._poison(self._real.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs):
+        return self._poison(self._real.empty_like(*args, **kwargs))
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs(monkeypatch):
+    import fastssl.kernels as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        if getattr(module, "torch", None) is torch:
+            monkeypatch.setattr(module, "torch", _PoisonedTorch(torch))
+    yield
+
+
+def max_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference, computed in float64; NaN where either side is NaN."""
+    return (x.detach().double() - reference.detach().double()).abs().max().item() if x.numel() else 0.0
+
+
+def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0):
+    """``actual`` matches the float64 ``reference`` within ``TOLERANCES[dtype]`` (times ``scale``)."""
+    tol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.detach().double(), reference.detach().double().to(actual.device),
+                               atol=tol["atol"] * scale, rtol=tol["rtol"] * scale)
+
+
+def assert_close_lowp(ours: torch.Tensor, reference: torch.Tensor, torch_lowp: torch.Tensor, *, atol: float = 1e-5,
+                      factor: float = 2.0):
+    """flash-attention's rule for low precision: our error against the float64 reference is at most
+    ``factor`` times PyTorch's own error in that dtype (``torch_lowp``: the plain formula run in it),
+    plus ``atol``."""
+    ours_err, torch_err = max_error(ours, reference), max_error(torch_lowp, reference)
+    assert ours_err <= factor * torch_err + atol, (
+        f"error {ours_err:.3g} against the float64 reference exceeds {factor} x PyTorch's own {torch_err:.3g} + {atol}"
+    )

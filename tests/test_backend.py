@@ -1,0 +1,48 @@
+"""The backend switch and the installed package's shape."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastssl.backend import use_triton
+
+
+def test_auto_runs_cpu_tensors_on_the_torch_path(monkeypatch):
+    monkeypatch.setenv("FASTSSL_BACKEND", "auto")
+    assert use_triton(torch.zeros(2)) is False
+
+
+def test_torch_backend_is_honoured(monkeypatch):
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    assert use_triton(torch.zeros(2)) is False
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("FASTSSL_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTSSL_BACKEND='cuda' is not one of"):
+        use_triton(torch.zeros(2))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        use_triton(torch.zeros(2))
+
+
+def test_triton_on_cpu_error_reaches_the_user_through_an_op(tmp_path):
+    code = "import torch, fastssl; fastssl.cfg_combine(torch.ones(2, 2), torch.ones(2, 2), 1.0)"
+    env = {**os.environ, "FASTSSL_BACKEND": "triton", "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 1 and "RuntimeError: FASTSSL_BACKEND=triton with CPU tensors" in run.stderr
+
+
+def test_top_level_kernels_module_is_not_installed(tmp_path):
+    """Hugging Face's ``kernels`` owns that name: our kernels install only as ``fastssl.kernels``."""
+    code = ("import os, fastssl.kernels.registry\n"
+            "try:\n    import kernels\nexcept ImportError:\n    print('absent')\n"
+            "else:\n    print('ours' if os.path.exists(os.path.join(os.path.dirname(kernels.__file__), 'registry.py')) else 'other')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert run.stdout.strip() in ("absent", "other"), run.stdout + run.stderr
