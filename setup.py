@@ -20,8 +20,11 @@ setup(
         "numpy>=1.24,<2.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7", "tqdm>=4.60"],
+        # diffusers and pytorch-metric-learning are parity references in the tests (no torchvision needed).
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7", "tqdm>=4.60",
+                 "diffusers>=0.30", "pytorch-metric-learning>=2"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
+        # Optional comparisons; lightly and open_clip need torchvision, which pins its own torch build.
         "peers": ["lightly", "pytorch-metric-learning", "open-clip-torch", "diffusers"],
     },
     entry_points={"console_scripts": ["fastssl=fastssl.cli:main"]},

@@ -3,7 +3,7 @@
 For each kernel x launch variant x autotune config: ``triton.compile`` for ``GPUTarget("cuda", arch,
 32)``, then ``cuobjdump --dump-resource-usage`` on the cubin. A result is bad when it does not compile,
 spills (``LOCAL`` or ``STACK`` > 0: ptxas spills into the stack frame), needs more shared memory than the chip has (static + dynamic > 227 KB on
-sm_90, 163 KB on sm_80), or is a matmul kernel whose sm_90 PTX lacks ``wgmma``.
+sm_90, 163 KB on sm_80), or is a matmul kernel (``uses_dot``) whose sm_90 PTX lacks ``wgmma`` in a bf16/fp16 variant.
 
 Run it as ``python -m fastssl.kernels.aot --arch 90`` (prints JSON lines, exits 1 on a bad result);
 ``--module FILE.py`` adds the kernels a file registers (the test of the test uses it). It must run
@@ -111,7 +111,8 @@ def compile_one(spec, variant, config, arch: int) -> dict:
         result["problems"].append(f"spills: LOCAL:{usage['local']} STACK:{usage['stack']} bytes of local memory")
     if total_shared > SHARED_LIMIT[arch]:
         result["problems"].append(f"shared memory {total_shared} B over the sm_{arch} limit {SHARED_LIMIT[arch]} B")
-    if spec.uses_dot and arch >= 90 and "wgmma" not in compiled.asm["ptx"]:
+    half = any(t in ("*bf16", "*fp16") for t in variant.signature.values())
+    if spec.uses_dot and half and arch >= 90 and "wgmma" not in compiled.asm["ptx"]:
         result["problems"].append("matmul kernel without wgmma in its sm_90 PTX (not on Hopper's tensor-core path)")
     return result
 

@@ -23,8 +23,9 @@ def _tiny_dot_kernel(a_ptr, out_ptr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fp32_fma_matmul_kernel(a_ptr, out_ptr, BLOCK: tl.constexpr):
+    # bf16 inputs upcast to fp32 before an IEEE fp32 product: CUDA cores, not wgmma.
     offs = tl.arange(0, BLOCK)
-    a = tl.load(a_ptr + offs[:, None] * BLOCK + offs[None, :])
+    a = tl.load(a_ptr + offs[:, None] * BLOCK + offs[None, :]).to(tl.float32)
     tl.store(out_ptr + offs[:, None] * BLOCK + offs[None, :], tl.dot(a, a, input_precision="ieee"))
 
 
@@ -45,7 +46,7 @@ register(_spilling_kernel, variants=[variant({"a_ptr": "*fp32", "out_ptr": "*fp3
          configs=[triton.Config({"BLOCK": 64}, num_warps=4)])
 register(_tiny_dot_kernel, variants=[variant({"a_ptr": "*fp16", "out_ptr": "*fp32"})],
          configs=[triton.Config({"BLOCK": 8}, num_warps=4)], uses_dot=True)
-register(_fp32_fma_matmul_kernel, variants=[variant({"a_ptr": "*fp32", "out_ptr": "*fp32"})],
+register(_fp32_fma_matmul_kernel, variants=[variant({"a_ptr": "*bf16", "out_ptr": "*fp32"})],
          configs=[triton.Config({"BLOCK": 16}, num_warps=4)], uses_dot=True)
 register(_shared_hog_kernel, variants=[variant({"x_ptr": "*fp32", "out_ptr": "*fp32"})],
          configs=[triton.Config({"BLOCK": 256}, num_warps=32)])

@@ -1,0 +1,331 @@
+"""The benchmark harness behind ``fastssl bench`` and ``pytest benchmarks/ --benchmark-only``.
+
+Each slice's ``benchmarks/bench_<slice>.py`` defines ``cases(preset, device) -> list[Case]`` (preset
+``quick`` or ``full``; only providers that are installed) and a two-line pytest-benchmark test. This
+module times a case, measures its peak memory and writes GUIDE §5's JSON, the plots and the table.
+
+Measurement:
+- CUDA: ``triton.testing.do_bench`` (median, p20, p80 after warm-up); peak memory is
+  ``max_memory_allocated`` during one call minus what was allocated before it (inputs excluded).
+- CPU: each case runs in a fresh subprocess (``python -m fastssl.benchmarks.harness``). Peak memory:
+  with glibc's mmap threshold pinned at 64 KB (so freed buffers leave the resident set), the rise of the
+  peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set before one call,
+  inputs excluded. Times: ``perf_counter`` quantiles over repeated calls after a warm-up, with glibc's
+  thresholds raised again (as a long training loop settles), so page faults do not swamp them.
+
+>>> c = Case("cfg_combine", "torch", "fwd", "float32", {"numel": 4}, lambda device: (lambda: None), size=4)
+>>> c.name
+'cfg_combine/torch/fwd/float32/numel=4'
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import importlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+PROVIDERS_NOTE = "fastssl: Triton kernels on CUDA, the PyTorch path on CPU; torch: the eager formula; compile: torch.compile of it"
+
+
+@dataclass
+class Case:
+    """One timed call. ``make(device)`` builds the inputs and returns the zero-argument callable to time
+    (for ``fwd+bwd`` it runs the forward and the backward)."""
+
+    op: str
+    provider: str
+    mode: str  # "fwd" | "fwd+bwd"
+    dtype: str
+    shape: dict
+    make: Callable[[str], Callable[[], object]]
+    size: int  # the x-axis of the plots
+    flops: Optional[float] = None  # per call, for TFLOP/s
+    bytes: Optional[float] = None  # memory traffic per call, for GB/s
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        shape = ",".join(f"{k}={v}" for k, v in self.shape.items())
+        return f"{self.op}/{self.provider}/{self.mode}/{self.dtype}/{shape}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def run_with(self, benchmark, device: Optional[str] = None):
+        """Time this case with pytest-benchmark's ``benchmark`` fixture."""
+        fn = self.make(device or default_device())
+        fn()  # warm-up (and compilation)
+        if torch.cuda.is_available():
+            benchmark(lambda: (fn(), torch.cuda.synchronize()))
+        else:
+            benchmark(fn)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def have(module: str) -> bool:
+    """Whether an optional peer library is importable (providers are listed only where installed)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def bench_modules() -> list:
+    import fastssl.benchmarks as package
+
+    return [importlib.import_module(f"{package.__name__}.{m.name}")
+            for m in pkgutil.iter_modules(package.__path__) if m.name.startswith("bench_")]
+
+
+def all_cases(preset: str, device: str, only=()) -> list[Case]:
+    cases = [c for module in bench_modules() for c in module.cases(preset, device)]
+    return [c for c in cases if not only or c.op in only]
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+
+def _quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
+    t = torch.tensor(samples_ms, dtype=torch.float64)
+    return tuple(torch.quantile(t, torch.tensor(q, dtype=torch.float64)).item() for q in (0.5, 0.2, 0.8))
+
+
+def _proc_status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) / 1024
+
+
+def _malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
+    """glibc's ``mallopt(M_MMAP_THRESHOLD)`` and ``mallopt(M_TRIM_THRESHOLD)``; a no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, mmap_bytes)
+        libc.mallopt(-1, trim_bytes)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_cpu(fn, *, min_time: float = 0.3, min_reps: int = 3, max_reps: int = 50) -> dict:
+    _malloc_thresholds(64 << 10, 0)
+    fn()  # warm-up: first-call allocations, torch.compile's compilation
+    gc.collect()
+    before = _proc_status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    fn()
+    peak_mb = max(_proc_status_mb("VmHWM") - before, 0.0)
+    _malloc_thresholds(32 << 20, 256 << 20)
+    fn()
+    samples, start = [], time.perf_counter()
+    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    median, p20, p80 = _quantiles(samples)
+    return {"ms_median": median, "ms_p20": p20, "ms_p80": p80, "peak_mb": peak_mb}
+
+
+def measure_cuda(fn) -> dict:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return {"ms_median": median, "ms_p20": p20, "ms_p80": p80, "peak_mb": peak_mb}
+
+
+def row(case: Case, measured: dict) -> dict:
+    ms = measured.get("ms_median")
+    return {"op": case.op, "provider": case.provider, "mode": case.mode, "dtype": case.dtype, "shape": case.shape,
+            **{k: measured.get(k) for k in ("ms_median", "ms_p20", "ms_p80", "peak_mb")},
+            "tflops": case.flops / ms * 1e-9 if case.flops and ms else None,
+            "gbps": case.bytes / ms * 1e-6 if case.bytes and ms else None,
+            "size": case.size, **({"error": measured["error"]} if "error" in measured else {}), **case.extra}
+
+
+def run_case(case: Case, device: str) -> dict:
+    """Measure ``case`` in this process; an exception becomes a row with ``error`` (and no times)."""
+    try:
+        fn = case.make(device)
+        measured = measure_cuda(fn) if device == "cuda" else measure_cpu(fn)
+    except Exception as exc:  # one provider failing (out of memory, a peer's limit) must not end the run
+        measured = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return row(case, measured)
+
+
+def run_case_in_subprocess(index: int, preset: str, only, timeout: float = 600) -> dict:
+    """CPU: a fresh process per case, so one case's allocations cannot hide another's peak."""
+    cmd = [sys.executable, "-m", "fastssl.benchmarks.harness", "--preset", preset, "--index", str(index), *sum((["--only", o] for o in only), [])]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    if run.returncode or not lines:
+        raise RuntimeError(f"benchmark subprocess for case {index} failed:\n{run.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+# -- the device's own ceilings -----------------------------------------------------------------------
+
+def measure_peaks(device: str) -> dict:
+    """A large matmul's TFLOP/s (bf16 on CUDA, fp32 on CPU) and a large copy's GB/s (read + write)."""
+    if device == "cuda":
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        src = torch.randn(2**28, device="cuda")  # 1 GiB
+        dst = torch.empty_like(src)
+        mm = measure_cuda(lambda: a @ a)["ms_median"]
+        cp = measure_cuda(lambda: dst.copy_(src))["ms_median"]
+        return {"matmul_bf16_tflops": 2 * 8192**3 / mm * 1e-9, "copy_gbps": 2 * src.numel() * 4 / cp * 1e-6}
+    a = torch.randn(2048, 2048)
+    src = torch.randn(2**25)  # 128 MiB
+    dst = torch.empty_like(src)
+    mm = measure_cpu(lambda: a @ a, min_time=0.5)["ms_median"]
+    cp = measure_cpu(lambda: dst.copy_(src), min_time=0.5)["ms_median"]
+    return {"matmul_fp32_tflops": 2 * 2048**3 / mm * 1e-9, "copy_gbps": 2 * src.numel() * 4 / cp * 1e-6}
+
+
+def git_sha() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def result_header(device: str) -> dict:
+    import triton
+
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+            "git": git_sha(), "date": datetime.date.today().isoformat()}
+
+
+# -- reporting ---------------------------------------------------------------------------------------
+
+def _group_key(r: dict) -> tuple:
+    return r["op"], r["mode"], r["dtype"], json.dumps(r["shape"], sort_keys=True)
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line a row; ``x torch`` is eager PyTorch's time (and peak memory) over this row's, same case."""
+    baseline = {_group_key(r): r for r in rows if r["provider"] == "torch" and r.get("ms_median")}
+    header = f"{'op':<18}{'provider':<10}{'mode':<9}{'dtype':<10}{'shape':<34}{'ms':>10}{'peak MB':>10}{'TFLOP/s':>9}{'GB/s':>9}{'x torch':>9}{'mem x':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+        if r.get("error"):
+            lines.append(f"{r['op']:<18}{r['provider']:<10}{r['mode']:<9}{r['dtype']:<10}{shape:<34}  error: {r['error'][:60]}")
+            continue
+        base = baseline.get(_group_key(r))
+        speed = f"{base['ms_median'] / r['ms_median']:.2f}" if base else "-"
+        mem = f"{r['peak_mb'] / base['peak_mb']:.3f}" if base and base["peak_mb"] else "-"
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))  # noqa: E731
+        lines.append(f"{r['op']:<18}{r['provider']:<10}{r['mode']:<9}{r['dtype']:<10}{shape:<34}"
+                     f"{fmt(r['ms_median'], '10.3f')}{fmt(r['peak_mb'], '10.1f')}{fmt(r['tflops'], '9.2f')}"
+                     f"{fmt(r['gbps'], '9.1f')}{speed:>9}{mem:>8}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out_dir: str) -> list[str]:
+    """One PNG per op: time and peak memory against size, one line per provider (and mode, dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for op in sorted({r["op"] for r in rows}):
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+        lines = {}
+        for r in rows:
+            if r["op"] == op and r.get("ms_median") is not None:
+                lines.setdefault((r["provider"], r["mode"], r["dtype"]), []).append((r["size"], r["ms_median"], r["peak_mb"]))
+        for (provider, mode, dtype), points in sorted(lines.items()):
+            points.sort()
+            xs = [p[0] for p in points]
+            label = f"{provider} {mode} {dtype}"
+            ax_t.plot(xs, [p[1] for p in points], marker="o", label=label)
+            ax_m.plot(xs, [max(p[2], 1e-3) for p in points], marker="o", label=label)
+        for ax, title in ((ax_t, "time (ms, median)"), (ax_m, "peak extra memory (MB)")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("size")
+            ax.set_title(f"{op}: {title}")
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{op}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] = None, progress: bool = True) -> dict:
+    """Run every case of ``preset`` (``only``: op names), write ``<device>_<date>.json`` and the plots."""
+    device = device or default_device()
+    cases = all_cases(preset, device, only)
+    if not cases:
+        raise ValueError(f"no benchmark case matches --only {list(only)}")
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the bench extra; without it, no bar
+        tqdm = None
+    bar = tqdm(total=len(cases), desc="fastssl bench", disable=not progress) if tqdm else None
+    rows = []
+    for index, case in enumerate(cases):
+        if bar:
+            bar.set_postfix_str(case.name[:60])
+        rows.append(run_case(case, device) if device == "cuda" else run_case_in_subprocess(index, preset, only))
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    result = {**result_header(device), "preset": preset, "peaks": measure_peaks(device), "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-")
+    path = os.path.join(out_dir, f"{slug}_{result['date']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    result["files"] = [path, *plot(rows, out_dir)]
+    return result
+
+
+def _child(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="run one CPU benchmark case (used by fastssl bench)")
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--only", action="append", default=[])
+    args = parser.parse_args(argv)
+    case = all_cases(args.preset, "cpu", args.only)[args.index]
+    print(json.dumps(run_case(case, "cpu")), flush=True)
+
+
+if __name__ == "__main__":
+    _child()
