@@ -5,5 +5,9 @@ The public API (shared/API.md) is re-exported here; each capability lives in one
 """
 __version__ = "0.1.0"
 
+# contrastive slice
+
 # diffusion slice
 from .diffusion import cfg_combine  # noqa: E402,F401
+
+# propagation slice
