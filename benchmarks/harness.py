@@ -254,8 +254,11 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], out_dir: str) -> list[str]:
     """One PNG per op: time and peak memory against size, one line per provider (and mode, dtype)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # matplotlib comes with the bench extra; the JSON is written regardless
+        print("matplotlib is not installed: no plots (pip install fastssl[bench])")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -298,22 +301,21 @@ def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] 
     except ImportError:  # tqdm comes with the bench extra; without it, no bar
         tqdm = None
     bar = tqdm(total=len(cases), desc="fastssl bench", disable=not progress) if tqdm else None
-    rows = []
+    result = {**result_header(device), "preset": preset, "peaks": measure_peaks(device), "rows": []}
+    os.makedirs(out_dir, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-")
+    path = os.path.join(out_dir, f"{slug}_{result['date']}.json")
     for index, case in enumerate(cases):
         if bar:
             bar.set_postfix_str(case.name[:60])
-        rows.append(run_case(case, device) if device == "cuda" else run_case_in_subprocess(index, preset, only))
+        result["rows"].append(run_case(case, device) if device == "cuda" else run_case_in_subprocess(index, preset, only))
+        with open(path, "w") as f:  # after every case, so a run cut short still leaves its rows
+            json.dump(result, f, indent=1)
         if bar:
             bar.update()
     if bar:
         bar.close()
-    result = {**result_header(device), "preset": preset, "peaks": measure_peaks(device), "rows": rows}
-    os.makedirs(out_dir, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-")
-    path = os.path.join(out_dir, f"{slug}_{result['date']}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    result["files"] = [path, *plot(rows, out_dir)]
+    result["files"] = [path, *plot(result["rows"], out_dir)]
     return result
 
 
