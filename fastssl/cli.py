@@ -1,4 +1,8 @@
-"""The ``fastssl`` command line: ``fastssl bench [--quick] [--only OP ...] [--out DIR] [--device D]``.
+"""The ``fastssl`` command line:
+
+- ``fastssl bench [--quick] [--only OP ...] [--out DIR] [--device D]``: benchmarks (fastssl.benchmarks).
+- ``fastssl train METHOD [--quick] [--epochs N] [--device cpu|cuda] [--out DIR] [--seed S]``, ``fastssl train
+  --list``: a method of ``fastssl.models`` on embedded data, with its baseline from the same run.
 
 >>> main(["bench", "--only", "no_such_op", "--quiet"])
 Traceback (most recent call last):
@@ -24,6 +28,25 @@ def _bench(args) -> int:
     return 1 if any(r.get("error") and r["provider"] == "fastssl" for r in result["rows"]) else 0
 
 
+def _train(args) -> int:
+    from fastssl.models import METHODS
+    from fastssl.training import TrainConfig, run
+
+    if args.list or not args.method:
+        for name, (_, what) in sorted(METHODS.items()):
+            print(f"{name:<10} {what}")
+        return 0 if args.list else 2
+    if args.method not in METHODS:
+        raise SystemExit(f"fastssl train: unknown method {args.method!r}; fastssl train --list shows them")
+    config = TrainConfig(quick=args.quick, epochs=args.epochs, device=args.device, out=args.out, seed=args.seed,
+                         progress=not args.quiet)
+    metrics = run(args.method, config)
+    better = "beats" if metrics["beats_baseline"] else "does NOT beat"
+    print(f"{args.method}: {metrics['metric']} = {metrics['value']:.4f}, baseline {metrics['baseline']:.4f} "
+          f"({better} it); outputs in {args.out}/{args.method}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl", description="fastssl: fused kernels for self-supervised and generative learning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,10 +56,17 @@ def main(argv=None) -> int:
     bench.add_argument("--out", default="bench-out", metavar="DIR", help="where the JSON and PNG plots go")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    train = sub.add_parser("train", help="train a self-supervised or generative method on embedded data")
+    train.add_argument("method", nargs="?", help="a method name (fastssl train --list)")
+    train.add_argument("--list", action="store_true", help="list the methods")
+    train.add_argument("--quick", action="store_true", help="the short preset (minutes on 2 CPU cores)")
+    train.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    train.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    train.add_argument("--out", default="train-out", metavar="DIR", help="metrics.json and figures go to DIR/METHOD")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.command == "bench":
-        return _bench(args)
-    return 2
+    return _bench(args) if args.command == "bench" else _train(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""Small convolutional encoders shared by the methods of ``fastssl.models`` (sized for 2 CPU cores).
+
+>>> import torch
+>>> ConvEncoder(in_channels=1, width=16, out_dim=64)(torch.rand(2, 1, 32, 32)).shape
+torch.Size([2, 64])
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ConvEncoder(nn.Module):
+    """Four 3x3 conv blocks (strides 1, 2, 2, 2) and global average pooling: (N, C, H, W) -> (N, out_dim).
+    ``feature_map`` returns the stride-8 map (N, out_dim, H/8, W/8) before pooling."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32, out_dim: int = 128):
+        super().__init__()
+        self.out_dim = out_dim
+        self.features = nn.Sequential(conv_block(in_channels, width), conv_block(width, 2 * width, 2),
+                                      conv_block(2 * width, 4 * width, 2), conv_block(4 * width, out_dim, 2))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean(dim=(2, 3))
+
+
+def mlp_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """SimCLR's projection head g(.): Linear-BN-ReLU-Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))

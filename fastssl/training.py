@@ -1,0 +1,115 @@
+"""The training harness behind ``fastssl train METHOD``: a method module (``fastssl/models/<name>.py``)
+defines ``train(config) -> Result``; this module runs the optimisation loop with a progress bar and
+writes ``metrics.json``, the loss curve and the method's figures.
+
+>>> from fastssl.training import TrainConfig
+>>> TrainConfig(quick=True).epochs_or(3, 10)
+3
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+
+
+@dataclass
+class TrainConfig:
+    quick: bool = False
+    epochs: Optional[int] = None  # None: the method's preset
+    device: str = "cpu"
+    out: str = "train-out"
+    seed: int = 0
+    progress: bool = True
+
+    def epochs_or(self, quick: int, full: int) -> int:
+        return self.epochs if self.epochs is not None else (quick if self.quick else full)
+
+
+@dataclass
+class Result:
+    """What a method reports: its metric against a baseline measured in the same run."""
+
+    method: str
+    metric: str
+    value: float
+    baseline: float
+    higher_is_better: bool = True
+    losses: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)  # file name -> callable(path) that draws it
+
+    @property
+    def beats_baseline(self) -> bool:
+        return self.value > self.baseline if self.higher_is_better else self.value < self.baseline
+
+
+def fit(step: Callable[[object], torch.Tensor], batches: Callable[[], Iterable], params, *, epochs: int, lr: float,
+        config: TrainConfig, desc: str, weight_decay: float = 1e-4, after_step: Callable[[], None] | None = None) -> list:
+    """Adam over ``params`` for ``epochs`` passes of ``batches()``; ``step(batch)`` returns the loss.
+    Returns the mean loss of every epoch."""
+    from tqdm import tqdm
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses = []
+    bar = tqdm(range(epochs), desc=desc, disable=not config.progress)
+    for _ in bar:
+        total, count = 0.0, 0
+        for batch in batches():
+            loss = step(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if after_step:
+                after_step()
+            total, count = total + loss.item(), count + 1
+        losses.append(total / max(count, 1))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):
+    """Index batches of a random permutation of range(n)."""
+    perm = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def write_outputs(result: Result, out_dir: str, seconds: float) -> dict:
+    """metrics.json, loss.png and the method's figures in ``out_dir``; returns the metrics dict."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    metrics = {"method": result.method, "metric": result.metric, "value": result.value, "baseline": result.baseline,
+               "higher_is_better": result.higher_is_better, "beats_baseline": result.beats_baseline,
+               "seconds": round(seconds, 1), "final_loss": result.losses[-1] if result.losses else None, **result.extra}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(1, len(result.losses) + 1), result.losses, marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_title(result.method)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
+    plt.close(fig)
+    for name, draw in result.figures.items():
+        draw(os.path.join(out_dir, name))
+    return metrics
+
+
+def run(method: str, config: TrainConfig) -> dict:
+    """Train ``method`` (a name from ``fastssl.models.METHODS``) and write its outputs."""
+    from .models import load_method
+
+    torch.manual_seed(config.seed)
+    start = time.time()
+    result = load_method(method).train(config)
+    return write_outputs(result, os.path.join(config.out, method), time.time() - start)
