@@ -116,17 +116,22 @@ def _malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
         pass
 
 
-def measure_cpu(fn, *, min_time: float = 0.3, min_reps: int = 3, max_reps: int = 50) -> dict:
+def measure_cpu(fn, *, min_time: float = 0.3, min_reps: int = 3, max_reps: int = 50, slow_call: float = 1.0) -> dict:
+    """Warm-up call, one memory-measuring call, then timed calls: at least ``min_reps`` (2 when a call
+    takes over ``slow_call`` seconds, so the quick preset's heavy eager references stay affordable)
+    and until ``min_time`` has passed."""
     _malloc_thresholds(64 << 10, 0)
     fn()  # warm-up: first-call allocations, torch.compile's compilation
     gc.collect()
     before = _proc_status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
+    t0 = time.perf_counter()
     fn()
+    one_call = time.perf_counter() - t0
     peak_mb = max(_proc_status_mb("VmHWM") - before, 0.0)
     _malloc_thresholds(32 << 20, 256 << 20)
-    fn()
+    min_reps = 2 if one_call > slow_call else min_reps
     samples, start = [], time.perf_counter()
     while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < min_time):
         t0 = time.perf_counter()

@@ -20,15 +20,27 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import torch
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+# Triton's names of the dtypes the ops accept, for compile signatures ("*bf16").
+TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def acc_type(dtype: torch.dtype):
+    """The in-register math type: float64 for float64 tensors, float32 for every other dtype."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One way a kernel is launched: runtime argument types (``"*bf16"``, ``"i32"``, ``"fp32"``)
-    and the values of constexpr flags that are not autotuned."""
+    """One way a kernel is launched: runtime argument types (``"*bf16"``, ``"i32"``, ``"fp32"``; an
+    integer that launches always pass as a multiple of 16 may say so, ``"i32:16"``) and the values of
+    constexpr flags that are not autotuned. Pointers are compiled as 16-byte aligned (see ``aot.py``)."""
 
     signature: dict
     constexprs: dict = field(default_factory=dict)
