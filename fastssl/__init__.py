@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 # contrastive slice
 
 # diffusion slice
-from .diffusion import cfg_combine  # noqa: E402,F401
+from .diffusion import NoiseSchedule, cfg_combine, ddim_step, ddpm_step, q_sample, sample  # noqa: E402,F401
+from . import schedulers  # noqa: E402,F401
 
 # propagation slice

@@ -20,8 +20,10 @@ def test_cfg_combine_matches_reference(backend, device, dtype, guidance_kind):
     out = fastssl.cfg_combine(cond, uncond, guidance)
     assert out.dtype == dtype and out.shape == cond.shape
     reference = cfg_combine_reference(cond, uncond, guidance)
-    if dtype in (torch.float16, torch.bfloat16):
-        assert_close_lowp(out, reference, cfg_combine_reference(cond, uncond, guidance, upcast=False))
+    if dtype in (torch.float16, torch.bfloat16):  # atol: one rounding of the largest output (PyTorch's own
+        # error can be luckily small on 555 elements, ours is the output rounding)
+        assert_close_lowp(out, reference, cfg_combine_reference(cond, uncond, guidance, upcast=False),
+                          atol=reference.abs().max().item() * torch.finfo(dtype).eps)
     else:
         assert_close(out, reference, scale=10)
 
@@ -77,3 +79,494 @@ def test_cfg_combine_compiles_fullgraph(backend, device):
 def test_cfg_combine_rejects_bad_input(device, call, error, match):
     with pytest.raises(error, match=match):
         call(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules, q_sample, the fused DDPM / DDIM steps, sample()
+# ----------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+from fastssl.diffusion import NoiseSchedule, ddim_step_reference, ddpm_step_reference, q_sample_reference  # noqa: E402
+
+T = 1000
+SCHEDULE = NoiseSchedule.linear(T)
+LOWP = (torch.float16, torch.bfloat16)
+
+
+def _inputs(device, dtype=torch.float32, shape=(3, 37), guided=True):
+    m = torch.randn(shape, device=device, dtype=dtype)
+    return m, torch.randn_like(m), torch.randn_like(m), torch.randn_like(m)  # model, uncond, x_t, noise
+
+
+def _check(out, ref, ref_lowp, dtype, scale=10):
+    assert out.dtype == dtype and not out.isnan().any()
+    if dtype in LOWP:  # atol: one rounding of the largest output to the dtype (all our error can be)
+        assert_close_lowp(out, ref, ref_lowp, atol=ref.abs().max().item() * torch.finfo(dtype).eps)
+    else:
+        assert_close(out, ref, scale=scale)
+
+
+def test_schedules_equal_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    for ours, name, kw in [(NoiseSchedule.linear(), "linear", {}),
+                           (NoiseSchedule.scaled_linear(1000, 0.00085, 0.012), "scaled_linear",
+                            dict(beta_start=0.00085, beta_end=0.012)),
+                           (NoiseSchedule.cosine(), "squaredcos_cap_v2", {})]:
+        theirs = diffusers.DDPMScheduler(beta_schedule=name, **kw)
+        assert ours.betas.dtype == ours.alphas_cumprod.dtype == torch.float32
+        torch.testing.assert_close(ours.betas, theirs.betas, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(ours.alphas, theirs.alphas, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod, rtol=2e-5, atol=1e-9)
+
+
+def test_schedule_tables_are_float64_products():
+    betas = torch.rand(50, dtype=torch.float64) * 0.05
+    s = NoiseSchedule(betas)
+    expected = torch.cumprod(1 - betas, 0)
+    assert s.num_timesteps == len(s) == 50 and s.alphas_cumprod.dtype == torch.float32
+    torch.testing.assert_close(s.alphas_cumprod, expected.float(), rtol=0, atol=0)  # rounded once from float64
+    torch.testing.assert_close(NoiseSchedule.linear(10, 0.1, 0.2).betas, torch.linspace(0.1, 0.2, 10, dtype=torch.float64).float())
+    u = torch.arange(11, dtype=torch.float64) / 10
+    f = torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+    torch.testing.assert_close(NoiseSchedule.cosine(10).betas, (1 - f[1:] / f[:-1]).clamp(max=0.999).float())
+    moved = s.to("cpu")
+    assert moved is not s and torch.equal(moved.alphas_cumprod, s.alphas_cumprod) and moved.device.type == "cpu"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t_kind", ["int", "per_sample", "zero_dim"])
+def test_q_sample_matches_reference(backend, device, dtype, t_kind):
+    x0, noise = torch.randn(3, 37, device=device, dtype=dtype), torch.randn(3, 37, device=device, dtype=dtype)
+    t = {"int": 417, "per_sample": torch.tensor([0, 500, T - 1], device=device),
+         "zero_dim": torch.tensor(999, device=device)}[t_kind]
+    out, v = fastssl.q_sample(x0, t, noise, SCHEDULE, return_v=True)
+    ref, ref_v = q_sample_reference(x0, t, noise, SCHEDULE, return_v=True)
+    low, low_v = q_sample_reference(x0, t, noise, SCHEDULE, return_v=True, upcast=False)
+    _check(out, ref, low, dtype)
+    _check(v, ref_v, low_v, dtype)
+    assert torch.equal(fastssl.q_sample(x0, t, noise, SCHEDULE), out)
+
+
+def test_q_sample_equals_diffusers_add_noise(backend, device):
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ours = NoiseSchedule.scaled_linear(1000, 0.00085, 0.012)
+    x0, noise = torch.randn(4, 3, 5, 7, device=device), torch.randn(4, 3, 5, 7, device=device)
+    t = torch.tensor([0, 1, 640, 999], device=device)
+    torch.testing.assert_close(fastssl.q_sample(x0, t, noise, ours), theirs.add_noise(x0, noise, t), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(fastssl.q_sample(x0, t, noise, ours, return_v=True)[1], theirs.get_velocity(x0, noise, t),
+                               rtol=1e-5, atol=2e-5)
+
+
+def test_q_sample_gradients(backend, device):
+    x0 = torch.randn(3, 11, device=device, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(3, 11, device=device, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([3, 0, 998], device=device)
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.q_sample(a, t, b, SCHEDULE), (x0, noise))
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.q_sample(a, 77, b, SCHEDULE, return_v=True), (x0, noise))
+    # float32, uneven upstream gradients into both outputs, against autograd through the float64 formula
+    a, b = (x.detach().float().requires_grad_() for x in (x0, noise))
+    g, gv = torch.randn(3, 11, device=device), torch.randn(3, 11, device=device)
+    out, v = fastssl.q_sample(a, t, b, SCHEDULE, return_v=True)
+    torch.autograd.backward((out, v), (g, gv))
+    a64, b64 = (x.detach().double().requires_grad_() for x in (a, b))
+    r, rv = q_sample_reference(a64, t, b64, SCHEDULE, return_v=True)
+    torch.autograd.backward((r, rv), (g.double(), gv.double()))
+    assert_close(a.grad, a64.grad, torch.float32)
+    assert_close(b.grad, b64.grad, torch.float32)
+
+
+GUIDANCE_KINDS = ["none", "float", "per_sample"]
+
+
+def _guidance(kind, device, dtype=torch.float32):
+    return {"none": 0.0, "float": 3.5, "per_sample": torch.tensor([0.0, 1.5, 7.0], device=device, dtype=dtype)}[kind]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("guidance_kind", GUIDANCE_KINDS)
+def test_ddpm_step_matches_reference(backend, device, prediction_type, variance_type, clip_sample, guidance_kind):
+    m, u, x, z = _inputs(device)
+    guidance = _guidance(guidance_kind, device)
+    uncond = None if guidance_kind == "none" else u
+    t = torch.tensor([0, 7, T - 1], device=device)  # t = 0 gets no noise
+    opts = dict(uncond_output=uncond, guidance=guidance, variance_type=variance_type, prediction_type=prediction_type,
+                clip_sample=clip_sample, clip_range=1.5)
+    for prev_t in (None, t - 20):  # Algorithm 2, and a strided step (prev_t < 0 for t = 0, 7: abar_prev = 1)
+        out = fastssl.ddpm_step(m, t, x, SCHEDULE, prev_t=prev_t, noise=z, **opts)
+        ref, _ = ddpm_step_reference(m, t, x, SCHEDULE, prev_t=prev_t, noise=z, **opts)
+        _check(out, ref, None, torch.float32)
+    # An int t takes the same path as a tensor of one timestep per sample.
+    out = fastssl.ddpm_step(m, 500, x, SCHEDULE, prev_t=480, noise=z, **opts)
+    assert_close(out, ddpm_step_reference(m, 500, x, SCHEDULE, prev_t=480, noise=z, **opts)[0], scale=10)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("guidance_kind", GUIDANCE_KINDS)
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_ddim_step_matches_reference(backend, device, prediction_type, clip_sample, guidance_kind, eta):
+    m, u, x, z = _inputs(device)
+    guidance = _guidance(guidance_kind, device)
+    opts = dict(uncond_output=None if guidance_kind == "none" else u, guidance=guidance, prediction_type=prediction_type,
+                clip_sample=clip_sample, clip_range=1.5, eta=eta, noise=z)
+    t = torch.tensor([0, 40, T - 1], device=device)
+    for prev_t in (t - 1, t - 40, -1):  # an int prev_t < 0: abar_prev = 1
+        out = fastssl.ddim_step(m, t, prev_t, x, SCHEDULE, **opts)
+        ref, _ = ddim_step_reference(m, t, prev_t, x, SCHEDULE, **opts)
+        _check(out, ref, None, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_step_dtypes(backend, device, dtype, sampler):
+    m, u, x, z = _inputs(device, dtype)
+    w = _guidance("per_sample", device, dtype)
+    t = torch.tensor([0, 30, 900], device=device)
+    opts = dict(uncond_output=u, guidance=w, noise=z, prediction_type="v_prediction", clip_sample=True)
+    if sampler == "ddpm":
+        out = fastssl.ddpm_step(m, t, x, SCHEDULE, prev_t=t - 10, **opts)
+        ref, low = (ddpm_step_reference(m, t, x, SCHEDULE, prev_t=t - 10, upcast=up, **opts)[0] for up in (True, False))
+    else:
+        out = fastssl.ddim_step(m, t, t - 10, x, SCHEDULE, eta=1.0, **opts)
+        ref, low = (ddim_step_reference(m, t, t - 10, x, SCHEDULE, eta=1.0, upcast=up, **opts)[0] for up in (True, False))
+    _check(out, ref, low, dtype)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("config", [dict(variance_type="fixed_small", clip_sample=True),
+                                    dict(variance_type="fixed_large", clip_sample=False)])
+def test_ddpm_step_equals_diffusers(backend, device, prediction_type, config):
+    """Same configuration, same noise: diffusers' DDPMScheduler.step over a strided schedule, with eager CFG."""
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.DDPMScheduler(prediction_type=prediction_type, **config)
+    theirs.set_timesteps(25)
+    m, u, x, z = _inputs(device, shape=(2, 3, 4, 5))
+    w = 2.0
+    for t in theirs.timesteps[::6].tolist() + [0]:
+        prev = theirs.previous_timestep(t)
+        ours = fastssl.ddpm_step(m, t, x, SCHEDULE, prev_t=int(prev), noise=z, uncond_output=u, guidance=w,
+                                 prediction_type=prediction_type, **config)
+        guided = u + (1 + w) * (m - u)  # diffusers pipelines' CFG with guidance_scale = 1 + w
+        torch.testing.assert_close(ours, _diffusers_ddpm(theirs, guided, t, x, z), rtol=2e-4, atol=2e-4)
+
+
+def _diffusers_ddpm(scheduler, model_output, t, x, noise):
+    """diffusers' step with our noise: its step draws the noise via randn_tensor, so patch that."""
+    import diffusers.schedulers.scheduling_ddpm as module
+
+    original = module.randn_tensor
+    module.randn_tensor = lambda shape, **kw: noise.to(kw.get("dtype") or noise.dtype)
+    try:
+        return scheduler.step(model_output, t, x).prev_sample
+    finally:
+        module.randn_tensor = original
+
+
+def _noise_of(backend, device, generator, shape=(4, 2001), t=600, block=None):
+    """The noise a DDPM step draws, recovered: with model output and x_t zero the step is sigma_t * z."""
+    zeros = torch.zeros(shape, device=device)
+    sigma = ddpm_step_reference(zeros, t, zeros, SCHEDULE, noise=torch.ones(shape, device=device))[0][0, 0].item()
+    if block is not None:  # launch the kernel itself with a fixed BLOCK (no autotuning)
+        from fastssl.kernels.diffusion import diffusion_step_forward
+
+        steps = SCHEDULE._steps
+        seed = torch.full((1,), generator, dtype=torch.long)
+        out, _ = diffusion_step_forward(zeros, None, zeros, None, seed, steps[t + 1:t + 2], steps[t + 1:t + 2], -1, None,
+                                        0.0, SCHEDULE.alphas_cumprod, sampler=0, variance=0, prediction=0, clip=False,
+                                        clip_range=1.0, eta=0.0, final_abar=1.0, clipped_eps=False, write_x0=False,
+                                        block=block)
+        return out / sigma
+    return fastssl.ddpm_step(zeros, t, zeros, SCHEDULE, generator=generator) / sigma
+
+
+def test_step_noise_statistics(backend, device):
+    z = _noise_of(backend, device, 1234).double()
+    n = z.numel()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.std().item() - 1) < 0.05
+    assert abs(((z - z.mean()) ** 4).mean().item() / z.var().item() ** 2 - 3) < 0.5  # Gaussian kurtosis
+    corr = torch.corrcoef(z)  # rows are samples: no correlation between them
+    assert (corr - torch.eye(4, dtype=corr.dtype)).abs().max() < 5 / math.sqrt(z.shape[1])
+    assert torch.equal(_noise_of(backend, device, 1234), _noise_of(backend, device, 1234))  # same seed, same noise
+    assert not torch.equal(_noise_of(backend, device, 1234), _noise_of(backend, device, 1235))
+    g = torch.Generator(device=device).manual_seed(5)
+    first, second = _noise_of(backend, device, g), _noise_of(backend, device, g)  # the generator advances
+    assert not torch.equal(first, second)
+    assert torch.equal(first, _noise_of(backend, device, torch.Generator(device=device).manual_seed(5)))
+
+
+def test_kernel_noise_does_not_depend_on_block_size(device):
+    pytest.importorskip("triton")
+    a = _noise_of("triton", device, 99, shape=(3, 1500), block=256)
+    b = _noise_of("triton", device, 99, shape=(3, 1500), block=1024)
+    assert torch.equal(a, b) and a.std() > 0.9
+
+
+def test_no_noise_where_t_is_zero(backend, device):
+    m, u, x, z = _inputs(device)
+    t = torch.tensor([0, 5, 0], device=device)
+    for generator in (7, None):
+        out = fastssl.ddpm_step(m, t, x, SCHEDULE, generator=generator, uncond_output=u, guidance=1.0)
+        mean, _ = ddpm_step_reference(m, t, x, SCHEDULE, uncond_output=u, guidance=1.0)
+        assert_close(out[[0, 2]], mean[[0, 2]], scale=10)
+        assert (out[1] - mean[1].float()).abs().max() > 1e-3
+    out = fastssl.ddim_step(m, t, t - 1, x, SCHEDULE, eta=1.0, generator=3)
+    assert_close(out[[0, 2]], ddim_step_reference(m, t, t - 1, x, SCHEDULE, eta=1.0)[0][[0, 2]], scale=10)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_step_gradients(backend, device, sampler):
+    """gradcheck in float64 through the kernels, and float32 gradients with an uneven grad_output against
+    autograd through the float64 reference (clamp active on part of the elements, per-sample guidance)."""
+    m, u, x, z = (v.double().requires_grad_() for v in _inputs(device, shape=(3, 9)))
+    w = torch.tensor([0.5, 2.0, 4.0], device=device, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 60, 990], device=device)
+    opts = dict(prediction_type="epsilon", clip_sample=True, clip_range=2.0)
+
+    def ours(m, u, x, z, w):
+        if sampler == "ddpm":
+            return fastssl.ddpm_step(m, t, x, SCHEDULE, prev_t=t - 30, noise=z, uncond_output=u, guidance=w, **opts)
+        return fastssl.ddim_step(m, t, t - 30, x, SCHEDULE, eta=0.8, noise=z, uncond_output=u, guidance=w, **opts)
+
+    def ref(m, u, x, z, w):
+        if sampler == "ddpm":
+            return ddpm_step_reference(m, t, x, SCHEDULE, prev_t=t - 30, noise=z, uncond_output=u, guidance=w, **opts)[0]
+        return ddim_step_reference(m, t, t - 30, x, SCHEDULE, eta=0.8, noise=z, uncond_output=u, guidance=w, **opts)[0]
+
+    assert torch.autograd.gradcheck(ours, (m, u, x, z, w))
+    grad = torch.randn(3, 9, device=device, dtype=torch.float64)
+    inputs32 = [v.detach().float().requires_grad_() for v in (m, u, x, z, w)]
+    ours(*inputs32).backward(grad.float())
+    inputs64 = [v.detach().double().requires_grad_() for v in inputs32]
+    ref(*inputs64).backward(grad)
+    for a, b in zip(inputs32, inputs64):
+        assert_close(a.grad, b.grad, torch.float32, scale=20)
+
+
+def test_ops_compile_fullgraph(backend, device):
+    m, u, x, z = _inputs(device)
+    t = torch.tensor([3, 200, 999], device=device)
+
+    def f(m, u, x, z):
+        a = fastssl.ddpm_step(m, t, x, SCHEDULE, noise=z, uncond_output=u, guidance=2.0, clip_sample=True)
+        b = fastssl.ddim_step(m, t, t - 50, x, SCHEDULE, prediction_type="v_prediction")
+        return a + b, fastssl.q_sample(x, t, z, SCHEDULE)
+
+    compiled = torch.compile(f, fullgraph=True)
+    for got, want in zip(compiled(m, u, x, z), f(m, u, x, z)):
+        assert_close(got, want.double(), torch.float32)
+
+
+def test_step_nan_propagates_and_non_contiguous(backend, device):
+    m, u, x, z = _inputs(device, shape=(2, 5, 6))
+    m[1, 2, 3] = float("nan")
+    out = fastssl.ddpm_step(m, 100, x, SCHEDULE, noise=z, clip_sample=True)
+    assert out[1, 2, 3].isnan() and out.isnan().sum() == 1
+    mt, xt, zt = (v.transpose(1, 2) for v in (u, x, z))  # (2, 6, 5) views
+    out = fastssl.ddim_step(mt, 500, 300, xt, SCHEDULE, eta=0.5, noise=zt)
+    assert out.is_contiguous()
+    assert_close(out, ddim_step_reference(mt, 500, 300, xt, SCHEDULE, eta=0.5, noise=zt)[0], scale=10)
+    assert fastssl.ddpm_step(x[:0], 3, x[:0], SCHEDULE, noise=z[:0]).shape == (0, 5, 6)
+
+
+def test_kernel_out_of_range_timestep_gives_nan(device):
+    """On CUDA timesteps are not range-checked (that would sync): the kernel gives NaN instead of reading
+    out of bounds. Launched directly here, as validation would reject the value on the CPU."""
+    pytest.importorskip("triton")
+    from fastssl.kernels.diffusion import q_sample_forward
+
+    x = torch.randn(2, 40, device=device)
+    out, _ = q_sample_forward(x, x, torch.tensor([5, T], device=device), SCHEDULE.alphas_cumprod, False)
+    assert not out[0].isnan().any() and out[1].isnan().all()
+
+
+def _toy_model(calls):
+    def model(x, t, cond):
+        calls.append((x.shape[0], t.clone(), None if cond is None else cond.clone()))
+        scale = 1.0 if cond is None else _row(cond.float(), x)
+        return 0.1 * x * scale + 0.01 * _row(t.float(), x) / T
+    return model
+
+
+def _row(v, like):
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def test_sample_ddpm_equals_manual_loop(device, monkeypatch):
+    """Algorithm 2 step by step with the float64 reference and the same noise draws (PyTorch path)."""
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    s = NoiseSchedule.linear(30)
+    calls = []
+    out = fastssl.sample(_toy_model(calls), (2, 3, 4), s, generator=11, progress=False, device=device)
+    g = torch.Generator(device=device).manual_seed(11)
+    x = torch.randn((2, 3, 4), generator=g, device=device)
+    for t in range(29, -1, -1):
+        z = torch.randn((2, 3, 4), generator=g, device=device)
+        tt = torch.full((2,), t, device=device)
+        x = ddpm_step_reference(_toy_model([])(x.float(), tt, None), tt, x, s, noise=z)[0]
+    assert_close(out, x, scale=50)
+    assert [c[1].tolist() for c in calls] == [[t, t] for t in range(29, -1, -1)]
+
+
+def test_sample_guidance_is_one_batched_call(backend, device):
+    s = NoiseSchedule.linear(40)
+    cond, uncond = torch.tensor([1.0, 2.0], device=device), torch.tensor([0.0, 0.0], device=device)
+    calls = []
+    out = fastssl.sample(_toy_model(calls), (2, 5), s, num_steps=8, sampler="ddim", cond=cond, uncond=uncond,
+                         guidance=3.0, generator=4, progress=False, device=device)
+    assert len(calls) == 8 and all(c[0] == 4 for c in calls)  # one call per step, cond and uncond together
+    assert calls[0][1].tolist() == [35] * 4 and calls[-1][1].tolist() == [0] * 4  # leading spacing, 40 // 8 = 5
+    assert torch.equal(calls[0][2], torch.cat([cond, uncond]))
+    # The same loop by hand: DDIM (eta = 0 is deterministic), guidance fused.
+    g = torch.Generator(device=device).manual_seed(4)
+    x = torch.randn((2, 5), generator=g, device=device).double()
+    model = _toy_model([])
+    for t in range(35, -1, -5):
+        tt = torch.full((2,), t, device=device)
+        ref = ddim_step_reference(model(x.float(), tt, cond), tt, tt - 5, x, s, uncond_output=model(x.float(), tt, uncond),
+                                  guidance=3.0)[0]
+        x = ref
+    assert_close(out, x, scale=50)
+
+
+def test_sample_ddpm_reproducible(backend, device):
+    s = NoiseSchedule.cosine(20)
+    model = _toy_model([])
+    a = fastssl.sample(model, (3, 6), s, generator=9, progress=False, device=device)
+    b = fastssl.sample(model, (3, 6), s, generator=torch.Generator(device=device).manual_seed(9), progress=False,
+                       device=device)
+    c = fastssl.sample(model, (3, 6), s, num_steps=5, generator=10, progress=False, device=device)
+    assert torch.equal(a, b) and a.shape == c.shape == (3, 6) and not torch.equal(a[:, :1], c[:, :1])
+    assert torch.isfinite(a).all() and torch.isfinite(c).all()
+
+
+def _call(fn, d, **override):
+    base = dict(model_output=torch.ones(2, 3, device=d), t=5, x_t=torch.ones(2, 3, device=d), schedule=SCHEDULE)
+    base.update(override)
+    return fn(base.pop("model_output"), base.pop("t"), base.pop("x_t"), base.pop("schedule"), **base)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda d: _call(fastssl.ddpm_step, d, t=1000), ValueError, r"t must be in \[0, 999\].* got 1000"),
+    (lambda d: _call(fastssl.ddpm_step, d, t=-1), ValueError, r"t must be in \[0, 999\]"),
+    (lambda d: _call(fastssl.ddpm_step, d, t=torch.tensor([3, 1000], device=d)), ValueError, "got 1000"),
+    (lambda d: _call(fastssl.ddpm_step, d, t=torch.tensor([3, 4, 5], device=d)), ValueError, r"\(2,\) tensor"),
+    (lambda d: _call(fastssl.ddpm_step, d, t=torch.tensor([3.0, 4.0], device=d)), TypeError, "t must be an integer tensor"),
+    (lambda d: _call(fastssl.ddpm_step, d, t=2.5), TypeError, "t must be an int or a LongTensor"),
+    (lambda d: _call(fastssl.ddpm_step, d, prev_t=1000), ValueError, r"prev_t must be in \[any negative int, 999\]"),
+    (lambda d: _call(fastssl.ddpm_step, d, x_t=torch.ones(2, 4, device=d)), ValueError, r"model_output has shape \(2, 3\)"),
+    (lambda d: _call(fastssl.ddpm_step, d, x_t=torch.ones(2, 3, device=d, dtype=torch.float64)), TypeError, "mixing dtypes"),
+    (lambda d: _call(fastssl.ddpm_step, d, x_t=torch.ones(2, 3, device=d, dtype=torch.long)), TypeError, "x_t must be a floating-point"),
+    (lambda d: _call(fastssl.ddpm_step, d, x_t=torch.tensor(1.0, device=d), model_output=torch.tensor(1.0, device=d)), ValueError, "batch dimension"),
+    (lambda d: _call(fastssl.ddpm_step, d, noise=torch.ones(2, 2, device=d)), ValueError, "noise has shape"),
+    (lambda d: _call(fastssl.ddpm_step, d, uncond_output=torch.ones(2, 3, device=d, dtype=torch.float16)), TypeError, "mixing dtypes"),
+    (lambda d: _call(fastssl.ddpm_step, d, guidance=2.0), ValueError, "needs uncond_output"),
+    (lambda d: _call(fastssl.ddpm_step, d, guidance="2", uncond_output=torch.ones(2, 3, device=d)), TypeError, "guidance must be a float"),
+    (lambda d: _call(fastssl.ddpm_step, d, guidance=torch.ones(3, device=d), uncond_output=torch.ones(2, 3, device=d)), ValueError, r"\(2,\) tensor"),
+    (lambda d: _call(fastssl.ddpm_step, d, variance_type="learned_range"), ValueError, "variance_type must be one of"),
+    (lambda d: _call(fastssl.ddpm_step, d, prediction_type="eps"), ValueError, "prediction_type must be one of"),
+    (lambda d: _call(fastssl.ddpm_step, d, clip_range=0.0), ValueError, "clip_range must be a finite number > 0"),
+    (lambda d: _call(fastssl.ddpm_step, d, generator=1, noise=torch.ones(2, 3, device=d)), ValueError, "either noise or generator"),
+    (lambda d: _call(fastssl.ddpm_step, d, generator="seed"), TypeError, "generator must be None, an int seed"),
+    (lambda d: _call(fastssl.ddpm_step, d, schedule="linear"), TypeError, "schedule must be a fastssl.NoiseSchedule"),
+    (lambda d: fastssl.ddim_step(torch.ones(2, 3, device=d), 5, 0, torch.ones(2, 3, device=d), SCHEDULE, eta=-0.1), ValueError, "eta must be"),
+    (lambda d: fastssl.ddim_step(torch.ones(2, 3, device=d), 5, None, torch.ones(2, 3, device=d), SCHEDULE), TypeError, "prev_t must be an int"),
+    (lambda d: fastssl.q_sample(torch.ones(2, 3, device=d), 5, torch.ones(3, 3, device=d), SCHEDULE), ValueError, "noise has shape"),
+    (lambda d: fastssl.q_sample(torch.ones(2, 3, device=d), torch.tensor([1, 2000]), torch.ones(2, 3, device=d), SCHEDULE), ValueError, "got 2000"),
+    (lambda d: NoiseSchedule(torch.ones(2, 2)), ValueError, "1-D"),
+    (lambda d: NoiseSchedule([0.1, 1.5]), ValueError, r"in \[0, 1\]"),
+    (lambda d: NoiseSchedule.linear(0), ValueError, "num_timesteps must be an int >= 1"),
+    (lambda d: fastssl.sample(lambda x, t, c: x, (2, 3), SCHEDULE, sampler="euler"), ValueError, "sampler must be one of"),
+    (lambda d: fastssl.sample(lambda x, t, c: x, (2, 3), SCHEDULE, num_steps=2000), ValueError, "num_steps must be"),
+    (lambda d: fastssl.sample(lambda x, t, c: x, (2, 3), SCHEDULE, eta=0.5), ValueError, "sampler='ddim'"),
+    (lambda d: fastssl.sample(lambda x, t, c: x, (2, 3), SCHEDULE, guidance=1.0, cond=torch.ones(2)), ValueError, "needs uncond"),
+])
+def test_diffusion_rejects_bad_input(device, call, error, match):
+    with pytest.raises(error, match=match):
+        call(device)
+
+
+def test_step_pred_x0_output_gradients(backend, device):
+    """The schedulers' step also returns the (clamped) predicted x0; gradients flow through both outputs."""
+    from fastssl.diffusion import _step
+
+    m, u, x, z = (v.double().requires_grad_() for v in _inputs(device, shape=(3, 7)))
+    t = torch.tensor([2, 300, 999], device=device)
+
+    def both(m, u, x, z):
+        return _step("ddim", m, t, None, x, SCHEDULE, eta=0.5, noise=z, uncond_output=u, guidance=1.5,
+                     prediction_type="sample", clip_sample=True, clip_range=1.2, use_clipped_model_output=True,
+                     return_pred_x0=True, prev_delta=-25)
+
+    assert torch.autograd.gradcheck(both, (m, u, x, z))
+    out, x0 = both(m, u, x, z)
+    ref, ref_x0 = ddim_step_reference(m, t, t - 25, x, SCHEDULE, eta=0.5, noise=z, uncond_output=u, guidance=1.5,
+                                      prediction_type="sample", clip_sample=True, clip_range=1.2,
+                                      use_clipped_model_output=True)
+    assert_close(out, ref)
+    assert_close(x0, ref_x0)
+
+
+def test_sample_progress_bar(device, capsys):
+    pytest.importorskip("tqdm")
+    out = fastssl.sample(lambda x, t, c: 0.1 * x, (1, 4), NoiseSchedule.linear(10), sampler="ddim", num_steps=5,
+                         eta=0.5, generator=1, device=device)
+    assert out.shape == (1, 4) and "fastssl.sample (ddim)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU check: needs CUDA")
+def test_cuda_steps_do_not_sync_and_a_sampling_loop_captures_in_a_graph():
+    """No host synchronisation in the steps (sync debug mode 'error'), and a 50-step DDPM loop with fused
+    guidance and in-kernel noise replays from a CUDA graph with the result of the eager loop."""
+    s = NoiseSchedule.linear(1000).to("cuda")
+    B, shape = 4, (4, 3, 16, 16)
+    m, u, x = (torch.randn(shape, device="cuda") for _ in range(3))
+    t = torch.randint(0, 1000, (B,), device="cuda")
+    w = torch.rand(B, device="cuda") * 5
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    fastssl.ddpm_step(m, t, x, s, uncond_output=u, guidance=w, generator=gen)  # warm-up: autotune, compile
+    fastssl.ddim_step(m, t, t - 20, x, s, eta=0.5, generator=gen, uncond_output=u, guidance=1.5)
+    fastssl.q_sample(x, t, m, s, return_v=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fastssl.ddpm_step(m, t, x, s, uncond_output=u, guidance=w, generator=gen, prev_t=t - 10, clip_sample=True)
+        fastssl.ddpm_step(m, 999, x, s, generator=3)
+        fastssl.ddim_step(m, t, t - 20, x, s, eta=0.5, generator=gen, uncond_output=u, guidance=1.5)
+        fastssl.q_sample(x, t, m, s, return_v=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+    from fastssl.diffusion import _SAMPLERS, _step_op
+
+    steps = torch.arange(999, -1, -20, device="cuda")  # 50 steps
+    t_rows = steps[:, None].repeat(1, B)
+    prev_rows = (steps - 20)[:, None].repeat(1, B)
+    seeds = torch.arange(50, device="cuda", dtype=torch.long) * 7919
+    model = lambda x, t: 0.1 * x + 1e-4 * t.float().reshape(-1, 1, 1, 1)  # noqa: E731
+
+    def loop(x):
+        for i in range(50):
+            both = model(torch.cat([x, x]), torch.cat([t_rows[i], t_rows[i]]))
+            c, un = both.chunk(2)
+            x, _ = _step_op(c, un, x, None, seeds[i:i + 1], t_rows[i], prev_rows[i], None, s.alphas_cumprod, 0, 2.0,
+                            _SAMPLERS["ddpm"], 0, 0, True, 1.0, 0.0, 1.0, False, False)
+        return x
+
+    static_x = torch.randn(shape, device="cuda")
+    eager = loop(static_x.clone())
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        loop(static_x.clone())
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        static_out = loop(static_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out, eager, rtol=1e-5, atol=1e-5)
