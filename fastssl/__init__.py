@@ -12,3 +12,4 @@ from .diffusion import NoiseSchedule, cfg_combine, ddim_step, ddpm_step, q_sampl
 from . import schedulers  # noqa: E402,F401
 
 # propagation slice
+from .propagation import color_propagate, colorization_loss, propagate_labels  # noqa: E402,F401

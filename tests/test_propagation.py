@@ -1,0 +1,367 @@
+"""Propagation slice: the kernels (interpreted) and the tiled PyTorch path against the dense float64
+reference, gradients, top-k, the colorization loss against its one-hot form, video label propagation
+on a synthetic moving texture, NaN, torch.compile and every validation error."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastssl
+from conftest import assert_close, assert_close_lowp
+from fastssl.propagation import (color_propagate_reference, colorization_loss_reference,
+                                 propagate_labels_reference)
+
+
+def inputs(device, dtype=torch.float64, B=2, R=2, C=5, V=3, H=5, W=7, grad=True):
+    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)  # noqa: E731
+    return make(B, C, H, W), make(B, R, C, H, W), make(B, R, V, H, W)
+
+
+def grads_of(out, tensors, grad_out):
+    return torch.autograd.grad(out, tensors, grad_out)
+
+
+def grad_atol(reference, dtype):
+    """Low-precision gradients: the kernels round dS (and P) to the input dtype for the tensor-core
+    products, as FlashAttention does; dQ/dK sum such terms with cancellation, so their error scales with
+    the largest gradient, not each element. Measured on 60 seeds x 3 dtypes x both backends: at most
+    3.8 eps x max|grad| beyond 2x PyTorch's own error; allowed: 6 eps x max|grad|. A wrong gradient
+    is off by O(max|grad|) = 1/eps (128 for bf16) times more."""
+    return 6 * torch.finfo(dtype).eps * reference.abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# color_propagate: forward and gradients against the dense reference
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("R, V, radius", [
+    (1, 1, None), (2, 3, None), (3, 2, 1.5), (2, 3, 0), (2, 17, 2.2),  # V=17: two chunks of 16 in the kernels
+])
+def test_color_propagate_matches_reference(backend, device, R, V, radius):
+    tf, rf, rv = inputs(device, R=R, V=V)
+    out = fastssl.color_propagate(tf, rf, rv, temperature=0.7, radius=radius)
+    ref = color_propagate_reference(tf, rf, rv, temperature=0.7, radius=radius)
+    assert out.shape == (2, V, 5, 7) and out.dtype == torch.float64
+    assert_close(out, ref, scale=10)
+    grad_out = torch.randn_like(out)  # not all ones
+    for ours, theirs in zip(grads_of(out, (tf, rf, rv), grad_out), grads_of(ref, (tf, rf, rv), grad_out)):
+        assert_close(ours, theirs, scale=100)
+
+
+def test_color_propagate_radius_windows_span_tiles(backend, device):
+    """A frame larger than the kernels' tiles (143 pixels > 64): several query tiles, each visiting only
+    its window's key rows; every key tile of the dK/dV kernel sees only its window's queries."""
+    tf, rf, rv = inputs(device, B=1, R=2, C=4, V=2, H=11, W=13)
+    for radius in (2.2, None):
+        out = fastssl.color_propagate(tf, rf, rv, temperature=0.5, radius=radius)
+        ref = color_propagate_reference(tf, rf, rv, temperature=0.5, radius=radius)
+        assert_close(out, ref, scale=10)
+        grad_out = torch.randn_like(out)
+        for ours, theirs in zip(grads_of(out, (tf, rf, rv), grad_out), grads_of(ref, (tf, rf, rv), grad_out)):
+            assert_close(ours, theirs, scale=100)
+
+
+def test_radius_restricts_attention(backend, device):
+    """radius=0 with one reference frame copies the co-located value exactly (the only key in reach)."""
+    tf, rf, rv = inputs(device, R=1, grad=False)
+    out = fastssl.color_propagate(tf, rf, rv, radius=0.5)
+    assert_close(out, rv[:, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_color_propagate_low_precision(backend, device, dtype):
+    tf, rf, rv = inputs(device, dtype=dtype, C=8, V=3)
+    out = fastssl.color_propagate(tf, rf, rv, temperature=2.0, radius=2.5)
+    assert out.dtype == dtype
+    grad_out = torch.randn_like(out)
+    ref = color_propagate_reference(tf, rf, rv, temperature=2.0, radius=2.5)
+    lowp = color_propagate_reference(tf, rf, rv, temperature=2.0, radius=2.5, upcast=False)
+    assert_close_lowp(out, ref, lowp)
+    ours, theirs, plain = (grads_of(o, (tf, rf, rv), grad_out) for o in (out, ref, lowp))
+    for a, b, c in zip(ours, theirs, plain):
+        assert_close_lowp(a, b, c, atol=grad_atol(b, dtype))
+
+
+def test_color_propagate_gradcheck(backend, device):
+    tf, rf, rv = inputs(device, B=1, R=2, C=3, V=2, H=3, W=4)
+    for radius in (None, 1.0):
+        fn = lambda a, b, c: fastssl.color_propagate(a, b, c, temperature=0.9, radius=radius)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (tf, rf, rv), fast_mode=True)
+
+
+def test_color_propagate_non_contiguous(backend, device):
+    tf, rf, rv = inputs(device, grad=False)
+    tf_t = tf.transpose(2, 3).contiguous().transpose(2, 3)
+    rv_t = rv.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not tf_t.is_contiguous() and not rv_t.is_contiguous()
+    assert_close(fastssl.color_propagate(tf_t, rf, rv_t, radius=2), color_propagate_reference(tf, rf, rv, radius=2))
+
+
+def test_color_propagate_nan_propagates(backend, device):
+    tf, rf, rv = inputs(device, dtype=torch.float32, grad=False)
+    tf[1, 2, 3, 4] = float("nan")
+    out = fastssl.color_propagate(tf, rf, rv)
+    assert out[1, :, 3, 4].isnan().all()
+    assert not out[0].isnan().any() and out[1].isnan().sum() == out.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# top-k
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("topk, radius, R", [(4, None, 2), (7, 1.5, 3), (3, 0, 2)])  # (3, 0): k > keys in reach
+def test_topk_matches_dense_topk(backend, device, topk, radius, R):
+    tf, rf, rv = inputs(device, R=R, grad=False)
+    out = fastssl.color_propagate(tf, rf, rv, temperature=0.3, radius=radius, topk=topk)
+    assert_close(out, color_propagate_reference(tf, rf, rv, temperature=0.3, radius=radius, topk=topk))
+    full = fastssl.color_propagate(tf, rf, rv, temperature=0.3, radius=radius, topk=R * 35)  # every key: no top-k
+    assert_close(full, color_propagate_reference(tf, rf, rv, temperature=0.3, radius=radius), scale=10)
+
+
+@pytest.mark.parametrize("dtype, topk, radius", [(torch.float32, 4, 1.5), (torch.bfloat16, 7, None)])
+def test_topk_kernel_matches_dense_topk(backend, device, dtype, topk, radius):
+    """fp32/bf16 with k <= 32: the streaming top-k kernel on the triton backend (float64 and the CPU
+    default run the PyTorch path, tested above)."""
+    tf, rf, rv = inputs(device, dtype=dtype, B=1, grad=False)
+    out = fastssl.color_propagate(tf, rf, rv, temperature=0.3, radius=radius, topk=topk)
+    ref = color_propagate_reference(tf, rf, rv, temperature=0.3, radius=radius, topk=topk)
+    lowp = color_propagate_reference(tf, rf, rv, temperature=0.3, radius=radius, topk=topk, upcast=False)
+    assert out.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert_close_lowp(out, ref, lowp)
+    else:
+        assert_close(out, ref, scale=10)
+
+
+def test_topk_output_has_no_gradient(device):
+    tf, rf, rv = inputs(device)
+    assert not fastssl.color_propagate(tf, rf, rv, topk=2).requires_grad
+
+
+# ----------------------------------------------------------------------------------------------------
+# colorization_loss
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("radius, eps", [(None, 1e-8), (1.0, 1e-3), (1.5, 0.3)])  # small disks: absent classes
+def test_colorization_loss_matches_one_hot(backend, device, radius, eps):
+    tf, rf, _ = inputs(device, R=2)
+    K = 4
+    ref_labels = torch.randint(0, K, (2, 2, 5, 7), device=device)
+    target_labels = torch.randint(0, K, (2, 5, 7), device=device)
+    loss = fastssl.colorization_loss(tf, rf, ref_labels, target_labels, K, temperature=0.4, radius=radius, eps=eps)
+    ref = colorization_loss_reference(tf, rf, ref_labels, target_labels, K, temperature=0.4, radius=radius, eps=eps)
+    assert loss.dim() == 0 and loss.dtype == torch.float64
+    assert_close(loss, ref, scale=10)
+    scale = 2.5  # not 1: the upstream gradient must be used
+    for ours, theirs in zip(grads_of(loss * scale, (tf, rf), None), grads_of(ref * scale, (tf, rf), None)):
+        assert_close(ours, theirs, scale=100)
+
+
+def test_colorization_loss_clamped_pixels_have_no_gradient(backend, device):
+    """A target class that no reference pixel has: p_y = 0 < eps, the loss is -log(eps), no gradient."""
+    tf, rf, _ = inputs(device, B=1, R=1)
+    ref_labels = torch.zeros(1, 1, 5, 7, dtype=torch.long, device=device)
+    target_labels = torch.ones(1, 5, 7, dtype=torch.long, device=device)
+    loss = fastssl.colorization_loss(tf, rf, ref_labels, target_labels, 2, eps=1e-6)
+    assert_close(loss, torch.tensor(-math.log(1e-6), dtype=torch.float64))
+    g_tf, g_rf = grads_of(loss, (tf, rf), None)
+    assert g_tf.abs().max() == 0 and g_rf.abs().max() == 0
+
+
+def test_colorization_loss_low_precision(backend, device):
+    tf, rf, _ = inputs(device, dtype=torch.bfloat16, C=8)
+    ref_labels = torch.randint(0, 3, (2, 2, 5, 7), device=device, dtype=torch.int32)
+    target_labels = torch.randint(0, 3, (2, 5, 7), device=device)
+    loss = fastssl.colorization_loss(tf, rf, ref_labels, target_labels, 3, temperature=2.0, radius=2)
+    assert loss.dtype == torch.float32
+    ref = colorization_loss_reference(tf, rf, ref_labels, target_labels, 3, temperature=2.0, radius=2)
+    lowp = colorization_loss_reference(tf, rf, ref_labels, target_labels, 3, temperature=2.0, radius=2, upcast=False)
+    assert_close_lowp(loss, ref, lowp)
+    for a, b, c in zip(*(grads_of(x, (tf, rf), None) for x in (loss, ref, lowp))):
+        assert_close_lowp(a, b, c, atol=grad_atol(b, torch.bfloat16))
+
+
+def test_colorization_loss_gradcheck(backend, device):
+    tf, rf, _ = inputs(device, B=1, R=2, C=3, H=3, W=4)
+    ref_labels = torch.randint(0, 3, (1, 2, 3, 4), device=device)
+    target_labels = torch.randint(0, 3, (1, 3, 4), device=device)
+    fn = lambda a, b: fastssl.colorization_loss(a, b, ref_labels, target_labels, 3, radius=1.5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (tf, rf), fast_mode=True)
+
+
+def test_colorization_loss_nan_propagates(backend, device):
+    tf, rf, _ = inputs(device, dtype=torch.float32, grad=False)
+    rf[0, 1, 0, 2, 2] = float("nan")
+    labels = torch.randint(0, 3, (2, 2, 5, 7), device=device)
+    assert fastssl.colorization_loss(tf, rf, labels, labels[:, 0], 3).isnan()
+
+
+# ----------------------------------------------------------------------------------------------------
+# propagate_labels
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [dict(context=2, radius=1.5, topk=3),
+                                    dict(context=3, radius=None, topk=None, long_memory=(0, 2)),
+                                    dict(context=2, radius=2, topk=None, long_memory=())])
+def test_propagate_labels_matches_reference(backend, device, kwargs):
+    feats = F.normalize(torch.randn(5, 6, 4, 5, device=device, dtype=torch.float64), dim=1)
+    first = torch.rand(2, 4, 5, device=device, dtype=torch.float64)
+    out = fastssl.propagate_labels(feats, first, temperature=0.2, **kwargs)
+    assert out.shape == (5, 2, 4, 5) and torch.equal(out[0], first)
+    assert_close(out, propagate_labels_reference(feats, first, temperature=0.2, **kwargs), scale=10)
+
+
+def moving_texture(T, H, W, side, device, channels=16):
+    """A zero-mean white-noise texture translated one pixel a frame (circularly) and a square mask moving
+    with it; features are 16 random 3x3 filter responses of the texture (circular padding), L2-normalized:
+    each pixel's true correspondence in the previous frames has identical features, its neighbours
+    distinct ones (a zero-mean texture: no shared DC component), so tracking is well posed."""
+    texture = torch.randn(1, 1, H, W, device=device)
+    filters = torch.randn(channels, 1, 3, 3, device=device)
+    base = F.conv2d(F.pad(texture, (1, 1, 1, 1), mode="circular"), filters)[0]
+    feats = F.normalize(torch.stack([base.roll(t, dims=2) for t in range(T)]), dim=1)
+    mask = torch.zeros(T, 1, H, W, device=device)
+    for t in range(T):
+        mask[t, 0, 4:4 + side, 3 + t:3 + t + side] = 1
+    return feats, mask
+
+
+def iou(a, b):
+    return ((a & b).sum() / (a | b).sum()).item()
+
+
+@pytest.mark.parametrize("topk", [10, None])
+def test_propagate_labels_tracks_moving_square(backend, device, topk):
+    """The 5x5 square moves T-1 = 4 pixels: a prediction that stays put has IoU 1/9 with the truth, one
+    that keeps only half the square at most 0.5; on 80 random textures (40 seeds x both modes) the
+    last frame's IoU was >= 0.96, mean 0.998. IoU >= 0.8 says the mask was carried frame by frame
+    through the radius-limited context, with margin for unlucky textures."""
+    T, H, W, side = 5, 12, 14, 5
+    feats, mask = (t.double() for t in moving_texture(T, H, W, side, device))  # float64: the interpreter's
+    # streaming top-k would take a minute here; that kernel is checked by test_topk_kernel_matches_dense_topk
+    out = fastssl.propagate_labels(feats, mask[0], context=3, radius=3, topk=topk, temperature=0.05)
+    assert iou(mask[0, 0] > 0.5, mask[-1, 0] > 0.5) < 0.15  # the test could fail
+    assert iou(out[-1, 0] > 0.5, mask[-1, 0] > 0.5) >= 0.8
+
+
+def test_propagate_labels_single_frame_and_nan(backend, device):
+    feats = torch.randn(1, 4, 3, 3, device=device)
+    first = torch.rand(2, 3, 3, device=device)
+    assert torch.equal(fastssl.propagate_labels(feats, first)[0], first)
+    feats = F.normalize(torch.randn(3, 4, 5, 5, device=device), dim=1)
+    feats[2, :, 0, 0] = float("nan")
+    out = fastssl.propagate_labels(feats, torch.rand(1, 5, 5, device=device), radius=2, topk=3)
+    assert out[2, 0, 0, 0].isnan() and not out[1].isnan().any()
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------------
+
+def test_compiles_fullgraph(backend, device):
+    tf, rf, rv = inputs(device, dtype=torch.float32)
+    labels = torch.randint(0, 3, (2, 2, 5, 7), device=device)
+
+    def step(tf, rf, rv):
+        out = fastssl.color_propagate(tf, rf, rv, temperature=0.5, radius=2)
+        loss = fastssl.colorization_loss(tf, rf, labels, labels[:, 0], 3, temperature=0.5)
+        top = fastssl.color_propagate(tf.double(), rf.double(), rv.double(), topk=3)  # the op, not the kernel
+        return out, loss, top
+
+    compiled = torch.compile(step, fullgraph=True)
+    out, loss, top = compiled(tf, rf, rv)
+    assert_close(out, color_propagate_reference(tf, rf, rv, temperature=0.5, radius=2), torch.float32)
+    assert_close(loss, colorization_loss_reference(tf, rf, labels, labels[:, 0], 3, temperature=0.5), torch.float32)
+    assert_close(top, color_propagate_reference(tf, rf, rv, topk=3), torch.float32)
+    (out.sum() + loss).backward()
+    assert tf.grad is not None and rf.grad is not None and rv.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation (API.md): every error names the argument and what was expected
+# ----------------------------------------------------------------------------------------------------
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.zeros(*shape, dtype=dtype, device=device)
+
+
+CP = fastssl.color_propagate
+CL = fastssl.colorization_loss
+PL = fastssl.propagate_labels
+LBL = dict(ref_labels=_t(2, 2, 5, 7, dtype=torch.long), target_labels=_t(2, 5, 7, dtype=torch.long))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: CP(_t(2, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7)), ValueError, r"target_feats must be 4-D"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 5, 5, 7), _t(2, 2, 3, 5, 7)), ValueError, r"ref_feats must be 5-D"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 3, 5, 7)), ValueError, r"ref_values must be 5-D"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 4, 5, 7), _t(2, 2, 3, 5, 7)), ValueError, r"ref_feats must be \(B, R, C, H, W\)"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(3, 2, 5, 5, 7), _t(2, 2, 3, 5, 7)), ValueError, r"ref_feats must be"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 0, 5, 5, 7), _t(2, 0, 3, 5, 7)), ValueError, r"at least one reference frame"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 3, 3, 5, 7)), ValueError, r"ref_values must be \(B, R, V, H, W\)"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 6)), ValueError, r"ref_values must be"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7, dtype=torch.float64), _t(2, 2, 3, 5, 7)), TypeError, "mixing dtypes"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7, dtype=torch.float16)), TypeError, "mixing dtypes"),
+    (lambda: CP(_t(2, 5, 5, 7, dtype=torch.long), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7)), TypeError,
+     "target_feats must be a floating-point"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), [1.0]), TypeError, "ref_values must be a torch.Tensor"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), temperature=0.0), ValueError, "temperature must be"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), temperature=-1.0), ValueError, "temperature"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), radius=-1), ValueError, "radius must be"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), radius="12"), TypeError, "radius must be"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), topk=0), ValueError, r"topk must be between 1"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), topk=71), ValueError, r"\(70\), got 71"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), topk=2.0), TypeError, "topk must be None or an int"),
+    (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 5, 7), LBL["target_labels"], 3), TypeError,
+     "ref_labels must be an integer tensor"),
+    (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"], _t(2, 5, 6, dtype=torch.long), 3), ValueError,
+     r"target_labels must be \(B, H, W\)"),
+    (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"][:, 0], LBL["target_labels"], 3), ValueError,
+     "ref_labels must be 4-D"),
+    (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"] + 3, LBL["target_labels"], 3), ValueError,
+     r"ref_labels must hold class ids in \[0, 3\)"),
+    (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"], LBL["target_labels"] - 1, 3), ValueError,
+     "target_labels must hold class ids"),
+    (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"], LBL["target_labels"], 0), ValueError,
+     "num_classes must be >= 1"),
+    (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"], LBL["target_labels"], 3.0), TypeError,
+     "num_classes must be an int"),
+    (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"], LBL["target_labels"], 3, eps=0.0), ValueError,
+     "eps must be"),
+    (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"], LBL["target_labels"], 3, temperature=0), ValueError,
+     "temperature"),
+    (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"], LBL["target_labels"], 3, radius=-0.5), ValueError,
+     "radius must be"),
+    (lambda: CL(_t(0, 5, 5, 7), _t(0, 2, 5, 5, 7), _t(0, 2, 5, 7, dtype=torch.long), _t(0, 5, 7, dtype=torch.long), 3),
+     ValueError, "at least one target pixel"),
+    (lambda: PL(_t(4, 5, 6), _t(2, 5, 6)), ValueError, r"feats must be 4-D"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 7)), ValueError, r"first_labels must be \(V >= 1, 5, 6\)"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6, dtype=torch.float64)), TypeError, "mixing dtypes"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), context=0), ValueError, "context must be >= 1"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=(4,)), ValueError, r"long_memory indices must be in \[0, 4\)"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=("a",)), TypeError, "long_memory must be"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), temperature=0.0), ValueError, "temperature"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), radius=-2), ValueError, "radius must be"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), topk=61), ValueError, r"topk must be between 1 .*\(60\), got 61"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), topk=0), ValueError, "topk must be between 1"),
+])
+def test_rejects_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_rejects_mixed_devices():
+    with pytest.raises(ValueError, match="ref_feats is on"):
+        CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7, device="cuda"), _t(2, 2, 3, 5, 7))
+
+
+def test_rejects_mixed_devices_meta():
+    """Device checks read metadata only: a meta tensor beside a CPU one is rejected the same way."""
+    with pytest.raises(ValueError, match="ref_values is on meta"):
+        CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7, device="meta"))
+    with pytest.raises(ValueError, match="target_labels is on meta"):
+        CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"], _t(2, 5, 7, dtype=torch.long, device="meta"), 3)
+    with pytest.raises(ValueError, match="first_labels is on meta"):
+        PL(_t(4, 3, 5, 6), _t(2, 5, 6, device="meta"))
