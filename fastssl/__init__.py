@@ -6,6 +6,7 @@ The public API (shared/API.md) is re-exported here; each capability lives in one
 __version__ = "0.1.0"
 
 # contrastive slice
+from .contrastive import clip_loss, info_nce, moco_loss, nt_xent  # noqa: E402,F401
 
 # diffusion slice
 from .diffusion import NoiseSchedule, cfg_combine, ddim_step, ddpm_step, q_sample, sample  # noqa: E402,F401

@@ -1,0 +1,169 @@
+"""Contrastive slice benchmarks: NT-Xent, CLIP and MoCo losses, forward and forward+backward.
+
+FLOPs are the similarity matmuls only (GUIDE §6): forward 2 * rows * keys * D, the backward three more of
+the same (recompute, dq, dk). ``torch`` is the eager formula (``*_reference(..., upcast=False)``: it
+materializes the logits), ``compile`` its torch.compile; peers where installed: pytorch-metric-learning and
+lightly (NT-Xent), open_clip (CLIP), inf_cl (CLIP, CUDA only).
+"""
+import torch
+import torch.nn.functional as F
+
+from fastssl.benchmarks.harness import Case, have
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _step(loss_fn, inputs, backward):
+    """The callable a case times: the loss, and its backward (gradients cleared first)."""
+    def fn():
+        for t in inputs:
+            t.grad = None
+        out = loss_fn()
+        if backward:
+            out.backward()
+        return out
+    return fn
+
+
+def _features(n, d, dtype, device, grad):
+    return torch.randn(n, d, device=device, dtype=DTYPES[dtype], requires_grad=grad)
+
+
+# -- NT-Xent ------------------------------------------------------------------------------------------
+
+def _nt_xent_loss(provider):
+    import fastssl
+    from fastssl.contrastive import nt_xent_reference
+
+    if provider == "fastssl":
+        return fastssl.nt_xent
+    if provider == "torch":
+        return lambda a, b: nt_xent_reference(a, b, upcast=False)
+    if provider == "compile":
+        return torch.compile(lambda a, b: nt_xent_reference(a, b, upcast=False))
+    if provider == "pml":
+        from pytorch_metric_learning.losses import NTXentLoss
+
+        pml = NTXentLoss(temperature=0.5)
+        return lambda a, b: pml(torch.cat((F.normalize(a, dim=1), F.normalize(b, dim=1))),
+                                torch.arange(a.shape[0], device=a.device).repeat(2))
+    if provider == "lightly":
+        from lightly.loss import NTXentLoss
+
+        return NTXentLoss(temperature=0.5)
+    raise ValueError(provider)
+
+
+def _nt_xent_case(provider, mode, dtype, n, d):
+    backward = mode == "fwd+bwd"
+
+    def make(device):
+        z1, z2 = (_features(n, d, dtype, device, backward) for _ in range(2))
+        loss = _nt_xent_loss(provider)
+        return _step(lambda: loss(z1, z2), (z1, z2), backward)
+
+    rows = 2 * n
+    flops = 2 * rows * rows * d * (4 if backward else 1)
+    return Case("nt_xent", provider, mode, dtype, {"n": n, "d": d}, make, size=rows, flops=flops)
+
+
+# -- CLIP ---------------------------------------------------------------------------------------------
+
+def _clip_loss(provider):
+    import fastssl
+    from fastssl.contrastive import clip_loss_reference
+
+    if provider == "fastssl":
+        return fastssl.clip_loss
+    if provider == "torch":
+        return lambda a, b, s: clip_loss_reference(a, b, s, upcast=False)
+    if provider == "compile":
+        return torch.compile(lambda a, b, s: clip_loss_reference(a, b, s, upcast=False))
+    if provider == "open_clip":
+        from open_clip.loss import ClipLoss
+
+        loss = ClipLoss()
+        return lambda a, b, s: loss(F.normalize(a, dim=1), F.normalize(b, dim=1), s)
+    if provider == "inf_cl":
+        from inf_cl import cal_inf_loss
+
+        def two_calls(a, b, s):
+            a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+            labels = torch.arange(a.shape[0], device=a.device)
+            return (cal_inf_loss(a, b, scale=s, labels=labels).mean()
+                    + cal_inf_loss(b, a, scale=s, labels=labels).mean()) / 2
+        return two_calls
+    raise ValueError(provider)
+
+
+def _clip_case(provider, mode, dtype, n, d):
+    backward = mode == "fwd+bwd"
+
+    def make(device):
+        img, txt = (_features(n, d, dtype, device, backward) for _ in range(2))
+        scale = torch.tensor(14.3, device=device, requires_grad=backward)
+        loss = _clip_loss(provider)
+        return _step(lambda: loss(img, txt, scale), (img, txt, scale), backward)
+
+    flops = 2 * n * n * d * (4 if backward else 1) * 2  # two directions
+    return Case("clip_loss", provider, mode, dtype, {"n": n, "d": d}, make, size=n, flops=flops)
+
+
+# -- MoCo ---------------------------------------------------------------------------------------------
+
+def _moco_case(provider, mode, dtype, n, k, d):
+    backward = mode == "fwd+bwd"
+
+    def make(device):
+        import fastssl
+        from fastssl.contrastive import moco_loss_reference
+
+        q = _features(n, d, dtype, device, backward)
+        key = _features(n, d, dtype, device, False)
+        queue = F.normalize(_features(k, d, dtype, device, False), dim=1)
+        fn = {"fastssl": fastssl.moco_loss,
+              "torch": lambda a, b, c: moco_loss_reference(a, b, c, upcast=False),
+              "compile": torch.compile(lambda a, b, c: moco_loss_reference(a, b, c, upcast=False))}[provider]
+        return _step(lambda: fn(q, key, queue), (q,), backward)
+
+    flops = 2 * n * k * d * (3 if backward else 1)  # no key gradient
+    return Case("moco_loss", provider, mode, dtype, {"n": n, "k": k, "d": d}, make, size=k, flops=flops)
+
+
+def cases(preset: str, device: str) -> list[Case]:
+    providers = ["fastssl", "torch", "compile"]
+    # pytorch-metric-learning's NT-Xent holds a (positive pairs x negative pairs) matrix, O(N^3): at
+    # 2N=2048 it asks for 34 GB, so it only runs at the smallest size
+    pml = ["pml"] if have("pytorch_metric_learning") else []
+    lightly = ["lightly"] if have("lightly") else []
+    clip_peers = [p for p, mod in (("open_clip", "open_clip"),) if have(mod)]
+    if device == "cuda" and have("inf_cl"):
+        clip_peers.append("inf_cl")
+    out = []
+    if preset == "quick":
+        # CPU-sized: a few small shapes (torch.compile's compilation is slow on CPU: one shape), and GUIDE
+        # §6's CPU target (N=8192 per view, D=128, fwd+bwd)
+        for mode in ("fwd", "fwd+bwd"):
+            out += [_nt_xent_case(p, mode, "float32", 1024, 128) for p in ["fastssl", "torch"] + lightly]
+        out += [_nt_xent_case("compile", "fwd+bwd", "float32", 1024, 128)]
+        out += [_nt_xent_case(p, "fwd+bwd", "float32", 128, 128) for p in ["fastssl", "torch"] + pml]
+        out += [_clip_case(p, "fwd+bwd", "float32", 2048, 128) for p in ["fastssl", "torch"] + clip_peers]
+        out += [_moco_case(p, "fwd+bwd", "float32", 256, 16384, 128) for p in ("fastssl", "torch")]
+        out += [_nt_xent_case(p, "fwd+bwd", "float32", 8192, 128) for p in ("fastssl", "torch")]
+        return out
+    # full: GUIDE §6's GPU sizes in bf16 (2N from 1024 to 65536, D 128 and 256), float32 at one size
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    sizes = [512, 2048, 8192, 32768] if device == "cuda" else [512, 2048, 8192]
+    for d in (128, 256):
+        for n in sizes:
+            for mode in ("fwd", "fwd+bwd"):
+                out += [_nt_xent_case(p, mode, dtype, n, d) for p in providers + lightly]
+                out += [_clip_case(p, mode, dtype, 2 * n, d) for p in providers + clip_peers]
+    if device == "cuda":
+        out += [_nt_xent_case(p, "fwd+bwd", "float32", 8192, 128) for p in providers]
+    out += [_moco_case(p, mode, dtype, 256, 65536, 128) for p in providers for mode in ("fwd", "fwd+bwd")]
+    return out
+
+
+def test_case(benchmark, case):
+    case.run_with(benchmark)

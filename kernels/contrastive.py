@@ -1,0 +1,334 @@
+"""Triton kernels of the contrastive slice: tiled online log-sum-exp over a similarity matrix that is never
+stored (FlashAttention style), and its backward by recomputation.
+
+One kernel family serves every loss (``fastssl/contrastive.py`` composes them):
+
+- ``_lse_fwd_kernel``: ``lse_i = log sum_j exp(S_ij)`` with ``S_ij = scale * c_j * (q_i . k_j)``, a program
+  per block of rows streaming key blocks, running max and sum in fp32 (fp64 for fp64 inputs); only the
+  per-row LSE is written. ``c_j`` is an optional per-key multiplier (MoCo's queue normalised on the fly,
+  without a copy). The column ``j == i + diag_off`` is excluded (NT-Xent's self-similarity); a
+  ``diag_off`` >= M excludes nothing. A loss that needs the column LSE (CLIP) launches it again with the
+  roles of ``q`` and ``k`` swapped.
+- ``_lse_bwd_kernel``: row-parallel gradient ``dq_i = sum_j dS_ij scale c_j k_j`` with
+  ``dS_ij = [row_term] g_i exp(S_ij - lse_i) + [col_term] h_j exp(S_ij - lse'_j)``; the gradient for ``k``
+  is the same kernel with the roles swapped (column-parallel), and NT-Xent, whose S is symmetric, gets
+  ``dZ`` from one launch with both terms and ``lse' = lse``, ``h = g``. With ``need_dscale`` each program
+  writes ``sum_j dS_ij c_j (q_i . k_j) = q_i . (sum_j dS_ij c_j k_j)`` (from its gradient accumulator) for
+  its rows to per-row partials, summed afterwards in a fixed order (deterministic, no atomics).
+
+Scores use ``tl.dot``: bf16/fp16 on tensor cores with fp32 accumulation, fp32 with TF32 only where
+``torch.backends.cuda.matmul.allow_tf32`` allows it, fp64 in fp64. ``scale`` is read from a device
+pointer (no host sync for a learnable ``logit_scale``).
+
+Layout: the launchers hand the kernels features zero-padded to a constexpr row width (``_layout``; a copy
+only when D is not already that width), chunk-major ``(C, N, BLOCK_D)`` when D is split, so every tile
+address is one 64-bit base plus immediate offsets and rows are 16-byte aligned (vector loads without the
+JIT's alignment specialization, which the ahead-of-time compile cannot see). The forward keeps the query
+block resident (BLOCK_D 128 or 256, bf16/fp16; fp32 with TF32 up to 128) or loops over 64-wide chunks
+(float64, float32 with exact products, D > 256). The backward accumulates one feature chunk of dq per
+program (128 wide, 64 for the exact kernels) and recomputes the scores over all chunks: with D <= 128
+that is one chunk, with D = 256 one extra score pass (the price of not spilling on sm_80).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import INTERPRET, TL_DTYPE, acc_type, autotune, bucket, device_function, register, variant
+
+MAX_BLOCK_D = 256  # widest resident query block; wider D (and float64) loops over LOOP_BLOCK_D chunks
+LOOP_BLOCK_D = 16 if INTERPRET else 64
+# the backward's feature chunk (a grid axis): one chunk for D <= 128; float64 and exact float32 in 64
+BWD_BLOCK_D = {"exact": LOOP_BLOCK_D, "fast": 16 if INTERPRET else 128}
+INTERPRET_BLOCK = 16  # interpreter tiles (16 x 16: several tiles on the tests' odd shapes)
+
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tf32 for float32 only where PyTorch allows it for matmuls; exact products otherwise."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def block_d(d: int, dtype: torch.dtype) -> tuple[int, bool]:
+    """(BLOCK_D, D_LOOP) for a feature dimension ``d``: the resident query block is 128 or 256 wide on a
+    GPU (the two compiled widths), a power of two >= 16 under the interpreter."""
+    exact = dtype == torch.float64 or (dtype == torch.float32 and dot_precision(dtype) == "ieee")
+    if d > MAX_BLOCK_D or exact or (dtype == torch.float32 and d > MAX_BLOCK_D // 2):
+        return LOOP_BLOCK_D, True
+    if INTERPRET:
+        return max(16, triton.next_power_of_2(d)), False
+    return (128 if d <= 128 else 256), False
+
+
+# Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bits; under the interpreter bf16
+# operands are widened first (exact: bf16 products are exact in fp32, as on the tensor cores).
+_WIDEN_BF16_DOT = tl.constexpr(INTERPRET)
+
+
+@device_function
+@triton.jit
+def _dot(a, b, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+    if _WIDEN_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC)
+    return tl.dot(a, b, input_precision=DOT_PREC, out_dtype=ACC)
+
+
+@device_function
+@triton.jit
+def _tile_ptrs(base, idx_l, BLOCK_D: tl.constexpr):
+    """Pointers to a (len(idx_l), BLOCK_D) tile of a chunk-major feature buffer: row stride BLOCK_D
+    (a constexpr: the launchers pad D), so the addresses are one 64-bit base plus immediate offsets. The
+    launchers pass 16-byte aligned buffers and BLOCK_D >= 16, so every row starts 16-byte aligned: the
+    hints give vector loads (cp.async) even where the compiler cannot see the pointers' alignment."""
+    ptrs = base + idx_l[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    return tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, 16])
+
+
+@device_function
+@triton.jit
+def _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks,
+            ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr):
+    """q_i . k_j for the tile of rows row0.. and keys col0..: from the resident query block ``q`` (one
+    chunk), or summed over the ``n_chunks`` feature chunks (chunk c of row i at (c * N + i) * BLOCK_D)."""
+    rows_l = tl.arange(0, BLOCK_M)
+    cols_l = tl.arange(0, BLOCK_N)
+    if D_LOOP:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for c in range(0, n_chunks):
+            qc = tl.load(_tile_ptrs(q_ptr + (tl.cast(c, tl.int64) * N + row0) * BLOCK_D, rows_l, BLOCK_D),
+                         mask=row_mask[:, None], other=0.0)
+            kc = tl.load(_tile_ptrs(k_ptr + (tl.cast(c, tl.int64) * M + col0) * BLOCK_D, cols_l, BLOCK_D),
+                         mask=col_mask[:, None], other=0.0)
+            acc += _dot(qc, tl.trans(kc), ACC, DOT_PREC)
+        return acc
+    else:
+        kt = tl.load(_tile_ptrs(k_ptr + tl.cast(col0, tl.int64) * BLOCK_D, cols_l, BLOCK_D), mask=col_mask[:, None],
+                     other=0.0)
+        return _dot(q, tl.trans(kt), ACC, DOT_PREC)
+
+
+@triton.jit
+def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_ptr, N, M, n_chunks, ks_stride, diag_off,
+                    n_bucket, m_bucket,
+                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    excluded = rows + diag_off  # the column each row leaves out (>= M: none)
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
+    if not D_LOOP:
+        q = tl.load(_tile_ptrs(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, tl.arange(0, BLOCK_M), BLOCK_D),
+                    mask=row_mask[:, None], other=0.0)
+    scale = tl.load(scale_ptr).to(ACC)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    for col0 in range(0, M, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < M
+        raw = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                      BLOCK_M, BLOCK_N, BLOCK_D, D_LOOP)
+        col_scale = scale * tl.load(ks_ptr + cols.to(tl.int64) * ks_stride, mask=col_mask, other=1.0).to(ACC)
+        s = tl.where(col_mask[None, :] & (cols[None, :] != excluded[:, None]), raw * col_scale[None, :],
+                     float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        m_i = m_new
+    tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=row_mask)
+
+
+@triton.jit
+def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_r_ptr, g_r_ptr, lse_c_ptr, g_c_ptr, dq_ptr, dscale_ptr,
+                    N, M, n_chunks, ks_stride, diag_off, row_term, col_term, need_dscale, n_bucket, m_bucket,
+                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    row0 = tl.program_id(0) * BLOCK_M
+    rows_l = tl.arange(0, BLOCK_M)
+    cols_l = tl.arange(0, BLOCK_N)
+    rows = row0 + rows_l
+    row_mask = rows < N
+    excluded = rows + diag_off
+    # the feature chunk of the gradient this program accumulates (program_id(1)); the scores loop over all
+    # chunks, so only one (BLOCK_M, BLOCK_D) fp32 accumulator is live
+    chunk = tl.program_id(1).to(tl.int64)
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)  # unused by the D loop
+    scale = tl.load(scale_ptr).to(ACC)
+    lse_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    g_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    if row_term != 0:
+        lse_r = tl.load(lse_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+        g_r = tl.load(g_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    for col0 in range(0, M, BLOCK_N):
+        cols = col0 + cols_l
+        col_mask = cols < M
+        raw = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                      BLOCK_M, BLOCK_N, BLOCK_D, True)
+        c = tl.load(ks_ptr + cols.to(tl.int64) * ks_stride, mask=col_mask, other=1.0).to(ACC)
+        valid = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != excluded[:, None])
+        s = tl.where(valid, raw * (scale * c)[None, :], float("-inf"))  # exp(-inf - lse) = 0 off the set
+        if row_term != 0:
+            ds = g_r[:, None] * tl.exp(s - lse_r[:, None])
+        else:
+            ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        if col_term != 0:
+            lse_c = tl.load(lse_c_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+            g_c = tl.load(g_c_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+            ds += g_c[None, :] * tl.exp(s - lse_c[None, :])
+        ds = ds * c[None, :]
+        kt = tl.load(_tile_ptrs(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, BLOCK_D), mask=col_mask[:, None],
+                     other=0.0)
+        acc += _dot(ds.to(kt.dtype), kt, ACC, DOT_PREC)
+    tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
+             (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
+    if need_dscale != 0:
+        # sum_j dS_ij c_j (q_i . k_j) = q_i . (sum_j dS_ij c_j k_j): per row and chunk, from the accumulator
+        q = tl.load(_tile_ptrs(q_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D), mask=row_mask[:, None],
+                    other=0.0)
+        tl.store(dscale_ptr + chunk * N + rows, tl.sum(q.to(ACC) * acc, 1), mask=row_mask)
+
+
+# -- autotune configs and compile variants ----------------------------------------------------------------
+# Tiles of 64..128 rows x 32..64 keys, 8 warps where the backward's two fp32 tiles (scores, gradient
+# accumulator) would otherwise spill (tests/test_compile_sm90.py on sm_90 and sm_80: no spills, shared memory
+# within the limits; measured 2026-11-30 with ptxas from Triton 3.9). float64 (the gradient checks), float32
+# with D > 128 and any D > 256 take the D-looping kernels (64-wide chunks).
+
+def _configs(pairs):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in pairs]
+
+
+FWD_CONFIGS = {128: _configs([(128, 64, 8, 3), (64, 64, 4, 3)]),
+               256: _configs([(64, 64, 4, 2), (128, 64, 8, 2)]),
+               "loop": _configs([(64, 64, 8, 2)])}
+# The backward always loops over feature chunks of BWD_BLOCK_D (a grid axis: the scores are recomputed per
+# chunk of the gradient, so D=256 costs one extra score pass): a resident 256-wide query block beside the
+# accumulator spills on sm_80, whose mma operands live in registers.
+BWD_CONFIGS = {"loop": _configs([(64, 32, 8, 1)]), "exact": _configs([(32, 32, 8, 1)])}
+KEY = ["n_bucket", "m_bucket", "n_chunks"]
+
+_FWD_ARGS = ["N", "M", "n_chunks", "ks_stride", "diag_off", "n_bucket", "m_bucket"]
+_BWD_ARGS = _FWD_ARGS + ["row_term", "col_term", "need_dscale"]
+
+
+def _variants(ptrs, acc_ptrs, ints, block, kinds, **flags):
+    """One variant per (dtype, dot precision) in ``kinds``."""
+    out = []
+    for dtype, prec in kinds:
+        ty, acc = TL_DTYPE[dtype], ("fp64" if dtype == torch.float64 else "fp32")
+        signature = {**{a: f"*{ty}" for a in ptrs}, **{a: f"*{acc}" for a in acc_ptrs}, **{a: "i32" for a in ints}}
+        out.append(variant(signature, ACC=acc_type(dtype), DOT_PREC=prec, BLOCK_D=block, **flags))
+    return out
+
+
+# float32 with exact products (PyTorch's default, allow_tf32=False) runs its dots on FMA units: it takes the
+# 64-wide chunked kernels (a resident 128-wide block spills), like float64.
+_HALF = [(torch.float16, "ieee"), (torch.bfloat16, "ieee")]
+_TF32 = [(torch.float32, "tf32")]
+_EXACT = [(torch.float32, "ieee"), (torch.float64, "ieee")]
+_FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr"])
+_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "ks_ptr", "lse_r_ptr", "g_r_ptr", "lse_c_ptr", "g_c_ptr",
+                                             "dscale_ptr"])
+_fwd_kernels, _bwd_kernels = {}, {}
+for _key, _bd, _kinds in ((128, 128, _TF32 + _HALF), (256, 256, _HALF), ("loop", LOOP_BLOCK_D, _TF32 + _HALF + _EXACT)):
+    _fwd_kernels[_key] = register(
+        autotune(FWD_CONFIGS[_key], key=KEY)(_lse_fwd_kernel), configs=FWD_CONFIGS[_key], uses_dot=True,
+        variants=_variants(*_FWD_PTRS, _FWD_ARGS, _bd, _kinds, D_LOOP=_key == "loop"))
+for _key, _bd, _kinds in (("loop", BWD_BLOCK_D["fast"], _TF32 + _HALF), ("exact", BWD_BLOCK_D["exact"], _EXACT)):
+    _bwd_kernels[_key] = register(
+        autotune(BWD_CONFIGS[_key], key=KEY)(_lse_bwd_kernel), configs=BWD_CONFIGS[_key], uses_dot=True,
+        variants=_variants(*_BWD_PTRS, _BWD_ARGS, _bd, _kinds))
+
+
+def _exact(dtype: torch.dtype) -> bool:
+    """float64, or float32 without TF32: the FMA-unit kernels."""
+    return dtype == torch.float64 or dot_precision(dtype) == "ieee" and dtype == torch.float32
+
+
+def _layout(x: torch.Tensor, bd: int, loop: bool) -> torch.Tensor:
+    """Features in the kernels' chunk-major layout (C, N, bd), zero-padded to C * bd >= D: the row
+    stride is the constexpr ``bd``. A 16-byte aligned contiguous (N, bd) input is used as it is."""
+    n, d = x.shape
+    chunks = triton.cdiv(d, bd)
+    if chunks == 1 and d == bd and x.is_contiguous() and x.data_ptr() % 16 == 0:
+        return x.view(1, n, bd)
+    padded = torch.zeros(n, chunks * bd, dtype=x.dtype, device=x.device)
+    padded[:, :d] = x
+    return padded.view(n, chunks, bd).transpose(0, 1).contiguous() if chunks > 1 else padded.view(1, n, bd)
+
+
+def _pick(x: torch.Tensor):
+    bd, loop = block_d(x.shape[1], x.dtype)
+    return ("loop" if loop else (128 if bd <= 128 else 256)), bd, loop
+
+
+def _launch(kernels, key, grid_fn, args, **constexprs):
+    """The autotuned kernel on a GPU; under the interpreter the raw kernel with small tiles."""
+    if INTERPRET:
+        meta = dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK)
+        kernels[key].fn[grid_fn(meta)](*args, **constexprs, **meta)
+    else:
+        kernels[key][grid_fn](*args, **constexprs)
+
+
+def _col_scale(kscale, like):
+    if kscale is None:
+        return torch.ones(1, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
+                          device=like.device), 0
+    return kscale, 1
+
+
+def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=None, diag_off=None) -> torch.Tensor:
+    """Launch ``_lse_fwd_kernel``: ``lse_i = logsumexp_j scale * kscale_j * q_i . k_j`` over ``j != i + diag_off``.
+
+    ``q`` (N, D) and ``k`` (M, D); ``scale`` a 1-element tensor in the math dtype; ``kscale`` None or (M,)
+    in the math dtype. Returns (N,) in the math dtype.
+    """
+    n, d = q.shape
+    m = k.shape[0]
+    key, bd, loop = _pick(q)
+    ql = _layout(q, bd, loop)
+    kl = ql if k is q else _layout(k, bd, loop)
+    lse = torch.empty(n, dtype=scale.dtype, device=q.device)
+    ks, ks_stride = _col_scale(kscale, scale)
+    off = m if diag_off is None else diag_off  # j == i + m never holds: nothing excluded
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+    _launch(_fwd_kernels, key, grid, (ql, kl, scale, ks, lse, n, m, ql.shape[0], ks_stride, off, bucket(n), bucket(m)),
+            ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop)
+    return lse
+
+
+def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off=None, need_dscale=False):
+    """Launch ``_lse_bwd_kernel`` over the rows of ``q``: returns (dq (N, D) in q's dtype, dscale or None).
+    ``lse_r``/``g_r`` (N,) give the row term and ``lse_c``/``g_c`` (M,) the column term; either pair may be
+    None."""
+    n, d = q.shape
+    m = k.shape[0]
+    key = "exact" if _exact(q.dtype) else "loop"
+    bd = BWD_BLOCK_D["exact" if key == "exact" else "fast"]
+    ql = _layout(q, bd, True)
+    kl = ql if k is q else _layout(k, bd, True)
+    chunks = ql.shape[0]
+    dq = torch.empty_like(ql)
+    ks, ks_stride = _col_scale(kscale, scale)
+    off = m if diag_off is None else diag_off
+    row_term, col_term = lse_r is not None, lse_c is not None
+    dummy = scale  # never read when its term is off
+    partials = torch.empty(chunks, n, dtype=scale.dtype, device=q.device) if need_dscale else dummy
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks)  # noqa: E731
+    _launch(_bwd_kernels, key, grid,
+            (ql, kl, scale, ks, lse_r if row_term else dummy, g_r if row_term else dummy,
+             lse_c if col_term else dummy, g_c if col_term else dummy, dq, partials,
+             n, m, chunks, ks_stride, off, int(row_term), int(col_term), int(need_dscale), bucket(n), bucket(m)),
+            ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd)
+    if chunks > 1 or bd != d:
+        dq = dq.transpose(0, 1).reshape(n, chunks * bd)[:, :d].contiguous()
+    else:
+        dq = dq.view(n, d)
+    return dq, (partials.sum() if need_dscale else None)

@@ -1,0 +1,433 @@
+"""Contrastive slice: parity against the float64 references on both backends (the Triton kernels under the
+interpreter), gradients (gradcheck through the kernels, uneven grad_output), every reduction, low
+precision, extreme logits, NaN, validation, torch.compile, and the peers where installed."""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastssl
+import fastssl.kernels.contrastive as kc
+from conftest import assert_close, assert_close_lowp
+from fastssl.contrastive import (clip_loss_reference, info_nce_reference, moco_loss_reference,
+                                 nt_xent_reference)
+
+LOWP = [torch.float16, torch.bfloat16]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _grads(out, inputs, grad_out=None):
+    return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+
+
+def _check(fn, ref_fn, inputs, dtype, *, reduction="mean", scale=10):
+    """Loss and gradients of ``fn`` against the float64 ``ref_fn`` (an uneven grad_output for "none")."""
+    out = fn(*inputs)
+    ref = ref_fn(*inputs)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert out.shape == ref.shape
+    assert_close(out, ref, dtype, scale=scale)
+    grad_out = torch.rand_like(ref) + 0.5 if reduction == "none" else None
+    grads = _grads(out, inputs, None if grad_out is None else grad_out.to(out.dtype))
+    ref_grads = _grads(ref, inputs, grad_out)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert g.dtype == dtype
+            assert_close(g, r, dtype, scale=scale)
+
+
+def _feats(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# parity: float64 and float32, odd shapes, every reduction
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nt_xent_matches_reference(backend, device, dtype, reduction):
+    z1, z2 = _feats(37, 20, dtype=dtype, device=device), _feats(37, 20, dtype=dtype, device=device)
+    _check(lambda a, b: fastssl.nt_xent(a, b, temperature=0.3, reduction=reduction),
+           lambda a, b: nt_xent_reference(a, b, temperature=0.3, reduction=reduction), (z1, z2), dtype,
+           reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("with_targets", [False, True])
+def test_info_nce_matches_reference(backend, device, dtype, reduction, with_targets):
+    q, k = _feats(37, 20, dtype=dtype, device=device), _feats(45, 20, dtype=dtype, device=device)
+    targets = torch.randint(0, 45, (37,), device=device) if with_targets else None
+    _check(lambda a, b: fastssl.info_nce(a, b, targets, temperature=0.2, reduction=reduction),
+           lambda a, b: info_nce_reference(a, b, targets, temperature=0.2, reduction=reduction), (q, k), dtype,
+           reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("scale_kind", ["float", "tensor", "fp32_tensor"])
+def test_clip_loss_matches_reference(backend, device, dtype, reduction, scale_kind):
+    img, txt = _feats(37, 20, dtype=dtype, device=device), _feats(37, 20, dtype=dtype, device=device)
+    inputs = [img, txt]
+    if scale_kind == "float":
+        scale = 7.5
+    else:
+        scale = torch.tensor(2.1, dtype=dtype if scale_kind == "tensor" else torch.float32, device=device,
+                             requires_grad=True)
+        inputs.append(scale)
+
+    def ours(a, b, s=scale):
+        return fastssl.clip_loss(a, b, s.exp() if isinstance(s, torch.Tensor) else s, reduction=reduction)
+
+    def ref(a, b, s=scale):  # the same multiplier value (a float32 one stays float32-rounded)
+        return clip_loss_reference(a, b, s.exp().double() if isinstance(s, torch.Tensor) else s, reduction=reduction)
+
+    out, expected = ours(*inputs), ref(*inputs)
+    assert_close(out, expected, dtype, scale=10)
+    grad_out = torch.rand_like(expected) + 0.5 if reduction == "none" else None
+    for g, r in zip(_grads(out, inputs, None if grad_out is None else grad_out.to(out.dtype)),
+                    _grads(expected, inputs, grad_out)):
+        assert_close(g, r, g.dtype, scale=10)  # a float32 logit_scale gets a float32 gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_moco_loss_matches_reference(backend, device, dtype, reduction, normalize):
+    q, k = _feats(37, 20, dtype=dtype, device=device), _feats(37, 20, dtype=dtype, device=device)
+    queue = (torch.randn(53, 20, dtype=dtype, device=device) * (1.0 if normalize else 0.3)).requires_grad_()
+    t = 0.5 if not normalize else 0.07
+    out = fastssl.moco_loss(q, k, queue, temperature=t, normalize=normalize, reduction=reduction)
+    ref = moco_loss_reference(q, k, queue, temperature=t, normalize=normalize, reduction=reduction)
+    assert_close(out, ref, dtype, scale=10)
+    grad_out = torch.rand_like(ref) + 0.5 if reduction == "none" else None
+    (gq,) = _grads(out, (q,), None if grad_out is None else grad_out.to(out.dtype))
+    (rq,) = _grads(ref, (q,), grad_out)
+    assert_close(gq, rq, dtype, scale=10)
+    # no gradient into the key (momentum encoder) nor into the queue
+    fastssl.moco_loss(q, k, queue, temperature=t, normalize=normalize).backward()
+    assert k.grad is None and queue.grad is None and q.grad is not None
+
+
+def test_info_nce_and_nt_xent_without_normalize(backend, device):
+    q, k = _feats(19, 24, device=device), _feats(23, 24, device=device)
+    _check(lambda a, b: fastssl.info_nce(a, b, temperature=2.0, normalize=False),
+           lambda a, b: info_nce_reference(a, b, temperature=2.0, normalize=False), (q, k), torch.float32)
+    z1, z2 = _feats(11, 24, device=device), _feats(11, 24, device=device)
+    _check(lambda a, b: fastssl.nt_xent(a, b, temperature=3.0, normalize=False),
+           lambda a, b: nt_xent_reference(a, b, temperature=3.0, normalize=False), (z1, z2), torch.float32)
+
+
+def test_wide_features_loop_over_d(backend, device, monkeypatch):
+    """D wider than the resident block: the kernels loop over D chunks (and split dq's columns)."""
+    monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    img, txt = _feats(21, 41, device=device), _feats(21, 41, device=device)
+    scale = torch.tensor(3.0, device=device, requires_grad=True)
+    out, ref = fastssl.clip_loss(img, txt, scale), clip_loss_reference(img, txt, scale)
+    assert_close(out, ref, torch.float32, scale=10)
+    for g, r in zip(_grads(out, (img, txt, scale)), _grads(ref, (img, txt, scale))):
+        assert_close(g, r, torch.float32, scale=10)
+    z1, z2 = _feats(9, 41, device=device), _feats(9, 41, device=device)
+    _check(fastssl.nt_xent, nt_xent_reference, (z1, z2), torch.float32)
+
+
+def test_tf32_path_resident_query_block(backend, device):
+    """float32 with TF32 allowed takes the resident-query-block forward and the wide backward chunks (float32
+    by default, like float64, takes the chunked exact kernels); the interpreter multiplies exactly."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        z1, z2 = _feats(37, 20, device=device), _feats(37, 20, device=device)
+        _check(fastssl.nt_xent, nt_xent_reference, (z1, z2), torch.float32)
+        scale = torch.tensor(3.0, device=device, requires_grad=True)
+        _check(fastssl.clip_loss, clip_loss_reference, (z1, z2, scale), torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_single_row_and_tiny_batches(backend, device):
+    _check(fastssl.nt_xent, nt_xent_reference, (_feats(1, 3, device=device), _feats(1, 3, device=device)),
+           torch.float32)
+    _check(fastssl.info_nce, info_nce_reference, (_feats(1, 3, device=device), _feats(1, 3, device=device)),
+           torch.float32)
+
+
+def test_non_contiguous_inputs(backend, device):
+    q = torch.randn(20, 30, device=device)[:, ::2].detach().requires_grad_()  # stride 2 along D
+    k = torch.randn(15, 26, device=device).t().detach().requires_grad_()  # column-major (26, 15)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    _check(lambda a, b: fastssl.info_nce(a, b, normalize=False), lambda a, b: info_nce_reference(a, b, normalize=False),
+           (q, k), torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradients through the kernels
+# ----------------------------------------------------------------------------------------------------
+
+def test_gradcheck(backend, device):
+    d = dict(dtype=torch.float64, device=device)
+    z1, z2 = torch.randn(5, 6, **d, requires_grad=True), torch.randn(5, 6, **d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.nt_xent(a, b, temperature=0.4, reduction="none"), (z1, z2))
+    k = torch.randn(7, 6, **d, requires_grad=True)
+    targets = torch.tensor([6, 0, 3, 3, 1], device=device)
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.info_nce(a, b, targets, temperature=0.5), (z1, k))
+    scale = torch.tensor(1.7, **d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, s: fastssl.clip_loss(a, b, s, reduction="none"), (z1, z2, scale))
+    queue = torch.randn(9, 6, **d)
+    assert torch.autograd.gradcheck(lambda a: fastssl.moco_loss(a, z2, queue, temperature=0.3), (z1,))
+
+
+# ----------------------------------------------------------------------------------------------------
+# low precision, extreme logits, NaN
+# ----------------------------------------------------------------------------------------------------
+
+def _unit_rows(n, d, dtype, device):
+    """Unit rows rounded to ``dtype``: the op's own error, not F.normalize's rounding in low precision."""
+    return F.normalize(torch.randn(n, d, dtype=torch.float64, device=device), dim=1).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_low_precision_within_twice_pytorch_error(backend, device, dtype):
+    z1, z2 = _unit_rows(37, 20, dtype, device), _unit_rows(37, 20, dtype, device)
+    z1.requires_grad_()
+    opts = dict(temperature=0.2, normalize=False)
+    out = fastssl.nt_xent(z1, z2, **opts)
+    assert out.dtype == torch.float32
+    (grad,) = _grads(out, (z1,))
+    assert grad.dtype == dtype
+    z1_64 = z1.detach().double().requires_grad_()
+    ref = nt_xent_reference(z1_64, z2, **opts)
+    (ref_grad,) = _grads(ref, (z1_64,))
+    z1_lp = z1.detach().requires_grad_()
+    lowp = nt_xent_reference(z1_lp, z2, **opts, upcast=False)
+    (lowp_grad,) = _grads(lowp, (z1_lp,))
+    assert_close_lowp(out, ref, lowp)
+    assert_close_lowp(grad, ref_grad, lowp_grad)
+    img, txt = _unit_rows(29, 20, dtype, device), _unit_rows(29, 20, dtype, device)
+    scale = torch.tensor(20.0, device=device)  # a float32 logit_scale with half features is allowed
+    assert_close_lowp(fastssl.clip_loss(img, txt, scale, normalize=False),
+                      clip_loss_reference(img, txt, scale, normalize=False),
+                      clip_loss_reference(img, txt, scale.to(dtype), normalize=False, upcast=False))
+    q, k, queue = (_unit_rows(n, 20, dtype, device) for n in (13, 13, 40))
+    assert_close_lowp(fastssl.moco_loss(q, k, queue, normalize=False), moco_loss_reference(q, k, queue, normalize=False),
+                      moco_loss_reference(q, k, queue, normalize=False, upcast=False))
+    # with normalize=True the inputs are normalized in their own dtype, as PyTorch code would: still close
+    out = fastssl.nt_xent(z1 * 3, z2, temperature=0.2)
+    torch.testing.assert_close(out.double(), nt_xent_reference(z1 * 3, z2, temperature=0.2), rtol=0.02, atol=0.02)
+
+
+def test_extreme_logits_stay_finite(backend, device):
+    z1, z2 = _feats(17, 20, device=device), _feats(17, 20, device=device)
+    with torch.no_grad():
+        z1.mul_(30)
+        z2.mul_(30)
+    for normalize in (True, False):
+        out = fastssl.nt_xent(z1, z2, temperature=1e-3, normalize=normalize)
+        ref = nt_xent_reference(z1, z2, temperature=1e-3, normalize=normalize)
+        grads = _grads(out, (z1, z2))
+        assert torch.isfinite(out) and all(torch.isfinite(g).all() for g in grads)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-2)
+    out = fastssl.clip_loss(z1, z2, 1000.0, normalize=False)
+    assert torch.isfinite(out) and all(torch.isfinite(g).all() for g in _grads(out, (z1, z2)))
+
+
+def test_nan_propagates(backend, device):
+    z1, z2 = torch.randn(9, 20, device=device), torch.randn(9, 20, device=device)
+    z1[4, 3] = float("nan")
+    per_row = fastssl.nt_xent(z1, z2, reduction="none")
+    assert per_row.isnan().all()  # every row's softmax includes row 4
+    q, k = torch.randn(6, 20, device=device), torch.randn(8, 20, device=device)
+    q[2, 0] = float("nan")
+    per_row = fastssl.info_nce(q, k, reduction="none")
+    assert per_row[2].isnan() and not per_row[[0, 1, 3, 4, 5]].isnan().any()
+    assert fastssl.clip_loss(q, k[:6], 10.0).isnan()
+    assert fastssl.moco_loss(q, k[:6], k).isnan()
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile, peers
+# ----------------------------------------------------------------------------------------------------
+
+def test_compiles_fullgraph(backend, device):
+    z1, z2 = _feats(13, 20, device=device), _feats(13, 20, device=device)
+    scale = torch.tensor(2.0, device=device, requires_grad=True)
+
+    def losses(a, b, s):
+        return (fastssl.nt_xent(a, b) + fastssl.info_nce(a, b) + fastssl.clip_loss(a, b, s.exp())
+                + fastssl.moco_loss(a, b, b))
+
+    compiled = torch.compile(losses, fullgraph=True)
+    out = compiled(z1, z2, scale)
+    ref = (nt_xent_reference(z1, z2) + info_nce_reference(z1, z2) + clip_loss_reference(z1, z2, scale.double().exp())
+           + moco_loss_reference(z1, z2, z2))
+    assert_close(out, ref, torch.float32, scale=10)
+    for g, r in zip(_grads(out, (z1, z2, scale)), _grads(ref, (z1, z2, scale))):
+        assert_close(g, r, torch.float32, scale=10)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pytorch_metric_learning") is None,
+                    reason="pytorch-metric-learning is not installed")
+def test_nt_xent_equals_pytorch_metric_learning(device):
+    from pytorch_metric_learning.losses import NTXentLoss
+
+    z1, z2 = _feats(23, 16, device=device), _feats(23, 16, device=device)
+    ours = fastssl.nt_xent(z1, z2, temperature=0.3)
+    labels = torch.arange(23, device=device).repeat(2)
+    theirs = NTXentLoss(temperature=0.3)(torch.cat((F.normalize(z1, dim=1), F.normalize(z2, dim=1))), labels)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for g, r in zip(_grads(ours, (z1, z2)), _grads(theirs, (z1, z2))):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightly") is None, reason="lightly is not installed")
+def test_nt_xent_equals_lightly(device):
+    from lightly.loss import NTXentLoss
+
+    z1, z2 = torch.randn(23, 16, device=device), torch.randn(23, 16, device=device)
+    torch.testing.assert_close(fastssl.nt_xent(z1, z2, temperature=0.3), NTXentLoss(temperature=0.3)(z1, z2))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip is not installed")
+def test_clip_loss_equals_open_clip(device):
+    from open_clip.loss import ClipLoss
+
+    img, txt = F.normalize(torch.randn(23, 16, device=device), dim=1), F.normalize(torch.randn(23, 16, device=device), dim=1)
+    scale = torch.tensor(14.3, device=device)
+    torch.testing.assert_close(fastssl.clip_loss(img, txt, scale), ClipLoss()(img, txt, scale))
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation (API.md's common rules)
+# ----------------------------------------------------------------------------------------------------
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, device=device).to(dtype)
+
+
+BAD = [
+    (lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(4, 3, 1, device=d)), ValueError, r"z2 must be 2-D .* got shape \(4, 3, 1\)"),
+    (lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(5, 3, device=d)), ValueError, r"z2 has shape \(5, 3\) but z1 has \(4, 3\)"),
+    (lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(4, 3, dtype=torch.float16, device=d)), TypeError, "mixing dtypes"),
+    (lambda d: fastssl.nt_xent(_t(4, 3, dtype=torch.long, device=d), _t(4, 3, device=d)), TypeError, "z1 must be a floating-point"),
+    (lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(4, 3, device=d), temperature=0.0), ValueError, "temperature must be a finite number > 0, got 0.0"),
+    (lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(4, 3, device=d), temperature=-1.0), ValueError, "temperature must be"),
+    (lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(4, 3, device=d), temperature="0.5"), TypeError, "temperature must be a Python float"),
+    (lambda d: fastssl.nt_xent(_t(0, 3, device=d), _t(0, 3, device=d)), ValueError, r"z1 is an empty batch \(shape \(0, 3\)\)"),
+    (lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(4, 3, device=d), reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(4, 3, device=d), normalize=1), TypeError, "normalize must be a bool"),
+    (lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(4, 3, device="meta")), ValueError, "z2 is on meta"),
+    (lambda d: fastssl.nt_xent([[1.0]], _t(1, 1, device=d)), TypeError, "z1 must be a torch.Tensor"),
+    (lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(4, 5, device=d)), ValueError, r"key has feature size 5 but query has 3"),
+    (lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(3, 3, device=d)), ValueError, r"default targets arange\(N\) need key to have at least N=4 rows"),
+    (lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(6, 3, device=d), torch.tensor([0, 1, 2, 6])), ValueError, r"targets must be in \[0, 6\)"),
+    (lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(6, 3, device=d), torch.tensor([0, 1, -1, 2])), ValueError, r"targets must be in \[0, 6\)"),
+    (lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(6, 3, device=d), torch.tensor([0.0, 1, 2, 3])), TypeError, "targets must be a LongTensor"),
+    (lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(6, 3, device=d), torch.tensor([0, 1, 2])), ValueError, r"targets must have shape \(4,\)"),
+    (lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(6, 3, device=d), [0, 1, 2, 3]), TypeError, "targets must be a LongTensor"),
+    (lambda d: fastssl.info_nce(_t(4, 0, device=d), _t(6, 0, device=d)), ValueError, "query has no features"),
+    (lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(0, 3, device=d)), ValueError, "key is an empty batch"),
+    (lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(6, 3, device=d), gather_distributed=1), TypeError, "gather_distributed must be a bool"),
+    (lambda d: fastssl.moco_loss(_t(4, 3, device=d), _t(5, 3, device=d), _t(9, 3, device=d)), ValueError, r"key has shape \(5, 3\) but query has \(4, 3\)"),
+    (lambda d: fastssl.moco_loss(_t(4, 3, device=d), _t(4, 3, device=d), _t(9, 4, device=d)), ValueError, "queue has feature size 4"),
+    (lambda d: fastssl.moco_loss(_t(4, 3, device=d), _t(4, 3, device=d), _t(0, 3, device=d)), ValueError, "queue is an empty batch"),
+    (lambda d: fastssl.moco_loss(_t(4, 3, device=d), _t(4, 3, device=d), _t(9, 3, dtype=torch.float64, device=d)), TypeError, "mixing dtypes"),
+    (lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 0.0), ValueError, "logit_scale must be a finite number > 0"),
+    (lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(4, 3, device=d), "10"), TypeError, "logit_scale must be a float or a 0-dim tensor"),
+    (lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(4, 3, device=d), torch.ones(2, device=d)), ValueError, r"logit_scale must be a float or a 0-dim tensor, got shape \(2,\)"),
+    (lambda d: fastssl.clip_loss(_t(4, 3, dtype=torch.bfloat16, device=d), _t(4, 3, dtype=torch.bfloat16, device=d), torch.tensor(1.0, dtype=torch.float16)), TypeError, "logit_scale has dtype torch.float16"),
+    (lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(4, 3, device=d), torch.tensor(1, device=d)), TypeError, "logit_scale must be a floating-point"),
+    (lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(3, 3, device=d), 1.0), ValueError, r"text_features has shape \(3, 3\)"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_rejects_bad_input(device, call, error, match):
+    with pytest.raises(error, match=match):
+        call(device)
+
+
+@pytest.mark.parametrize("call", [
+    lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(4, 3, device=d), gather_distributed=True),
+    lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(4, 3, device=d), gather_distributed=True),
+    lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, gather_distributed=True),
+])
+def test_gather_distributed_without_process_group(device, call):
+    if importlib.util.find_spec("fastssl.distributed") is None:
+        pytest.fail("fastssl/distributed.py (the other engineer's module) is missing")
+    with pytest.raises(RuntimeError, match="process group"):
+        call(device)
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip_loss"])
+def test_gather_distributed_convention(backend, device, monkeypatch, loss):
+    """API.md's convention with two ranks simulated in one process: the gather is a cat of every rank's
+    tensor in rank order with gradient to each, so the gradient of the sum of the ranks' losses for a
+    rank's rows is what all_gather_with_grad's backward (the local slice of the summed gradient) gives
+    it. The mean of the ranks' losses equals the single-process loss on the global batch; each rank's
+    gradient is world_size times the single-process gradient of its rows. (The real two-process gloo test
+    is in the distributed module's tests.)"""
+    import fastssl.contrastive as fc
+
+    world, n = 2, 7
+    g1, g2 = _feats(world * n, 20, device=device), _feats(world * n, 20, device=device)
+    fn = {"nt_xent": lambda a, b, **kw: fastssl.nt_xent(a, b, temperature=0.3, **kw),
+          "info_nce": lambda a, b, **kw: fastssl.info_nce(a, b, temperature=0.2, **kw),
+          "clip_loss": lambda a, b, **kw: fastssl.clip_loss(a, b, 9.0, **kw)}[loss]
+    single = fn(g1, g2)
+    single_grads = _grads(single, (g1, g2))
+    local = [(g1[r * n:(r + 1) * n], g2[r * n:(r + 1) * n]) for r in range(world)]
+    recorded = []  # recorded[r]: the tensors rank r gathers, in call order
+
+    def recording(x):
+        recorded[-1].append(x)
+        return x, 0, 1
+
+    monkeypatch.setattr(fc, "_gather", recording)
+    for r in range(world):
+        recorded.append([])
+        fn(*local[r], gather_distributed=True)
+    losses = []
+    for r in range(world):
+        calls = iter(range(len(recorded[r])))
+
+        def gathering(x, r=r, calls=calls):
+            i = next(calls)
+            parts = [recorded[w][i] for w in range(world)]
+            parts[r] = x
+            return torch.cat(parts), r, world
+
+        monkeypatch.setattr(fc, "_gather", gathering)
+        losses.append(fn(*local[r], gather_distributed=True))
+    assert_close(sum(losses) / world, single.detach().double(), torch.float32)
+    for g, r in zip(_grads(sum(losses), (g1, g2)), single_grads):
+        assert_close(g, world * r.double(), torch.float32)
+
+
+def test_tf32_only_where_pytorch_allows():
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert kc.dot_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert kc.dot_precision(torch.float32) == "tf32"
+        assert kc.dot_precision(torch.bfloat16) == kc.dot_precision(torch.float64) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_torch_path_blocks_of_rows(device, monkeypatch):
+    """The PyTorch path over several blocks of rows (7 at a time): diagonal offsets and the dk accumulation
+    across block boundaries."""
+    import fastssl.contrastive as fc
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    monkeypatch.setattr(fc, "CHUNK_ELEMENTS", 7 * 74)
+    z1, z2 = _feats(37, 20, device=device), _feats(37, 20, device=device)
+    _check(lambda a, b: fastssl.nt_xent(a, b, reduction="none"),
+           lambda a, b: nt_xent_reference(a, b, reduction="none"), (z1, z2), torch.float32, reduction="none")
+    scale = torch.tensor(3.0, device=device, requires_grad=True)
+    _check(lambda a, b, s: fastssl.clip_loss(a, b, s), clip_loss_reference, (z1, z2, scale), torch.float32)
+    _check(lambda a, b: fastssl.info_nce(a, b), info_nce_reference, (z1, z2), torch.float32)
