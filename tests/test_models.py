@@ -56,7 +56,7 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
 def test_method_module_trains_one_step(name):
     module = load_method(name)
     x = digits(32).train_x[:16]
-    model_cls = {"rotnet": "RotNet"}[name]
+    model_cls = {"rotnet": "RotNet", "simclr": "SimCLR"}[name]
     model = getattr(module, model_cls)(ConvEncoder(1, 8, 32))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     before = [p.detach().clone() for p in model.parameters()]
@@ -82,6 +82,6 @@ def test_train_cli_lists_methods_and_rejects_unknown(capsys):
     from fastssl.cli import main
 
     assert main(["train", "--list"]) == 0
-    assert "rotnet" in capsys.readouterr().out
+    assert "simclr" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown method 'simclear'"):
         main(["train", "simclear"])
