@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 # contrastive slice
 from .contrastive import clip_loss, info_nce, moco_loss, nt_xent  # noqa: E402,F401
+from . import losses  # noqa: E402,F401
 
 # diffusion slice
 from .diffusion import NoiseSchedule, cfg_combine, ddim_step, ddpm_step, q_sample, sample  # noqa: E402,F401
