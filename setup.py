@@ -23,7 +23,8 @@ setup(
         # diffusers and pytorch-metric-learning are parity references in the tests (no torchvision needed).
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7", "tqdm>=4.60",
                  "diffusers>=0.30", "pytorch-metric-learning>=2", "scikit-learn>=1.3", "scikit-image>=0.21"],
-        "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
+        # The benchmark's peers that install without torchvision (lightly, open_clip: see "peers").
+        "bench": ["matplotlib>=3.7", "tqdm>=4.60", "diffusers>=0.30", "pytorch-metric-learning>=2"],
         # fastssl train: the embedded data sets (scikit-learn's digits, scikit-image's sample photos).
         "train": ["scikit-learn>=1.3", "scikit-image>=0.21", "matplotlib>=3.7", "tqdm>=4.60"],
         # Optional comparisons; lightly and open_clip need torchvision, which pins its own torch build.

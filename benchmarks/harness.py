@@ -181,11 +181,12 @@ def run_case(case: Case, device: str) -> dict:
 def run_case_in_subprocess(index: int, preset: str, only, timeout: float = 600) -> dict:
     """CPU: a fresh process per case, so one case's allocations cannot hide another's peak."""
     cmd = [sys.executable, "-m", "fastssl.benchmarks.harness", "--preset", preset, "--index", str(index), *sum((["--only", o] for o in only), [])]
+    start = time.perf_counter()
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode or not lines:
         raise RuntimeError(f"benchmark subprocess for case {index} failed:\n{run.stderr[-2000:]}")
-    return json.loads(lines[-1])
+    return {**json.loads(lines[-1]), "case_seconds": round(time.perf_counter() - start, 1)}
 
 
 # -- the device's own ceilings -----------------------------------------------------------------------

@@ -332,8 +332,8 @@ def _diffusion_step_backward_kernel(grad_ptr, grad_x0_ptr, model_ptr, uncond_ptr
                                     abar_ptr, grad_model_ptr, grad_uncond_ptr, grad_x_ptr, grad_noise_ptr,
                                     inner, t_stride, prev_stride, prev_delta, w_stride, num_t,
                                     sampler, variance, prediction, has_uncond, clip, clipped_eps, has_grad_x0,
-                                    want_grad_noise, w_add, w_add_lo, final_abar, final_abar_lo, eta, eta_lo, clip_range, clip_range_lo,
-                           n_bucket, inner_bucket,
+                                    want_grad_noise, w_add, w_add_lo, final_abar, final_abar_lo, eta, eta_lo,
+                                    clip_range, clip_range_lo, n_bucket, inner_bucket,
                                     ACC: tl.constexpr, BLOCK: tl.constexpr):
     row, mask, offs = _row_block(inner, BLOCK)
     t = tl.load(t_ptr + row * t_stride)
