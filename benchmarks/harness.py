@@ -116,7 +116,7 @@ def _malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
         pass
 
 
-def measure_cpu(fn, *, min_time: float = 0.3, min_reps: int = 3, max_reps: int = 50, slow_call: float = 1.0) -> dict:
+def measure_cpu(fn, *, min_time: float = 0.5, min_reps: int = 3, max_reps: int = 2000, slow_call: float = 1.0) -> dict:
     """Warm-up call, one memory-measuring call, then timed calls: at least ``min_reps`` (2 when a call
     takes over ``slow_call`` seconds, so the quick preset's heavy eager references stay affordable)
     and until ``min_time`` has passed."""
