@@ -136,7 +136,8 @@ def _frame(kl_ptr, vl_ptr, kg_ptr, vg_ptr, b, r, RL, RG, k_frame, v_frame, lo_l,
 @triton.jit
 def _logits(q_base, k_base, offs_m, offs_n, HW, C, ACC: tl.constexpr, PREC: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """<q_m, k_n> for a (BLOCK_M, BLOCK_N) tile, summed over C in chunks of BLOCK_C."""
+    """<q_m, k_n> for a (BLOCK_M, BLOCK_N) tile, summed over C in chunks of BLOCK_C. With the roles of queries
+    and keys swapped it is the key-parallel backward's transposed tile (BLOCK_N, BLOCK_M)."""
     s = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     m_ok = offs_m < HW
     n_ok = offs_n < HW
@@ -146,23 +147,6 @@ def _logits(q_base, k_base, offs_m, offs_n, HW, C, ACC: tl.constexpr, PREC: tl.c
         q = tl.load(q_base + offs_c[None, :] * HW + offs_m[:, None], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         k = tl.load(k_base + offs_c[:, None] * HW + offs_n[None, :], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         s += _mm(q, k, PREC, ACC)
-    return s
-
-
-@device_function
-@triton.jit
-def _logits_t(q_base, k_base, offs_m, offs_n, HW, C, ACC: tl.constexpr, PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The transposed tile <k_n, q_m> (BLOCK_N, BLOCK_M), for the key-parallel backward."""
-    s = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
-    m_ok = offs_m < HW
-    n_ok = offs_n < HW
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
-        k = tl.load(k_base + offs_c[None, :] * HW + offs_n[:, None], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-        q = tl.load(q_base + offs_c[:, None] * HW + offs_m[None, :], mask=c_ok[:, None] & m_ok[None, :], other=0.0)
-        s += _mm(k, q, PREC, ACC)
     return s
 
 
@@ -389,7 +373,7 @@ def _propagate_bwd_dkdv_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, y_ptr, sca
     for m_start in range(lo, hi, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         m_ok = offs_m < hi
-        st = _logits_t(q_base, k_base, offs_m, offs_n, HW, C, ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_C)
+        st = _logits(k_base, q_base, offs_n, offs_m, HW, C, ACC, PREC, BLOCK_N, BLOCK_M, BLOCK_C)  # (keys, queries)
         # the window relation is symmetric: key n sees query m iff m is within the radius of n
         valid = _in_window(offs_n, offs_m, W, HW, hi, rad2, local)
         st = tl.where(valid, st * scale, float("-inf"))
