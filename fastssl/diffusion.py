@@ -555,6 +555,15 @@ def _ref_guided(model_output, uncond_output, guidance, dtype):
     return (1 + w) * m - w * uncond_output.to(dtype)
 
 
+def _ref_x0_eps(x, e, sqrt_a, sqrt_b, prediction_type):
+    """(pred x0, implied eps) from the model output ``e`` under diffusers' three prediction types."""
+    if prediction_type == "epsilon":
+        return (x - sqrt_b * e) / sqrt_a, e
+    if prediction_type == "sample":
+        return e, (x - sqrt_a * e) / sqrt_b
+    return sqrt_a * x - sqrt_b * e, sqrt_a * e + sqrt_b * x  # v_prediction
+
+
 def ddpm_step_reference(model_output, t, x_t, schedule, *, prev_t=None, noise=None, uncond_output=None, guidance=0.0,
                         variance_type="fixed_small", prediction_type="epsilon", clip_sample=False, clip_range=1.0,
                         upcast=True):
@@ -571,12 +580,7 @@ def ddpm_step_reference(model_output, t, x_t, schedule, *, prev_t=None, noise=No
     col = lambda c: _row_view(c, x_t).to(dtype)  # noqa: E731
     x = x_t.to(dtype)
     e = _ref_guided(model_output, uncond_output, guidance, dtype)
-    if prediction_type == "epsilon":
-        x0 = (x - col(b_t.sqrt()) * e) / col(a_t.sqrt())
-    elif prediction_type == "sample":
-        x0 = e
-    else:
-        x0 = col(a_t.sqrt()) * x - col(b_t.sqrt()) * e
+    x0, _ = _ref_x0_eps(x, e, col(a_t.sqrt()), col(b_t.sqrt()), prediction_type)
     if clip_sample:
         x0 = x0.clamp(-clip_range, clip_range)
     out = col(a_p.sqrt() * cur_beta / b_t) * x0 + col(cur_alpha.sqrt() * b_p / b_t) * x
@@ -599,15 +603,7 @@ def ddim_step_reference(model_output, t, prev_t, x_t, schedule, *, eta=0.0, nois
     col = lambda c: _row_view(c, x_t).to(dtype)  # noqa: E731
     x = x_t.to(dtype)
     e = _ref_guided(model_output, uncond_output, guidance, dtype)
-    if prediction_type == "epsilon":
-        x0 = (x - col(b_t.sqrt()) * e) / col(a_t.sqrt())
-        eps = e
-    elif prediction_type == "sample":
-        x0 = e
-        eps = (x - col(a_t.sqrt()) * x0) / col(b_t.sqrt())
-    else:
-        x0 = col(a_t.sqrt()) * x - col(b_t.sqrt()) * e
-        eps = col(a_t.sqrt()) * e + col(b_t.sqrt()) * x
+    x0, eps = _ref_x0_eps(x, e, col(a_t.sqrt()), col(b_t.sqrt()), prediction_type)
     if clip_sample:
         x0 = x0.clamp(-clip_range, clip_range)
     var = (1 - a_p) / b_t * (1 - a_t / a_p)

@@ -55,6 +55,15 @@ def _check_gather_available(gather_distributed: bool) -> None:
         )
 
 
+def _set_loss_options(module: nn.Module, normalize, reduction, gather_distributed) -> None:
+    """Validate and store the options InfoNCELoss and CLIPLoss share with their functions."""
+    module.normalize = _check_bool("normalize", normalize)
+    check_choice("reduction", reduction, REDUCTIONS)
+    module.reduction = reduction
+    module.gather_distributed = _check_bool("gather_distributed", gather_distributed)
+    _check_gather_available(gather_distributed)
+
+
 # ----------------------------------------------------------------------------------------------------
 # MoCoQueue
 # ----------------------------------------------------------------------------------------------------
@@ -319,11 +328,7 @@ class InfoNCELoss(nn.Module):
                  gather_distributed: bool = False) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
-        self.normalize = _check_bool("normalize", normalize)
-        check_choice("reduction", reduction, REDUCTIONS)
-        self.reduction = reduction
-        self.gather_distributed = _check_bool("gather_distributed", gather_distributed)
-        _check_gather_available(gather_distributed)
+        _set_loss_options(self, normalize, reduction, gather_distributed)
 
     def forward(self, query: Tensor, key: Tensor, targets: Optional[Tensor] = None) -> Tensor:
         """InfoNCE of ``query`` ``(N, D)`` against ``key`` ``(M, D)``; see the class docstring."""
@@ -393,11 +398,7 @@ class CLIPLoss(nn.Module):
                 "the scale would start clamped and get no gradient; raise max_logit_scale or init_temperature"
             )
         self.learnable = _check_bool("learnable", learnable)
-        self.normalize = _check_bool("normalize", normalize)
-        check_choice("reduction", reduction, REDUCTIONS)
-        self.reduction = reduction
-        self.gather_distributed = _check_bool("gather_distributed", gather_distributed)
-        _check_gather_available(gather_distributed)
+        _set_loss_options(self, normalize, reduction, gather_distributed)
         init = torch.tensor(math.log(1.0 / init_temperature), dtype=torch.float32)
         if learnable:
             self.logit_scale = nn.Parameter(init)
