@@ -350,20 +350,13 @@ def _philox_seed(generator, device) -> Tensor:
     return torch.full((1,), int(generator), dtype=torch.long, device=device)
 
 
-class _NoiseSource:
-    """``draw(shape)``: standard normal noise in ``like``'s dtype and device, drawn as diffusers'
-    ``randn_tensor`` draws it; successive draws continue one stream (an int seeds it once)."""
-
-    def __init__(self, generator, like: Tensor):
-        if generator is not None and not isinstance(generator, torch.Generator):
-            generator = torch.Generator(device=like.device).manual_seed(int(generator))
-        self.generator, self.dtype, self.device = generator, like.dtype, like.device
-        self.on_cpu = (like.device if generator is None else generator.device).type == "cpu"
-
-    def __call__(self, shape) -> Tensor:
-        g = self.generator
-        return torch.randn(shape, generator=g, dtype=self.dtype, device=self.device if g is None else g.device
-                           ).to(self.device)
+def _torch_noise(generator, like: Tensor) -> Tensor:
+    """Standard normal noise like ``like`` drawn as diffusers' ``randn_tensor`` draws it."""
+    if generator is None:
+        return torch.randn(like.shape, dtype=like.dtype, device=like.device)
+    if not isinstance(generator, torch.Generator):
+        generator = torch.Generator(device=like.device).manual_seed(int(generator))
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
 
 
 def _plain_eager(*tensors) -> bool:
@@ -377,48 +370,6 @@ def _plain_eager(*tensors) -> bool:
 def _axpy(out: Tensor, t: Tensor, c) -> Tensor:
     """out += c * t in place, one pass; c a float or a broadcastable tensor."""
     return out.add_(t, alpha=c) if isinstance(c, float) else out.addcmul_(t, c)
-
-
-_CPU_BLOCK = 1 << 15  # elements a block of the CPU path: its few float32 temporaries stay in L2
-
-
-def _cpu_blocks(x: Tensor, per_sample: bool) -> list:
-    """The CPU path's cache blocks over contiguous CPU tensors: slices of the flat storage (one coefficient
-    for the whole batch) or of whole samples (per-sample coefficients); one block elsewhere."""
-    n = x.numel()
-    if x.device.type != "cpu" or n <= 2 * _CPU_BLOCK or x.dim() == 0:
-        return [None]
-    if not per_sample:
-        return [(True, a, min(a + _CPU_BLOCK, n)) for a in range(0, n, _CPU_BLOCK)]
-    rows = max(1, _CPU_BLOCK // max(1, n // x.shape[0]))
-    return [(False, r, min(r + rows, x.shape[0])) for r in range(0, x.shape[0], rows)]
-
-
-def _draws_split_exactly(blocks: list, x: Tensor) -> bool:
-    """Whether drawing noise block by block gives the numbers of one draw over the whole tensor: PyTorch's
-    CPU normal sampler consumes its stream in groups of 16 (Box-Muller over 8 pairs) for any size >= 16, so
-    every block but the last must hold a multiple of 16 elements and the last at least 16."""
-    if len(blocks) == 1:
-        return True
-    sizes = [_block(x, b).numel() for b in blocks]
-    return all(n % 16 == 0 for n in sizes[:-1]) and sizes[-1] >= 16
-
-
-def _block(t, block):
-    """``t`` (a tensor like x, a (B or 1, 1, ...) coefficient tensor, a float or None) restricted to ``block``."""
-    if block is None or t is None or isinstance(t, float):
-        return t
-    flat, a, b = block
-    if flat:
-        return t.reshape(-1)[a:b]
-    return t if t.shape[0] == 1 else t[a:b]
-
-
-def _axpby_into(out: Tensor, x: Tensor, a, y: Tensor, b) -> None:
-    """out = a * x + b * y computed in x's dtype (the math dtype) and rounded once into ``out``."""
-    res = _axpy(torch.mul(x, a, out=out if out.dtype == x.dtype else None), y, b)
-    if res is not out:
-        out.copy_(res)
 
 
 def _row_view(c: Tensor, like: Tensor) -> Tensor:
@@ -468,16 +419,9 @@ def _q_sample_torch(x0: Tensor, noise: Tensor, t: Tensor, abar: Tensor, return_v
             a, b = _host_q_table(abar, acc).index_select(1, t).reshape(2, -1, *([1] * (x0.dim() - 1))).unbind(0)
     else:
         a, b = _q_coefficients(abar, t, x0)
-    if not (x0.is_contiguous() and noise.is_contiguous()):
-        x0, noise = x0.contiguous(), noise.contiguous()  # one copy, then blocks of memory
-    out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
-    v = torch.empty_like(out) if return_v else x0.new_empty(0)
-    for block in _cpu_blocks(x0, not isinstance(a, float)):
-        ab, bb = _block(a, block), _block(b, block)
-        x, z = _to(_block(x0, block), acc), _to(_block(noise, block), acc)
-        _axpby_into(_block(out, block), x, ab, z, bb)
-        if return_v:
-            _axpby_into(_block(v, block), z, ab, x, -bb)
+    x, z = _to(x0, acc), _to(noise, acc)
+    out = _to(_axpy(torch.mul(x, a), z, b), x0.dtype).contiguous()  # a copy only for non-contiguous inputs
+    v = _to(_axpy(torch.mul(z, a), x, -b), x0.dtype).contiguous() if return_v else x0.new_empty(0)
     return out, v
 
 
@@ -802,12 +746,10 @@ def _coefficient_views(coeffs, like: Tensor, acc: torch.dtype):
 
 
 def _step_torch(model, uncond, x, noise, t, prev, w, abar, prev_delta, w_add, sampler, variance, prediction, clip,
-                clip_range, eta, final_abar, clipped_eps, write_x0, draw=None):
-    """The PyTorch path: per-sample coefficients on (B,) vectors, then in-place passes over the data. Without
-    clipping (and without pred_x0 wanted) the x0 stage is folded into the coefficients, so the update is 3
-    passes (x, e, noise) plus the guidance lerp. On the CPU the passes run block by block (``_CPU_BLOCK``
-    elements), so each element leaves the cache once instead of once a pass. ``draw`` (instead of ``noise``):
-    a ``_NoiseSource``, drawn block by block, the same numbers as one draw of the whole tensor."""
+                clip_range, eta, final_abar, clipped_eps, write_x0):
+    """The PyTorch path: per-sample coefficients on (B,) vectors, then in-place passes over fresh buffers.
+    Without clipping (and without pred_x0 wanted) the x0 stage is folded into the coefficients, so the
+    update is 3 passes (x, e, noise) plus the guidance lerp."""
     acc = accumulation_dtype(x.dtype)
     coeffs = _step_coefficients_torch(abar, t, prev, prev_delta, final_abar, eta, sampler, variance, prediction,
                                       clipped_eps)
@@ -816,50 +758,26 @@ def _step_torch(model, uncond, x, noise, t, prev, w, abar, prev_delta, w_add, sa
         c1, c2, ca, cx, ce, cz = coeffs
         coeffs = (ca * c1 + cx, ca * c2 + ce, cz)
     views = _coefficient_views(coeffs, x, acc)
-    weight = None
+    xa, e = x.to(acc), model.to(acc)
     if uncond is not None:
         weight = 1.0 + w_add if w is None else _row_view(w.to(acc) + w_add, x) + 1.0
-    tensors = [model, uncond, x, noise]
-    if not all(v is None or v.is_contiguous() for v in tensors):
-        tensors = [v if v is None else v.contiguous() for v in tensors]  # one copy, then blocks of memory
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x0_out = torch.empty_like(out) if write_x0 else None
-    per_sample = not all(isinstance(c, float) for c in (*views, weight))
-    blocks = _cpu_blocks(x, per_sample)
-    if draw is not None and not (draw.on_cpu and _draws_split_exactly(blocks, x)):
-        tensors[3], draw = draw(x.shape), None
-    for block in blocks:
-        m, u, xb, z = (_block(v, block) for v in tensors)
-        if draw is not None:
-            z = draw(xb.shape)
-        _step_passes(_block(out, block), _block(x0_out, block), m, u, xb, z, [_block(c, block) for c in views],
-                     _block(weight, block), folded, sampler, clip, clip_range, acc)
-    return out, (x0_out if write_x0 else x.new_empty(0))
-
-
-def _step_passes(out, x0_out, model, uncond, x, noise, views, weight, folded, sampler, clip, clip_range, acc):
-    """One block of the step, written into ``out`` (and the clipped x0 into ``x0_out``)."""
-    xa, e = _to(x, acc), _to(model, acc)
-    if uncond is not None:
-        e = torch.lerp(_to(uncond, acc), e, weight)  # (1 + w) * m - w * u
-    direct = out if out.dtype == acc else None
+        e = torch.lerp(uncond.to(acc), e, weight)  # (1 + w) * m - w * u
+    x0 = None
     if folded:
         kx, ke, cz = views
-        res = _axpy(torch.mul(xa, kx, out=direct), e, ke)
+        out = _axpy(torch.mul(xa, kx), e, ke)
     else:
         c1, c2, ca, cx, ce, cz = views
         x0 = _axpy(torch.mul(xa, c1), e, c2)
         if clip:
             x0.clamp_(-clip_range, clip_range)
-        if x0_out is not None:
-            x0_out.copy_(x0)
-        res = _axpy(torch.mul(x0, ca, out=direct), xa, cx)
+        out = _axpy(torch.mul(x0, ca), xa, cx)
         if sampler == 1:
-            _axpy(res, e, ce)
+            _axpy(out, e, ce)
     if noise is not None:
-        _axpy(res, _to(noise, acc), cz)
-    if res is not out:
-        out.copy_(res)
+        _axpy(out, noise.to(acc), cz)
+    out = out.to(x.dtype).contiguous()  # a copy only for non-contiguous inputs
+    return out, (x0.to(x.dtype).contiguous() if write_x0 else x.new_empty(0))
 
 
 @torch.library.custom_op("fastssl::diffusion_step", mutates_args=())
@@ -1022,23 +940,21 @@ def _step(sampler: str, model_output, t, prev_t, x_t, schedule, *, eta=0.0, nois
         prev_dev, delta = _timesteps("prev_t", prev_t, schedule, batch, device, allow_negative=True), 0
     abar = schedule._on(device).alphas_cumprod
     triton = use_triton(x_t)
-    seed = draw = None
+    seed = None
     needs_noise = sampler == "ddpm" or eta > 0
     if needs_noise and noise is None:
         if triton:
             seed = _philox_seed(generator, device)
         elif torch.compiler.is_compiling() or not (t_dev.device.type == "cpu" and bool((t_dev <= 0).all())):
             # like diffusers, draw no noise for a step that adds none (checked on the CPU only)
-            draw = _NoiseSource(generator, x_t)
+            noise = _torch_noise(generator, x_t)
     elif not needs_noise:
         noise = None
     args = (model_output, uncond_output, x_t, noise, seed, t_dev, prev_dev, w, abar, delta, w_add, _SAMPLERS[sampler],
             _VARIANCE_TYPES[variance_type], _PREDICTION_TYPES[prediction_type], bool(clip_sample), clip_range,
             float(eta), float(final_alpha_cumprod), bool(use_clipped_model_output), bool(return_pred_x0))
-    if not triton and _plain_eager(model_output, uncond_output, x_t, noise, w):  # the op's own PyTorch body,
-        return _step_torch(*args[:4], *args[5:], draw=draw)  # without the dispatch overhead; noise drawn in blocks
-    if draw is not None:
-        args = args[:3] + (draw(x_t.shape),) + args[4:]
+    if not triton and _plain_eager(model_output, uncond_output, x_t, noise, w):
+        return _step_torch(*args[:4], *args[5:])  # the op's own PyTorch body, without the dispatch overhead
     return _step_op(*args)
 
 
@@ -1284,12 +1200,15 @@ def sample(model, shape, schedule: NoiseSchedule, *, num_steps: Optional[int] = 
             m, u = both.to(dtype).chunk(2)
         else:
             m, u = model(x, t_rows[i], cond).to(dtype), None
-        draw = _NoiseSource(generator, x) if needs_noise and not triton else None
-        args = (m, u, x, None, None if seeds is None else seeds[i:i + 1], t_rows[i], prev_rows[i], w, abar, 0, w_add,
+        noise = None
+        if needs_noise and not triton:
+            noise = torch.randn(shape, generator=generator, dtype=dtype,
+                                device=generator.device if generator is not None else device).to(device)
+        args = (m, u, x, noise, None if seeds is None else seeds[i:i + 1], t_rows[i], prev_rows[i], w, abar, 0, w_add,
                 _SAMPLERS[sampler], _VARIANCE_TYPES[variance_type], _PREDICTION_TYPES[prediction_type],
                 bool(clip_sample), clip_range, float(eta), 1.0, False, False)
         if not triton and _plain_eager(m, u, x, w):
-            x, _ = _step_torch(*args[:4], *args[5:], draw=draw)
+            x, _ = _step_torch(*args[:4], *args[5:])
         else:
-            x, _ = _step_op(*args[:3], None if draw is None else draw(shape), *args[4:])
+            x, _ = _step_op(*args)
     return x

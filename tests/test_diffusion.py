@@ -236,53 +236,6 @@ def test_step_dtypes(backend, device, dtype, sampler):
     _check(out, ref, low, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("per_sample", [False, True])
-def test_cpu_path_in_cache_blocks_equals_one_pass(monkeypatch, dtype, per_sample):
-    """The CPU path works through large tensors in cache blocks (flat blocks for one timestep, whole samples
-    for per-sample ones): the same values as one pass over the whole tensor, and as the reference."""
-    import fastssl.diffusion as diffusion
-
-    shape = (5, 3, 7, 9)
-    m, u, x, z = _inputs("cpu", dtype, shape)
-    x = x.transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous: copied once, then blocked
-    t, prev = (torch.tensor([0, 3, 400, 401, 999]), torch.tensor([-1, 1, 380, 380, 979])) if per_sample else (500, 480)
-    w = torch.tensor([0.0, 1.5, 7.0, 2.0, 3.0], dtype=dtype) if per_sample else 3.5
-    calls = {
-        "q_sample": lambda: fastssl.q_sample(x, t, z, SCHEDULE, return_v=True),
-        "ddpm": lambda: diffusion._step("ddpm", m, t, prev, x, SCHEDULE, noise=z, uncond_output=u, guidance=w,
-                                        clip_sample=True, return_pred_x0=True),
-        "ddpm_folded": lambda: (fastssl.ddpm_step(m, t, x, SCHEDULE, prev_t=prev, noise=z),),
-        "ddim": lambda: (fastssl.ddim_step(m, t, prev, x, SCHEDULE, eta=0.5, noise=z, uncond_output=u, guidance=w,
-                                           prediction_type="v_prediction"),),
-    }
-    monkeypatch.setattr(diffusion, "_CPU_BLOCK", 1 << 30)
-    whole = {name: call() for name, call in calls.items()}
-    monkeypatch.setattr(diffusion, "_CPU_BLOCK", 16)
-    assert len(diffusion._cpu_blocks(x, per_sample)) == (5 if per_sample else 60)
-    for name, call in calls.items():
-        for blocked, one_pass in zip(call(), whole[name]):
-            torch.testing.assert_close(blocked, one_pass, rtol=1e-6, atol=1e-6)
-    ref, low = (ddpm_step_reference(m, t, x, SCHEDULE, prev_t=prev, noise=z, upcast=up)[0] for up in (True, False))
-    _check(calls["ddpm_folded"]()[0], ref, low, dtype)
-
-
-@pytest.mark.parametrize("shape", [(5, 3, 8, 8), (5, 3, 7, 9)])  # blocks of 16k elements, or not (one draw)
-@pytest.mark.parametrize("per_sample", [False, True])
-def test_cpu_noise_drawn_in_blocks_is_one_draw(monkeypatch, shape, per_sample):
-    """Noise drawn block by block on the CPU continues one stream: the step equals the step with the noise
-    of one ``torch.randn`` over the whole shape (diffusers' draw), and so does the whole sampling loop."""
-    import fastssl.diffusion as diffusion
-
-    monkeypatch.setattr(diffusion, "_CPU_BLOCK", 16)
-    m, _, x, _ = _inputs("cpu", torch.float32, shape)
-    t = torch.tensor([3, 400, 401, 998, 999]) if per_sample else 500
-    z = torch.randn(shape, generator=torch.Generator().manual_seed(7))
-    for generator in (7, torch.Generator().manual_seed(7)):
-        out = fastssl.ddpm_step(m, t, x, SCHEDULE, generator=generator, clip_sample=True)
-        assert_close(out, ddpm_step_reference(m, t, x, SCHEDULE, noise=z, clip_sample=True)[0])
-
-
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("config", [dict(variance_type="fixed_small", clip_sample=True),
                                     dict(variance_type="fixed_large", clip_sample=False)])
