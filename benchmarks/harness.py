@@ -11,7 +11,10 @@ Measurement:
   with glibc's mmap threshold pinned at 64 KB (so freed buffers leave the resident set), the rise of the
   peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set before one call,
   inputs excluded. Times: ``perf_counter`` quantiles over repeated calls after a warm-up, with glibc's
-  thresholds raised again (as a long training loop settles), so page faults do not swamp them.
+  thresholds raised again (as a long training loop settles), so page faults do not swamp them. Each case
+  runs in ``CPU_PROCESSES`` fresh processes and the row of the fastest median is kept (every median is
+  recorded in ``ms_median_runs``): a whole process can run slow (the same DDPM step measured 4.9, 5.3 and
+  7.0 ms in three processes on an idle 2-core machine), and noise only ever adds time.
 
 >>> c = Case("cfg_combine", "torch", "fwd", "float32", {"numel": 4}, lambda device: (lambda: None), size=4)
 >>> c.name
@@ -178,6 +181,18 @@ def run_case(case: Case, device: str) -> dict:
     return row(case, measured)
 
 
+CPU_PROCESSES = 2
+
+
+def run_case_in_subprocesses(index: int, preset: str, only, processes: int = CPU_PROCESSES) -> dict:
+    """The case in ``processes`` fresh processes, one after another: the row with the fastest median."""
+    rows = [run_case_in_subprocess(index, preset, only) for _ in range(processes)]
+    timed = [r for r in rows if r.get("ms_median") is not None]
+    best = min(timed, key=lambda r: r["ms_median"]) if timed else rows[-1]
+    return {**best, "ms_median_runs": [r.get("ms_median") for r in rows],
+            "case_seconds": round(sum(r["case_seconds"] for r in rows), 1)}
+
+
 def run_case_in_subprocess(index: int, preset: str, only, timeout: float = 600) -> dict:
     """CPU: a fresh process per case, so one case's allocations cannot hide another's peak."""
     cmd = [sys.executable, "-m", "fastssl.benchmarks.harness", "--preset", preset, "--index", str(index), *sum((["--only", o] for o in only), [])]
@@ -314,7 +329,7 @@ def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] 
     for index, case in enumerate(cases):
         if bar:
             bar.set_postfix_str(case.name[:60])
-        result["rows"].append(run_case(case, device) if device == "cuda" else run_case_in_subprocess(index, preset, only))
+        result["rows"].append(run_case(case, device) if device == "cuda" else run_case_in_subprocesses(index, preset, only))
         with open(path, "w") as f:  # after every case, so a run cut short still leaves its rows
             json.dump(result, f, indent=1)
         if bar:

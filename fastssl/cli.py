@@ -3,6 +3,8 @@
 - ``fastssl bench [--quick] [--only OP ...] [--out DIR] [--device D]``: benchmarks (fastssl.benchmarks).
 - ``fastssl train METHOD [--quick] [--epochs N] [--device cpu|cuda] [--out DIR] [--seed S]``, ``fastssl train
   --list``: a method of ``fastssl.models`` on embedded data, with its baseline from the same run.
+- ``fastssl train --all [--quick] [--readme README.md]``: every method, a summary table (``DIR/table.md``,
+  and the README's results table when ``--readme`` is given).
 
 >>> main(["bench", "--only", "no_such_op", "--quiet"])
 Traceback (most recent call last):
@@ -30,16 +32,22 @@ def _bench(args) -> int:
 
 def _train(args) -> int:
     from fastssl.models import METHODS
-    from fastssl.training import TrainConfig, run
+    from fastssl.training import TrainConfig, results_table, run, run_all
 
+    config = TrainConfig(quick=args.quick, epochs=args.epochs, device=args.device, out=args.out, seed=args.seed,
+                         progress=not args.quiet)
+    if args.readme and not args.all:
+        raise SystemExit("fastssl train: --readme goes with --all")
+    if args.all:
+        rows = run_all(list(METHODS), config, readme=args.readme)
+        print(results_table(rows))
+        return 0 if all(r["beats_baseline"] for r in rows) else 1
     if args.list or not args.method:
         for name, (_, what) in sorted(METHODS.items()):
             print(f"{name:<10} {what}")
         return 0 if args.list else 2
     if args.method not in METHODS:
         raise SystemExit(f"fastssl train: unknown method {args.method!r}; fastssl train --list shows them")
-    config = TrainConfig(quick=args.quick, epochs=args.epochs, device=args.device, out=args.out, seed=args.seed,
-                         progress=not args.quiet)
     metrics = run(args.method, config)
     better = "beats" if metrics["beats_baseline"] else "does NOT beat"
     print(f"{args.method}: {metrics['metric']} = {metrics['value']:.4f}, baseline {metrics['baseline']:.4f} "
@@ -59,6 +67,8 @@ def main(argv=None) -> int:
     train = sub.add_parser("train", help="train a self-supervised or generative method on embedded data")
     train.add_argument("method", nargs="?", help="a method name (fastssl train --list)")
     train.add_argument("--list", action="store_true", help="list the methods")
+    train.add_argument("--all", action="store_true", help="train every method and write DIR/table.md")
+    train.add_argument("--readme", metavar="FILE", help="with --all: replace FILE's results table (README.md)")
     train.add_argument("--quick", action="store_true", help="the short preset (minutes on 2 CPU cores)")
     train.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     train.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

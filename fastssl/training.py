@@ -72,6 +72,17 @@ def fit(step: Callable[[object], torch.Tensor], batches: Callable[[], Iterable],
     return losses
 
 
+def fit_images(model: torch.nn.Module, images: torch.Tensor, config: TrainConfig, *, batch_size: int, epochs: int,
+               desc: str, lr: float = 2e-3, loss: Callable | None = None) -> list:
+    """Self-supervised training over ``images`` in shuffled batches: ``loss(batch, generator)`` (default
+    ``model.loss``) with one generator seeded by ``config.seed`` for the batches and the method's random
+    views, AdamW over the trainable parameters. Returns the mean loss of every epoch."""
+    g = torch.Generator().manual_seed(config.seed)
+    loss = loss or model.loss
+    return fit(lambda idx: loss(images[idx], g), lambda: shuffled_batches(len(images), batch_size, g),
+               [p for p in model.parameters() if p.requires_grad], epochs=epochs, lr=lr, config=config, desc=desc)
+
+
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):
     """Index batches of a random permutation of range(n)."""
     perm = torch.randperm(n, generator=generator)
@@ -79,7 +90,7 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_l
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def write_outputs(result: Result, out_dir: str, seconds: float) -> dict:
+def write_outputs(result: Result, out_dir: str, seconds: float, cpu_seconds: float | None = None) -> dict:
     """metrics.json, loss.png and the method's figures in ``out_dir``; returns the metrics dict."""
     import matplotlib
 
@@ -89,7 +100,8 @@ def write_outputs(result: Result, out_dir: str, seconds: float) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     metrics = {"method": result.method, "metric": result.metric, "value": result.value, "baseline": result.baseline,
                "higher_is_better": result.higher_is_better, "beats_baseline": result.beats_baseline,
-               "seconds": round(seconds, 1), "final_loss": result.losses[-1] if result.losses else None, **result.extra}
+               "seconds": round(seconds, 1), "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 1),
+               "final_loss": result.losses[-1] if result.losses else None, **result.extra}
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -105,11 +117,56 @@ def write_outputs(result: Result, out_dir: str, seconds: float) -> dict:
     return metrics
 
 
+TABLE_BEGIN, TABLE_END = "<!-- train-table:begin -->", "<!-- train-table:end -->"
+
+
+def results_table(rows: list) -> str:
+    """A markdown table of ``metrics.json`` dicts: method | metric | value | baseline | beats it | wall and
+    CPU seconds (user + system, all threads: on 2 idle cores wall is about half of it)."""
+    lines = ["| method | metric | value | baseline | beats baseline | wall s | CPU s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        arrow = "higher" if r["higher_is_better"] else "lower"
+        lines.append(f"| {r['method']} | {r['metric']} ({arrow} is better) | {r['value']:.3f} | {r['baseline']:.3f} | "
+                     f"{'yes' if r['beats_baseline'] else '**no**'} | {r['seconds']:.0f} | {r.get('cpu_seconds') or 0:.0f} |")
+    return "\n".join(lines)
+
+
+def replace_table(text: str, table: str) -> str:
+    """``text`` with the part between the train-table markers replaced by ``table``.
+
+    >>> replace_table(f"a\\n{TABLE_BEGIN}\\nold\\n{TABLE_END}\\nb", "new").split("\\n")[1:4]
+    ['<!-- train-table:begin -->', 'new', '<!-- train-table:end -->']
+    """
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise ValueError(f"no {TABLE_BEGIN} ... {TABLE_END} block to replace")
+    head, rest = text.split(TABLE_BEGIN, 1)
+    return f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
+
+
+def run_all(methods, config: TrainConfig, readme: Optional[str] = None) -> list:
+    """Train each method in turn, write ``summary.json`` and ``table.md`` to ``config.out`` and, with
+    ``readme``, replace that file's train-table block with the table."""
+    rows = [run(name, config) for name in methods]
+    table = results_table(rows)
+    os.makedirs(config.out, exist_ok=True)
+    with open(os.path.join(config.out, "summary.json"), "w") as f:
+        json.dump({"quick": config.quick, "seed": config.seed, "device": config.device, "torch": torch.__version__,
+                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    with open(os.path.join(config.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    if readme:
+        with open(readme) as f:
+            text = replace_table(f.read(), table)
+        with open(readme, "w") as f:
+            f.write(text)
+    return rows
+
+
 def run(method: str, config: TrainConfig) -> dict:
     """Train ``method`` (a name from ``fastssl.models.METHODS``) and write its outputs."""
     from .models import load_method
 
     torch.manual_seed(config.seed)
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     result = load_method(method).train(config)
-    return write_outputs(result, os.path.join(config.out, method), time.time() - start)
+    return write_outputs(result, os.path.join(config.out, method), time.time() - start, time.process_time() - cpu_start)

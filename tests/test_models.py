@@ -8,7 +8,6 @@ import torch
 from fastssl.data import digits, moving_shapes, sample_images, simclr_augment
 from fastssl.evaluate import linear_probe
 from fastssl.models import METHODS, load_method
-from fastssl.models.encoders import ConvEncoder
 
 
 def test_digits_split_is_stratified_and_in_range():
@@ -54,18 +53,31 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_module_trains_one_step(name):
-    module = load_method(name)
-    x = digits(32).train_x[:16]
-    model_cls = {"rotnet": "RotNet", "simclr": "SimCLR"}[name]
-    model = getattr(module, model_cls)(ConvEncoder(1, 8, 32))
+    model, args = load_method(name).example()
+    assert isinstance(model, torch.nn.Module) and callable(load_method(name).train)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     before = [p.detach().clone() for p in model.parameters()]
-    loss = model.loss(x)
+    loss = model.loss(*args)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    assert not missing, f"no finite gradient for {missing}"
     opt.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+SMOKE = ("simclr", "clip", "don", "gan", "tracker")  # one of each kind of op; ~70 s on 2 cores together
+
+
+@pytest.mark.parametrize("name", SMOKE)
+def test_quick_preset_beats_its_baseline(name, tmp_path):
+    """CI's smoke test of ``fastssl train METHOD --quick``: the whole recipe, outputs written, baseline beaten.
+    Seeded, so a loss here is a regression (README's table has every method)."""
+    from fastssl.training import TrainConfig, run
+
+    metrics = run(name, TrainConfig(quick=True, out=str(tmp_path), progress=False))
+    assert metrics["beats_baseline"], metrics
+    assert {p.name for p in (tmp_path / name).iterdir()} >= {"metrics.json", "loss.png"}
 
 
 def test_train_cli_writes_metrics_and_curve(tmp_path):
@@ -85,3 +97,23 @@ def test_train_cli_lists_methods_and_rejects_unknown(capsys):
     assert "simclr" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown method 'simclear'"):
         main(["train", "simclear"])
+
+
+def test_train_all_writes_summary_and_replaces_the_readme_table(tmp_path, monkeypatch):
+    import fastssl.training as training
+
+    def fake_run(name, config):  # the harness around the methods, not the training itself
+        value = {"a": 0.9, "b": 0.4}[name]
+        return {"method": name, "metric": "acc", "value": value, "baseline": 0.5, "higher_is_better": True,
+                "beats_baseline": value > 0.5, "seconds": 1.0}
+
+    monkeypatch.setattr(training, "run", fake_run)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{training.TABLE_BEGIN}\nold\n{training.TABLE_END}\nrest\n")
+    rows = training.run_all(["a", "b"], training.TrainConfig(out=str(tmp_path / "out")), readme=str(readme))
+    text = readme.read_text()
+    assert [r["method"] for r in rows] == ["a", "b"] and "old" not in text and text.endswith("rest\n")
+    assert "| a | acc (higher is better) | 0.900 | 0.500 | yes |" in text and "| b |" in text and "**no**" in text
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == rows
+    with pytest.raises(ValueError, match="train-table"):
+        training.replace_table("no markers", "x")

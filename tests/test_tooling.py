@@ -64,3 +64,16 @@ def test_readme_example_runs_and_learns():
     exec(compile(code, "README.md", "exec"), {"losses": losses})
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+def test_cpu_case_keeps_the_fastest_of_its_processes(monkeypatch):
+    from fastssl.benchmarks import harness
+
+    medians = iter([5.0, 3.0, None])
+    monkeypatch.setattr(harness, "run_case_in_subprocess", lambda index, preset, only: {
+        "ms_median": next(medians), "peak_mb": 1.0, "case_seconds": 2.0})
+    best = harness.run_case_in_subprocesses(0, "quick", (), processes=3)
+    assert best["ms_median"] == 3.0 and best["ms_median_runs"] == [5.0, 3.0, None] and best["case_seconds"] == 6.0
+    monkeypatch.setattr(harness, "run_case_in_subprocess", lambda index, preset, only: {
+        "error": "MemoryError", "ms_median": None, "case_seconds": 1.0})
+    assert harness.run_case_in_subprocesses(0, "quick", (), processes=2)["error"] == "MemoryError"

@@ -1,8 +1,10 @@
 """Standard self-supervised and generative methods built on fastssl's ops, one file a method; each
-defines its ``nn.Module`` and a ``train(config) -> fastssl.training.Result`` recipe on embedded data.
+defines its ``nn.Module``, a ``train(config) -> fastssl.training.Result`` recipe on embedded data, and
+``example() -> (model, args)``: a tiny model whose ``model.loss(*args)`` is a scalar that reaches every
+parameter (the tests take one training step with it).
 
->>> sorted(METHODS)[:2]
-['rotnet', 'simclr']
+>>> 'simclr' in METHODS and 'tracker' in METHODS
+True
 """
 from __future__ import annotations
 
@@ -10,8 +12,19 @@ import importlib
 
 # name -> (module, one line on what it learns from)
 METHODS = {
-    "rotnet": ("fastssl.models.rotnet", "predict which of 4 rotations was applied (Gidaris et al. 2018)"),
     "simclr": ("fastssl.models.simclr", "NT-Xent between two augmented views (Chen et al. 2020)"),
+    "moco": ("fastssl.models.moco", "InfoNCE against a queue of momentum-encoder keys (He et al. 2020)"),
+    "cpc": ("fastssl.models.cpc", "predict the codes of lower rows of patches from the rows above (van den Oord et al. 2018)"),
+    "clip": ("fastssl.models.clip", "match images and captions with a learnable temperature (Radford et al. 2021)"),
+    "rotnet": ("fastssl.models.rotnet", "predict which of 4 rotations was applied (Gidaris et al. 2018)"),
+    "jigsaw": ("fastssl.models.jigsaw", "predict the permutation of 3x3 shuffled patches (Noroozi & Favaro 2016)"),
+    "relpos": ("fastssl.models.relpos", "predict where a patch sits relative to another, 8-way (Doersch et al. 2015)"),
+    "inpaint": ("fastssl.models.inpaint", "reconstruct a masked region from its context (Pathak et al. 2016)"),
+    "colorize": ("fastssl.models.colorize", "predict colour (ab) from lightness (Zhang et al. 2016)"),
+    "don": ("fastssl.models.don", "pixel descriptors matched across warped views (Florence et al. 2018)"),
+    "ddpm": ("fastssl.models.ddpm", "class-conditional denoising diffusion with guidance (Ho et al. 2020)"),
+    "gan": ("fastssl.models.gan", "DCGAN generator against a discriminator (Goodfellow et al. 2014)"),
+    "tracker": ("fastssl.models.tracker", "track by colorizing video from reference frames (Vondrick et al. 2018)"),
 }
 
 

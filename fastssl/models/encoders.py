@@ -7,6 +7,7 @@ torch.Size([2, 64])
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,6 +30,11 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x).mean(dim=(2, 3))
+
+    def block_features(self, x: torch.Tensor, blocks: int = 3, grid: int = 1) -> torch.Tensor:
+        """The first ``blocks`` conv blocks average-pooled to ``grid`` x ``grid``, flattened: a linear probe
+        of a middle layer (as the colorization and RotNet papers probe theirs)."""
+        return F.adaptive_avg_pool2d(self.features[:blocks](x), grid).flatten(1)
 
 
 def mlp_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:

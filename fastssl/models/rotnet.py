@@ -1,6 +1,11 @@
 """RotNet (Gidaris et al. 2018): the pretext task is to tell which of four rotations (0, 90, 180, 270
 degrees) was applied to an image; a network that can must recognise the objects' shape.
 
+Training draws a mild random crop of each image before rotating it (the paper's CIFAR recipe augments
+too); without it the network learns fewer shape features on 8 x 8 digits. Evaluation: the linear probe
+reads the third of the encoder's four conv blocks pooled to 2 x 2, as the paper probes its middle blocks:
+the last block specialises in rotation (on digits its pooled probe falls below the untrained network's).
+
 >>> import torch
 >>> x, y = rotations(torch.rand(2, 1, 8, 8))
 >>> tuple(x.shape), y.tolist()
@@ -15,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import digits
+from ..data.augment import random_resized_crop
 from ..evaluate import probe_against_untrained
-from ..training import Result, TrainConfig, fit, shuffled_batches
+from ..training import Result, TrainConfig, fit_images
 from .encoders import ConvEncoder
 
 
@@ -43,13 +49,21 @@ class RotNet(nn.Module):
         return F.cross_entropy(self(views), labels)
 
 
+def example():
+    """A tiny RotNet and a batch for one training step: ``model.loss(*args)``."""
+    return RotNet(ConvEncoder(1, 8, 32)), (torch.rand(8, 1, 32, 32),)
+
+
 def train(config: TrainConfig) -> Result:
     data = digits(32)
     untrained = ConvEncoder(1, 16, 128)
     model = RotNet(copy.deepcopy(untrained)).to(config.device)
-    g = torch.Generator().manual_seed(config.seed)
-    images = data.train_x.to(config.device)
-    losses = fit(lambda idx: model.loss(images[idx]), lambda: shuffled_batches(len(images), 128, g), model.parameters(),
-                 epochs=config.epochs_or(6, 30), lr=2e-3, config=config, desc="rotnet")
-    value, baseline, extra = probe_against_untrained(model.encoder, untrained.to(config.device), data, device=config.device)
+    def loss(x, generator):  # a mild random crop, then the four rotations
+        return model.loss(random_resized_crop(x, scale=(0.5, 1.0), flip=0.0, generator=generator))
+
+    losses = fit_images(model, data.train_x.to(config.device), config, batch_size=128, epochs=config.epochs_or(10, 40),
+                        desc="rotnet", loss=loss)
+    value, baseline, extra = probe_against_untrained(model.encoder, untrained.to(config.device), data, device=config.device,
+                                                     features=lambda encoder, x: encoder.block_features(x, 3, grid=2))
+    extra["probe_layer"] = "conv block 3 of 4, average-pooled to 2 x 2"
     return Result("rotnet", "linear_probe_accuracy", value, baseline, losses=losses, extra=extra)

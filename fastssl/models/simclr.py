@@ -17,7 +17,7 @@ from torch import nn
 from ..contrastive import nt_xent
 from ..data import digits, simclr_augment
 from ..evaluate import probe_against_untrained
-from ..training import Result, TrainConfig, fit, shuffled_batches
+from ..training import Result, TrainConfig, fit_images
 from .encoders import ConvEncoder, mlp_head
 
 
@@ -43,13 +43,16 @@ def digit_views(x, generator=None):
     return simclr_augment(x, scale=(0.5, 1.0), jitter=0.4, blur=0.0, generator=generator)
 
 
+def example():
+    """A tiny SimCLR and a batch for one training step: ``model.loss(*args)``."""
+    return SimCLR(ConvEncoder(1, 8, 32), proj_dim=16), (torch.rand(8, 1, 32, 32),)
+
+
 def train(config: TrainConfig) -> Result:
     data = digits(32)
     untrained = ConvEncoder(1, 16, 128)
     model = SimCLR(copy.deepcopy(untrained), augment=digit_views).to(config.device)
-    g = torch.Generator().manual_seed(config.seed)
-    images = data.train_x.to(config.device)
-    losses = fit(lambda idx: model.loss(images[idx], g), lambda: shuffled_batches(len(images), 256, g), model.parameters(),
-                 epochs=config.epochs_or(8, 60), lr=2e-3, config=config, desc="simclr")
+    losses = fit_images(model, data.train_x.to(config.device), config, batch_size=256, epochs=config.epochs_or(8, 60),
+                        desc="simclr")
     value, baseline, extra = probe_against_untrained(model.encoder, untrained.to(config.device), data, device=config.device)
     return Result("simclr", "linear_probe_accuracy", value, baseline, losses=losses, extra=extra)
