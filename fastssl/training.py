@@ -51,7 +51,7 @@ class Result:
 def fit(step: Callable[[object], torch.Tensor], batches: Callable[[], Iterable], params, *, epochs: int, lr: float,
         config: TrainConfig, desc: str, weight_decay: float = 1e-4, after_step: Callable[[], None] | None = None) -> list:
     """Adam over ``params`` for ``epochs`` passes of ``batches()``; ``step(batch)`` returns the loss.
-    Returns the mean loss of every epoch."""
+    Returns the mean loss of every epoch (summed on the device: one host sync an epoch, not a step)."""
     from tqdm import tqdm
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -66,8 +66,8 @@ def fit(step: Callable[[object], torch.Tensor], batches: Callable[[], Iterable],
             opt.step()
             if after_step:
                 after_step()
-            total, count = total + loss.item(), count + 1
-        losses.append(total / max(count, 1))
+            total, count = total + loss.detach().double(), count + 1
+        losses.append(float(total) / max(count, 1))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     return losses
 

@@ -148,7 +148,7 @@ def fit_gan(gan: GAN, images: torch.Tensor, *, epochs: int, config: TrainConfig,
             opt_d.zero_grad(set_to_none=True)
             d.backward()
             opt_d.step()
-            d_sum, d_count = d_sum + d.item(), d_count + 1
+            d_sum, d_count = d_sum + d.detach().double(), d_count + 1  # one host sync an epoch
             if (i + 1) % k == 0:
                 g = gan.g_loss(noise())
                 opt_g.zero_grad(set_to_none=True)
@@ -156,9 +156,9 @@ def fit_gan(gan: GAN, images: torch.Tensor, *, epochs: int, config: TrainConfig,
                 opt_g.step()
                 if after_generator_step:
                     after_generator_step()
-                g_sum, g_count = g_sum + g.item(), g_count + 1
-        g_losses.append(g_sum / max(g_count, 1))
-        d_losses.append(d_sum / max(d_count, 1))
+                g_sum, g_count = g_sum + g.detach().double(), g_count + 1
+        g_losses.append(float(g_sum) / max(g_count, 1))
+        d_losses.append(float(d_sum) / max(d_count, 1))
         bar.set_postfix(g=f"{g_losses[-1]:.3f}", d=f"{d_losses[-1]:.3f}")
     return g_losses, d_losses
 
