@@ -137,12 +137,28 @@ def cases(preset: str, device: str) -> list[Case]:
     pml = ["pml"] if have("pytorch_metric_learning") else []
     lightly = ["lightly"] if have("lightly") else []
     clip_peers = [p for p, mod in (("open_clip", "open_clip"),) if have(mod)]
-    if device == "cuda" and have("inf_cl"):
-        clip_peers.append("inf_cl")
+    inf_cl = ["inf_cl"] if device == "cuda" and have("inf_cl") else []
     out = []
     if preset == "quick":
-        # CPU-sized: a few small shapes (torch.compile's compilation is slow on CPU: one shape), and GUIDE
-        # §6's CPU target (N=8192 per view, D=128, fwd+bwd)
+        # each op's headline in a few seconds of CPU: fwd+bwd, float32, no torch.compile (its compilation
+        # alone takes longer than the preset); 2N=8192 shows the memory ratio (the cpu preset has GUIDE
+        # §6's 2N=16384)
+        out += [_nt_xent_case(p, "fwd+bwd", "float32", 1024, 128) for p in ["fastssl", "torch"] + lightly]
+        out += [_nt_xent_case(p, "fwd+bwd", "float32", 128, 128) for p in ["fastssl", "torch"] + pml]
+        out += [_nt_xent_case(p, "fwd+bwd", "float32", 4096, 128) for p in ("fastssl", "torch")]
+        out += [_clip_case(p, "fwd+bwd", "float32", 2048, 128) for p in ["fastssl", "torch"] + clip_peers]
+        out += [_moco_case(p, "fwd+bwd", "float32", 256, 16384, 128) for p in ("fastssl", "torch")]
+        return out
+    if preset == "targets":
+        if device != "cuda":  # GUIDE §6's CPU target: N=8192 per view, D=128, fwd+bwd
+            return [_nt_xent_case(p, "fwd+bwd", "float32", 8192, 128) for p in ("fastssl", "torch")]
+        # GUIDE §6: 2N=65536, D=256, bf16 against eager; the symmetric CLIP loss against two inf_cl calls
+        out += [_nt_xent_case(p, "fwd+bwd", "bfloat16", 32768, 256) for p in ("fastssl", "torch")]
+        out += [_clip_case(p, "fwd+bwd", "bfloat16", 32768, 256) for p in ["fastssl"] + inf_cl]
+        return out
+    if preset == "cpu":
+        # the long CPU run: fwd and fwd+bwd, torch.compile at one shape (its compilation is slow on the
+        # CPU), and GUIDE §6's CPU target (N=8192 per view, D=128, fwd+bwd)
         for mode in ("fwd", "fwd+bwd"):
             out += [_nt_xent_case(p, mode, "float32", 1024, 128) for p in ["fastssl", "torch"] + lightly]
         out += [_nt_xent_case("compile", "fwd+bwd", "float32", 1024, 128)]
@@ -158,7 +174,7 @@ def cases(preset: str, device: str) -> list[Case]:
         for n in sizes:
             for mode in ("fwd", "fwd+bwd"):
                 out += [_nt_xent_case(p, mode, dtype, n, d) for p in providers + lightly]
-                out += [_clip_case(p, mode, dtype, 2 * n, d) for p in providers + clip_peers]
+                out += [_clip_case(p, mode, dtype, 2 * n, d) for p in providers + clip_peers + inf_cl]
     if device == "cuda":
         out += [_nt_xent_case(p, "fwd+bwd", "float32", 8192, 128) for p in providers]
     out += [_moco_case(p, mode, dtype, 256, 65536, 128) for p in providers for mode in ("fwd", "fwd+bwd")]

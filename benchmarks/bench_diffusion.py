@@ -27,11 +27,17 @@ def _cfg_case(provider: str, dtype: str, numel: int) -> Case:
     return Case("cfg_combine", provider, "fwd", dtype, {"numel": numel}, make, size=numel, bytes=3 * numel * elem)
 
 
+def _small(preset: str) -> bool:
+    return preset in ("quick", "cpu")
+
+
 def cases(preset: str, device: str) -> list[Case]:
-    sizes = [2**14, 2**20] if preset == "quick" else [2**14, 2**20, 2**24, 2**26]
-    dtypes = ["float32"] if preset == "quick" and device == "cpu" else list(DTYPES)
-    return ([_cfg_case(p, d, n) for d in dtypes for n in sizes for p in ("fastssl", "torch", "compile")]
-            + _step_cases(preset, device))
+    if preset == "targets":
+        return _step_cases(preset, device)
+    sizes = [2**14, 2**20] if _small(preset) else [2**14, 2**20, 2**24, 2**26]
+    dtypes = ["float32"] if _small(preset) and device == "cpu" else list(DTYPES)
+    providers = ["fastssl", "torch"] + (["compile"] if preset != "quick" else [])
+    return [_cfg_case(p, d, n) for d in dtypes for n in sizes for p in providers] + _step_cases(preset, device)
 
 
 def test_case(benchmark, case):
@@ -131,9 +137,17 @@ def _step_case(op: str, provider: str, dtype: str, numel: int) -> Case:
 def _step_cases(preset: str, device: str) -> list[Case]:
     from fastssl.benchmarks.harness import have
 
-    sizes = [2**14, 2**20] if preset == "quick" else [2**14, 2**20, 2**24, 2**26]
-    dtypes = ["float32"] if preset == "quick" and device == "cpu" else list(DTYPES)
-    providers = ["fastssl", "torch", "compile"] + (["diffusers"] if have("diffusers") else [])
-    if preset == "quick" and device == "cpu":  # the quick CPU preset skips torch.compile (its compile time
+    diffusers = ["diffusers"] if have("diffusers") else []
+    if preset == "targets":
+        if device != "cuda":  # GUIDE §6's diffusion targets are GPU targets
+            return []
+        # GUIDE §6: the guided step at 64M elements against the copy ceiling (and eager), and against
+        # diffusers' step plus eager CFG at a latent size (1M elements: 16 SDXL latents of 4 x 128 x 128)
+        return ([_step_case("ddpm_step_cfg", p, d, 2**26) for d in ("bfloat16", "float32") for p in ("fastssl", "torch")]
+                + [_step_case("ddpm_step_cfg", p, "bfloat16", 2**20) for p in ["fastssl"] + diffusers])
+    sizes = [2**14, 2**20] if _small(preset) else [2**14, 2**20, 2**24, 2**26]
+    dtypes = ["float32"] if _small(preset) and device == "cpu" else list(DTYPES)
+    providers = ["fastssl", "torch", "compile"] + diffusers
+    if _small(preset) and device == "cpu":  # the CPU presets skip torch.compile (its compile time
         providers = [p for p in providers if p != "compile"]  # dominates a case; the full preset has it)
     return [_step_case(op, p, d, n) for op in ACCESSES for d in dtypes for n in sizes for p in providers]

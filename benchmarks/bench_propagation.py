@@ -4,15 +4,16 @@
   Providers: fastssl; torch (eager: materializes the (B, HW, R*HW) affinity and its softmax); compile
   (torch.compile of that); sdpa (``F.scaled_dot_product_attention`` with the frames as one key sequence,
   V zero-padded to C on CUDA where its fused kernels need equal dims). The full preset adds a
-  full-resolution dense case (a 64x64 map, R=3). The CPU quick preset runs B=4 (the per-sample work is
-  the same; 32 samples would take the preset past a minute), without compile, sdpa for fwd+bwd only.
+  full-resolution dense case (a 64x64 map, R=3). The CPU presets run B=4 (the per-sample work is the
+  same; 32 samples would take the quick preset past a minute), without compile, sdpa for fwd+bwd only.
 - ``propagate_labels`` (inference): one frame of CRW's evaluation: a 60x107 map attending to 20 context
-  frames within radius 12 plus 1 long-memory frame (all of it), top-10, C=256 (C=64 in the CPU quick
-  preset: the affinity, hence the dense reference's memory, does not depend on C). fastssl: on CUDA the
+  frames within radius 12 plus 1 long-memory frame (all of it), top-10, C=256 (C=64 in the CPU presets:
+  the affinity, hence the dense reference's memory, does not depend on C; the quick preset halves the
+  map and the radius). fastssl: on CUDA the
   streaming top-k kernel over each tile's radius window, on the CPU the chunked windowed PyTorch path;
   torch is the dense reference (the 6420 x 134820 affinity, masked, top-k). That
-  reference alone costs the CPU quick preset a few minutes (the harness calls it six times, 10-25 s
-  each on 2 cores), but only at this size does its memory (several GB) show what the windowed path saves.
+  reference alone costs the cpu preset a few minutes (the harness calls it several times, 6-25 s each
+  on 2 cores), but only at this size does its memory (several GB) show what the windowed path saves.
 
 FLOPs are the dense formula's (2 * queries * keys * (C + V) forward; the backward recomputes the logits and
 adds dP, dQ, dK, dV); the windowed step's are not counted (a time and memory comparison).
@@ -92,19 +93,29 @@ def _crw_case(provider: str, dtype: str, H: int, W: int, C: int, context: int, r
 
 
 def cases(preset: str, device: str) -> list:
+    if preset == "targets":
+        if device != "cuda":  # GUIDE §6's propagation targets are GPU targets
+            return []
+        # GUIDE §6: fwd+bwd at the training shape against eager; the CRW step against the dense reference
+        return ([_training_case(p, "fwd+bwd", d, 32, 3, 32, 32, 64, 16) for d in DTYPES for p in ("fastssl", "torch")]
+                + [_crw_case(p, "float32", 60, 107, 256, 20, 12.0, 10) for p in ("fastssl", "torch")])
     out = []
-    cpu_quick = preset == "quick" and device == "cpu"
+    cpu_small = preset in ("quick", "cpu") and device == "cpu"
     dtypes = ["float32"] if device == "cpu" else list(DTYPES)
-    B = 4 if cpu_quick else 32
+    B = 4 if cpu_small else 32
     for dtype in dtypes:
         for mode in ("fwd", "fwd+bwd"):
             providers = ["fastssl", "torch", "sdpa", "compile"]
-            if cpu_quick:  # each CPU case is a fresh process (~10 s of imports): the fewest that tell the story
+            if cpu_small:  # the fewest that tell the story
                 providers = ["fastssl", "torch"] + (["sdpa"] if mode == "fwd+bwd" else [])
             out += [_training_case(p, mode, dtype, B, 3, 32, 32, 64, 16) for p in providers]
             if preset == "full":  # full resolution, dense
                 out += [_training_case(p, mode, dtype, 8, 3, 64, 64, 64, 16) for p in ("fastssl", "torch", "sdpa")]
-    crw_c = 64 if cpu_quick else 256
+    if preset == "quick" and device == "cpu":
+        # a half-resolution CRW step (30x54 map, radius 6: the same disks in image space): the dense
+        # reference takes ~20x less than at 60x107, which the cpu preset measures
+        return out + [_crw_case(p, "float32", 30, 54, 64, 20, 6.0, 10) for p in ("fastssl", "torch")]
+    crw_c = 64 if cpu_small else 256
     for dtype in (["float32"] if device == "cpu" else ["float32", "bfloat16"]):
         out += [_crw_case(p, dtype, 60, 107, crw_c, 20, 12.0, 10) for p in ("fastssl", "torch")]
     return out

@@ -4,7 +4,7 @@ import torch
 
 
 def pytest_addoption(parser):
-    parser.addoption("--bench-preset", default="quick", choices=["quick", "full"], help="fastssl benchmark preset")
+    parser.addoption("--bench-preset", default="quick", choices=["quick", "cpu", "targets", "full"], help="fastssl benchmark preset")
 
 
 def pytest_generate_tests(metafunc):

@@ -1,20 +1,32 @@
 """The benchmark harness behind ``fastssl bench`` and ``pytest benchmarks/ --benchmark-only``.
 
-Each slice's ``benchmarks/bench_<slice>.py`` defines ``cases(preset, device) -> list[Case]`` (preset
-``quick`` or ``full``; only providers that are installed) and a two-line pytest-benchmark test. This
-module times a case, measures its peak memory and writes GUIDE §5's JSON, the plots and the table.
+Each slice's ``benchmarks/bench_<slice>.py`` defines ``cases(preset, device) -> list[Case]`` (only
+providers that are installed) and a two-line pytest-benchmark test. This module times a case, measures
+its peak memory and writes GUIDE §5's JSON, the plots and the table. Presets (``PRESETS``):
+
+- ``quick``: every op's headline against eager PyTorch and the installed peers, sized for the CPU: the
+  README's main job, within 90 s on 2 cores. All cases run in this one process.
+- ``cpu``: the long CPU run (GUIDE §6's CPU target, torch.compile, more shapes): a fresh process per
+  case, each case in ``CPU_PROCESSES`` processes (several minutes).
+- ``targets``: exactly GUIDE §6's target cases, each for fastssl and its reference, first in
+  ``benchmarks/gpu_check.sh``.
+- ``full``: the GPU preset (sizes up to the targets', dtypes, torch.compile last).
 
 Measurement:
 - CUDA: ``triton.testing.do_bench`` (median, p20, p80 after warm-up); peak memory is
   ``max_memory_allocated`` during one call minus what was allocated before it (inputs excluded).
-- CPU: each case runs in a fresh subprocess (``python -m fastssl.benchmarks.harness``). Peak memory:
-  with glibc's mmap threshold pinned at 64 KB (so freed buffers leave the resident set), the rise of the
-  peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set before one call,
-  inputs excluded. Times: ``perf_counter`` quantiles over repeated calls after a warm-up, with glibc's
+- CPU: peak memory, with glibc's mmap threshold pinned at 64 KB (so freed buffers leave the resident
+  set) and free heap pages handed back (``malloc_trim``), is the rise of the peak resident set (VmHWM,
+  reset through /proc/self/clear_refs) over the resident set before one call, inputs excluded. In the
+  ``cpu`` preset each case runs in fresh subprocesses (``python -m fastssl.benchmarks.harness``). Times: ``perf_counter`` quantiles over repeated calls after a warm-up, with glibc's
   thresholds raised again (as a long training loop settles), so page faults do not swamp them. Each case
   runs in ``CPU_PROCESSES`` fresh processes and the row of the fastest median is kept (every median is
   recorded in ``ms_median_runs``): a whole process can run slow (the same DDPM step measured 4.9, 5.3 and
   7.0 ms in three processes on an idle 2-core machine), and noise only ever adds time.
+
+The result JSON is rewritten after every case through a temporary file and a rename, so a run that is
+killed (a time box) keeps every row measured before, and a run interrupted with SIGINT still writes its
+plots.
 
 >>> c = Case("cfg_combine", "torch", "fwd", "float32", {"numel": 4}, lambda device: (lambda: None), size=4)
 >>> c.name
@@ -92,9 +104,21 @@ def bench_modules() -> list:
             for m in pkgutil.iter_modules(package.__path__) if m.name.startswith("bench_")]
 
 
-def all_cases(preset: str, device: str, only=()) -> list[Case]:
+PRESETS = ("quick", "cpu", "targets", "full")
+
+
+def all_cases(preset: str, device: str, only=(), skip_preset: Optional[str] = None) -> list[Case]:
+    """The cases of ``preset`` in the order they run (``only``: op names; ``skip_preset``: leave out the
+    cases that preset has, e.g. the rest of ``full`` after ``targets``). In ``full`` the torch.compile
+    cases run last: each compiles per shape, and a time box should cut them, not the kernels'."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; one of {PRESETS}")
     cases = [c for module in bench_modules() for c in module.cases(preset, device)]
-    return [c for c in cases if not only or c.op in only]
+    skip = {c.name for c in all_cases(skip_preset, device)} if skip_preset else set()
+    cases = [c for c in cases if (not only or c.op in only) and c.name not in skip]
+    if preset == "full":
+        cases.sort(key=lambda c: c.provider == "compile")
+    return cases
 
 
 # -- measuring ---------------------------------------------------------------------------------------
@@ -109,12 +133,15 @@ def _proc_status_mb(key: str) -> float:
         return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) / 1024
 
 
-def _malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
-    """glibc's ``mallopt(M_MMAP_THRESHOLD)`` and ``mallopt(M_TRIM_THRESHOLD)``; a no-op elsewhere."""
+def _malloc_thresholds(mmap_bytes: int, trim_bytes: int, trim: bool = False) -> None:
+    """glibc's ``mallopt(M_MMAP_THRESHOLD)`` and ``mallopt(M_TRIM_THRESHOLD)`` (and with ``trim``,
+    ``malloc_trim(0)``: free heap pages back to the system); a no-op elsewhere."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, mmap_bytes)
         libc.mallopt(-1, trim_bytes)
+        if trim:
+            libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -123,9 +150,10 @@ def measure_cpu(fn, *, min_time: float = 0.5, min_reps: int = 3, max_reps: int =
     """Warm-up call, one memory-measuring call, then timed calls: at least ``min_reps`` (2 when a call
     takes over ``slow_call`` seconds, so the quick preset's heavy eager references stay affordable)
     and until ``min_time`` has passed."""
-    _malloc_thresholds(64 << 10, 0)
+    _malloc_thresholds(64 << 10, 0, trim=True)
     fn()  # warm-up: first-call allocations, torch.compile's compilation
     gc.collect()
+    _malloc_thresholds(64 << 10, 0, trim=True)  # what earlier cases left in the heap leaves the resident set
     before = _proc_status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
@@ -167,18 +195,24 @@ def row(case: Case, measured: dict) -> dict:
             "size": case.size, **({"error": measured["error"]} if "error" in measured else {}), **case.extra}
 
 
-def run_case(case: Case, device: str) -> dict:
+# Seconds of timed calls per CPU case: the quick preset samples less (its 50-odd cases share 90 s).
+MIN_TIME = {"quick": 0.25}
+
+
+def run_case(case: Case, device: str, preset: str = "full") -> dict:
     """Measure ``case`` in this process; an exception becomes a row with ``error`` (and no times)."""
+    start = time.perf_counter()
     try:
         fn = case.make(device)
-        measured = measure_cuda(fn) if device == "cuda" else measure_cpu(fn)
+        measured = measure_cuda(fn) if device == "cuda" else measure_cpu(fn, min_time=MIN_TIME.get(preset, 0.5))
     except Exception as exc:  # one provider failing (out of memory, a peer's limit) must not end the run
         measured = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     finally:
+        fn = None
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-    return row(case, measured)
+    return {**row(case, measured), "case_seconds": round(time.perf_counter() - start, 2)}
 
 
 CPU_PROCESSES = 2
@@ -202,6 +236,30 @@ def run_case_in_subprocess(index: int, preset: str, only, timeout: float = 600) 
     if run.returncode or not lines:
         raise RuntimeError(f"benchmark subprocess for case {index} failed:\n{run.stderr[-2000:]}")
     return {**json.loads(lines[-1]), "case_seconds": round(time.perf_counter() - start, 1)}
+
+
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` to ``path`` atomically: a temporary file beside it, then a rename (a kill mid-write
+    leaves the previous complete file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_or_measure_peaks(path: Optional[str], device: str) -> dict:
+    """The device's ceilings from ``path`` when it exists (measured once per GPU check), else measured
+    now (and saved to ``path`` when given)."""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    peaks = measure_peaks(device)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_json(path, peaks)
+    return peaks
 
 
 # -- the device's own ceilings -----------------------------------------------------------------------
@@ -311,10 +369,13 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     return paths
 
 
-def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] = None, progress: bool = True) -> dict:
-    """Run every case of ``preset`` (``only``: op names), write ``<device>_<date>.json`` and the plots."""
+def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] = None, progress: bool = True,
+        peaks_path: Optional[str] = None, skip_preset: Optional[str] = None) -> dict:
+    """Run every case of ``preset`` (``only``: op names; ``skip_preset``: see :func:`all_cases`), write
+    ``<device>_<date>.json`` after each case and the plots at the end (also after a SIGINT, which ends the
+    run early with ``"interrupted": true``)."""
     device = device or default_device()
-    cases = all_cases(preset, device, only)
+    cases = all_cases(preset, device, only, skip_preset)
     if not cases:
         raise ValueError(f"no benchmark case matches --only {list(only)}")
     try:
@@ -322,32 +383,53 @@ def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] 
     except ImportError:  # tqdm comes with the bench extra; without it, no bar
         tqdm = None
     bar = tqdm(total=len(cases), desc="fastssl bench", disable=not progress) if tqdm else None
-    result = {**result_header(device), "preset": preset, "peaks": measure_peaks(device), "rows": []}
+    result = {**result_header(device), "preset": preset, "peaks": load_or_measure_peaks(peaks_path, device), "rows": []}
     os.makedirs(out_dir, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-")
     path = os.path.join(out_dir, f"{slug}_{result['date']}.json")
-    for index, case in enumerate(cases):
-        if bar:
-            bar.set_postfix_str(case.name[:60])
-        result["rows"].append(run_case(case, device) if device == "cuda" else run_case_in_subprocesses(index, preset, only))
-        with open(path, "w") as f:  # after every case, so a run cut short still leaves its rows
-            json.dump(result, f, indent=1)
-        if bar:
-            bar.update()
+    isolate = device == "cpu" and preset == "cpu"  # the long CPU run: a fresh process per case
+    started = time.perf_counter()
+    try:
+        for index, case in enumerate(cases):
+            if bar:
+                bar.set_postfix_str(case.name[:60])
+            measured = run_case_in_subprocesses(index, preset, only) if isolate else run_case(case, device, preset)
+            result["rows"].append(measured)
+            result["wall_s"] = round(time.perf_counter() - started, 1)
+            write_json(path, result)  # after every case, so a run cut short still leaves its rows
+            if bar:
+                bar.update()
+    except KeyboardInterrupt:  # a time box (timeout -s INT): keep what was measured
+        result["interrupted"] = True
+        write_json(path, result)
     if bar:
         bar.close()
     result["files"] = [path, *plot(result["rows"], out_dir)]
     return result
 
 
+def plan(preset: str, device: str, only=(), skip_preset: Optional[str] = None) -> str:
+    """The cases of ``preset`` on ``device``, one a line in run order (no GPU needed)."""
+    cases = all_cases(preset, device, only, skip_preset)
+    return "\n".join(f"{i + 1:4d} {c.name}" for i, c in enumerate(cases))
+
+
 def _child(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="run one CPU benchmark case (used by fastssl bench)")
-    parser.add_argument("--preset", required=True)
-    parser.add_argument("--index", type=int, required=True)
+    parser = argparse.ArgumentParser(description="run one CPU benchmark case (used by fastssl bench), or "
+                                                 "measure the device's ceilings into a JSON file")
+    parser.add_argument("--preset")
+    parser.add_argument("--index", type=int)
     parser.add_argument("--only", action="append", default=[])
+    parser.add_argument("--ceilings", metavar="FILE", help="measure the ceilings (default device) into FILE")
     args = parser.parse_args(argv)
+    if args.ceilings:
+        peaks = load_or_measure_peaks(args.ceilings, default_device())
+        print(json.dumps(peaks), flush=True)
+        return
+    if args.preset is None or args.index is None:
+        parser.error("--preset and --index go together (or --ceilings FILE)")
     case = all_cases(args.preset, "cpu", args.only)[args.index]
-    print(json.dumps(run_case(case, "cpu")), flush=True)
+    print(json.dumps(run_case(case, "cpu", args.preset)), flush=True)
 
 
 if __name__ == "__main__":

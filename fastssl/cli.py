@@ -1,6 +1,7 @@
 """The ``fastssl`` command line:
 
-- ``fastssl bench [--quick] [--only OP ...] [--out DIR] [--device D]``: benchmarks (fastssl.benchmarks).
+- ``fastssl bench [--quick | --preset P] [--only OP ...] [--out DIR] [--device D] [--peaks FILE]
+  [--skip-preset P] [--plan]``: benchmarks (fastssl.benchmarks; presets in fastssl.benchmarks.harness).
 - ``fastssl train METHOD [--quick] [--epochs N] [--device cpu|cuda] [--out DIR] [--seed S]``, ``fastssl train
   --list``: a method of ``fastssl.models`` on embedded data, with its baseline from the same run.
 - ``fastssl train --all [--quick] [--readme README.md]``: every method, a summary table (``DIR/table.md``,
@@ -20,8 +21,15 @@ import sys
 def _bench(args) -> int:
     from fastssl.benchmarks import harness
 
+    if args.quick and args.preset not in (None, "quick"):
+        raise SystemExit(f"fastssl bench: --quick is --preset quick; it cannot go with --preset {args.preset}")
+    preset = "quick" if args.quick else args.preset or "full"
     try:
-        result = harness.run("quick" if args.quick else "full", args.only, args.out, args.device, progress=not args.quiet)
+        if args.plan:
+            print(harness.plan(preset, args.device or harness.default_device(), args.only, args.skip_preset))
+            return 0
+        result = harness.run(preset, args.only, args.out, args.device, progress=not args.quiet,
+                             peaks_path=args.peaks, skip_preset=args.skip_preset)
     except ValueError as exc:
         raise SystemExit(f"fastssl bench: {exc}")
     print(harness.format_table(result["rows"]))
@@ -59,7 +67,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl", description="fastssl: fused kernels for self-supervised and generative learning")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmark every op against eager PyTorch, torch.compile and installed peers")
-    bench.add_argument("--quick", action="store_true", help="the small preset (a few minutes on a 2-core CPU)")
+    bench.add_argument("--quick", action="store_true", help="the quick preset: every op's headline, 90 s on a 2-core CPU")
+    bench.add_argument("--preset", choices=["quick", "cpu", "targets", "full"], default=None,
+                       help="quick; cpu (the long CPU run); targets (GUIDE's target cases); full (default, the GPU preset)")
+    bench.add_argument("--plan", action="store_true", help="print the cases in run order and exit (no timing)")
+    bench.add_argument("--peaks", metavar="FILE", help="reuse the device ceilings in FILE (measured and saved there if absent)")
+    bench.add_argument("--skip-preset", choices=["quick", "cpu", "targets", "full"], default=None, metavar="P",
+                       help="leave out the cases preset P has (gpu_check: the full preset after the targets)")
     bench.add_argument("--only", nargs="+", default=[], metavar="OP", help="op names, e.g. nt_xent ddpm_step")
     bench.add_argument("--out", default="bench-out", metavar="DIR", help="where the JSON and PNG plots go")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")

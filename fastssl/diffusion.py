@@ -1069,12 +1069,12 @@ def ddim_step(model_output: Tensor, t, prev_t, x_t: Tensor, schedule: NoiseSched
 # The reverse loop
 # ----------------------------------------------------------------------------------------------------
 
-def _sampling_timesteps(T: int, num_steps: int):
+def _sampling_timesteps(T: int, num_steps: int, device) -> tuple[Tensor, Tensor]:
     """diffusers' default ("leading", steps_offset 0) spacing: t_k = k * (T // num_steps), descending; the
-    step after the last is -1 (abar = 1)."""
+    step after the last is -1 (abar = 1). Built on the device: a copy from the host would synchronise."""
     ratio = T // num_steps
-    ts = [k * ratio for k in range(num_steps)][::-1]
-    return ts, ts[1:] + [-1]
+    ts = torch.arange(num_steps - 1, -1, -1, dtype=torch.long, device=device) * ratio
+    return ts, (ts - ratio).clamp(min=-1)
 
 
 def _model_device_dtype(model, cond):
@@ -1172,12 +1172,11 @@ def sample(model, shape, schedule: NoiseSchedule, *, num_steps: Optional[int] = 
     x = torch.randn(shape, generator=generator, dtype=dtype,
                     device=generator.device if generator is not None else device).to(device)
 
-    ts, prevs = _sampling_timesteps(T, num_steps)
+    ts_dev, prev_dev = _sampling_timesteps(T, num_steps, device)
     sched = schedule._on(device)
-    ts_dev = torch.tensor(ts, dtype=torch.long).to(device)
     t_rows = ts_dev[:, None].repeat(1, B)  # (S, B): row i is step i's (B,) timesteps for the model
     t_model = t_rows.repeat(1, 2) if guided else t_rows
-    prev_rows = torch.tensor(prevs, dtype=torch.long).to(device)[:, None].repeat(1, B)
+    prev_rows = prev_dev[:, None].repeat(1, B)
     model_cond = torch.cat([cond, uncond]) if guided else cond
     triton = use_triton(like)
     needs_noise = sampler == "ddpm" or eta > 0

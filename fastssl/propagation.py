@@ -760,9 +760,9 @@ def propagate_labels(feats: Tensor, first_labels: Tensor, *, context: int = 20, 
             mem = [m for m in memory if m < t]
             if len(mem) == 1:
                 mem_feats, mem_labels = feats[mem[0]:mem[0] + 1], out[mem[0]:mem[0] + 1]
-            else:
-                index = torch.tensor(mem, dtype=torch.long, device=feats.device)
-                mem_feats, mem_labels = feats.index_select(0, index), out.index_select(0, index)
+            else:  # slices, not an index tensor: copying indices from the host would synchronise
+                mem_feats = torch.cat([feats[m:m + 1] for m in mem]) if mem else feats[:0]
+                mem_labels = torch.cat([out[m:m + 1] for m in mem]) if mem else out[:0]
             out[t] = _propagate_step(feats[t][None], feats[lo:t][None], out[lo:t][None], mem_feats[None],
                                      mem_labels[None], scale=scale, radius=radius, topk=topk)[0]
     return out

@@ -2,7 +2,8 @@
 
 - Without a GPU the Triton kernels run on Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set here,
   before anything imports Triton, so one plain ``pytest`` runs every kernel test on both backends.
-- ``backend`` parametrizes a test over the Triton kernels and the PyTorch path (``FASTSSL_BACKEND``).
+- ``backend`` parametrizes a test over the Triton kernels and the PyTorch path (``FASTSSL_BACKEND``);
+  ``FASTSSL_TEST_BACKENDS=triton`` keeps only the kernels (the GPU check's parity run).
 - Every output a kernel launcher allocates is poisoned with NaN, so an element a kernel forgets to write
   fails the parity tests instead of passing on leftover memory.
 - Seeds: each test is seeded from the session seed (printed in the header; set ``FASTSSL_TEST_SEED`` to
@@ -58,7 +59,13 @@ def device() -> str:
     return DEVICE
 
 
-@pytest.fixture(params=["torch", "triton"])
+# FASTSSL_TEST_BACKENDS=triton (benchmarks/gpu_check.sh) runs only the kernels' side of each backend test.
+BACKENDS = [b for b in os.environ.get("FASTSSL_TEST_BACKENDS", "torch,triton").split(",") if b] or ["torch", "triton"]
+if not set(BACKENDS) <= {"torch", "triton"}:
+    raise RuntimeError(f"FASTSSL_TEST_BACKENDS must list torch and/or triton, got {BACKENDS}")
+
+
+@pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch) -> str:
     """Run the test on the PyTorch path and on the Triton kernels (interpreted on the CPU)."""
     monkeypatch.setenv("FASTSSL_BACKEND", request.param)

@@ -20,14 +20,116 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     assert re.search(r"cfg_combine\s+fastssl\s+fwd", run.stdout)
     (result_file,) = tmp_path.glob("*.json")
     result = json.loads(result_file.read_text())
-    assert {"device", "torch", "triton", "git", "date", "peaks", "rows"} <= result.keys()
-    providers = {r["provider"] for r in result["rows"]}
-    assert {"fastssl", "torch", "compile"} <= providers
+    assert {"device", "torch", "triton", "git", "date", "peaks", "rows", "wall_s"} <= result.keys()
+    assert {r["provider"] for r in result["rows"]} == {"fastssl", "torch"}
     for r in result["rows"]:
         assert r["op"] == "cfg_combine" and r["mode"] == "fwd" and "error" not in r, r
         assert 0 < r["ms_p20"] <= r["ms_median"] <= r["ms_p80"]
         assert r["peak_mb"] >= 0 and r["gbps"] > 0
     assert (tmp_path / "cfg_combine.png").stat().st_size > 10_000
+    assert not list(tmp_path.glob("*.tmp*"))  # written through a temporary file, then renamed
+
+
+def test_quick_preset_has_every_op_against_eager():
+    """The main job shows each op's headline: every op of the full preset, each fastssl row with an eager
+    row of the same shape, and each CPU case cheap enough for 90 s in all."""
+    from fastssl.benchmarks.harness import all_cases
+
+    quick = all_cases("quick", "cpu")
+    assert {c.op for c in quick} == {c.op for c in all_cases("full", "cpu")}
+    keys = lambda provider: {(c.op, c.mode, c.dtype, str(c.shape)) for c in quick if c.provider == provider}  # noqa: E731
+    assert keys("fastssl") and keys("fastssl") <= keys("torch")
+    assert not [c.name for c in quick if c.provider == "compile"]  # compilation alone would take the budget
+
+
+def test_targets_preset_is_exactly_the_guide_targets():
+    from fastssl.benchmarks import targets
+    from fastssl.benchmarks.harness import all_cases
+
+    cases = all_cases("targets", "cuda")
+    specs = [targets.NT_XENT_GPU, targets.CFG_LATENT, targets.CRW, dict(targets.CFG_BIG, dtype="bfloat16"),
+             dict(targets.CFG_BIG, dtype="float32"), dict(targets.PROP_TRAIN, dtype="float32"),
+             dict(targets.PROP_TRAIN, dtype="bfloat16")]
+    for spec in specs:
+        found = [c.provider for c in cases if c.op == spec["op"] and c.mode == spec["mode"] and c.dtype == spec["dtype"]
+                 and c.shape == spec["shape"]]
+        assert "fastssl" in found and len(found) == 2, (spec, found)
+    assert len(cases) == 2 * len(specs) + 1 + ("inf_cl" in {c.provider for c in cases})  # + clip_loss
+    full = all_cases("full", "cuda", skip_preset="targets")
+    assert not {c.name for c in cases} & {c.name for c in full}
+    assert [c.provider for c in full][-1] == "compile"  # torch.compile cases run last
+
+
+def test_gpu_check_plan_runs_without_a_gpu():
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--plan"], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    parts = [out.index(f"\n{p}. ") for p in "abcdef"]
+    assert parts == sorted(parts), out[:2000]
+    targets_part = out[parts[1]:parts[2]]
+    assert "nt_xent/fastssl/fwd+bwd/bfloat16/n=32768,d=256" in targets_part
+    assert "ddpm_step_cfg/fastssl/fwd/bfloat16/numel=67108864" in targets_part
+    assert "propagate_labels/torch/fwd/float32/h=60,w=107,c=256" in targets_part
+    assert "nt_xent/fastssl/fwd+bwd/bfloat16/n=32768,d=256" not in out[parts[4]:]
+
+
+def test_target_table_reads_only_measured_rows():
+    from fastssl.benchmarks.targets import CRW, NT_XENT_GPU, evaluate, format_targets
+
+    def r(provider, ms, spec, **kw):
+        return {"provider": provider, "ms_median": ms, "peak_mb": 10.0, "tflops": None, **spec, **kw}
+    rows = [r("fastssl", 1.0, NT_XENT_GPU, tflops=400.0), r("torch", 2.0, NT_XENT_GPU),
+            r("fastssl", 1.0, CRW, peak_mb=2000.0), r("torch", 30.0, CRW)]
+    table = {t["target"]: t for t in evaluate(rows, {"matmul_bf16_tflops": 800.0}, None)}
+    assert table["nt_xent fwd+bwd 2N=65536 D=256 bf16: % of bf16 matmul peak"]["measured"] == "50.0%"
+    assert table["nt_xent fwd+bwd 2N=65536 D=256 bf16: % of bf16 matmul peak"]["met"] is True
+    assert table["nt_xent fwd+bwd 2N=65536 D=256 bf16: x eager"]["met"] is False  # 2x < 3x
+    assert table["CRW step 60x107, 20+1 frames, r=12, top-10: x dense eager"]["met"] is True
+    assert table["CRW step: peak memory (MB)"]["met"] is False
+    missing = [t for t in table.values() if t["measured"] == "not measured"]
+    assert missing and all(t["met"] is None for t in missing)  # never "met" without a row
+    assert "NO" in format_targets(list(table.values()))
+
+
+def test_interrupted_run_keeps_its_rows_and_plots(tmp_path, monkeypatch):
+    from fastssl.benchmarks import harness
+
+    calls = []
+
+    def fake_run_case(case, device, preset="full"):
+        if calls:
+            raise KeyboardInterrupt  # what `timeout -s INT` delivers
+        calls.append(case)
+        return {**harness.row(case, {"ms_median": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mb": 1.0}), "case_seconds": 0.1}
+    monkeypatch.setattr(harness, "run_case", fake_run_case)
+    monkeypatch.setattr(harness, "measure_peaks", lambda device: {"copy_gbps": 1.0})
+    result = harness.run("quick", ["cfg_combine"], str(tmp_path), "cpu", progress=False)
+    assert result["interrupted"] and len(result["rows"]) == 1
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert saved["interrupted"] and len(saved["rows"]) == 1
+    assert (tmp_path / "cfg_combine.png").exists()
+
+
+def test_ceilings_are_measured_once_and_reused(tmp_path, monkeypatch):
+    from fastssl.benchmarks import harness
+
+    measured = []
+    monkeypatch.setattr(harness, "measure_peaks", lambda device: measured.append(device) or {"copy_gbps": 7.0})
+    path = str(tmp_path / "peaks.json")
+    assert harness.load_or_measure_peaks(path, "cpu") == harness.load_or_measure_peaks(path, "cpu") == {"copy_gbps": 7.0}
+    assert measured == ["cpu"]
+
+
+def test_sync_check_runs_its_loops():
+    """The GPU check's no-sync proof is code the CPU runs too (on CUDA it also turns syncs into errors).
+    The default backend: at these sizes the interpreter would take many minutes, and the slice tests run
+    the same ops through the kernels."""
+    from fastssl.benchmarks import sync_check
+
+    results = [sync_check.run_check(name, "cpu") for name in sync_check.CHECKS] + [sync_check.graph_check("cpu")]
+    assert all(r["ok"] for r in results), results
+    assert "max |diff| 0 " in results[-1]["detail"]
 
 
 def test_bench_rejects_an_unknown_op():
