@@ -370,10 +370,12 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
 
 
 def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] = None, progress: bool = True,
-        peaks_path: Optional[str] = None, skip_preset: Optional[str] = None) -> dict:
+        peaks_path: Optional[str] = None, skip_preset: Optional[str] = None, started: Optional[float] = None) -> dict:
     """Run every case of ``preset`` (``only``: op names; ``skip_preset``: see :func:`all_cases`), write
     ``<device>_<date>.json`` after each case and the plots at the end (also after a SIGINT, which ends the
-    run early with ``"interrupted": true``)."""
+    run early with ``"interrupted": true``). ``wall_s`` counts from ``started`` (``time.perf_counter()``;
+    default: now; the CLI passes its own start, so imports count) to the last file written."""
+    started = time.perf_counter() if started is None else started
     device = device or default_device()
     cases = all_cases(preset, device, only, skip_preset)
     if not cases:
@@ -388,7 +390,6 @@ def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] 
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-")
     path = os.path.join(out_dir, f"{slug}_{result['date']}.json")
     isolate = device == "cpu" and preset == "cpu"  # the long CPU run: a fresh process per case
-    started = time.perf_counter()
     try:
         for index, case in enumerate(cases):
             if bar:
@@ -405,6 +406,8 @@ def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] 
     if bar:
         bar.close()
     result["files"] = [path, *plot(result["rows"], out_dir)]
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    write_json(path, {k: v for k, v in result.items() if k != "files"})
     return result
 
 

@@ -163,16 +163,19 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", metavar="FILE", help="write the results as one JSON list (atomically)")
     args = parser.parse_args(argv)
-    results = []
-    for name in CHECKS:
-        results.append(run_check(name, args.device))
-        print(json.dumps(results[-1]), flush=True)
-    results.append(graph_check(args.device))
-    print(json.dumps(results[-1]), flush=True)
-    if args.out:
-        from fastssl.benchmarks.harness import write_json
+    from fastssl.benchmarks.harness import write_json
 
-        write_json(args.out, results)
+    results = []
+    try:
+        for check in [*(lambda d, n=n: run_check(n, d) for n in CHECKS), graph_check]:
+            results.append(check(args.device))
+            print(json.dumps(results[-1]), flush=True)
+            if args.out:  # after every check, so a time box keeps what was proven
+                write_json(args.out, results)
+    except KeyboardInterrupt:
+        results.append({"check": "interrupted", "device": args.device, "ok": False, "detail": "time box", "seconds": 0.0})
+        if args.out:
+            write_json(args.out, results)
     return 0 if all(r["ok"] for r in results) else 1
 
 

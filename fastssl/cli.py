@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 
 def _bench(args) -> int:
+    started = time.perf_counter()  # the preset's wall time counts its imports
     from fastssl.benchmarks import harness
 
     if args.quick and args.preset not in (None, "quick"):
@@ -29,12 +31,14 @@ def _bench(args) -> int:
             print(harness.plan(preset, args.device or harness.default_device(), args.only, args.skip_preset))
             return 0
         result = harness.run(preset, args.only, args.out, args.device, progress=not args.quiet,
-                             peaks_path=args.peaks, skip_preset=args.skip_preset)
+                             peaks_path=args.peaks, skip_preset=args.skip_preset, started=started)
     except ValueError as exc:
         raise SystemExit(f"fastssl bench: {exc}")
     print(harness.format_table(result["rows"]))
     print("peaks: " + ", ".join(f"{k}={v:.1f}" for k, v in result["peaks"].items()))
     print(f"{harness.PROVIDERS_NOTE}\nwrote " + " ".join(result["files"]))
+    print(f"fastssl bench --preset {preset}: {len(result['rows'])} cases in {result['wall_s']:.0f} s"
+          + (" (interrupted)" if result.get("interrupted") else ""))
     return 1 if any(r.get("error") and r["provider"] == "fastssl" for r in result["rows"]) else 0
 
 
