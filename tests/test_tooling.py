@@ -179,3 +179,26 @@ def test_cpu_case_keeps_the_fastest_of_its_processes(monkeypatch):
     monkeypatch.setattr(harness, "run_case_in_subprocess", lambda index, preset, only: {
         "error": "MemoryError", "ms_median": None, "case_seconds": 1.0})
     assert harness.run_case_in_subprocesses(0, "quick", (), processes=2)["error"] == "MemoryError"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs for real")
+def test_gpu_check_rehearsal_leaves_every_file_and_the_table_last(tmp_path):
+    """The whole script on the CPU with short time boxes: every part runs or is cut by its box, what was
+    measured survives in parseable files, and the target table comes last. A GPU lease is too short
+    to find a typo in it."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--rehearse", str(out)], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "rehearsal on the CPU" in run.stdout, run.stderr[-3000:]
+    for name in ("versions.txt", "peaks.json", "syncs.json", "tests.xml", "target-table.txt"):
+        assert (out / name).exists(), (name, run.stdout[-3000:], run.stderr[-3000:])
+    syncs = json.loads((out / "syncs.json").read_text())
+    assert [s["check"] for s in syncs] == ["sample_loop", "nt_xent_step", "propagate_labels_frame", "cuda_graph"]
+    assert all(s["ok"] for s in syncs), syncs
+    for part in ("targets", "full"):  # the rehearsal's stand-ins: quick cfg_combine, quick ddim_step
+        (result,) = (out / part).glob("*.json")
+        assert json.loads(result.read_text())["rows"], part
+    table = (out / "target-table.txt").read_text()
+    assert run.stdout.rstrip().endswith(table.rstrip().splitlines()[-1])
+    assert "CUDA graph" in table
