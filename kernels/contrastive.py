@@ -213,16 +213,21 @@ FWD_CONFIGS = {128: _configs([(128, 64, 8, 3), (64, 64, 4, 3)]),
 BWD_CONFIGS = {"loop": _configs([(64, 32, 8, 1)]), "exact": _configs([(32, 32, 8, 1)])}
 KEY = ["n_bucket", "m_bucket", "n_chunks"]
 
-_FWD_ARGS = ["N", "M", "n_chunks", "ks_stride", "diag_off", "n_bucket", "m_bucket"]
+# Integer arguments as a launch at the GPU's shapes (GUIDE §6: 2N = 65536, D = 256) passes them: the row
+# counts, their buckets and diag_off (0 for NT-Xent, M for InfoNCE/CLIP) are multiples of 16, and Triton
+# specializes them so; n_chunks (1, 2 or 4 feature chunks), ks_stride (0 or 1) and the flags are not.
+_FWD_ARGS = ["N:16", "M:16", "n_chunks", "ks_stride", "diag_off:16", "n_bucket:16", "m_bucket:16"]
 _BWD_ARGS = _FWD_ARGS + ["row_term", "col_term", "need_dscale"]
 
 
 def _variants(ptrs, acc_ptrs, ints, block, kinds, **flags):
-    """One variant per (dtype, dot precision) in ``kinds``."""
+    """One variant per (dtype, dot precision) in ``kinds``; ``ints`` named ``"name:16"`` are declared
+    multiples of 16."""
     out = []
     for dtype, prec in kinds:
         ty, acc = TL_DTYPE[dtype], ("fp64" if dtype == torch.float64 else "fp32")
-        signature = {**{a: f"*{ty}" for a in ptrs}, **{a: f"*{acc}" for a in acc_ptrs}, **{a: "i32" for a in ints}}
+        signature = {**{a: f"*{ty}" for a in ptrs}, **{a: f"*{acc}" for a in acc_ptrs},
+                     **{a.partition(":")[0]: "i32" + (":16" if a.endswith(":16") else "") for a in ints}}
         out.append(variant(signature, ACC=acc_type(dtype), DOT_PREC=prec, BLOCK_D=block, **flags))
     return out
 
