@@ -206,7 +206,11 @@ def _configs(pairs):
 
 FWD_CONFIGS = {128: _configs([(128, 64, 8, 3), (64, 64, 4, 3)]),
                256: _configs([(64, 64, 4, 2), (128, 64, 8, 2)]),
-               "loop": _configs([(64, 64, 8, 2)])}
+               "loop": _configs([(64, 64, 8, 2)]),
+               # exact products (fp32 ieee, fp64) on FMA units: 64 x 32. 64 x 64 gives fp32 a stack frame
+               # (STACK:32 at 80 registers) on sm_90 under triton 3.6 and 255 registers on sm_80 (3 stages:
+               # STACK:40); 64 x 32 uses 72-156 registers, no stack on either chip under 3.6, 3.8, 3.9 (2026-12-02).
+               "exact": _configs([(64, 32, 8, 2)])}
 # The backward always loops over feature chunks of BWD_BLOCK_D (a grid axis: the scores are recomputed per
 # chunk of the gradient, so D=256 costs one extra score pass): a resident 256-wide query block beside the
 # accumulator spills on sm_80, whose mma operands live in registers.
@@ -241,10 +245,11 @@ _FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr"])
 _BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "ks_ptr", "lse_r_ptr", "g_r_ptr", "lse_c_ptr", "g_c_ptr",
                                              "dscale_ptr"])
 _fwd_kernels, _bwd_kernels = {}, {}
-for _key, _bd, _kinds in ((128, 128, _TF32 + _HALF), (256, 256, _HALF), ("loop", LOOP_BLOCK_D, _TF32 + _HALF + _EXACT)):
+for _key, _bd, _kinds in ((128, 128, _TF32 + _HALF), (256, 256, _HALF), ("loop", LOOP_BLOCK_D, _TF32 + _HALF),
+                          ("exact", LOOP_BLOCK_D, _EXACT)):
     _fwd_kernels[_key] = register(
         autotune(FWD_CONFIGS[_key], key=KEY)(_lse_fwd_kernel), configs=FWD_CONFIGS[_key], uses_dot=True,
-        variants=_variants(*_FWD_PTRS, _FWD_ARGS, _bd, _kinds, D_LOOP=_key == "loop"))
+        variants=_variants(*_FWD_PTRS, _FWD_ARGS, _bd, _kinds, D_LOOP=_key in ("loop", "exact")))
 for _key, _bd, _kinds in (("loop", BWD_BLOCK_D["fast"], _TF32 + _HALF), ("exact", BWD_BLOCK_D["exact"], _EXACT)):
     _bwd_kernels[_key] = register(
         autotune(BWD_CONFIGS[_key], key=KEY)(_lse_bwd_kernel), configs=BWD_CONFIGS[_key], uses_dot=True,
@@ -270,7 +275,9 @@ def _layout(x: torch.Tensor, bd: int, loop: bool) -> torch.Tensor:
 
 def _pick(x: torch.Tensor):
     bd, loop = block_d(x.shape[1], x.dtype)
-    return ("loop" if loop else (128 if bd <= 128 else 256)), bd, loop
+    if loop:
+        return ("exact" if _exact(x.dtype) else "loop"), bd, loop
+    return (128 if bd <= 128 else 256), bd, loop
 
 
 def _launch(kernels, key, grid_fn, args, **constexprs):

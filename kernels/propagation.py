@@ -62,11 +62,17 @@ NUM_WARPS, NUM_STAGES = 8, 1
 _HALF_BLOCKS = {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=64), "dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_C=64),
                 "dkdv": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_C=64)}
 _SMALL_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_C=32)
+# fp64 forward: C in chunks of 16. With 32, ptxas gives the training-shape variant a stack frame (STACK:8,
+# one register spilled at 80 registers) on sm_90 (propagation) and sm_80 (LOSS) under triton 3.8; 16 has
+# none on sm_90/sm_80 under triton 3.6, 3.8 and 3.9 (90-128 registers; tests/test_compile_sm90.py, 2026-12-02).
+_FP64_FWD_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_C=16)
 
 
 def blocks_for(kind: str, dtype: torch.dtype) -> dict:
     """BLOCK_M (queries), BLOCK_N (keys), BLOCK_C (channels) of kernel ``kind`` (fwd | dq | dkdv)."""
-    return _HALF_BLOCKS[kind] if dtype in (torch.float16, torch.bfloat16) else _SMALL_BLOCKS
+    if dtype in (torch.float16, torch.bfloat16):
+        return _HALF_BLOCKS[kind]
+    return _FP64_FWD_BLOCKS if (kind == "fwd" and dtype == torch.float64) else _SMALL_BLOCKS
 
 
 def block_v(v: int) -> int:
@@ -526,16 +532,23 @@ register(_propagate_bwd_dkdv_kernel, uses_dot=True, configs=_configs(),
 
 TOPK_MAX = 32
 TOPK_BLOCK_M = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}  # 64: wgmma's M; fp32: tf32x3 registers
-# 4 warps, 2 stages: no spills in any variant on sm_80 and sm_90 (8 warps spill 48 bytes on sm_80 in 16-bit,
-# 4 warps with 1 stage in fp32 on sm_90; ptxas via tests/test_compile_sm90.py).
-TOPK_WARPS, TOPK_STAGES = 4, 2
+# 16-bit: 4 warps, 2 stages, C in chunks of 64 (8 warps spill 48 bytes on sm_80; ptxas via
+# tests/test_compile_sm90.py). fp32 (tf32x3: three products, split operands): 8 warps, C in chunks of 16;
+# 4 warps with chunks of 32 reach 255 registers on the CRW step's odd map and spill (STACK:32 on sm_90 under
+# triton 3.8; STACK:16 on sm_80 under 3.9 with 4 warps and chunks of 16); 8 warps x 16 use 170-190 registers
+# and spill on neither chip under triton 3.6, 3.8 and 3.9 (2026-12-02).
+TOPK_WARPS = {torch.float16: 4, torch.bfloat16: 4, torch.float32: 8}
+TOPK_BLOCK_C = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 16}
+TOPK_STAGES = 2
 # The top-k kernel is inference: the CRW step's odd map (its main use) and maps that are multiples of 16.
-register(_propagate_topk_kernel, uses_dot=True, configs=[triton.Config({}, num_warps=TOPK_WARPS, num_stages=TOPK_STAGES)],
-         variants=[variant({**{a: f"*{TL_DTYPE[dt]}" for a in ("q_ptr", "kl_ptr", "vl_ptr", "kg_ptr", "vg_ptr", "out_ptr")},
-                            "scale_ptr": "*fp32", **_int_signature(shape), "rad2": "fp32", "K": "i32"},
-                           PREC=dot_precision(dt), BLOCK_M=TOPK_BLOCK_M[dt], BLOCK_C=blocks_for("fwd", dt)["BLOCK_C"],
-                           KP=TOPK_MAX)
-                   for dt in TOPK_BLOCK_M for shape in (_UNALIGNED, _ALIGNED)])
+for _dt in TOPK_BLOCK_M:
+    register(_propagate_topk_kernel, uses_dot=True,
+             configs=[triton.Config({}, num_warps=TOPK_WARPS[_dt], num_stages=TOPK_STAGES)],
+             variants=[variant({**{a: f"*{TL_DTYPE[_dt]}" for a in ("q_ptr", "kl_ptr", "vl_ptr", "kg_ptr", "vg_ptr",
+                                                                    "out_ptr")},
+                                "scale_ptr": "*fp32", **_int_signature(shape), "rad2": "fp32", "K": "i32"},
+                               PREC=dot_precision(_dt), BLOCK_M=TOPK_BLOCK_M[_dt], BLOCK_C=TOPK_BLOCK_C[_dt], KP=TOPK_MAX)
+                       for shape in (_UNALIGNED, _ALIGNED)])
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
@@ -700,6 +713,6 @@ def propagate_topk_forward(q, kl, vl, kg, vg, scale: float, radius, topk: int):
     block_m = TOPK_BLOCK_M[q.dtype]
     _propagate_topk_kernel[(triton.cdiv(H * W, block_m), B)](
         q, kl_, vl_, kg_, vg_, scale_t, out, C, V, H, W, RL, RG, rr, rad2, topk, PREC=dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_C=blocks_for("fwd", q.dtype)["BLOCK_C"], KP=TOPK_MAX, num_warps=TOPK_WARPS,
+        BLOCK_M=block_m, BLOCK_C=TOPK_BLOCK_C[q.dtype], KP=TOPK_MAX, num_warps=TOPK_WARPS[q.dtype],
         num_stages=TOPK_STAGES)
     return out
