@@ -43,6 +43,17 @@ def test_every_jitted_function_is_registered(compiled):
 
 
 @pytest.mark.parametrize("arch", [90, 80])
+def test_every_variant_is_specialized_as_declared(compiled, arch):
+    """Each variant compiles with the specialization Triton gives a launch with such arguments: pointers
+    16-byte aligned and ``":16"`` ints divisible by 16 (``tt.divisibility`` 16), nothing else."""
+    rc, lines, stderr = compiled[arch]
+    assert lines[1:], stderr
+    for r in lines[1:]:
+        declared = sorted(a for a, t in r["signature"].items() if t.startswith("*") or t.endswith(":16"))
+        assert r.get("divisible") == declared, (r["kernel"], r["signature"], r["problems"])
+
+
+@pytest.mark.parametrize("arch", [90, 80])
 def test_every_kernel_config_compiles_cleanly(compiled, arch):
     rc, lines, stderr = compiled[arch]
     results = lines[1:]
@@ -50,6 +61,18 @@ def test_every_kernel_config_compiles_cleanly(compiled, arch):
     bad = [f"{r['kernel']} {r['constexprs']} warps={r['num_warps']}: {r['problems']}" for r in results if r["problems"]]
     assert not bad, "\n".join(bad)
     assert rc == 0, stderr
+
+
+def test_declared_multiples_of_16_reach_the_compiler():
+    """The specialization is real: a stride declared ``"i32:16"`` gets ``tt.divisibility`` 16 and 128-bit
+    loads; the same kernel with a plain stride gets neither (tests/aot_probe_kernels.py)."""
+    rc, lines, stderr = run_aot("--arch", "90", "--module", str(HERE / "aot_probe_kernels.py"), "--only",
+                                "_row_copy_kernel")
+    assert rc == 0 and lines[0] == {"unregistered": []}, stderr
+    aligned, plain = lines[1:]
+    assert aligned["signature"]["stride"] == "i32:16" and plain["signature"]["stride"] == "i32"
+    assert aligned["divisible"] == ["out_ptr", "stride", "x_ptr"] and plain["divisible"] == ["out_ptr", "x_ptr"]
+    assert aligned["load_bits"] == 128 and plain["load_bits"] == 16
 
 
 def test_the_check_catches_bad_kernels():
