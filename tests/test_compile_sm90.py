@@ -75,6 +75,21 @@ def test_declared_multiples_of_16_reach_the_compiler():
     assert aligned["load_bits"] == 128 and plain["load_bits"] == 16
 
 
+def test_target_shape_launches_match_registered_variants():
+    """The launches GUIDE §6's shapes make (NT-Xent 2N=65536 D=256, the 64M-element CFG step, the colorization
+    training shape, the CRW top-k step), specialized by Triton's own launch binder, each match a registered
+    variant: what the compile test inspects is what those launches compile (tests/aot_target_launches.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(HERE / "aot_target_launches.py")], env=env, cwd=HERE,
+                         capture_output=True, text=True, timeout=600)
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert run.returncode == 0 and len(lines) >= 9, run.stderr[-3000:]
+    assert {r["kernel"] for r in lines} >= {"_lse_fwd_kernel", "_diffusion_step_kernel", "_propagate_fwd_kernel",
+                                            "_propagate_topk_kernel"}
+    unmatched = [r for r in lines if r["matched_variant"] is None]
+    assert not unmatched, unmatched
+
+
 def test_the_check_catches_bad_kernels():
     """The test of the test: deliberately bad kernels in tests/aot_bad_kernels.py are each flagged."""
     names = ["_spilling_kernel", "_tiny_dot_kernel", "_fp32_fma_matmul_kernel", "_shared_hog_kernel"]
