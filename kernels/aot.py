@@ -1,7 +1,8 @@
 """Ahead-of-time compile of every registered kernel for a real chip, on a machine with no GPU.
 
 For each kernel x launch variant x autotune config: ``triton.compile`` for ``GPUTarget("cuda", arch,
-32)``, then ``cuobjdump --dump-resource-usage`` on the cubin. A result is bad when it does not compile,
+32)`` with the specialization Triton's launch binder gives example arguments of the variant's declared
+types (``launch_specialization``: aligned tensors, ``"i32:16"`` ints as multiples of 16), then ``cuobjdump --dump-resource-usage`` on the cubin. A result is bad when it does not compile,
 spills (``LOCAL`` or ``STACK`` > 0: ptxas spills into the stack frame), needs more shared memory than the chip has (static + dynamic > 227 KB on
 sm_90, 163 KB on sm_80), or is a matmul kernel (``uses_dot``) whose sm_90 PTX lacks ``wgmma`` in a bf16/fp16 variant.
 
