@@ -1,7 +1,8 @@
 """Ahead-of-time compile of every registered kernel for a real chip, on a machine with no GPU.
 
 For each kernel x launch variant x autotune config: ``triton.compile`` for ``GPUTarget("cuda", arch,
-32)``, then ``cuobjdump --dump-resource-usage`` on the cubin. A result is bad when it does not compile,
+32)`` with the specialization Triton's launch binder gives example arguments of the variant's declared
+types (``launch_specialization``: aligned tensors, ``"i32:16"`` ints as multiples of 16), then ``cuobjdump --dump-resource-usage`` on the cubin. A result is bad when it does not compile,
 spills (``LOCAL`` or ``STACK`` > 0: ptxas spills into the stack frame), needs more shared memory than the chip has (static + dynamic > 227 KB on
 sm_90, 163 KB on sm_80), or is a matmul kernel (``uses_dot``) whose sm_90 PTX lacks ``wgmma`` in a bf16/fp16 variant.
 
@@ -82,17 +83,78 @@ def resource_usage(cubin: bytes) -> dict:
     return usage
 
 
-def divisibility(arg_names, declared: dict) -> dict:
-    """The alignment facts a real launch hands the compiler: every pointer 16-byte aligned (PyTorch's
-    allocator guarantees it for fresh tensors; launchers pass such tensors), and integers a variant
-    declares as multiples of 16 (``"i32:16"``). Without them every load compiles scalar, which is not
-    what runs on the GPU (and spills where the real kernel does not)."""
-    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(arg_names)
-            if declared[a].startswith("*") or declared[a].endswith(":16")}
+# Triton's names of pointee types (the ``"*fp16"`` in a signature) as torch dtypes, for example tensors.
+_POINTEE = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64", "i64": "int64",
+            "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "i1": "bool"}
+
+
+def example_argument(declared: str):
+    """A value a real launch passes for an argument declared as ``declared``: a 16-byte aligned tensor of
+    the pointee dtype for a pointer (PyTorch's allocator aligns every fresh tensor; the launchers pass
+    such tensors), a multiple of 16 for ``"i32:16"`` / ``"i64:16"``, an integer that is neither a
+    multiple of 16 nor 1 for a plain ``"i32"`` (1 would make Triton fold it into a constant), a float
+    for ``"fp32"``."""
+    import torch
+    from triton.runtime.jit import MockTensor  # data_ptr() 0: aligned, as Triton's own warmup assumes
+
+    base, _, mod = declared.partition(":")
+    if base.startswith("*"):
+        return MockTensor(getattr(torch, _POINTEE[base[1:]]))
+    if base in ("i32", "i64"):
+        if mod not in ("", "16"):
+            raise ValueError(f"integer declaration {declared!r}: only a plain type or ':16' is understood")
+        return (16 if mod else 19) + (2**32 if base == "i64" else 0)
+    if base == "fp32" and not mod:
+        return 0.5
+    raise ValueError(f"no example argument for the declared type {declared!r}")
+
+
+def launch_specialization(fn, variant, config, arch: int) -> dict:
+    """What a real launch of ``fn`` with this variant's arguments and this config compiles, computed by
+    Triton itself: its launch binder (``create_function_from_signature``, the per-argument
+    ``specialize_impl`` a ``kernel[grid](...)`` call runs) applied to example arguments
+    (``example_argument``), then ``JITFunction._pack_args``, for a backend of ``sm_{arch}``. Returns the
+    ``signature``, ``constexprs`` and ``attrs`` for ``ASTSource`` and the compile ``options``, and the
+    names of the runtime arguments Triton marks ``tt.divisibility`` 16 (``divisible``). So pointers get
+    the alignment, ``":16"`` integers the divisibility and everything else nothing, exactly as Triton
+    specializes a launch with such values; a Triton that changes its rules changes the AOT with it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    fixed = {**variant.constexprs, **config.kwargs}
+    missing = [a for a in fn.arg_names if a not in fixed and a not in variant.signature]
+    if missing:
+        raise ValueError(f"{fn.__name__}: variant declares no type for {missing}")
+    kwargs = {a: (fixed[a] if a in fixed else example_argument(variant.signature[a])) for a in fn.arg_names}
+    kwargs.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(**kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    divisible = sorted(fn.arg_names[path[0]] for path, values in attrs.items()
+                       if len(path) == 1 and ["tt.divisibility", 16] in [list(v) for v in values])
+    return dict(signature=signature, constexprs=constexprs, attrs=attrs, options=options, divisible=divisible)
+
+
+def declared_divisible(variant) -> list[str]:
+    """The runtime arguments a variant declares 16-aligned or divisible by 16: pointers and ``":16"`` ints."""
+    return sorted(a for a, t in variant.signature.items() if t.startswith("*") or t.endswith(":16"))
+
+
+_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+?)*?\.(?:v(\d)\.)?[bfsu](\d+)\b")
+
+
+def widest_load_bits(ptx: str):
+    """The widest global load in the PTX (``ld.global.v4.b32``: 128 bits), or None without one."""
+    widths = [int(v or 1) * int(b) for v, b in _LOAD.findall(ptx)]
+    return max(widths) if widths else None
 
 
 def compile_one(spec, variant, config, arch: int) -> dict:
     """Compile one (kernel, variant, config) for ``sm_{arch}``; return what was measured and any problems."""
+    import time
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -102,18 +164,23 @@ def compile_one(spec, variant, config, arch: int) -> dict:
     result = {"kernel": spec.name, "arch": arch, "constexprs": {k: str(v) for k, v in constexprs.items()},
               "signature": variant.signature, "num_warps": config.num_warps, "num_stages": config.num_stages,
               "problems": []}
+    start = time.perf_counter()
     try:
-        declared = {a: ("constexpr" if a in constexprs else variant.signature[a]) for a in fn.arg_names}
-        signature = {a: t.split(":")[0] for a, t in declared.items()}
-        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=divisibility(fn.arg_names, declared))
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        launch = launch_specialization(fn, variant, config, arch)
+        result["divisible"] = launch["divisible"]
+        folded = sorted(set(launch["constexprs"]) - {(fn.arg_names.index(a),) for a in constexprs})
+        if launch["divisible"] != declared_divisible(variant) or folded:
+            result["problems"].append(f"Triton specializes the example launch differently from the declaration: "
+                                      f"divisible {launch['divisible']}, folded {folded}")
+        source = ASTSource(fn=fn, signature=launch["signature"], constexprs=launch["constexprs"], attrs=launch["attrs"])
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch["options"].__dict__)
     except Exception as exc:  # the compiler's own message is the diagnosis
         result["problems"].append(f"does not compile: {type(exc).__name__}: {str(exc).strip()[-600:]}")
         return result
     usage = resource_usage(compiled.asm["cubin"])
     dynamic_shared = int(getattr(compiled.metadata, "shared", 0) or 0)
-    result.update(usage, dynamic_shared=dynamic_shared)
+    result.update(usage, dynamic_shared=dynamic_shared, load_bits=widest_load_bits(compiled.asm["ptx"]),
+                  seconds=round(time.perf_counter() - start, 2))
     total_shared = dynamic_shared + (usage["shared"] or 0)
     if usage["local"] is None:
         result["problems"].append("cuobjdump reported no LOCAL figure")

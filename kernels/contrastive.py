@@ -206,23 +206,32 @@ def _configs(pairs):
 
 FWD_CONFIGS = {128: _configs([(128, 64, 8, 3), (64, 64, 4, 3)]),
                256: _configs([(64, 64, 4, 2), (128, 64, 8, 2)]),
-               "loop": _configs([(64, 64, 8, 2)])}
+               "loop": _configs([(64, 64, 8, 2)]),
+               # exact products (fp32 ieee, fp64) on FMA units: 64 x 32. 64 x 64 gives fp32 a stack frame
+               # (STACK:32 at 80 registers) on sm_90 under triton 3.6 and 255 registers on sm_80 (3 stages:
+               # STACK:40); 64 x 32 uses 72-156 registers, no stack on either chip under 3.6, 3.8, 3.9 (2026-12-02).
+               "exact": _configs([(64, 32, 8, 2)])}
 # The backward always loops over feature chunks of BWD_BLOCK_D (a grid axis: the scores are recomputed per
 # chunk of the gradient, so D=256 costs one extra score pass): a resident 256-wide query block beside the
 # accumulator spills on sm_80, whose mma operands live in registers.
 BWD_CONFIGS = {"loop": _configs([(64, 32, 8, 1)]), "exact": _configs([(32, 32, 8, 1)])}
 KEY = ["n_bucket", "m_bucket", "n_chunks"]
 
-_FWD_ARGS = ["N", "M", "n_chunks", "ks_stride", "diag_off", "n_bucket", "m_bucket"]
+# Integer arguments as a launch at the GPU's shapes (GUIDE §6: 2N = 65536, D = 256) passes them: the row
+# counts, their buckets and diag_off (0 for NT-Xent, M for InfoNCE/CLIP) are multiples of 16, and Triton
+# specializes them so; n_chunks (1, 2 or 4 feature chunks), ks_stride (0 or 1) and the flags are not.
+_FWD_ARGS = ["N:16", "M:16", "n_chunks", "ks_stride", "diag_off:16", "n_bucket:16", "m_bucket:16"]
 _BWD_ARGS = _FWD_ARGS + ["row_term", "col_term", "need_dscale"]
 
 
 def _variants(ptrs, acc_ptrs, ints, block, kinds, **flags):
-    """One variant per (dtype, dot precision) in ``kinds``."""
+    """One variant per (dtype, dot precision) in ``kinds``; ``ints`` named ``"name:16"`` are declared
+    multiples of 16."""
     out = []
     for dtype, prec in kinds:
         ty, acc = TL_DTYPE[dtype], ("fp64" if dtype == torch.float64 else "fp32")
-        signature = {**{a: f"*{ty}" for a in ptrs}, **{a: f"*{acc}" for a in acc_ptrs}, **{a: "i32" for a in ints}}
+        signature = {**{a: f"*{ty}" for a in ptrs}, **{a: f"*{acc}" for a in acc_ptrs},
+                     **{a.partition(":")[0]: "i32" + (":16" if a.endswith(":16") else "") for a in ints}}
         out.append(variant(signature, ACC=acc_type(dtype), DOT_PREC=prec, BLOCK_D=block, **flags))
     return out
 
@@ -236,10 +245,11 @@ _FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr"])
 _BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "ks_ptr", "lse_r_ptr", "g_r_ptr", "lse_c_ptr", "g_c_ptr",
                                              "dscale_ptr"])
 _fwd_kernels, _bwd_kernels = {}, {}
-for _key, _bd, _kinds in ((128, 128, _TF32 + _HALF), (256, 256, _HALF), ("loop", LOOP_BLOCK_D, _TF32 + _HALF + _EXACT)):
+for _key, _bd, _kinds in ((128, 128, _TF32 + _HALF), (256, 256, _HALF), ("loop", LOOP_BLOCK_D, _TF32 + _HALF),
+                          ("exact", LOOP_BLOCK_D, _EXACT)):
     _fwd_kernels[_key] = register(
         autotune(FWD_CONFIGS[_key], key=KEY)(_lse_fwd_kernel), configs=FWD_CONFIGS[_key], uses_dot=True,
-        variants=_variants(*_FWD_PTRS, _FWD_ARGS, _bd, _kinds, D_LOOP=_key == "loop"))
+        variants=_variants(*_FWD_PTRS, _FWD_ARGS, _bd, _kinds, D_LOOP=_key in ("loop", "exact")))
 for _key, _bd, _kinds in (("loop", BWD_BLOCK_D["fast"], _TF32 + _HALF), ("exact", BWD_BLOCK_D["exact"], _EXACT)):
     _bwd_kernels[_key] = register(
         autotune(BWD_CONFIGS[_key], key=KEY)(_lse_bwd_kernel), configs=BWD_CONFIGS[_key], uses_dot=True,
@@ -265,7 +275,9 @@ def _layout(x: torch.Tensor, bd: int, loop: bool) -> torch.Tensor:
 
 def _pick(x: torch.Tensor):
     bd, loop = block_d(x.shape[1], x.dtype)
-    return ("loop" if loop else (128 if bd <= 128 else 256)), bd, loop
+    if loop:
+        return ("exact" if _exact(x.dtype) else "loop"), bd, loop
+    return (128 if bd <= 128 else 256), bd, loop
 
 
 def _launch(kernels, key, grid_fn, args, **constexprs):

@@ -18,8 +18,10 @@ variance type, is the same affine update with six per-sample coefficients::
 
 DDPM: ca, cx are the posterior-mean coefficients of formula (7), ce = 0; DDIM: ca = sqrt(abar_prev),
 cx/ce come from the predicted epsilon, which is itself affine in x and e. Noise z is read from a tensor or
-drawn in the kernel with ``tl.randn(seed, i)`` keyed by the element's global index ``i`` (int64), so it
-does not depend on BLOCK or the grid; the seed is an int64 loaded from a device pointer.
+drawn in the kernel by Philox keyed by the element's global index ``i`` (int64), so it does not depend on
+BLOCK or the grid; the seed is an int64 loaded from a device pointer. The draw is ``tl.randn(seed, i)``'s,
+with a cosine for an argument already in [0, 2 pi) (``_philox_normal``): libdevice's cosf would bring a
+stack frame.
 """
 from __future__ import annotations
 
@@ -78,25 +80,32 @@ def _cfg_combine_backward_kernel(grad_ptr, w_ptr, grad_cond_ptr, grad_uncond_ptr
     tl.store(grad_uncond_ptr + offs, (-w * grad).to(grad_uncond_ptr.dtype.element_ty), mask=mask)
 
 
-def dtype_variants(tensors, tables=(), ints=(), *, f32_tables=(), i64_tensors=(), floats=(), **constexprs):
+def dtype_variants(tensors, tables=(), ints=(), *, ints16=(), f32_tables=(), i64_tensors=(), floats=(), **constexprs):
     """One compile variant per input dtype: ``tensors`` in that dtype, ``tables`` (per-sample weights) in
     the math dtype, ``f32_tables`` (schedule tables) always float32, ``i64_tensors`` (timesteps, seeds)
-    int64, ``ints`` as i32, ``floats`` as fp32 scalars; ``constexprs`` fixed flags of every variant."""
+    int64, ``ints`` as i32, ``ints16`` as i32 multiples of 16 (``"i32:16"``: sizes and their buckets,
+    which are multiples of 16 at every latent and image size the GPU runs, 64M-element steps included,
+    so a real launch specializes them so), ``floats`` as fp32 scalars; ``constexprs`` fixed flags of
+    every variant."""
     out = []
     for dtype, ty in TL_DTYPE.items():
         table_ty = "fp64" if dtype == torch.float64 else "fp32"
         signature = {**{a: f"*{ty}" for a in tensors}, **{a: f"*{table_ty}" for a in tables},
                      **{a: "*fp32" for a in f32_tables}, **{a: "*i64" for a in i64_tensors},
-                     **{a: "i32" for a in ints}, **{a: "fp32" for a in floats}}
+                     **{a: "i32" for a in ints}, **{a: "i32:16" for a in ints16},
+                     **{a: "fp32" for a in floats}}
         out.append(variant(signature, ACC=acc_type(dtype), **constexprs))
     return out
 
 
+# Sizes (n, inner) and buckets are multiples of 16 at the GPU's shapes (GUIDE §6: 64M elements, latents
+# 4x64x64); w_stride is 0 or 1 (a value, not a size): declared plain.
+_CFG_INTS16 = ["n", "inner", "n_bucket"]
 register(_cfg_combine_kernel, configs=ELEMENTWISE_CONFIGS,
-         variants=dtype_variants(["cond_ptr", "uncond_ptr", "out_ptr"], ["w_ptr"], ["n", "inner", "w_stride", "n_bucket"]))
+         variants=dtype_variants(["cond_ptr", "uncond_ptr", "out_ptr"], ["w_ptr"], ["w_stride"], ints16=_CFG_INTS16))
 register(_cfg_combine_backward_kernel, configs=ELEMENTWISE_CONFIGS,
-         variants=dtype_variants(["grad_ptr", "grad_cond_ptr", "grad_uncond_ptr"], ["w_ptr"],
-                                 ["n", "inner", "w_stride", "n_bucket"]))
+         variants=dtype_variants(["grad_ptr", "grad_cond_ptr", "grad_uncond_ptr"], ["w_ptr"], ["w_stride"],
+                                 ints16=_CFG_INTS16))
 
 
 def _guidance_table(guidance: float, per_sample: torch.Tensor | None, like: torch.Tensor):
@@ -264,6 +273,35 @@ def _step_coefficients(abar_ptr, t, prev, num_t, final_abar, eta, sampler, varia
     return c1, c2, ca, cx, ce, cz
 
 
+@device_function
+@triton.jit
+def _cos_2pi(u):
+    """cos(2 pi u) for u in [0, 1) (float32) without libdevice's cosf, whose Payne-Hanek slow path for huge
+    arguments is a local array: a stack frame in every kernel that calls it (STACK:32 in the compile test).
+    The argument needs no such reduction: u = q/4 + f with q = round(4u) and f in [-1/8, 1/8] exactly
+    (u - q/4 is exact in float32), so cos(2 pi u) is +-cos or +-sin of x = 2 pi f in [-pi/4, pi/4], each a
+    Cephes minimax polynomial (about 1 ulp, like cosf itself)."""
+    q = tl.floor(4.0 * u + 0.5)
+    x = (u - 0.25 * q) * 6.283185307179586
+    z = x * x
+    c = 1.0 - 0.5 * z + z * z * ((2.443315711809948e-05 * z - 1.388731625493765e-03) * z + 4.166664568298827e-02)
+    s = x + x * z * ((-1.9515295891e-04 * z + 8.3321608736e-03) * z - 1.6666654611e-01)
+    quadrant = q.to(tl.int32) & 3
+    return tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+
+
+@device_function
+@triton.jit
+def _philox_normal(seed, offs):
+    """Standard normal float32 noise keyed by (seed, element index): ``tl.randn``'s Philox draw and
+    Box-Muller transform (r cos(2 pi u2), r = sqrt(-2 log u1)), with the cosine of ``_cos_2pi``; it
+    equals ``tl.randn(seed, offs)`` to about an ulp."""
+    i1, i2, _, _ = tl.randint4x(seed, offs)
+    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
+    u2 = tl.uint_to_uniform_float(i2)
+    return tl.sqrt(-2.0 * tl.log(u1)) * _cos_2pi(u2)
+
+
 @autotune(STEP_CONFIGS, key=["n_bucket", "inner_bucket"])
 @triton.jit
 def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, abar_ptr, out_ptr, v_ptr, inner, t_stride, num_t, write_v,
@@ -320,7 +358,7 @@ def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_
         z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
         out = tl.where(t > 0, out + cz * z, out)
     if NOISE == 2:
-        z = tl.randn(tl.load(seed_ptr), offs).to(ACC)
+        z = _philox_normal(tl.load(seed_ptr), offs).to(ACC)
         out = tl.where(t > 0, out + cz * z, out)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=_gate(mask, write_x0))
@@ -362,26 +400,32 @@ def _diffusion_step_backward_kernel(grad_ptr, grad_x0_ptr, model_ptr, uncond_ptr
     tl.store(grad_noise_ptr + offs, (cz * g).to(grad_noise_ptr.dtype.element_ty), mask=_gate(mask, want_grad_noise))
 
 
-_Q_INTS = ["inner", "t_stride", "num_t", "n_bucket", "inner_bucket"]
+# The per-sample size and the buckets are multiples of 16 at the GPU's shapes; strides (0 or 1), num_t (1000),
+# prev_delta and the flags are values, declared plain (a real launch folds a 1 into a constant and marks a
+# 0 divisible: the plain variant is the general code both share).
+_SIZES16 = ["inner", "n_bucket", "inner_bucket"]
+_Q_INTS = ["t_stride", "num_t"]
 register(_q_sample_kernel, configs=STEP_CONFIGS,
          variants=dtype_variants(["x0_ptr", "noise_ptr", "out_ptr", "v_ptr"], ints=_Q_INTS + ["write_v"],
-                                 f32_tables=["abar_ptr"], i64_tensors=["t_ptr"]))
+                                 ints16=_SIZES16, f32_tables=["abar_ptr"], i64_tensors=["t_ptr"]))
 register(_q_sample_backward_kernel, configs=STEP_CONFIGS,
          variants=dtype_variants(["grad_ptr", "grad_v_ptr", "grad_x0_ptr", "grad_noise_ptr"],
-                                 ints=_Q_INTS + ["has_grad_v"], f32_tables=["abar_ptr"], i64_tensors=["t_ptr"]))
-_STEP_INTS = ["inner", "t_stride", "prev_stride", "prev_delta", "w_stride", "num_t", "sampler", "variance",
-              "prediction", "has_uncond", "clip", "clipped_eps", "n_bucket", "inner_bucket"]
+                                 ints=_Q_INTS + ["has_grad_v"], ints16=_SIZES16, f32_tables=["abar_ptr"],
+                                 i64_tensors=["t_ptr"]))
+_STEP_INTS = ["t_stride", "prev_stride", "prev_delta", "w_stride", "num_t", "sampler", "variance",
+              "prediction", "has_uncond", "clip", "clipped_eps"]
 _STEP_FLOATS = ["w_add", "w_add_lo", "final_abar", "final_abar_lo", "eta", "eta_lo", "clip_range", "clip_range_lo"]
 register(_diffusion_step_kernel, configs=STEP_CONFIGS,
          variants=[v for noise in (NOISE_NONE, NOISE_READ, NOISE_PHILOX)
                    for v in dtype_variants(["model_ptr", "uncond_ptr", "x_ptr", "noise_ptr", "out_ptr", "x0_ptr"],
-                                           ["w_ptr"], _STEP_INTS + ["write_x0"], f32_tables=["abar_ptr"],
+                                           ["w_ptr"], _STEP_INTS + ["write_x0"], ints16=_SIZES16,
+                                           f32_tables=["abar_ptr"],
                                            i64_tensors=["seed_ptr", "t_ptr", "prev_ptr"], floats=_STEP_FLOATS,
                                            NOISE=noise)])
 register(_diffusion_step_backward_kernel, configs=STEP_CONFIGS,
          variants=dtype_variants(["grad_ptr", "grad_x0_ptr", "model_ptr", "uncond_ptr", "x_ptr", "grad_model_ptr",
                                   "grad_uncond_ptr", "grad_x_ptr", "grad_noise_ptr"], ["w_ptr"],
-                                 _STEP_INTS + ["has_grad_x0", "want_grad_noise"], f32_tables=["abar_ptr"],
+                                 _STEP_INTS + ["has_grad_x0", "want_grad_noise"], ints16=_SIZES16, f32_tables=["abar_ptr"],
                                  i64_tensors=["t_ptr", "prev_ptr"], floats=_STEP_FLOATS))
 
 

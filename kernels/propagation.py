@@ -62,11 +62,17 @@ NUM_WARPS, NUM_STAGES = 8, 1
 _HALF_BLOCKS = {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=64), "dq": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_C=64),
                 "dkdv": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_C=64)}
 _SMALL_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_C=32)
+# fp64 forward: C in chunks of 16. With 32, ptxas gives the training-shape variant a stack frame (STACK:8,
+# one register spilled at 80 registers) on sm_90 (propagation) and sm_80 (LOSS) under triton 3.8; 16 has
+# none on sm_90/sm_80 under triton 3.6, 3.8 and 3.9 (90-128 registers; tests/test_compile_sm90.py, 2026-12-02).
+_FP64_FWD_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_C=16)
 
 
 def blocks_for(kind: str, dtype: torch.dtype) -> dict:
     """BLOCK_M (queries), BLOCK_N (keys), BLOCK_C (channels) of kernel ``kind`` (fwd | dq | dkdv)."""
-    return _HALF_BLOCKS[kind] if dtype in (torch.float16, torch.bfloat16) else _SMALL_BLOCKS
+    if dtype in (torch.float16, torch.bfloat16):
+        return _HALF_BLOCKS[kind]
+    return _FP64_FWD_BLOCKS if (kind == "fwd" and dtype == torch.float64) else _SMALL_BLOCKS
 
 
 def block_v(v: int) -> int:
@@ -478,21 +484,34 @@ def _propagate_topk_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, scale_ptr, out
 # ----------------------------------------------------------------------------------------------------
 
 _INTS = ["C", "V", "H", "W", "RL", "RG", "rr"]
+# Integer arguments as launches at the GPU's shapes pass them (GUIDE §6), which Triton specializes: the
+# training shape (B=32, R=3, 32x32 maps, C=64, V=16) has C, V, H, W multiples of 16 ("aligned"); the CRW
+# step (60x107 map, C=256, V=8 label channels, 20 context frames, radius 12, top-k 10) has only C
+# ("unaligned", odd maps: its loads cannot be vectorized along the raster). RL, RG, rr and K are counts,
+# declared plain; in LOSS mode V is 1 (unused), plain too.
+_ALIGNED = {"C": "i32:16", "V": "i32:16", "H": "i32:16", "W": "i32:16"}
+_UNALIGNED = {"C": "i32:16"}
 
 
-def _variants(kind, float_ptrs, acc_ptrs, value_ptrs, label_ptrs):
+def _int_signature(shape: dict, names=_INTS) -> dict:
+    return {a: shape.get(a, "i32") for a in names}
+
+
+def _variants(kind, float_ptrs, acc_ptrs, value_ptrs, label_ptrs, unaligned=False):
+    """One variant per (dtype, mode) at the training shape; with ``unaligned`` also the CRW step's odd
+    map for the value-propagating mode (fp32/fp16/bf16: fp64 is the gradient checks' dtype)."""
     out = []
     for dtype, ty in TL_DTYPE.items():
         acc_ty = "fp64" if dtype == torch.float64 else "fp32"
         blocks = blocks_for(kind, dtype)
-        for loss in (False, True):
-            for bv in (16,):
-                sig = {**{a: f"*{ty}" for a in float_ptrs}, **{a: f"*{acc_ty}" for a in acc_ptrs},
-                       **{a: ("*i64" if loss else f"*{ty}") for a in value_ptrs},
-                       **{a: ("*i64" if loss else f"*{acc_ty}") for a in label_ptrs},  # unused: LSE passed
-                       **{a: "i32" for a in _INTS}, "rad2": "fp32"}
-                out.append(variant(sig, ACC=acc_type(dtype), PREC=dot_precision(dtype), LOSS=loss, BLOCK_V=bv,
-                                   **blocks))
+        for loss, shape in [(False, _ALIGNED), (True, {**_ALIGNED, "V": "i32"})] + (
+                [(False, _UNALIGNED)] if unaligned and dtype != torch.float64 else []):
+            sig = {**{a: f"*{ty}" for a in float_ptrs}, **{a: f"*{acc_ty}" for a in acc_ptrs},
+                   **{a: ("*i64" if loss else f"*{ty}") for a in value_ptrs},
+                   **{a: ("*i64" if loss else f"*{acc_ty}") for a in label_ptrs},  # unused: LSE passed
+                   **_int_signature(shape), "rad2": "fp32"}
+            out.append(variant(sig, ACC=acc_type(dtype), PREC=dot_precision(dtype), LOSS=loss, BLOCK_V=MAX_BLOCK_V,
+                               **blocks))
     return out
 
 
@@ -502,7 +521,7 @@ def _configs():
 
 register(_propagate_fwd_kernel, uses_dot=True, configs=_configs(),
          variants=_variants("fwd", ["q_ptr", "kl_ptr", "kg_ptr", "out_ptr"], ["scale_ptr", "lse_ptr", "lsey_ptr"],
-                            ["vl_ptr", "vg_ptr"], ["y_ptr"]))
+                            ["vl_ptr", "vg_ptr"], ["y_ptr"], unaligned=True))
 register(_propagate_bwd_dq_kernel, uses_dot=True, configs=_configs(),
          variants=_variants("dq", ["q_ptr", "kl_ptr", "kg_ptr", "do_ptr", "dq_ptr"],
                             ["scale_ptr", "lse_ptr", "delta_ptr", "lsey_ptr", "gy_ptr"], ["vl_ptr", "vg_ptr"], ["y_ptr"]))
@@ -513,15 +532,23 @@ register(_propagate_bwd_dkdv_kernel, uses_dot=True, configs=_configs(),
 
 TOPK_MAX = 32
 TOPK_BLOCK_M = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}  # 64: wgmma's M; fp32: tf32x3 registers
-# 4 warps, 2 stages: no spills in any variant on sm_80 and sm_90 (8 warps spill 48 bytes on sm_80 in 16-bit,
-# 4 warps with 1 stage in fp32 on sm_90; ptxas via tests/test_compile_sm90.py).
-TOPK_WARPS, TOPK_STAGES = 4, 2
-register(_propagate_topk_kernel, uses_dot=True, configs=[triton.Config({}, num_warps=TOPK_WARPS, num_stages=TOPK_STAGES)],
-         variants=[variant({**{a: f"*{TL_DTYPE[dt]}" for a in ("q_ptr", "kl_ptr", "vl_ptr", "kg_ptr", "vg_ptr", "out_ptr")},
-                            "scale_ptr": "*fp32", **{a: "i32" for a in _INTS}, "rad2": "fp32", "K": "i32"},
-                           PREC=dot_precision(dt), BLOCK_M=TOPK_BLOCK_M[dt], BLOCK_C=blocks_for("fwd", dt)["BLOCK_C"],
-                           KP=TOPK_MAX)
-                   for dt in TOPK_BLOCK_M])
+# 16-bit: 4 warps, 2 stages, C in chunks of 64 (8 warps spill 48 bytes on sm_80; ptxas via
+# tests/test_compile_sm90.py). fp32 (tf32x3: three products, split operands): 8 warps, C in chunks of 16;
+# 4 warps with chunks of 32 reach 255 registers on the CRW step's odd map and spill (STACK:32 on sm_90 under
+# triton 3.8; STACK:16 on sm_80 under 3.9 with 4 warps and chunks of 16); 8 warps x 16 use 170-190 registers
+# and spill on neither chip under triton 3.6, 3.8 and 3.9 (2026-12-02).
+TOPK_WARPS = {torch.float16: 4, torch.bfloat16: 4, torch.float32: 8}
+TOPK_BLOCK_C = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 16}
+TOPK_STAGES = 2
+# The top-k kernel is inference: the CRW step's odd map (its main use) and maps that are multiples of 16.
+for _dt in TOPK_BLOCK_M:
+    register(_propagate_topk_kernel, uses_dot=True,
+             configs=[triton.Config({}, num_warps=TOPK_WARPS[_dt], num_stages=TOPK_STAGES)],
+             variants=[variant({**{a: f"*{TL_DTYPE[_dt]}" for a in ("q_ptr", "kl_ptr", "vl_ptr", "kg_ptr", "vg_ptr",
+                                                                    "out_ptr")},
+                                "scale_ptr": "*fp32", **_int_signature(shape), "rad2": "fp32", "K": "i32"},
+                               PREC=dot_precision(_dt), BLOCK_M=TOPK_BLOCK_M[_dt], BLOCK_C=TOPK_BLOCK_C[_dt], KP=TOPK_MAX)
+                       for shape in (_UNALIGNED, _ALIGNED)])
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
@@ -686,6 +713,6 @@ def propagate_topk_forward(q, kl, vl, kg, vg, scale: float, radius, topk: int):
     block_m = TOPK_BLOCK_M[q.dtype]
     _propagate_topk_kernel[(triton.cdiv(H * W, block_m), B)](
         q, kl_, vl_, kg_, vg_, scale_t, out, C, V, H, W, RL, RG, rr, rad2, topk, PREC=dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_C=blocks_for("fwd", q.dtype)["BLOCK_C"], KP=TOPK_MAX, num_warps=TOPK_WARPS,
+        BLOCK_M=block_m, BLOCK_C=TOPK_BLOCK_C[q.dtype], KP=TOPK_MAX, num_warps=TOPK_WARPS[q.dtype],
         num_stages=TOPK_STAGES)
     return out
