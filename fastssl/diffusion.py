@@ -13,7 +13,8 @@ gathers the schedule's coefficients itself. Range checks of timestep *values* ha
 (and Python ints); on CUDA an out-of-range timestep yields NaN in the output instead of a sync.
 
 Noise of the steps (when ``noise`` is not given), Triton path: drawn in the kernel by Philox,
-``tl.randn(seed, i)`` with ``i`` the element's global (int64) index in the contiguous tensor, so it does
+``tl.randn(seed, i)``'s draw (its Box-Muller cosine replaced by one for an argument already in [0, 2 pi),
+within ~1e-6 of it) with ``i`` the element's global (int64) index in the contiguous tensor, so it does
 not depend on the block size or the grid. ``seed`` is an int64 on the device: ``generator=int`` uses that
 int; a ``torch.Generator`` draws it with ``torch.randint(0, 2**62, (1,), generator=generator,
 device=generator.device)`` (moved to the tensors' device if the generator lives elsewhere) so the
