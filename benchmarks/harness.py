@@ -195,7 +195,8 @@ def row(case: Case, measured: dict) -> dict:
             "size": case.size, **({"error": measured["error"]} if "error" in measured else {}), **case.extra}
 
 
-# Seconds of timed calls per CPU case: the quick preset samples less (its 50-odd cases share 90 s).
+# Seconds of timed calls per CPU case: the quick preset samples less (its 50-odd cases share 90 s);
+# calls over twice that get 2 timed repetitions.
 MIN_TIME = {"quick": 0.25}
 
 
@@ -204,7 +205,8 @@ def run_case(case: Case, device: str, preset: str = "full") -> dict:
     start = time.perf_counter()
     try:
         fn = case.make(device)
-        measured = measure_cuda(fn) if device == "cuda" else measure_cpu(fn, min_time=MIN_TIME.get(preset, 0.5))
+        measured = measure_cuda(fn) if device == "cuda" else measure_cpu(fn, min_time=MIN_TIME.get(preset, 0.5),
+                                                                       slow_call=MIN_TIME.get(preset, 0.5) * 2)
     except Exception as exc:  # one provider failing (out of memory, a peer's limit) must not end the run
         measured = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     finally:
