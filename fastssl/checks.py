@@ -11,8 +11,10 @@ TypeError: query must be a floating-point tensor (float32, float16, bfloat16 or 
 """
 from __future__ import annotations
 
-from typing import Sequence
+import numbers
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -63,13 +65,66 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` is True or False (a bool or a numpy bool; an int is refused, so a mix-up fails loudly)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False (a bool), got {value!r}")
+    return bool(value)
+
+
+def check_int(name: str, value, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """``value`` is an integer (not a bool) in ``[low, high]``; returned as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if low is not None and high is not None else (
+            f">= {low}" if low is not None else f"<= {high}")
+        raise ValueError(f"{name} must be an int {bounds}, got {value}")
+    return value
+
+
+def check_number(name: str, value, *, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` is a finite real number (not a bool) within the bounds (``low_open``/``high_open``
+    exclude them); returned as a Python float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    value = float(value)
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above or value != value or value in (float("inf"), float("-inf")):
+        if low is not None and high is not None:
+            bounds = f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            bounds = f" {'>' if low_open else '>='} {low}"
+        elif high is not None:
+            bounds = f" {'<' if high_open else '<='} {high}"
+        else:
+            bounds = ""
+        raise ValueError(f"{name} must be a finite number{bounds}, got {value}")
+    return value
+
+
 def check_positive(name: str, value) -> float:
     """A positive finite Python number (temperatures, scales)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return check_number(name, value, low=0, low_open=True)
+
+
+def check_guidance(name: str, guidance, like: torch.Tensor, like_name: str):
+    """Classifier-free guidance ``w`` for the batch ``like`` (B, ...), named ``like_name``: a Python number
+    (returned as a float) or a floating tensor on like's device, 0-dim or ``(B,)`` (one weight per sample;
+    returned as is)."""
+    if isinstance(guidance, torch.Tensor):
+        check_float(name, guidance)
+        check_same((like_name, name), (like, guidance), dtype=False)
+        if guidance.dim() > 1 or (guidance.dim() == 1 and guidance.shape[0] != like.shape[0]):
+            raise ValueError(f"{name} must be a float, a 0-dim tensor or a ({like.shape[0]},) tensor (one weight per "
+                             f"sample), got shape {tuple(guidance.shape)}")
+        return guidance
+    if isinstance(guidance, (bool, np.bool_)) or not isinstance(guidance, numbers.Real):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(guidance).__name__}")
+    return float(guidance)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
