@@ -1,7 +1,8 @@
 """fastssl: fused Triton kernels for self-supervised and generative learning in PyTorch.
 
 The public API (shared/API.md) is re-exported here; each capability lives in one slice:
-``fastssl.contrastive``, ``fastssl.diffusion``, ``fastssl.propagation`` over ``fastssl.kernels.*``.
+``fastssl.contrastive``, ``fastssl.diffusion`` (with ``fastssl.schedules``, ``fastssl.diffusion_step`` and
+``fastssl.sampling``), ``fastssl.propagation`` over ``fastssl.kernels.*``.
 """
 __version__ = "0.1.0"
 
@@ -10,7 +11,9 @@ from .contrastive import clip_loss, info_nce, moco_loss, nt_xent  # noqa: E402,F
 from . import losses  # noqa: E402,F401
 
 # diffusion slice
-from .diffusion import NoiseSchedule, cfg_combine, ddim_step, ddpm_step, q_sample, sample  # noqa: E402,F401
+from .schedules import NoiseSchedule  # noqa: E402,F401
+from .diffusion import cfg_combine, ddim_step, ddpm_step, q_sample  # noqa: E402,F401
+from .sampling import sample  # noqa: E402,F401
 from . import schedulers  # noqa: E402,F401
 
 # propagation slice

@@ -36,7 +36,6 @@ torch.Size([1, 2])
 """
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections import OrderedDict
@@ -47,7 +46,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .diffusion import NoiseSchedule, _step, q_sample
+from .diffusion import q_sample
+from .diffusion_step import StepSpec, apply_step
+from .schedules import NoiseSchedule
 
 
 class FrozenConfig(OrderedDict):
@@ -65,7 +66,7 @@ class FrozenConfig(OrderedDict):
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}") from None
 
     def _refuse(self, *args, **kwargs):
-        raise TypeError(f"a scheduler config is frozen; build a new scheduler with from_config(config, key=value)")
+        raise TypeError("a scheduler config is frozen; build a new scheduler with from_config(config, key=value)")
 
     __setattr__ = __delattr__ = __delitem__ = setdefault = pop = popitem = update = clear = _refuse
 
@@ -344,11 +345,10 @@ class DDPMScheduler(_FusedScheduler):
         elif isinstance(generator, (list, tuple)):
             generator = None
         c = self.config
-        prev_sample, pred_x0 = _step(
-            "ddpm", model_output, t, prev, sample, self.schedule, noise=noise, generator=generator,
-            uncond_output=uncond_output, guidance=guidance, variance_type=self._VARIANCES[c.variance_type],
-            prediction_type=c.prediction_type, clip_sample=bool(c.clip_sample), clip_range=float(c.clip_sample_range),
-            return_pred_x0=True)
+        spec = StepSpec("ddpm", prediction_type=c.prediction_type, variance_type=self._VARIANCES[c.variance_type],
+                        clip_sample=bool(c.clip_sample), clip_range=float(c.clip_sample_range), return_pred_x0=True)
+        prev_sample, pred_x0 = apply_step(spec, model_output, t, sample, self.schedule, prev_t=prev, noise=noise,
+                                          generator=generator, uncond_output=uncond_output, guidance=guidance)
         return SchedulerOutput(prev_sample, pred_x0) if return_dict else (prev_sample, pred_x0)
 
 
@@ -418,10 +418,10 @@ class DDIMScheduler(_FusedScheduler):
         generator, variance_noise = self._noise_for(generator, variance_noise, sample)
         c = self.config
         final = 1.0 if c.set_alpha_to_one else float(self.alphas_cumprod[0])
-        prev_sample, pred_x0 = _step(
-            "ddim", model_output, t, None, sample, self.schedule, eta=float(eta), noise=variance_noise,
-            generator=generator, uncond_output=uncond_output, guidance=guidance, prediction_type=c.prediction_type,
-            clip_sample=bool(c.clip_sample), clip_range=float(c.clip_sample_range), final_alpha_cumprod=final,
-            use_clipped_model_output=bool(use_clipped_model_output), return_pred_x0=True,
-            prev_delta=-(c.num_train_timesteps // self.num_inference_steps))
+        spec = StepSpec("ddim", prediction_type=c.prediction_type, clip_sample=bool(c.clip_sample),
+                        clip_range=float(c.clip_sample_range), eta=float(eta), final_alpha_cumprod=final,
+                        use_clipped_model_output=bool(use_clipped_model_output),
+                        prev_offset=-(c.num_train_timesteps // self.num_inference_steps), return_pred_x0=True)
+        prev_sample, pred_x0 = apply_step(spec, model_output, t, sample, self.schedule, noise=variance_noise,
+                                          generator=generator, uncond_output=uncond_output, guidance=guidance)
         return SchedulerOutput(prev_sample, pred_x0) if return_dict else (prev_sample, pred_x0)

@@ -25,6 +25,7 @@ stack frame.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -58,24 +59,25 @@ STEP_CONFIGS = [
 
 @autotune(ELEMENTWISE_CONFIGS, key=["n_bucket"])
 @triton.jit
-def _cfg_combine_kernel(cond_ptr, uncond_ptr, w_ptr, out_ptr, n, inner, w_stride, n_bucket,
+def _cfg_combine_kernel(cond_ptr, uncond_ptr, guidance_ptr, out_ptr, n, inner, guidance_stride, n_bucket,
                         ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     cond = tl.load(cond_ptr + offs, mask=mask).to(ACC)
     uncond = tl.load(uncond_ptr + offs, mask=mask).to(ACC)
-    w = tl.load(w_ptr + (offs // inner) * w_stride, mask=mask).to(ACC)
+    w = tl.load(guidance_ptr + (offs // inner) * guidance_stride, mask=mask).to(ACC)
     tl.store(out_ptr + offs, (cond + w * (cond - uncond)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @autotune(ELEMENTWISE_CONFIGS, key=["n_bucket"])
 @triton.jit
-def _cfg_combine_backward_kernel(grad_ptr, w_ptr, grad_cond_ptr, grad_uncond_ptr, n, inner, w_stride, n_bucket,
+def _cfg_combine_backward_kernel(grad_ptr, guidance_ptr, grad_cond_ptr, grad_uncond_ptr, n, inner, guidance_stride,
+                                 n_bucket,
                                  ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     grad = tl.load(grad_ptr + offs, mask=mask).to(ACC)
-    w = tl.load(w_ptr + (offs // inner) * w_stride, mask=mask).to(ACC)
+    w = tl.load(guidance_ptr + (offs // inner) * guidance_stride, mask=mask).to(ACC)
     tl.store(grad_cond_ptr + offs, ((1 + w) * grad).to(grad_cond_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_uncond_ptr + offs, (-w * grad).to(grad_uncond_ptr.dtype.element_ty), mask=mask)
 
@@ -99,50 +101,51 @@ def dtype_variants(tensors, tables=(), ints=(), *, ints16=(), f32_tables=(), i64
 
 
 # Sizes (n, inner) and buckets are multiples of 16 at the GPU's shapes (GUIDE §6: 64M elements, latents
-# 4x64x64); w_stride is 0 or 1 (a value, not a size): declared plain.
+# 4x64x64); guidance_stride is 0 or 1 (a value, not a size): declared plain.
 _CFG_INTS16 = ["n", "inner", "n_bucket"]
 register(_cfg_combine_kernel, configs=ELEMENTWISE_CONFIGS,
-         variants=dtype_variants(["cond_ptr", "uncond_ptr", "out_ptr"], ["w_ptr"], ["w_stride"], ints16=_CFG_INTS16))
+         variants=dtype_variants(["cond_ptr", "uncond_ptr", "out_ptr"], ["guidance_ptr"], ["guidance_stride"],
+                                 ints16=_CFG_INTS16))
 register(_cfg_combine_backward_kernel, configs=ELEMENTWISE_CONFIGS,
-         variants=dtype_variants(["grad_ptr", "grad_cond_ptr", "grad_uncond_ptr"], ["w_ptr"], ["w_stride"],
+         variants=dtype_variants(["grad_ptr", "grad_cond_ptr", "grad_uncond_ptr"], ["guidance_ptr"], ["guidance_stride"],
                                  ints16=_CFG_INTS16))
 
 
-def _guidance_table(guidance: float, per_sample: torch.Tensor | None, like: torch.Tensor):
-    """(table, stride): the guidance weights the kernels index by sample, in the math dtype."""
-    math_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    if per_sample is None:
-        return torch.full((1,), guidance, dtype=math_dtype, device=like.device), 0
-    table = per_sample.to(math_dtype).reshape(-1)
-    return table, (0 if table.numel() == 1 else table.stride(0))
+def _guidance_table(guidance: torch.Tensor, like: torch.Tensor):
+    """(table, stride): the guidance weights (one, or one per sample) in the math dtype, as the kernels
+    index them by sample (stride 0: one weight for all)."""
+    table = guidance.to(torch.float64 if like.dtype == torch.float64 else torch.float32).reshape(-1)
+    return table, _stride(table)
 
 
-def cfg_combine_forward(cond: torch.Tensor, uncond: torch.Tensor, guidance: float,
-                        per_sample: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch ``_cfg_combine_kernel``; inputs are made contiguous once (a copy only if they are not)."""
+def cfg_combine_forward(cond: torch.Tensor, uncond: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    """Launch ``_cfg_combine_kernel``; inputs are made contiguous once (a copy only if they are not).
+    ``guidance``: one weight (1 element) or one per sample, any float dtype, on the inputs' device."""
     cond, uncond = cond.contiguous(), uncond.contiguous()
     out = torch.empty_like(cond)
     n = cond.numel()
     if n == 0:
         return out
-    table, stride = _guidance_table(guidance, per_sample, cond)
+    table, stride = _guidance_table(guidance, cond)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    _cfg_combine_kernel[grid](cond, uncond, table, out, n, n // cond.shape[0], stride, bucket(n),
+    _cfg_combine_kernel[grid](cond_ptr=cond, uncond_ptr=uncond, guidance_ptr=table, out_ptr=out, n=n,
+                              inner=n // cond.shape[0], guidance_stride=stride, n_bucket=bucket(n),
                               ACC=acc_type(cond.dtype))
     return out
 
 
-def cfg_combine_backward(grad: torch.Tensor, guidance: float, per_sample: torch.Tensor | None = None):
+def cfg_combine_backward(grad: torch.Tensor, guidance: torch.Tensor):
     """Launch ``_cfg_combine_backward_kernel``: returns ((1 + w) * grad, -w * grad)."""
     grad = grad.contiguous()
     grad_cond, grad_uncond = torch.empty_like(grad), torch.empty_like(grad)
     n = grad.numel()
     if n == 0:
         return grad_cond, grad_uncond
-    table, stride = _guidance_table(guidance, per_sample, grad)
+    table, stride = _guidance_table(guidance, grad)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    _cfg_combine_backward_kernel[grid](grad, table, grad_cond, grad_uncond, n, n // grad.shape[0], stride,
-                                       bucket(n), ACC=acc_type(grad.dtype))
+    _cfg_combine_backward_kernel[grid](grad_ptr=grad, guidance_ptr=table, grad_cond_ptr=grad_cond,
+                                       grad_uncond_ptr=grad_uncond, n=n, inner=n // grad.shape[0],
+                                       guidance_stride=stride, n_bucket=bucket(n), ACC=acc_type(grad.dtype))
     return grad_cond, grad_uncond
 
 
@@ -151,9 +154,9 @@ def cfg_combine_backward(grad: torch.Tensor, guidance: float, per_sample: torch.
 # ----------------------------------------------------------------------------------------------------
 
 NOISE_NONE, NOISE_READ, NOISE_PHILOX = 0, 1, 2  # the step kernel's NOISE constexpr
-SAMPLER_DDPM, SAMPLER_DDIM = 0, 1
-VARIANCE_TYPES = {"fixed_small": 0, "fixed_large": 1}
-PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+# The step kernel's int codes of the step's string options (sampler, variance_type, prediction_type).
+CHOICE_CODES = {"ddpm": 0, "ddim": 1, "fixed_small": 0, "fixed_large": 1, "epsilon": 0, "sample": 1,
+                "v_prediction": 2}
 
 
 @device_function
@@ -229,13 +232,13 @@ def _gather_abar(abar_ptr, t, num_t, below):
 
 @device_function
 @triton.jit
-def _step_coefficients(abar_ptr, t, prev, num_t, final_abar, eta, sampler, variance, prediction, clipped_eps,
-                       ACC: tl.constexpr):
+def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sampler, variance_type, prediction_type,
+                       use_clipped_model_output, ACC: tl.constexpr):
     """The six per-sample scalars (c1, c2, ca, cx, ce, cz) of the affine step (module docstring), in ACC.
     Differences of nearby abar are formed as (abar_prev - abar_t) / abar_prev (exact subtraction) rather
     than 1 - abar_t / abar_prev, which loses ~3 digits in float32 at small t."""
     abar_t = _gather_abar(abar_ptr, t, num_t, float("nan")).to(ACC)
-    abar_p = _gather_abar(abar_ptr, prev, num_t, final_abar).to(ACC)
+    abar_p = _gather_abar(abar_ptr, prev_t, num_t, final_alpha_cumprod).to(ACC)
     beta_t = 1.0 - abar_t
     beta_p = 1.0 - abar_p
     beta_cur = _div(abar_p - abar_t, abar_p, ACC)  # 1 - alpha_t (the current step's beta, strided)
@@ -244,17 +247,17 @@ def _step_coefficients(abar_ptr, t, prev, num_t, final_abar, eta, sampler, varia
     inv_sa = _div(1.0 + 0.0 * sa, sa, ACC)
     inv_sb = _div(1.0 + 0.0 * sb, sb, ACC)
     # x0 = c1 * x + c2 * e and eps = d1 * x + d2 * e, by prediction type (epsilon, sample, v_prediction)
-    c1 = tl.where(prediction == 0, inv_sa, tl.where(prediction == 1, 0.0, sa))
-    c2 = tl.where(prediction == 0, -sb * inv_sa, tl.where(prediction == 1, 1.0, -sb))
-    d1 = tl.where(prediction == 0, 0.0, tl.where(prediction == 1, inv_sb, sb))
-    d2 = tl.where(prediction == 0, 1.0, tl.where(prediction == 1, -sa * inv_sb, sa))
+    c1 = tl.where(prediction_type == 0, inv_sa, tl.where(prediction_type == 1, 0.0, sa))
+    c2 = tl.where(prediction_type == 0, -sb * inv_sa, tl.where(prediction_type == 1, 1.0, -sb))
+    d1 = tl.where(prediction_type == 0, 0.0, tl.where(prediction_type == 1, inv_sb, sb))
+    d2 = tl.where(prediction_type == 0, 1.0, tl.where(prediction_type == 1, -sa * inv_sb, sa))
     # DDPM: posterior mean of formula (7); sigma^2 = fixed_small (clamped at 1e-20) or fixed_large
     inv_bt = _div(1.0 + 0.0 * beta_t, beta_t, ACC)
     sqrt_p = _sqrt(abar_p, ACC)
     ddpm_a = sqrt_p * beta_cur * inv_bt
     ddpm_x = _sqrt(1.0 - beta_cur, ACC) * beta_p * inv_bt  # sqrt(alpha_t) = sqrt(abar_t / abar_prev)
     var = beta_p * inv_bt * beta_cur
-    ddpm_z = _sqrt(tl.where(variance == 0, tl.maximum(var, 1e-20), beta_cur), ACC)
+    ddpm_z = _sqrt(tl.where(variance_type == 0, tl.maximum(var, 1e-20), beta_cur), ACC)
     # DDIM (formula 12): std = eta * sqrt(beta_p / beta_t * beta_cur); direction weight sqrt(beta_p - std^2)
     std = eta * _sqrt(var, ACC)
     direction = _sqrt(tl.maximum(beta_p - std * std, 0.0), ACC)
@@ -262,9 +265,9 @@ def _step_coefficients(abar_ptr, t, prev, num_t, final_abar, eta, sampler, varia
     ddim_x = direction * d1
     ddim_e = direction * d2
     # use_clipped_model_output: eps re-derived from the clipped x0, eps = (x - sa * x0) / sb
-    ddim_a = tl.where(clipped_eps != 0, ddim_a - direction * sa * inv_sb, ddim_a)
-    ddim_x = tl.where(clipped_eps != 0, direction * inv_sb, ddim_x)
-    ddim_e = tl.where(clipped_eps != 0, 0.0, ddim_e)
+    ddim_a = tl.where(use_clipped_model_output != 0, ddim_a - direction * sa * inv_sb, ddim_a)
+    ddim_x = tl.where(use_clipped_model_output != 0, direction * inv_sb, ddim_x)
+    ddim_e = tl.where(use_clipped_model_output != 0, 0.0, ddim_e)
     is_ddpm = sampler == 0
     ca = tl.where(is_ddpm, ddpm_a, ddim_a)
     cx = tl.where(is_ddpm, ddpm_x, ddim_x)
@@ -304,7 +307,7 @@ def _philox_normal(seed, offs):
 
 @autotune(STEP_CONFIGS, key=["n_bucket", "inner_bucket"])
 @triton.jit
-def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, abar_ptr, out_ptr, v_ptr, inner, t_stride, num_t, write_v,
+def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, abar_ptr, out_ptr, v_ptr, inner, t_stride, num_t, return_v,
                      n_bucket, inner_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
     row, mask, offs = _row_block(inner, BLOCK)
     abar = _gather_abar(abar_ptr, tl.load(t_ptr + row * t_stride), num_t, float("nan")).to(ACC)
@@ -313,7 +316,7 @@ def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, abar_ptr, out_ptr, v_ptr, inner, 
     x0 = tl.load(x0_ptr + offs, mask=mask).to(ACC)
     z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
     tl.store(out_ptr + offs, (a * x0 + b * z).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + offs, (a * z - b * x0).to(v_ptr.dtype.element_ty), mask=_gate(mask, write_v))
+    tl.store(v_ptr + offs, (a * z - b * x0).to(v_ptr.dtype.element_ty), mask=_gate(mask, return_v))
 
 
 @autotune(STEP_CONFIGS, key=["n_bucket", "inner_bucket"])
@@ -332,19 +335,19 @@ def _q_sample_backward_kernel(grad_ptr, grad_v_ptr, t_ptr, abar_ptr, grad_x0_ptr
 
 @autotune(STEP_CONFIGS, key=["n_bucket", "inner_bucket"])
 @triton.jit
-def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, prev_ptr, w_ptr, abar_ptr,
-                           out_ptr, x0_ptr, inner, t_stride, prev_stride, prev_delta, w_stride, num_t,
-                           sampler, variance, prediction, has_uncond, clip, clipped_eps, write_x0,
-                           w_add, w_add_lo, final_abar, final_abar_lo, eta, eta_lo, clip_range, clip_range_lo,
-                           n_bucket, inner_bucket,
+def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, prev_t_ptr, guidance_ptr,
+                           abar_ptr, out_ptr, pred_x0_ptr, inner, t_stride, prev_t_stride, prev_offset,
+                           guidance_stride, num_t, sampler, variance_type, prediction_type, has_uncond, clip_sample,
+                           use_clipped_model_output, return_pred_x0, final_alpha_cumprod, final_alpha_cumprod_lo,
+                           eta, eta_lo, clip_range, clip_range_lo, n_bucket, inner_bucket,
                            ACC: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr):
     row, mask, offs = _row_block(inner, BLOCK)
     t = tl.load(t_ptr + row * t_stride)
-    prev = tl.load(prev_ptr + row * prev_stride) + prev_delta
-    c1, c2, ca, cx, ce, cz = _step_coefficients(abar_ptr, t, prev, num_t, _scalar(final_abar, final_abar_lo, ACC),
-                                                _scalar(eta, eta_lo, ACC), sampler, variance, prediction, clipped_eps,
-                                                ACC)
-    w = tl.load(w_ptr + row * w_stride).to(ACC) + _scalar(w_add, w_add_lo, ACC)
+    prev_t = tl.load(prev_t_ptr + row * prev_t_stride) + prev_offset
+    c1, c2, ca, cx, ce, cz = _step_coefficients(
+        abar_ptr, t, prev_t, num_t, _scalar(final_alpha_cumprod, final_alpha_cumprod_lo, ACC), _scalar(eta, eta_lo, ACC),
+        sampler, variance_type, prediction_type, use_clipped_model_output, ACC)
+    w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     e = tl.load(model_ptr + offs, mask=mask).to(ACC)
     u = tl.load(uncond_ptr + offs, mask=_gate(mask, has_uncond), other=0.0).to(ACC)
@@ -352,7 +355,7 @@ def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_
     x0 = c1 * x + c2 * e
     r = _scalar(clip_range, clip_range_lo, ACC)
     clamped = tl.minimum(tl.maximum(x0, -r, propagate_nan=tl.PropagateNan.ALL), r, propagate_nan=tl.PropagateNan.ALL)
-    x0 = tl.where(clip != 0, clamped, x0)
+    x0 = tl.where(clip_sample != 0, clamped, x0)
     out = ca * x0 + cx * x + ce * e
     if NOISE == 1:
         z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
@@ -361,36 +364,36 @@ def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_
         z = _philox_normal(tl.load(seed_ptr), offs).to(ACC)
         out = tl.where(t > 0, out + cz * z, out)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=_gate(mask, write_x0))
+    tl.store(pred_x0_ptr + offs, x0.to(pred_x0_ptr.dtype.element_ty), mask=_gate(mask, return_pred_x0))
 
 
 @autotune(STEP_CONFIGS, key=["n_bucket", "inner_bucket"])
 @triton.jit
-def _diffusion_step_backward_kernel(grad_ptr, grad_x0_ptr, model_ptr, uncond_ptr, x_ptr, t_ptr, prev_ptr, w_ptr,
-                                    abar_ptr, grad_model_ptr, grad_uncond_ptr, grad_x_ptr, grad_noise_ptr,
-                                    inner, t_stride, prev_stride, prev_delta, w_stride, num_t,
-                                    sampler, variance, prediction, has_uncond, clip, clipped_eps, has_grad_x0,
-                                    want_grad_noise, w_add, w_add_lo, final_abar, final_abar_lo, eta, eta_lo,
-                                    clip_range, clip_range_lo, n_bucket, inner_bucket,
-                                    ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _diffusion_step_backward_kernel(grad_ptr, grad_pred_x0_ptr, model_ptr, uncond_ptr, x_ptr, t_ptr, prev_t_ptr,
+                                    guidance_ptr, abar_ptr, grad_model_ptr, grad_uncond_ptr, grad_x_ptr,
+                                    grad_noise_ptr, inner, t_stride, prev_t_stride, prev_offset, guidance_stride,
+                                    num_t, sampler, variance_type, prediction_type, has_uncond, clip_sample,
+                                    use_clipped_model_output, has_grad_pred_x0, want_grad_noise, final_alpha_cumprod,
+                                    final_alpha_cumprod_lo, eta, eta_lo, clip_range, clip_range_lo, n_bucket,
+                                    inner_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
     row, mask, offs = _row_block(inner, BLOCK)
     t = tl.load(t_ptr + row * t_stride)
-    prev = tl.load(prev_ptr + row * prev_stride) + prev_delta
-    c1, c2, ca, cx, ce, cz = _step_coefficients(abar_ptr, t, prev, num_t, _scalar(final_abar, final_abar_lo, ACC),
-                                                _scalar(eta, eta_lo, ACC), sampler, variance, prediction, clipped_eps,
-                                                ACC)
-    w = tl.load(w_ptr + row * w_stride).to(ACC) + _scalar(w_add, w_add_lo, ACC)
+    prev_t = tl.load(prev_t_ptr + row * prev_t_stride) + prev_offset
+    c1, c2, ca, cx, ce, cz = _step_coefficients(
+        abar_ptr, t, prev_t, num_t, _scalar(final_alpha_cumprod, final_alpha_cumprod_lo, ACC), _scalar(eta, eta_lo, ACC),
+        sampler, variance_type, prediction_type, use_clipped_model_output, ACC)
+    w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)
     g = tl.load(grad_ptr + offs, mask=mask).to(ACC)
-    g_x0 = ca * g + tl.load(grad_x0_ptr + offs, mask=_gate(mask, has_grad_x0), other=0.0).to(ACC)
+    g_x0 = ca * g + tl.load(grad_pred_x0_ptr + offs, mask=_gate(mask, has_grad_pred_x0), other=0.0).to(ACC)
     # clamp passes the gradient where -r <= x0 <= r: recompute x0 (x, m, u are read only when clipping)
-    clipping = _gate(mask, clip)
+    clipping = _gate(mask, clip_sample)
     x = tl.load(x_ptr + offs, mask=clipping, other=0.0).to(ACC)
     e = tl.load(model_ptr + offs, mask=clipping, other=0.0).to(ACC)
     u = tl.load(uncond_ptr + offs, mask=_gate(clipping, has_uncond), other=0.0).to(ACC)
     e = tl.where(has_uncond != 0, e + w * (e - u), e)
     x0 = c1 * x + c2 * e
     r = _scalar(clip_range, clip_range_lo, ACC)
-    g_x0 = tl.where((clip == 0) | ((x0 >= -r) & (x0 <= r)), g_x0, 0.0)
+    g_x0 = tl.where((clip_sample == 0) | ((x0 >= -r) & (x0 <= r)), g_x0, 0.0)
     g_e = c2 * g_x0 + ce * g
     g_x = c1 * g_x0 + cx * g
     tl.store(grad_model_ptr + offs, tl.where(has_uncond != 0, (1.0 + w) * g_e, g_e).to(grad_model_ptr.dtype.element_ty),
@@ -401,43 +404,32 @@ def _diffusion_step_backward_kernel(grad_ptr, grad_x0_ptr, model_ptr, uncond_ptr
 
 
 # The per-sample size and the buckets are multiples of 16 at the GPU's shapes; strides (0 or 1), num_t (1000),
-# prev_delta and the flags are values, declared plain (a real launch folds a 1 into a constant and marks a
+# prev_offset and the flags are values, declared plain (a real launch folds a 1 into a constant and marks a
 # 0 divisible: the plain variant is the general code both share).
 _SIZES16 = ["inner", "n_bucket", "inner_bucket"]
 _Q_INTS = ["t_stride", "num_t"]
 register(_q_sample_kernel, configs=STEP_CONFIGS,
-         variants=dtype_variants(["x0_ptr", "noise_ptr", "out_ptr", "v_ptr"], ints=_Q_INTS + ["write_v"],
+         variants=dtype_variants(["x0_ptr", "noise_ptr", "out_ptr", "v_ptr"], ints=_Q_INTS + ["return_v"],
                                  ints16=_SIZES16, f32_tables=["abar_ptr"], i64_tensors=["t_ptr"]))
 register(_q_sample_backward_kernel, configs=STEP_CONFIGS,
          variants=dtype_variants(["grad_ptr", "grad_v_ptr", "grad_x0_ptr", "grad_noise_ptr"],
                                  ints=_Q_INTS + ["has_grad_v"], ints16=_SIZES16, f32_tables=["abar_ptr"],
                                  i64_tensors=["t_ptr"]))
-_STEP_INTS = ["t_stride", "prev_stride", "prev_delta", "w_stride", "num_t", "sampler", "variance",
-              "prediction", "has_uncond", "clip", "clipped_eps"]
-_STEP_FLOATS = ["w_add", "w_add_lo", "final_abar", "final_abar_lo", "eta", "eta_lo", "clip_range", "clip_range_lo"]
+_STEP_INTS = ["t_stride", "prev_t_stride", "prev_offset", "guidance_stride", "num_t", "sampler", "variance_type",
+              "prediction_type", "has_uncond", "clip_sample", "use_clipped_model_output"]
+_STEP_FLOATS = ["final_alpha_cumprod", "final_alpha_cumprod_lo", "eta", "eta_lo", "clip_range", "clip_range_lo"]
 register(_diffusion_step_kernel, configs=STEP_CONFIGS,
          variants=[v for noise in (NOISE_NONE, NOISE_READ, NOISE_PHILOX)
-                   for v in dtype_variants(["model_ptr", "uncond_ptr", "x_ptr", "noise_ptr", "out_ptr", "x0_ptr"],
-                                           ["w_ptr"], _STEP_INTS + ["write_x0"], ints16=_SIZES16,
+                   for v in dtype_variants(["model_ptr", "uncond_ptr", "x_ptr", "noise_ptr", "out_ptr", "pred_x0_ptr"],
+                                           ["guidance_ptr"], _STEP_INTS + ["return_pred_x0"], ints16=_SIZES16,
                                            f32_tables=["abar_ptr"],
-                                           i64_tensors=["seed_ptr", "t_ptr", "prev_ptr"], floats=_STEP_FLOATS,
+                                           i64_tensors=["seed_ptr", "t_ptr", "prev_t_ptr"], floats=_STEP_FLOATS,
                                            NOISE=noise)])
 register(_diffusion_step_backward_kernel, configs=STEP_CONFIGS,
-         variants=dtype_variants(["grad_ptr", "grad_x0_ptr", "model_ptr", "uncond_ptr", "x_ptr", "grad_model_ptr",
-                                  "grad_uncond_ptr", "grad_x_ptr", "grad_noise_ptr"], ["w_ptr"],
-                                 _STEP_INTS + ["has_grad_x0", "want_grad_noise"], ints16=_SIZES16, f32_tables=["abar_ptr"],
-                                 i64_tensors=["t_ptr", "prev_ptr"], floats=_STEP_FLOATS))
-
-
-_ZEROS: dict = {}
-
-
-def _zeros(device, dtype) -> torch.Tensor:
-    """A cached one-element zero table (the guidance table when there is none; never written)."""
-    key = (str(device), dtype)
-    if key not in _ZEROS:
-        _ZEROS[key] = torch.zeros(1, dtype=dtype, device=device)
-    return _ZEROS[key]
+         variants=dtype_variants(["grad_ptr", "grad_pred_x0_ptr", "model_ptr", "uncond_ptr", "x_ptr", "grad_model_ptr",
+                                  "grad_uncond_ptr", "grad_x_ptr", "grad_noise_ptr"], ["guidance_ptr"],
+                                 _STEP_INTS + ["has_grad_pred_x0", "want_grad_noise"], ints16=_SIZES16,
+                                 f32_tables=["abar_ptr"], i64_tensors=["t_ptr", "prev_t_ptr"], floats=_STEP_FLOATS))
 
 
 def _split(value: float) -> tuple:
@@ -452,18 +444,18 @@ def _stride(table: torch.Tensor) -> int:
     return 0 if table.numel() == 1 else table.stride(0)
 
 
-def _launch(kernel, rows: int, inner: int, args: tuple, block=None, **kwargs):
-    """Launch on the row-blocked grid; ``block`` bypasses autotuning (the tests use it to show results do not
-    depend on BLOCK)."""
+def _launch(kernel, rows: int, inner: int, block=None, /, **kwargs):
+    """Launch by keyword on the row-blocked grid; ``block`` bypasses autotuning (the tests use it to show
+    results do not depend on BLOCK)."""
     grid = lambda meta: (rows * triton.cdiv(inner, meta["BLOCK"]),)  # noqa: E731
     if block is None:
-        kernel[grid](*args, **kwargs)
+        kernel[grid](**kwargs)
     else:
-        kernel.fn[(rows * triton.cdiv(inner, block),)](*args, BLOCK=block, num_warps=4, **kwargs)
+        kernel.fn[(rows * triton.cdiv(inner, block),)](**kwargs, BLOCK=block, num_warps=4)
 
 
-def q_sample_forward(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, return_v: bool,
-                     block=None):
+def q_sample_forward(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, *,
+                     return_v: bool, block=None):
     """Launch ``_q_sample_kernel``: (x_t, v or an empty tensor). ``t`` int64 (1,) or (B,) on the device;
     inputs are made contiguous once (a copy only if they are not: one extra read and write each)."""
     x0, noise = x0.contiguous(), noise.contiguous()
@@ -472,15 +464,15 @@ def q_sample_forward(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, aba
     n = x0.numel()
     if n == 0:
         return out, v
-    rows = x0.shape[0]
-    inner = n // rows
-    _launch(_q_sample_kernel, rows, inner,
-            (x0, noise, t, abar, out, v if return_v else out, inner, _stride(t), abar.numel(), int(return_v),
-             bucket(n), bucket(inner)), block, ACC=acc_type(x0.dtype))
+    inner = n // x0.shape[0]
+    _launch(_q_sample_kernel, x0.shape[0], inner, block, x0_ptr=x0, noise_ptr=noise, t_ptr=t, abar_ptr=alphas_cumprod,
+            out_ptr=out, v_ptr=v if return_v else out, inner=inner, t_stride=_stride(t),
+            num_t=alphas_cumprod.numel(), return_v=int(return_v), n_bucket=bucket(n), inner_bucket=bucket(inner),
+            ACC=acc_type(x0.dtype))
     return out, v
 
 
-def q_sample_backward(grad: torch.Tensor, grad_v, t: torch.Tensor, abar: torch.Tensor, block=None):
+def q_sample_backward(grad: torch.Tensor, grad_v, t: torch.Tensor, alphas_cumprod: torch.Tensor, block=None):
     """Launch ``_q_sample_backward_kernel``: (grad_x0, grad_noise) = (a g - b gv, b g + a gv)."""
     grad = grad.contiguous()
     grad_v = grad_v.contiguous() if grad_v is not None else None
@@ -488,76 +480,90 @@ def q_sample_backward(grad: torch.Tensor, grad_v, t: torch.Tensor, abar: torch.T
     n = grad.numel()
     if n == 0:
         return grad_x0, grad_noise
-    rows = grad.shape[0]
-    inner = n // rows
-    _launch(_q_sample_backward_kernel, rows, inner,
-            (grad, grad if grad_v is None else grad_v, t, abar, grad_x0, grad_noise, inner, _stride(t), abar.numel(),
-             int(grad_v is not None), bucket(n), bucket(inner)), block, ACC=acc_type(grad.dtype))
+    inner = n // grad.shape[0]
+    _launch(_q_sample_backward_kernel, grad.shape[0], inner, block, grad_ptr=grad,
+            grad_v_ptr=grad if grad_v is None else grad_v, t_ptr=t, abar_ptr=alphas_cumprod, grad_x0_ptr=grad_x0,
+            grad_noise_ptr=grad_noise, inner=inner, t_stride=_stride(t), num_t=alphas_cumprod.numel(),
+            has_grad_v=int(grad_v is not None), n_bucket=bucket(n), inner_bucket=bucket(inner),
+            ACC=acc_type(grad.dtype))
     return grad_x0, grad_noise
 
 
-def _step_scalars(x, t, prev, prev_delta, w, w_add, abar, p):
-    """The launch arguments the forward and backward step kernels share (``p``: the step's options)."""
-    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w_table = _zeros(x.device, math_dtype) if w is None else w
-    n = x.numel()
-    inner = n // x.shape[0]
-    return (t, prev, w_table, abar), (
-        inner, _stride(t), _stride(prev), int(prev_delta), _stride(w_table), abar.numel(), int(p["sampler"]),
-        int(p["variance"]), int(p["prediction"]), int(p["has_uncond"]), int(p["clip"]), int(p["clipped_eps"]))
+@functools.lru_cache(maxsize=None)
+def _zero_weight(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One zero weight per device and dtype (the guidance table of unguided steps; never written)."""
+    return torch.zeros(1, dtype=dtype, device=device)
 
 
-def diffusion_step_forward(model, uncond, x, noise, seed, t, prev, prev_delta, w, w_add, abar, *, sampler, variance,
-                           prediction, clip, clip_range, eta, final_abar, clipped_eps, write_x0, block=None):
+def _step_arguments(like, t, prev_t, guidance, alphas_cumprod, has_uncond, *, sampler, prediction_type,
+                    variance_type, clip_sample, clip_range, eta, final_alpha_cumprod, use_clipped_model_output,
+                    prev_offset):
+    """The keyword arguments the forward and backward step kernels share, from the step's options."""
+    n = like.numel()
+    inner = n // like.shape[0]
+    math_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if guidance is None:  # no uncond: the kernel reads one unused weight
+        guidance = _zero_weight(like.device, math_dtype)
+    table = guidance.to(math_dtype).reshape(-1)
+    final_hi, final_lo = _split(final_alpha_cumprod)
+    eta_hi, eta_lo = _split(eta)
+    range_hi, range_lo = _split(clip_range)
+    return dict(t_ptr=t, prev_t_ptr=prev_t, guidance_ptr=table, abar_ptr=alphas_cumprod, inner=inner,
+                t_stride=_stride(t), prev_t_stride=_stride(prev_t), prev_offset=int(prev_offset),
+                guidance_stride=_stride(table), num_t=alphas_cumprod.numel(), sampler=CHOICE_CODES[sampler],
+                variance_type=CHOICE_CODES[variance_type], prediction_type=CHOICE_CODES[prediction_type],
+                has_uncond=int(has_uncond), clip_sample=int(clip_sample),
+                use_clipped_model_output=int(use_clipped_model_output), final_alpha_cumprod=final_hi,
+                final_alpha_cumprod_lo=final_lo, eta=eta_hi, eta_lo=eta_lo, clip_range=range_hi,
+                clip_range_lo=range_lo, n_bucket=bucket(n), inner_bucket=bucket(inner), ACC=acc_type(like.dtype))
+
+
+def diffusion_step_forward(*, model_output, uncond_output, x_t, noise, seed, t, prev_t, guidance, alphas_cumprod,
+                           return_pred_x0, block=None, **options):
     """Launch ``_diffusion_step_kernel``: (x_prev, pred_x0 or an empty tensor).
 
-    ``t``/``prev``: int64 (1,) or (B,) device tensors (prev is read as ``prev + prev_delta``); ``w``: the
-    per-sample guidance table in the math dtype or None (then ``w_add`` is the guidance); ``noise``: a tensor
-    to read, else ``seed`` (int64 (1,) device tensor) for in-kernel Philox noise, else no noise. Inputs are
-    made contiguous once (a copy only when they are not)."""
-    model, x = model.contiguous(), x.contiguous()
-    uncond = uncond.contiguous() if uncond is not None else None
+    ``t``/``prev_t``: int64 (1,) or (B,) device tensors (prev_t is read as ``prev_t + prev_offset``);
+    ``guidance``: one weight or one per sample (a tensor; None without ``uncond_output``); ``noise``: a
+    tensor to read, else ``seed`` (int64 (1,) device tensor) for in-kernel Philox noise, else no noise.
+    ``options``: the step's sampler, prediction_type, variance_type, clip_sample, clip_range, eta,
+    final_alpha_cumprod, use_clipped_model_output and prev_offset (fastssl.diffusion_step.StepSpec).
+    Inputs are made contiguous once (a copy only when they are not)."""
+    model_output, x_t = model_output.contiguous(), x_t.contiguous()
+    uncond_output = uncond_output.contiguous() if uncond_output is not None else None
     noise = noise.contiguous() if noise is not None else None
-    out = torch.empty_like(x)
-    x0 = torch.empty_like(x) if write_x0 else torch.empty(0, dtype=x.dtype, device=x.device)
-    n = x.numel()
-    if n == 0:
-        return out, x0
+    out = torch.empty_like(x_t)
+    pred_x0 = torch.empty_like(x_t) if return_pred_x0 else torch.empty(0, dtype=x_t.dtype, device=x_t.device)
+    if x_t.numel() == 0:
+        return out, pred_x0
     mode = NOISE_READ if noise is not None else NOISE_PHILOX if seed is not None else NOISE_NONE
-    p = dict(sampler=sampler, variance=variance, prediction=prediction, has_uncond=uncond is not None, clip=clip,
-             clipped_eps=clipped_eps)
-    tables, ints = _step_scalars(x, t, prev, prev_delta, w, w_add, abar, p)
-    t, prev, w_table, abar = tables
-    args = (model, model if uncond is None else uncond, x, x if noise is None else noise, t if seed is None else seed,
-            t, prev, w_table, abar, out, x0 if write_x0 else out, *ints, int(write_x0),
-            *_split(w_add), *_split(final_abar), *_split(eta), *_split(clip_range), bucket(n), bucket(ints[0]))
-    _launch(_diffusion_step_kernel, x.shape[0], ints[0], args, block, ACC=acc_type(x.dtype), NOISE=mode)
-    return out, x0
+    shared = _step_arguments(x_t, t, prev_t, guidance, alphas_cumprod, uncond_output is not None, **options)
+    _launch(_diffusion_step_kernel, x_t.shape[0], shared["inner"], block, **shared, model_ptr=model_output,
+            uncond_ptr=model_output if uncond_output is None else uncond_output, x_ptr=x_t,
+            noise_ptr=x_t if noise is None else noise, seed_ptr=t if seed is None else seed, out_ptr=out,
+            pred_x0_ptr=pred_x0 if return_pred_x0 else out, return_pred_x0=int(return_pred_x0), NOISE=mode)
+    return out, pred_x0
 
 
-def diffusion_step_backward(grad, grad_x0, model, uncond, x, t, prev, prev_delta, w, w_add, abar, *, sampler, variance,
-                            prediction, clip, clip_range, eta, final_abar, clipped_eps, want_grad_noise, block=None):
+def diffusion_step_backward(*, grad, grad_pred_x0, model_output, uncond_output, x_t, t, prev_t, guidance,
+                            alphas_cumprod, want_grad_noise, block=None, **options):
     """Launch ``_diffusion_step_backward_kernel``: (grad_model, grad_uncond, grad_x, grad_noise); the
-    entries for an absent uncond or an unwanted noise gradient are empty tensors. With ``clip`` the kernel
-    re-reads model, uncond and x to rebuild the clamp's mask."""
+    entries for an absent uncond or an unwanted noise gradient are empty tensors. With ``clip_sample`` the
+    kernel re-reads model_output, uncond_output and x_t to rebuild the clamp's mask."""
     grad = grad.contiguous()
-    grad_x0 = grad_x0.contiguous() if grad_x0 is not None else None
-    model, x = model.contiguous(), x.contiguous()
-    uncond = uncond.contiguous() if uncond is not None else None
+    grad_pred_x0 = grad_pred_x0.contiguous() if grad_pred_x0 is not None else None
+    model_output, x_t = model_output.contiguous(), x_t.contiguous()
+    uncond_output = uncond_output.contiguous() if uncond_output is not None else None
     empty = torch.empty(0, dtype=grad.dtype, device=grad.device)
     grad_model, grad_x = torch.empty_like(grad), torch.empty_like(grad)
-    grad_uncond = torch.empty_like(grad) if uncond is not None else empty
+    grad_uncond = torch.empty_like(grad) if uncond_output is not None else empty
     grad_noise = torch.empty_like(grad) if want_grad_noise else empty
-    n = grad.numel()
-    if n == 0:
+    if grad.numel() == 0:
         return grad_model, grad_uncond, grad_x, grad_noise
-    p = dict(sampler=sampler, variance=variance, prediction=prediction, has_uncond=uncond is not None, clip=clip,
-             clipped_eps=clipped_eps)
-    tables, ints = _step_scalars(grad, t, prev, prev_delta, w, w_add, abar, p)
-    t, prev, w_table, abar = tables
-    args = (grad, grad if grad_x0 is None else grad_x0, model, model if uncond is None else uncond, x, t, prev, w_table,
-            abar, grad_model, grad_uncond if uncond is not None else grad_model, grad_x,
-            grad_noise if want_grad_noise else grad_model, *ints, int(grad_x0 is not None), int(want_grad_noise),
-            *_split(w_add), *_split(final_abar), *_split(eta), *_split(clip_range), bucket(n), bucket(ints[0]))
-    _launch(_diffusion_step_backward_kernel, grad.shape[0], ints[0], args, block, ACC=acc_type(grad.dtype))
+    shared = _step_arguments(grad, t, prev_t, guidance, alphas_cumprod, uncond_output is not None, **options)
+    _launch(_diffusion_step_backward_kernel, grad.shape[0], shared["inner"], block, **shared, grad_ptr=grad,
+            grad_pred_x0_ptr=grad if grad_pred_x0 is None else grad_pred_x0, model_ptr=model_output,
+            uncond_ptr=model_output if uncond_output is None else uncond_output, x_ptr=x_t, grad_model_ptr=grad_model,
+            grad_uncond_ptr=grad_uncond if uncond_output is not None else grad_model, grad_x_ptr=grad_x,
+            grad_noise_ptr=grad_noise if want_grad_noise else grad_model, has_grad_pred_x0=int(grad_pred_x0 is not None),
+            want_grad_noise=int(want_grad_noise))
     return grad_model, grad_uncond, grad_x, grad_noise

@@ -50,11 +50,13 @@ def target_launches():
     # diffusion: the CFG DDPM step at 64M elements (the benchmark's 16384 x 4096), Philox noise; q_sample
     x, t = meta(16384, 4096), meta(16384, dtype=torch.long)
     abar = meta(1000)
-    D.diffusion_step_forward(x, x, x, None, meta(1, dtype=torch.long), t, t, -1, None, 7.5, abar, sampler=0,
-                             variance=0, prediction=0, clip=True, clip_range=1.0, eta=0.0, final_abar=1.0,
-                             clipped_eps=False, write_x0=False)
-    D.q_sample_forward(x, x, t, abar, False)
-    D.cfg_combine_forward(x, x, 7.5)
+    D.diffusion_step_forward(model_output=x, uncond_output=x, x_t=x, noise=None, seed=meta(1, dtype=torch.long), t=t,
+                             prev_t=t, guidance=meta(1), alphas_cumprod=abar, sampler="ddpm", prediction_type="epsilon",
+                             variance_type="fixed_small", clip_sample=True, clip_range=1.0, eta=0.0,
+                             final_alpha_cumprod=1.0, use_clipped_model_output=False, prev_offset=-1,
+                             return_pred_x0=False)
+    D.q_sample_forward(x, x, t, abar, return_v=False)
+    D.cfg_combine_forward(x, x, meta(1))
     # propagation: colorization training shape B=32, R=3, 32x32, C=64, V=16 (radius: local frames), bf16
     q, k, v = (meta(32, 64, 32, 32, dtype=torch.bfloat16), meta(32, 3, 64, 32, 32, dtype=torch.bfloat16),
                meta(32, 3, 16, 32, 32, dtype=torch.bfloat16))

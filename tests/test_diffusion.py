@@ -1,10 +1,14 @@
 """Diffusion slice: parity against the float64 reference on both backends, gradients, validation."""
+import math
+
 import pytest
 import torch
 
 import fastssl
-from conftest import TOLERANCES, assert_close, assert_close_lowp
-from fastssl.diffusion import cfg_combine_reference
+from conftest import assert_close, assert_close_lowp
+from fastssl.diffusion import cfg_combine_reference, ddim_step_reference, ddpm_step_reference, q_sample_reference
+from fastssl.diffusion_step import StepSpec, apply_step
+from fastssl.schedules import NoiseSchedule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -84,10 +88,6 @@ def test_cfg_combine_rejects_bad_input(device, call, error, match):
 # ----------------------------------------------------------------------------------------------------
 # Schedules, q_sample, the fused DDPM / DDIM steps, sample()
 # ----------------------------------------------------------------------------------------------------
-
-import math  # noqa: E402
-
-from fastssl.diffusion import NoiseSchedule, ddim_step_reference, ddpm_step_reference, q_sample_reference  # noqa: E402
 
 T = 1000
 SCHEDULE = NoiseSchedule.linear(T)
@@ -273,12 +273,11 @@ def _noise_of(backend, device, generator, shape=(4, 2001), t=600, block=None):
     if block is not None:  # launch the kernel itself with a fixed BLOCK (no autotuning)
         from fastssl.kernels.diffusion import diffusion_step_forward
 
-        steps = SCHEDULE._steps
-        seed = torch.full((1,), generator, dtype=torch.long)
-        out, _ = diffusion_step_forward(zeros, None, zeros, None, seed, steps[t + 1:t + 2], steps[t + 1:t + 2], -1, None,
-                                        0.0, SCHEDULE.alphas_cumprod, sampler=0, variance=0, prediction=0, clip=False,
-                                        clip_range=1.0, eta=0.0, final_abar=1.0, clipped_eps=False, write_x0=False,
-                                        block=block)
+        steps = torch.tensor([t], device=device)
+        out, _ = diffusion_step_forward(model_output=zeros, uncond_output=None, x_t=zeros, noise=None,
+                                        seed=torch.full((1,), generator, dtype=torch.long, device=device), t=steps, prev_t=steps,
+                                        guidance=None, alphas_cumprod=SCHEDULE.to(device).alphas_cumprod, block=block,
+                                        **StepSpec("ddpm", prev_offset=-1).options())
         return out / sigma
     return fastssl.ddpm_step(zeros, t, zeros, SCHEDULE, generator=generator) / sigma
 
@@ -380,7 +379,7 @@ def test_kernel_out_of_range_timestep_gives_nan(device):
     from fastssl.kernels.diffusion import q_sample_forward
 
     x = torch.randn(2, 40, device=device)
-    out, _ = q_sample_forward(x, x, torch.tensor([5, T], device=device), SCHEDULE.alphas_cumprod, False)
+    out, _ = q_sample_forward(x, x, torch.tensor([5, T], device=device), SCHEDULE.alphas_cumprod, return_v=False)
     assert not out[0].isnan().any() and out[1].isnan().all()
 
 
@@ -492,15 +491,13 @@ def test_diffusion_rejects_bad_input(device, call, error, match):
 
 def test_step_pred_x0_output_gradients(backend, device):
     """The schedulers' step also returns the (clamped) predicted x0; gradients flow through both outputs."""
-    from fastssl.diffusion import _step
-
     m, u, x, z = (v.double().requires_grad_() for v in _inputs(device, shape=(3, 7)))
     t = torch.tensor([2, 300, 999], device=device)
+    spec = StepSpec("ddim", eta=0.5, prediction_type="sample", clip_sample=True, clip_range=1.2,
+                    use_clipped_model_output=True, return_pred_x0=True, prev_offset=-25)
 
     def both(m, u, x, z):
-        return _step("ddim", m, t, None, x, SCHEDULE, eta=0.5, noise=z, uncond_output=u, guidance=1.5,
-                     prediction_type="sample", clip_sample=True, clip_range=1.2, use_clipped_model_output=True,
-                     return_pred_x0=True, prev_delta=-25)
+        return apply_step(spec, m, t, x, SCHEDULE, noise=z, uncond_output=u, guidance=1.5)
 
     assert torch.autograd.gradcheck(both, (m, u, x, z))
     out, x0 = both(m, u, x, z)
@@ -541,20 +538,20 @@ def test_cuda_steps_do_not_sync_and_a_sampling_loop_captures_in_a_graph():
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
-    from fastssl.diffusion import _SAMPLERS, _step_op
-
     steps = torch.arange(999, -1, -20, device="cuda")  # 50 steps
     t_rows = steps[:, None].repeat(1, B)
     prev_rows = (steps - 20)[:, None].repeat(1, B)
     seeds = torch.arange(50, device="cuda", dtype=torch.long) * 7919
+    weights = torch.full((1,), 2.0, device="cuda")
+    spec = StepSpec("ddpm", clip_sample=True)
     model = lambda x, t: 0.1 * x + 1e-4 * t.float().reshape(-1, 1, 1, 1)  # noqa: E731
 
     def loop(x):
         for i in range(50):
             both = model(torch.cat([x, x]), torch.cat([t_rows[i], t_rows[i]]))
             c, un = both.chunk(2)
-            x, _ = _step_op(c, un, x, None, seeds[i:i + 1], t_rows[i], prev_rows[i], None, s.alphas_cumprod, 0, 2.0,
-                            _SAMPLERS["ddpm"], 0, 0, True, 1.0, 0.0, 1.0, False, False)
+            x, _ = apply_step(spec, c, t_rows[i], x, s, prev_t=prev_rows[i], seed=seeds[i:i + 1], uncond_output=un,
+                              guidance=weights)
         return x
 
     static_x = torch.randn(shape, device="cuda")

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import digits
-from ..diffusion import NoiseSchedule, q_sample, sample
+from ..diffusion import q_sample
+from ..sampling import sample
+from ..schedules import NoiseSchedule
 from ..training import Result, TrainConfig, fit, shuffled_batches
 from .judge import accuracy, digit_judge, image_grid
 

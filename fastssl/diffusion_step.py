@@ -1,0 +1,436 @@
+"""The sampler step of the diffusion slice: DDPM (Algorithm 2) and DDIM in one affine update, with
+classifier-free guidance fused in.
+
+One path: :func:`fastssl.ddpm_step`, :func:`fastssl.ddim_step`, the schedulers and :func:`fastssl.sample`
+build a :class:`StepSpec` (the step's configuration, validated once), then :func:`apply_step` checks the
+step's tensors, decides the backend once and prepares timesteps and noise for it, and runs the custom op
+``fastssl::diffusion_step``, whose body launches ``fastssl.kernels.diffusion.diffusion_step_forward`` or
+runs the PyTorch path below. Every step, whatever the sampler, prediction and variance type::
+
+    e   = m + w * (m - u)                      (guided model output; e = m without uncond)
+    x0  = clip(c1 * x + c2 * e)                (predicted x_0, clamped when clip_sample)
+    out = ca * x0 + cx * x + ce * e + cz * z   (z only where t > 0)
+
+with six per-sample coefficients of abar_t and abar_prev (:func:`step_coefficients`, shared by the host and
+the PyTorch path; the kernel derives the same in registers).
+
+>>> import torch, fastssl
+>>> spec = StepSpec("ddim", eta=0.0)
+>>> x_prev, _ = apply_step(spec, torch.zeros(1, 3), 10, torch.ones(1, 3), fastssl.NoiseSchedule.linear(100),
+...                        prev_t=-1)
+>>> x_prev.shape
+torch.Size([1, 3])
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .backend import skip_dispatch, use_triton
+from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_guidance, check_int,
+                     check_number, check_positive, check_same, check_same_shape)
+from .schedules import NoiseSchedule, check_schedule, gather_alphas_cumprod, timestep_tensor
+
+SAMPLERS = ("ddpm", "ddim")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One sampler step's configuration, validated when it is built.
+
+    Args:
+        sampler: ``"ddpm"`` or ``"ddim"``.
+        prediction_type: what the model predicts: ``"epsilon"``, ``"sample"`` (x0) or ``"v_prediction"``.
+        variance_type: DDPM's sigma^2, ``"fixed_small"`` (the posterior variance) or ``"fixed_large"`` (beta).
+        clip_sample, clip_range: clamp the predicted x0 to ``[-clip_range, clip_range]``.
+        eta: DDIM's noise weight (0 for DDPM).
+        final_alpha_cumprod: abar for a previous timestep below 0 (diffusers' ``set_alpha_to_one``: 1).
+        use_clipped_model_output: DDIM re-derives epsilon from the clipped x0.
+        prev_offset: the step goes to ``prev_t + prev_offset`` (prev_t defaults to t: DDPM's -1, the DDIM
+            scheduler's ``-(T // num_inference_steps)``), computed in the kernel.
+        return_pred_x0: the step also returns the (clamped) predicted x0.
+
+    Raises:
+        ValueError, TypeError: an option out of range or of the wrong type, naming it.
+
+    >>> StepSpec("ddpm", clip_sample=True).draws_noise
+    True
+    """
+
+    sampler: str
+    prediction_type: str = "epsilon"
+    variance_type: str = "fixed_small"
+    clip_sample: bool = False
+    clip_range: float = 1.0
+    eta: float = 0.0
+    final_alpha_cumprod: float = 1.0
+    use_clipped_model_output: bool = False
+    prev_offset: int = 0
+    return_pred_x0: bool = False
+
+    def __post_init__(self):
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
+        checked = dict(clip_sample=check_bool("clip_sample", self.clip_sample),
+                       clip_range=check_positive("clip_range", self.clip_range),
+                       eta=check_number("eta", self.eta, low=0),
+                       final_alpha_cumprod=check_number("final_alpha_cumprod", self.final_alpha_cumprod, low=0, high=1),
+                       use_clipped_model_output=check_bool("use_clipped_model_output", self.use_clipped_model_output),
+                       prev_offset=check_int("prev_offset", self.prev_offset),
+                       return_pred_x0=check_bool("return_pred_x0", self.return_pred_x0))
+        if self.sampler == "ddpm" and checked["eta"] != 0:
+            raise ValueError(f"eta={self.eta} is a DDIM parameter; use sampler='ddim' (DDPM's noise is fixed by "
+                             "variance_type)")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def draws_noise(self) -> bool:
+        """Whether the step adds noise (DDPM always, DDIM when eta > 0)."""
+        return self.sampler == "ddpm" or self.eta > 0
+
+    def options(self) -> dict:
+        """The fields by name: the keyword arguments of the kernel launchers."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def key(self) -> str:
+        """The spec as a string, how the custom op carries it (:meth:`from_key` reads it back)."""
+        return ";".join(str(getattr(self, name)) for name in _FIELD_TYPES)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def from_key(key: str) -> "StepSpec":
+        return StepSpec(**{name: parse(text) for (name, parse), text in zip(_FIELD_TYPES.items(), key.split(";"))})
+
+
+_PARSERS = {"str": str, "float": float, "int": int, "bool": lambda text: text == "True"}
+_FIELD_TYPES = {f.name: _PARSERS[f.type] for f in dataclasses.fields(StepSpec)}  # str(value) -> value, by field
+
+
+# ----------------------------------------------------------------------------------------------------
+# The coefficients, derived once for the host (numpy) and the PyTorch path (torch)
+# ----------------------------------------------------------------------------------------------------
+
+def _derive(spec: StepSpec, a_t, a_p, noisy, xp):
+    """(c1, c2, ca, cx, ce, cz) from abar_t and abar_prev in float64: numpy scalars or arrays (xp = np) or
+    tensors (xp = torch), with IEEE semantics (a degenerate schedule gives inf/NaN, as in the kernel).
+    Differences of nearby abar are formed as (abar_prev - abar_t) / abar_prev."""
+    at_least = np.maximum if xp is np else torch.clamp_min
+    b_t, b_p = 1 - a_t, 1 - a_p
+    beta = (a_p - a_t) / a_p  # the current (strided) step's beta
+    sa, sb = a_t ** 0.5, b_t ** 0.5
+    zero = 0 * sa
+    # x0 = c1 * x + c2 * e and eps = d1 * x + d2 * e, by prediction type
+    c1, c2, d1, d2 = {"epsilon": (1 / sa, -sb / sa, zero, zero + 1), "sample": (zero, zero + 1, 1 / sb, -sa / sb),
+                      "v_prediction": (sa, -sb, sb, sa)}[spec.prediction_type]
+    if spec.sampler == "ddpm":  # posterior mean of formula (7); sigma^2 fixed_small (clamped) or fixed_large
+        ca, cx, ce = a_p ** 0.5 * beta / b_t, (a_t / a_p) ** 0.5 * b_p / b_t, zero
+        cz = at_least(b_p / b_t * beta, 1e-20) ** 0.5 if spec.variance_type == "fixed_small" else beta ** 0.5
+    else:  # DDIM (formula 12)
+        cz = spec.eta * (b_p / b_t * beta) ** 0.5
+        direction = at_least(b_p - cz * cz, 0.0) ** 0.5
+        if spec.use_clipped_model_output:  # eps re-derived from the clipped x0: (x - sa * x0) / sb
+            ca, cx, ce = a_p ** 0.5 - direction * sa / sb, direction / sb, zero
+        else:
+            ca, cx, ce = a_p ** 0.5, direction * d1, direction * d2
+    return c1, c2, ca, cx, ce, xp.where(noisy, cz, zero)  # never noise where t == 0
+
+
+def step_coefficients(spec: StepSpec, alphas_cumprod: Tensor, t: Tensor, prev_t: Tensor) -> tuple:
+    """The step's six per-sample coefficients for timesteps ``t`` and ``prev_t + spec.prev_offset``.
+
+    On the host (CPU tensors, eager) they come from numpy: Python floats for one timestep, float64 tensors
+    (B,) for per-sample timesteps; elsewhere float64 device tensors (no host sync)."""
+    below = spec.final_alpha_cumprod
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        table = alphas_cumprod.numpy()
+        with np.errstate(all="ignore"):
+            if t.numel() == 1 and prev_t.numel() == 1:
+                ti, pi = int(t.reshape(())), int(prev_t.reshape(())) + spec.prev_offset
+                a_t = np.float64(table[ti]) if ti < len(table) else np.float64("nan")
+                a_p = np.float64(below if pi < 0 else table[pi] if pi < len(table) else np.nan)
+                return tuple(float(c) for c in _derive(spec, a_t, a_p, ti > 0, np))
+            tn, pn = np.broadcast_arrays(t.numpy(), prev_t.numpy() + spec.prev_offset)
+            coeffs = _derive(spec, gather_alphas_cumprod(table, tn, float("nan")),
+                             gather_alphas_cumprod(table, pn, below), tn > 0, np)
+            return tuple(torch.from_numpy(np.broadcast_to(c, tn.shape).astype(np.float64)) for c in coeffs)
+    return _derive(spec, gather_alphas_cumprod(alphas_cumprod, t, float("nan")),
+                   gather_alphas_cumprod(alphas_cumprod, prev_t + spec.prev_offset, below), t > 0, torch)
+
+
+def _views(coeffs, like: Tensor) -> list:
+    """Coefficients as the elementwise ops take them: Python floats stay floats (the cheapest broadcast),
+    vectors become (B, 1, ..., 1) tensors in the math dtype."""
+    if all(isinstance(c, float) for c in coeffs):
+        return list(coeffs)
+    stacked = torch.stack(torch.broadcast_tensors(*[c.reshape(-1) for c in coeffs])).to(accumulation_dtype(like.dtype))
+    return list(stacked.reshape(len(coeffs), -1, *([1] * (like.dim() - 1))).unbind(0))
+
+
+def _per_sample(v: Tensor, like: Tensor):
+    """A weight vector (1,) or (B,) as a Python float (one weight on the CPU) or a (B or 1, 1, ...) view."""
+    if v.numel() == 1 and v.device.type == "cpu" and not torch.compiler.is_compiling():
+        return float(v.reshape(()))
+    return v.to(accumulation_dtype(like.dtype)).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def add_scaled_(out: Tensor, t: Tensor, c) -> Tensor:
+    """out += c * t in place, one pass; c a float or a broadcastable tensor."""
+    return out.add_(t, alpha=c) if isinstance(c, float) else out.addcmul_(t, c)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The PyTorch path (forward and backward)
+# ----------------------------------------------------------------------------------------------------
+
+def _guided(model_output, uncond_output, guidance, acc):
+    e = model_output.to(acc)
+    if uncond_output is None:
+        return e, None
+    w = _per_sample(guidance, model_output)
+    return torch.lerp(uncond_output.to(acc), e, 1.0 + w), w  # (1 + w) * m - w * u, one pass
+
+
+def _step_torch(spec: StepSpec, model_output, uncond_output, x_t, noise, t, prev_t, guidance, alphas_cumprod):
+    """Per-sample coefficients, then in-place passes over fresh buffers. Without clipping (and without
+    pred_x0 wanted) the x0 stage is folded into the coefficients: 3 passes (x, e, noise) plus the lerp."""
+    acc = accumulation_dtype(x_t.dtype)
+    c1, c2, ca, cx, ce, cz = step_coefficients(spec, alphas_cumprod, t, prev_t)
+    x, (e, _) = x_t.to(acc), _guided(model_output, uncond_output, guidance, acc)
+    x0 = None
+    if not (spec.clip_sample or spec.return_pred_x0):  # out = (ca c1 + cx) x + (ca c2 + ce) e + cz z
+        kx, ke, cz = _views((ca * c1 + cx, ca * c2 + ce, cz), x_t)
+        out = add_scaled_(torch.mul(x, kx), e, ke)
+    else:
+        c1, c2, ca, cx, ce, cz = _views((c1, c2, ca, cx, ce, cz), x_t)
+        x0 = add_scaled_(torch.mul(x, c1), e, c2)
+        if spec.clip_sample:
+            x0.clamp_(-spec.clip_range, spec.clip_range)
+        out = add_scaled_(torch.mul(x0, ca), x, cx)
+        if spec.sampler == "ddim":
+            add_scaled_(out, e, ce)
+    if noise is not None:
+        add_scaled_(out, noise.to(acc), cz)
+    out = out.to(x_t.dtype).contiguous()  # a copy only for non-contiguous inputs
+    return out, (x0.to(x_t.dtype).contiguous() if spec.return_pred_x0 else x_t.new_empty(0))
+
+
+def _step_backward_torch(spec: StepSpec, grad, grad_pred_x0, model_output, uncond_output, x_t, t, prev_t, guidance,
+                         alphas_cumprod, want_grad_noise):
+    acc = accumulation_dtype(grad.dtype)
+    c1, c2, ca, cx, ce, cz = _views(step_coefficients(spec, alphas_cumprod, t, prev_t), grad)
+    g = grad.to(acc)
+    g_x0 = torch.mul(g, ca)
+    if grad_pred_x0 is not None:
+        g_x0.add_(grad_pred_x0.to(acc))
+    w = None if uncond_output is None else _per_sample(guidance, grad)
+    if spec.clip_sample:  # the clamp passes the gradient where -r <= x0 <= r
+        e, _ = _guided(model_output, uncond_output, guidance, acc)
+        x0 = add_scaled_(torch.mul(x_t.to(acc), c1), e, c2)
+        g_x0.mul_((x0 >= -spec.clip_range) & (x0 <= spec.clip_range))
+    g_e = add_scaled_(torch.mul(g_x0, c2), g, ce)
+    g_x = add_scaled_(torch.mul(g_x0, c1), g, cx)
+    empty = grad.new_empty(0)
+    grad_model = g_e if w is None else g_e * (1.0 + w)
+    grad_uncond = empty if w is None else -w * g_e
+    grad_noise = torch.mul(g, cz).to(grad.dtype).contiguous() if want_grad_noise else empty
+    return (grad_model.to(grad.dtype).contiguous(), grad_uncond.to(grad.dtype).contiguous(),
+            g_x.to(grad.dtype).contiguous(), grad_noise)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The custom op: one body per direction, run by the backend apply_step chose
+# ----------------------------------------------------------------------------------------------------
+
+def _step_body(spec: StepSpec, triton: bool, **tensors) -> tuple[Tensor, Tensor]:
+    if triton:
+        from .kernels.diffusion import diffusion_step_forward
+
+        return diffusion_step_forward(**tensors, **spec.options())
+    if tensors.pop("seed") is not None:
+        raise RuntimeError("fastssl::diffusion_step: a Philox seed needs the Triton kernels; the PyTorch path reads noise")
+    return _step_torch(spec, **tensors)
+
+
+@torch.library.custom_op("fastssl::diffusion_step", mutates_args=())
+def _step_op(model_output: Tensor, uncond_output: Optional[Tensor], x_t: Tensor, noise: Optional[Tensor],
+             seed: Optional[Tensor], t: Tensor, prev_t: Tensor, guidance: Optional[Tensor], alphas_cumprod: Tensor,
+             spec: str, triton: bool) -> tuple[Tensor, Tensor]:
+    return _step_body(StepSpec.from_key(spec), triton, model_output=model_output, uncond_output=uncond_output,
+                      x_t=x_t, noise=noise, seed=seed, t=t, prev_t=prev_t, guidance=guidance,
+                      alphas_cumprod=alphas_cumprod)
+
+
+@_step_op.register_fake
+def _(model_output, uncond_output, x_t, noise, seed, t, prev_t, guidance, alphas_cumprod, spec, triton):
+    out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
+    return out, (torch.empty_like(out) if StepSpec.from_key(spec).return_pred_x0 else x_t.new_empty(0))
+
+
+@torch.library.custom_op("fastssl::diffusion_step_backward", mutates_args=())
+def _step_backward_op(grad: Tensor, grad_pred_x0: Optional[Tensor], model_output: Tensor,
+                      uncond_output: Optional[Tensor], x_t: Tensor, t: Tensor, prev_t: Tensor,
+                      guidance: Optional[Tensor], alphas_cumprod: Tensor, spec: str, triton: bool,
+                      want_grad_noise: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    step = StepSpec.from_key(spec)
+    tensors = dict(grad=grad, grad_pred_x0=grad_pred_x0, model_output=model_output, uncond_output=uncond_output,
+                   x_t=x_t, t=t, prev_t=prev_t, guidance=guidance, alphas_cumprod=alphas_cumprod,
+                   want_grad_noise=want_grad_noise)
+    if triton:
+        from .kernels.diffusion import diffusion_step_backward
+
+        return diffusion_step_backward(**tensors, **{k: v for k, v in step.options().items() if k != "return_pred_x0"})
+    return _step_backward_torch(step, **tensors)
+
+
+@_step_backward_op.register_fake
+def _(grad, grad_pred_x0, model_output, uncond_output, x_t, t, prev_t, guidance, alphas_cumprod, spec, triton,
+      want_grad_noise):
+    like = torch.empty_like(grad, memory_format=torch.contiguous_format)
+    empty = grad.new_empty(0)
+    return (like, torch.empty_like(like) if uncond_output is not None else empty, torch.empty_like(like),
+            torch.empty_like(like) if want_grad_noise else empty)
+
+
+def _step_setup(ctx, inputs, output):
+    model_output, uncond_output, x_t, noise, seed, t, prev_t, guidance, alphas_cumprod, spec, triton = inputs
+    ctx.spec, ctx.triton = spec, triton
+    ctx.has_uncond, ctx.has_noise = uncond_output is not None, noise is not None
+    # The kernel re-reads model/uncond/x only when clipping (and the guidance gradient needs m - u).
+    keep = StepSpec.from_key(spec).clip_sample or (guidance is not None and guidance.requires_grad)
+    ctx.save_for_backward(model_output if keep else None, uncond_output if keep else None, x_t if keep else None,
+                          t, prev_t, guidance, alphas_cumprod)
+
+
+def _step_backward(ctx, grad, grad_pred_x0):
+    model_output, uncond_output, x_t, t, prev_t, guidance, alphas_cumprod = ctx.saved_tensors
+    like = grad if model_output is None else model_output  # any tensor of the right shape when not re-read
+    want_noise = ctx.has_noise and ctx.needs_input_grad[3]
+    grad_model, grad_uncond, grad_x, grad_noise = _step_backward_op(
+        grad=grad, grad_pred_x0=grad_pred_x0 if StepSpec.from_key(ctx.spec).return_pred_x0 else None,
+        model_output=like, uncond_output=(like if uncond_output is None else uncond_output) if ctx.has_uncond else None,
+        x_t=grad if x_t is None else x_t, t=t, prev_t=prev_t, guidance=guidance, alphas_cumprod=alphas_cumprod,
+        spec=ctx.spec, triton=ctx.triton, want_grad_noise=want_noise)
+    grad_guidance = None
+    if guidance is not None and guidance.requires_grad:  # d x_prev / d w = (m - u) * d/de, summed per sample
+        acc = accumulation_dtype(grad.dtype)
+        g_e = grad_model.to(acc) + grad_uncond.to(acc)  # (1 + w) g_e - w g_e
+        prod = (model_output.to(acc) - uncond_output.to(acc)) * g_e
+        grad_guidance = prod.sum() if guidance.numel() == 1 else prod.reshape(prod.shape[0], -1).sum(1)
+        grad_guidance = grad_guidance.reshape(guidance.shape).to(guidance.dtype)
+    return (grad_model, grad_uncond if ctx.has_uncond else None, grad_x, grad_noise if want_noise else None, None,
+            None, None, grad_guidance, None, None, None)
+
+
+_step_op.register_autograd(_step_backward, setup_context=_step_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Noise, and the one way into the step
+# ----------------------------------------------------------------------------------------------------
+
+def check_generator(generator, noise) -> None:
+    """``generator`` is None, an int64 seed or a torch.Generator, and not given with ``noise``."""
+    if isinstance(generator, numbers.Integral) and not isinstance(generator, (bool, np.bool_)):
+        check_int("generator", generator, low=-2**63, high=2**63 - 1)
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+    if generator is not None and noise is not None:
+        raise ValueError("pass either noise or generator, not both (noise is used as given)")
+
+
+def philox_seeds(generator, count: int, device) -> Tensor:
+    """``count`` int64 Philox seeds on ``device`` for the kernels' in-kernel noise, without a host sync: an
+    int seed is used as given (count 1), a torch.Generator draws them (so it advances: fresh noise each
+    call), None draws them from the device's default generator."""
+    if isinstance(generator, torch.Generator):
+        seeds = torch.randint(0, 2**62, (count,), generator=generator, device=generator.device, dtype=torch.long)
+        return seeds.to(device, non_blocking=True)
+    if generator is None:
+        return torch.randint(0, 2**62, (count,), device=device, dtype=torch.long)
+    return torch.full((count,), int(generator), dtype=torch.long, device=device)
+
+
+def torch_noise(generator, like: Tensor) -> Tensor:
+    """Standard normal noise like ``like`` drawn as diffusers' ``randn_tensor`` draws it (an int seeds a
+    fresh generator on like's device)."""
+    if generator is None:
+        return torch.randn(like.shape, dtype=like.dtype, device=like.device)
+    if not isinstance(generator, torch.Generator):
+        generator = torch.Generator(device=like.device).manual_seed(int(generator))
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+
+
+def guidance_tensor(guidance, uncond_output: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """The guidance as the op takes it: None without uncond_output, else one weight (a float becomes a (1,)
+    tensor) or one per sample, in the math dtype on like's device."""
+    guidance = check_guidance("guidance", guidance, like, "model_output")
+    if uncond_output is None:
+        if isinstance(guidance, Tensor):
+            raise ValueError("guidance is a tensor but uncond_output is None: guidance needs the unconditional output")
+        if guidance != 0:
+            raise ValueError(f"guidance={guidance} needs uncond_output (classifier-free guidance combines the "
+                             "conditional model_output with the unconditional one)")
+        return None
+    acc = accumulation_dtype(like.dtype)
+    if isinstance(guidance, Tensor):
+        return guidance.to(acc).reshape(-1)
+    return torch.full((1,), guidance, dtype=acc, device=like.device)
+
+
+def _check_step_tensors(model_output, x_t, uncond_output, noise) -> None:
+    check_float("model_output", model_output)
+    check_float("x_t", x_t)
+    check_same(("x_t", "model_output"), (x_t, model_output))
+    check_same_shape(("x_t", "model_output"), (x_t, model_output))
+    for name, value in (("uncond_output", uncond_output), ("noise", noise)):
+        if value is not None:
+            check_float(name, value)
+            check_same(("x_t", name), (x_t, value))
+            check_same_shape(("x_t", name), (x_t, value))
+    if x_t.dim() == 0:
+        raise ValueError("x_t must have a batch dimension (B, ...), got a 0-dim tensor")
+
+
+def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: NoiseSchedule, *, prev_t=None,
+               noise: Optional[Tensor] = None, generator=None, seed: Optional[Tensor] = None,
+               uncond_output: Optional[Tensor] = None, guidance=0.0) -> tuple[Tensor, Tensor]:
+    """Check one step's tensors (metadata only), decide the backend, prepare timesteps and noise, and run
+    the step: returns (x_prev, pred_x0 or an empty tensor).
+
+    ``prev_t`` defaults to ``t`` (the step then goes to ``t + spec.prev_offset``). Noise: ``noise`` as given;
+    else, when the spec draws noise, drawn from ``generator`` (Triton: a Philox seed, or ``seed``, a (1,)
+    int64 device tensor prepared by the caller; PyTorch: :func:`torch_noise`, and none for a step that adds
+    none, on the CPU, like diffusers)."""
+    _check_step_tensors(model_output, x_t, uncond_output, noise)
+    check_schedule(schedule)
+    check_generator(generator, noise)
+    guidance = guidance_tensor(guidance, uncond_output, model_output)
+    batch, device = x_t.shape[0], x_t.device
+    t = timestep_tensor("t", t, schedule, batch, device)
+    prev_t = t if prev_t is None else timestep_tensor("prev_t", prev_t, schedule, batch, device, allow_negative=True)
+    triton = use_triton(x_t)
+    if not spec.draws_noise:
+        noise = seed = None
+    elif noise is None and triton:
+        seed = philox_seeds(generator, 1, device) if seed is None else seed
+    elif noise is None and (torch.compiler.is_compiling() or t.device.type != "cpu" or bool((t > 0).any())):
+        noise, seed = torch_noise(generator, x_t), None
+    else:
+        seed = None
+    tensors = dict(model_output=model_output, uncond_output=uncond_output, x_t=x_t, noise=noise, seed=seed, t=t,
+                   prev_t=prev_t, guidance=guidance, alphas_cumprod=schedule.on(device).alphas_cumprod)
+    if skip_dispatch(model_output, uncond_output, x_t, noise, guidance):
+        return _step_body(spec, triton, **tensors)
+    return _step_op(**tensors, spec=spec.key, triton=triton)

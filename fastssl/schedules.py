@@ -1,0 +1,185 @@
+"""Noise schedules of the diffusion slice, and the timesteps that index them.
+
+A :class:`NoiseSchedule` holds betas, alphas and abar_t (``alphas_cumprod``), built in float64 and kept as
+float32 tensors. :func:`timestep_tensor` turns a user's ``t`` (an int or a LongTensor) into the int64
+device tensor the ops read, without a host synchronisation: an int becomes a one-element view of a device
+``arange`` the schedule keeps (no launch, no copy); tensor values are range-checked only on the CPU.
+:func:`gather_alphas_cumprod` reads abar_t for such timesteps, as the kernels do.
+
+>>> import torch
+>>> s = NoiseSchedule.linear(1000)
+>>> timestep_tensor("t", 5, s, batch=2, device=torch.device("cpu"))
+tensor([5])
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checks import check_int, check_number
+
+# Up to this many per-sample timesteps on the CPU, every value is range-checked (beyond it only min and max).
+_LISTED_TIMESTEPS = 64
+
+
+class NoiseSchedule:
+    """A discrete diffusion noise schedule: ``betas``, ``alphas = 1 - betas`` and ``alphas_cumprod``
+    (abar_t, the product of alphas up to t), built in float64 and kept as float32 tensors.
+
+    Construct it from any 1-D ``betas`` (a tensor, list or array with values in [0, 1]), or with the
+    class methods :meth:`linear`, :meth:`scaled_linear` and :meth:`cosine`, which equal diffusers'
+    ``linear``, ``scaled_linear`` and ``squaredcos_cap_v2`` schedules (built in float64 before the
+    float32 rounding, so abar is closer to the exact product than diffusers' float32 cumprod, within
+    ~1e-6 relative of it). :meth:`to` returns the schedule on another device; the ops accept a
+    schedule on any device (:meth:`on` keeps one copy per device). The tables are read-only.
+
+    Args:
+        betas: the per-step noise variances, 1-D, non-empty, finite, in [0, 1].
+
+    Raises:
+        ValueError: betas that are not 1-D, empty, non-finite or outside [0, 1].
+        TypeError: betas that are not numbers.
+
+    >>> import fastssl
+    >>> s = fastssl.NoiseSchedule.linear(1000)
+    >>> s.num_timesteps, s.betas.dtype, round(float(s.alphas_cumprod[-1]), 6)
+    (1000, torch.float32, 4e-05)
+    >>> fastssl.NoiseSchedule([0.1, 0.2]).alphas_cumprod
+    tensor([0.9000, 0.7200])
+    """
+
+    def __init__(self, betas):
+        try:
+            betas64 = torch.as_tensor(betas).detach().to("cpu", torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"betas must be a 1-D tensor, list or array of numbers, got {type(betas).__name__}") from exc
+        if betas64.dim() != 1 or betas64.numel() == 0:
+            raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas64.shape)}")
+        if not torch.isfinite(betas64).all() or (betas64 < 0).any() or (betas64 > 1).any():
+            raise ValueError(f"betas must be finite and in [0, 1], got min {betas64.min().item()} max {betas64.max().item()}")
+        alphas64 = 1.0 - betas64
+        self._set(betas64.float(), alphas64.float(), torch.cumprod(alphas64, 0).float(),
+                  torch.arange(-1, betas64.numel(), dtype=torch.long))
+
+    def _set(self, betas: Tensor, alphas: Tensor, alphas_cumprod: Tensor, steps: Tensor) -> None:
+        self.betas, self.alphas, self.alphas_cumprod = betas, alphas, alphas_cumprod
+        self.num_timesteps = betas.numel()
+        self._steps = steps  # int t -> _steps[t + 1:t + 2], a view (t = -1: "before the first step")
+        self._copies = {}
+
+    @classmethod
+    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+        """betas evenly spaced from ``beta_start`` to ``beta_end`` (DDPM's schedule; diffusers' ``linear``)."""
+        _check_schedule_args(num_timesteps, beta_start, beta_end)
+        return cls(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
+
+    @classmethod
+    def scaled_linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+        """sqrt(betas) evenly spaced (latent diffusion's schedule; diffusers' ``scaled_linear``)."""
+        _check_schedule_args(num_timesteps, beta_start, beta_end)
+        return cls(torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2)
+
+    @classmethod
+    def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
+        """Nichol & Dhariwal's cosine schedule: abar(u) = cos((u + s) / (1 + s) * pi / 2)^2 for u = t / T,
+        beta_t = min(1 - abar((t + 1) / T) / abar(t / T), max_beta) (diffusers' ``squaredcos_cap_v2``)."""
+        _check_schedule_args(num_timesteps, 0.0, 0.0)
+        s = check_number("s", s, low=0, high=1, high_open=True)
+        max_beta = check_number("max_beta", max_beta, low=0, high=1, low_open=True)
+
+        def abar(u):
+            return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+        T = num_timesteps
+        return cls([min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)])
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+    def to(self, device) -> "NoiseSchedule":
+        """This schedule with its tables on ``device`` (a new object; ``self`` is unchanged)."""
+        copy = object.__new__(NoiseSchedule)
+        copy._set(*(x.to(device) for x in (self.betas, self.alphas, self.alphas_cumprod, self._steps)))
+        return copy
+
+    def on(self, device) -> "NoiseSchedule":
+        """This schedule on ``device``: ``self`` if its tables are there, else a copy made once and kept (the
+        tables are read-only, so one copy per device serves every op)."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = self.to(device)
+        return self._copies[key]
+
+    def __len__(self) -> int:
+        return self.num_timesteps
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule(num_timesteps={self.num_timesteps}, device={self.device})"
+
+
+def _check_schedule_args(num_timesteps, beta_start, beta_end):
+    check_int("num_timesteps", num_timesteps, low=1)
+    check_number("beta_start", beta_start, low=0, high=1)
+    check_number("beta_end", beta_end, low=0, high=1)
+
+
+def check_schedule(schedule) -> NoiseSchedule:
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a fastssl.NoiseSchedule, got {type(schedule).__name__}")
+    return schedule
+
+
+def timestep_tensor(name: str, t, schedule: NoiseSchedule, batch: int, device: torch.device, *,
+                    allow_negative: bool = False) -> Tensor:
+    """``t`` as an int64 device tensor of shape (1,) (one timestep for all) or (batch,), without a sync.
+
+    Ints are checked here; tensor values only when they are on the CPU in eager mode. With
+    ``allow_negative`` (prev_t), values below 0 mean "before the first step" and an int below 0 becomes -1.
+
+    Raises:
+        TypeError: a ``t`` that is neither an int nor an integer tensor.
+        ValueError: a tensor on another device or of the wrong shape; a value out of range.
+    """
+    T = schedule.num_timesteps
+    low = "any negative int" if allow_negative else "0"
+    if isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)):
+        t = int(t)
+        if t >= T or (t < 0 and not allow_negative):
+            raise ValueError(f"{name} must be in [{low}, {T - 1}] for this {T}-step schedule, got {t}")
+        index = max(t, -1) + 1
+        return schedule.on(device)._steps[index:index + 1]
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be an int or a LongTensor of shape ({batch},), got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (torch.long), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the samples are on {device}; move it to one device")
+    if not (t.dim() == 0 or (t.dim() == 1 and t.shape[0] == batch)):
+        raise ValueError(f"{name} must be an int, a 0-dim tensor or a ({batch},) tensor (one timestep per sample), "
+                         f"got shape {tuple(t.shape)}")
+    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():  # eager CPU only: no sync
+        values = t.reshape(-1).tolist() if t.numel() <= _LISTED_TIMESTEPS else [int(t.min()), int(t.max())]
+        bad = [v for v in values if v >= T or (v < 0 and not allow_negative)]
+        if bad:
+            raise ValueError(f"{name} must be in [{low}, {T - 1}] for this {T}-step schedule, got {bad[0]}")
+    return t.reshape(1).long() if t.dim() == 0 else t.long()
+
+
+def gather_alphas_cumprod(alphas_cumprod, t, below: float):
+    """abar[t] in float64 as the kernels gather it: ``below`` where t < 0, NaN where t >= T. ``alphas_cumprod``
+    and ``t`` are both torch tensors or both numpy arrays (the host computes coefficients with numpy)."""
+    T = alphas_cumprod.shape[0]
+    if isinstance(t, Tensor):
+        values = alphas_cumprod.double().index_select(0, t.clamp(0, T - 1))
+        values = torch.where(t < T, values, torch.full_like(values, float("nan")))
+        return torch.where(t < 0, torch.full_like(values, below), values)
+    values = alphas_cumprod[np.clip(t, 0, T - 1)].astype(np.float64)
+    return np.where(t < 0, below, np.where(t < T, values, np.nan))
