@@ -67,14 +67,16 @@ def check_choice(name: str, value, choices: Sequence) -> None:
 
 def check_bool(name: str, value) -> bool:
     """``value`` is True or False (a bool or a numpy bool; an int is refused, so a mix-up fails loudly)."""
-    if not isinstance(value, (bool, np.bool_)):
+    if value is True or value is False:
+        return value
+    if not isinstance(value, np.bool_):
         raise TypeError(f"{name} must be True or False (a bool), got {value!r}")
     return bool(value)
 
 
 def check_int(name: str, value, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """``value`` is an integer (not a bool) in ``[low, high]``; returned as a Python int."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    if type(value) is not int and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
@@ -88,7 +90,7 @@ def check_number(name: str, value, *, low: Optional[float] = None, high: Optiona
                  low_open: bool = False, high_open: bool = False) -> float:
     """``value`` is a finite real number (not a bool) within the bounds (``low_open``/``high_open``
     exclude them); returned as a Python float."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
     value = float(value)
     below = low is not None and (value <= low if low_open else value < low)
@@ -122,7 +124,7 @@ def check_guidance(name: str, guidance, like: torch.Tensor, like_name: str):
             raise ValueError(f"{name} must be a float, a 0-dim tensor or a ({like.shape[0]},) tensor (one weight per "
                              f"sample), got shape {tuple(guidance.shape)}")
         return guidance
-    if isinstance(guidance, (bool, np.bool_)) or not isinstance(guidance, numbers.Real):
+    if type(guidance) is not float and (isinstance(guidance, (bool, np.bool_)) or not isinstance(guidance, numbers.Real)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(guidance).__name__}")
     return float(guidance)
 

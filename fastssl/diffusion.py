@@ -27,14 +27,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .backend import skip_dispatch, use_triton
 from .checks import accumulation_dtype, check_float, check_guidance, check_same, check_same_shape
-from .diffusion_step import StepSpec, add_scaled_, apply_step
-from .schedules import NoiseSchedule, check_schedule, gather_alphas_cumprod, timestep_tensor
+from .diffusion_step import add_scaled_, apply_step, as_dtype, step_spec
+from .schedules import NoiseSchedule, check_schedule, timestep_tensor
 
 __all__ = ["NoiseSchedule", "cfg_combine", "q_sample", "ddpm_step", "ddim_step", "cfg_combine_reference",
            "q_sample_reference", "ddpm_step_reference", "ddim_step_reference"]
@@ -257,59 +256,58 @@ def cfg_combine(cond: Tensor, uncond: Tensor, guidance) -> Tensor:
 # q_sample: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (and the v target), differentiable
 # ----------------------------------------------------------------------------------------------------
 
-def _q_coefficients(alphas_cumprod: Tensor, t: Tensor, like: Tensor):
-    """(sqrt(abar_t), sqrt(1 - abar_t)), derived in float64: Python floats for one timestep on the host,
-    else (B, 1, ..., 1) tensors in the math dtype."""
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        with np.errstate(invalid="ignore"):
-            abar = gather_alphas_cumprod(alphas_cumprod.numpy(), t.numpy(), float("nan"))
-            both = np.stack([abar ** 0.5, (1 - abar) ** 0.5])
+def _q_coefficients(q_coefficients: Tensor, t: Tensor, like: Tensor):
+    """(sqrt(abar_t), sqrt(1 - abar_t)) looked up in the schedule's float64 table: Python floats for one
+    timestep on the host, else (B, 1, ..., 1) tensors in the math dtype (NaN outside [0, T), as the kernel)."""
+    T = q_coefficients.shape[1]
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():  # host timesteps are range-checked
         if t.numel() == 1:
-            return float(both[0, 0]), float(both[1, 0])
-        both = torch.from_numpy(both)
+            a, b = q_coefficients.numpy()[:, int(t)].tolist()
+            return a, b
+        both = q_coefficients.index_select(1, t)
     else:
-        abar = gather_alphas_cumprod(alphas_cumprod, t, float("nan"))
-        both = torch.stack([abar.sqrt(), (1 - abar).sqrt()])
+        both = q_coefficients.index_select(1, t.clamp(0, T - 1))
+        both = torch.where((t >= 0) & (t < T), both, torch.full_like(both, float("nan")))
     a, b = both.to(accumulation_dtype(like.dtype)).reshape(2, -1, *([1] * (like.dim() - 1))).unbind(0)
     return a, b
 
 
-def _q_sample_torch(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor, return_v: bool):
+def _q_sample_torch(x0: Tensor, noise: Tensor, t: Tensor, q_coefficients: Tensor, return_v: bool):
     acc = accumulation_dtype(x0.dtype)
-    a, b = _q_coefficients(alphas_cumprod, t, x0)
-    x, z = x0.to(acc), noise.to(acc)
-    out = add_scaled_(torch.mul(x, a), z, b).to(x0.dtype).contiguous()  # a copy only for non-contiguous inputs
-    v = add_scaled_(torch.mul(z, a), x, -b).to(x0.dtype).contiguous() if return_v else x0.new_empty(0)
+    a, b = _q_coefficients(q_coefficients, t, x0)
+    x, z = as_dtype(x0, acc), as_dtype(noise, acc)
+    out = as_dtype(add_scaled_(torch.mul(x, a), z, b), x0.dtype).contiguous()  # a copy only for non-contiguous inputs
+    v = as_dtype(add_scaled_(torch.mul(z, a), x, -b), x0.dtype).contiguous() if return_v else x0.new_empty(0)
     return out, v
 
 
-def _q_sample_body(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor, return_v: bool
+def _q_sample_body(x0: Tensor, noise: Tensor, t: Tensor, q_coefficients: Tensor, return_v: bool
                    ) -> tuple[Tensor, Tensor]:
     if use_triton(x0):
         from .kernels.diffusion import q_sample_forward
 
-        return q_sample_forward(x0, noise, t, alphas_cumprod, return_v=return_v)
-    return _q_sample_torch(x0, noise, t, alphas_cumprod, return_v)
+        return q_sample_forward(x0, noise, t, q_coefficients, return_v=return_v)
+    return _q_sample_torch(x0, noise, t, q_coefficients, return_v)
 
 
 _q_sample_op = torch.library.custom_op("fastssl::q_sample", _q_sample_body, mutates_args=())
 
 
 @_q_sample_op.register_fake
-def _(x0, noise, t, alphas_cumprod, return_v):
+def _(x0, noise, t, q_coefficients, return_v):
     out = torch.empty_like(x0, memory_format=torch.contiguous_format)
     return out, (torch.empty_like(out) if return_v else x0.new_empty(0))
 
 
 @torch.library.custom_op("fastssl::q_sample_backward", mutates_args=())
-def _q_sample_backward_op(grad: Tensor, grad_v: Optional[Tensor], t: Tensor, alphas_cumprod: Tensor
+def _q_sample_backward_op(grad: Tensor, grad_v: Optional[Tensor], t: Tensor, q_coefficients: Tensor
                           ) -> tuple[Tensor, Tensor]:
     if use_triton(grad):
         from .kernels.diffusion import q_sample_backward
 
-        return q_sample_backward(grad, grad_v, t, alphas_cumprod)
+        return q_sample_backward(grad, grad_v, t, q_coefficients)
     acc = accumulation_dtype(grad.dtype)
-    a, b = _q_coefficients(alphas_cumprod, t, grad)
+    a, b = _q_coefficients(q_coefficients, t, grad)
     g = grad.to(acc)
     grad_x0, grad_noise = torch.mul(g, a), torch.mul(g, b)
     if grad_v is not None:
@@ -320,20 +318,20 @@ def _q_sample_backward_op(grad: Tensor, grad_v: Optional[Tensor], t: Tensor, alp
 
 
 @_q_sample_backward_op.register_fake
-def _(grad, grad_v, t, alphas_cumprod):
+def _(grad, grad_v, t, q_coefficients):
     out = torch.empty_like(grad, memory_format=torch.contiguous_format)
     return out, torch.empty_like(out)
 
 
 def _q_sample_setup(ctx, inputs, output):
-    x0, noise, t, alphas_cumprod, return_v = inputs
+    x0, noise, t, q_coefficients, return_v = inputs
     ctx.return_v = return_v
-    ctx.save_for_backward(t, alphas_cumprod)
+    ctx.save_for_backward(t, q_coefficients)
 
 
 def _q_sample_backward(ctx, grad, grad_v):
-    t, alphas_cumprod = ctx.saved_tensors
-    grad_x0, grad_noise = _q_sample_backward_op(grad, grad_v if ctx.return_v else None, t, alphas_cumprod)
+    t, q_coefficients = ctx.saved_tensors
+    grad_x0, grad_noise = _q_sample_backward_op(grad, grad_v if ctx.return_v else None, t, q_coefficients)
     return grad_x0, grad_noise, None, None, None
 
 
@@ -381,7 +379,7 @@ def q_sample(x0: Tensor, t, noise: Tensor, schedule: NoiseSchedule, *, return_v:
     if x0.dim() == 0:
         raise ValueError("x0 must have a batch dimension (B, ...), got a 0-dim tensor")
     inputs = dict(x0=x0, noise=noise, t=timestep_tensor("t", t, schedule, x0.shape[0], x0.device),
-                  alphas_cumprod=schedule.on(x0.device).alphas_cumprod, return_v=bool(return_v))
+                  q_coefficients=schedule.on(x0.device).q_coefficients, return_v=bool(return_v))
     out, v = _q_sample_body(**inputs) if skip_dispatch(x0, noise) else _q_sample_op(**inputs)
     return (out, v) if return_v else out
 
@@ -449,8 +447,8 @@ def ddpm_step(model_output: Tensor, t, x_t: Tensor, schedule: NoiseSchedule, *, 
     >>> out.shape
     torch.Size([2, 4])
     """
-    spec = StepSpec("ddpm", prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip_sample,
-                    clip_range=clip_range, prev_offset=-1 if prev_t is None else 0)
+    spec = step_spec("ddpm", prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip_sample,
+                     clip_range=clip_range, prev_offset=-1 if prev_t is None else 0)
     return apply_step(spec, model_output, t, x_t, schedule, prev_t=prev_t, noise=noise, generator=generator,
                       uncond_output=uncond_output, guidance=guidance)[0]
 
@@ -493,6 +491,6 @@ def ddim_step(model_output: Tensor, t, prev_t, x_t: Tensor, schedule: NoiseSched
     """
     if prev_t is None:
         raise TypeError("prev_t must be an int or a LongTensor (the timestep to step to), got None")
-    spec = StepSpec("ddim", prediction_type=prediction_type, clip_sample=clip_sample, clip_range=clip_range, eta=eta)
+    spec = step_spec("ddim", prediction_type=prediction_type, clip_sample=clip_sample, clip_range=clip_range, eta=eta)
     return apply_step(spec, model_output, t, x_t, schedule, prev_t=prev_t, noise=noise, generator=generator,
                       uncond_output=uncond_output, guidance=guidance)[0]

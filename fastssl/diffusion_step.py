@@ -81,18 +81,19 @@ class StepSpec:
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
-        checked = dict(clip_sample=check_bool("clip_sample", self.clip_sample),
-                       clip_range=check_positive("clip_range", self.clip_range),
-                       eta=check_number("eta", self.eta, low=0),
-                       final_alpha_cumprod=check_number("final_alpha_cumprod", self.final_alpha_cumprod, low=0, high=1),
-                       use_clipped_model_output=check_bool("use_clipped_model_output", self.use_clipped_model_output),
-                       prev_offset=check_int("prev_offset", self.prev_offset),
-                       return_pred_x0=check_bool("return_pred_x0", self.return_pred_x0))
-        if self.sampler == "ddpm" and checked["eta"] != 0:
+        fields = (("clip_sample", check_bool("clip_sample", self.clip_sample)),
+                  ("clip_range", check_positive("clip_range", self.clip_range)),
+                  ("eta", check_number("eta", self.eta, low=0)),
+                  ("final_alpha_cumprod", check_number("final_alpha_cumprod", self.final_alpha_cumprod, low=0, high=1)),
+                  ("use_clipped_model_output", check_bool("use_clipped_model_output", self.use_clipped_model_output)),
+                  ("prev_offset", check_int("prev_offset", self.prev_offset)),
+                  ("return_pred_x0", check_bool("return_pred_x0", self.return_pred_x0)))
+        for name, value in fields:  # store the checked Python value (an int eta becomes a float, ...)
+            if type(value) is not type(getattr(self, name)):
+                object.__setattr__(self, name, value)
+        if self.sampler == "ddpm" and self.eta != 0:
             raise ValueError(f"eta={self.eta} is a DDIM parameter; use sampler='ddim' (DDPM's noise is fixed by "
                              "variance_type)")
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
 
     @property
     def draws_noise(self) -> bool:
@@ -114,6 +115,20 @@ class StepSpec:
         return StepSpec(**{name: parse(text) for (name, parse), text in zip(_FIELD_TYPES.items(), key.split(";"))})
 
 
+_KEPT_SPECS = functools.lru_cache(maxsize=256, typed=True)(StepSpec)
+
+
+def step_spec(sampler: str, **options) -> StepSpec:
+    """``StepSpec(sampler, **options)``, validated when first built and then kept: the public steps call this
+    once per call, so a sampling loop's repeated configuration costs a lookup, not a validation."""
+    if torch.compiler.is_compiling():  # dynamo traces the construction instead of the cache
+        return StepSpec(sampler, **options)
+    try:
+        return _KEPT_SPECS(sampler, **options)
+    except TypeError:  # an unhashable or ill-typed option: build it here, so the check names it
+        return StepSpec(sampler, **options)
+
+
 _PARSERS = {"str": str, "float": float, "int": int, "bool": lambda text: text == "True"}
 _FIELD_TYPES = {f.name: _PARSERS[f.type] for f in dataclasses.fields(StepSpec)}  # str(value) -> value, by field
 
@@ -132,8 +147,12 @@ def _derive(spec: StepSpec, a_t, a_p, noisy, xp):
     sa, sb = a_t ** 0.5, b_t ** 0.5
     zero = 0 * sa
     # x0 = c1 * x + c2 * e and eps = d1 * x + d2 * e, by prediction type
-    c1, c2, d1, d2 = {"epsilon": (1 / sa, -sb / sa, zero, zero + 1), "sample": (zero, zero + 1, 1 / sb, -sa / sb),
-                      "v_prediction": (sa, -sb, sb, sa)}[spec.prediction_type]
+    if spec.prediction_type == "epsilon":
+        c1, c2, d1, d2 = 1 / sa, -sb / sa, zero, zero + 1
+    elif spec.prediction_type == "sample":
+        c1, c2, d1, d2 = zero, zero + 1, 1 / sb, -sa / sb
+    else:  # v_prediction
+        c1, c2, d1, d2 = sa, -sb, sb, sa
     if spec.sampler == "ddpm":  # posterior mean of formula (7); sigma^2 fixed_small (clamped) or fixed_large
         ca, cx, ce = a_p ** 0.5 * beta / b_t, (a_t / a_p) ** 0.5 * b_p / b_t, zero
         cz = at_least(b_p / b_t * beta, 1e-20) ** 0.5 if spec.variance_type == "fixed_small" else beta ** 0.5
@@ -150,32 +169,35 @@ def _derive(spec: StepSpec, a_t, a_p, noisy, xp):
 def step_coefficients(spec: StepSpec, alphas_cumprod: Tensor, t: Tensor, prev_t: Tensor) -> tuple:
     """The step's six per-sample coefficients for timesteps ``t`` and ``prev_t + spec.prev_offset``.
 
-    On the host (CPU tensors, eager) they come from numpy: Python floats for one timestep, float64 tensors
-    (B,) for per-sample timesteps; elsewhere float64 device tensors (no host sync)."""
+    On the host (CPU tensors, eager) they come from numpy: Python floats for one timestep, a float64
+    (6, B) tensor for per-sample timesteps; elsewhere six float64 device tensors (no host sync)."""
     below = spec.final_alpha_cumprod
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
         table = alphas_cumprod.numpy()
         with np.errstate(all="ignore"):
             if t.numel() == 1 and prev_t.numel() == 1:
-                ti, pi = int(t.reshape(())), int(prev_t.reshape(())) + spec.prev_offset
-                a_t = np.float64(table[ti]) if ti < len(table) else np.float64("nan")
+                ti, pi = int(t), int(prev_t) + spec.prev_offset
+                a_t = np.float64(table[ti] if ti < len(table) else np.nan)
                 a_p = np.float64(below if pi < 0 else table[pi] if pi < len(table) else np.nan)
-                return tuple(float(c) for c in _derive(spec, a_t, a_p, ti > 0, np))
-            tn, pn = np.broadcast_arrays(t.numpy(), prev_t.numpy() + spec.prev_offset)
+                return tuple(map(float, _derive(spec, a_t, a_p, ti > 0, np)))
+            tn, pn = t.numpy(), prev_t.numpy() + spec.prev_offset
+            if tn.shape != pn.shape:
+                tn, pn = np.broadcast_arrays(tn, pn)
             coeffs = _derive(spec, gather_alphas_cumprod(table, tn, float("nan")),
                              gather_alphas_cumprod(table, pn, below), tn > 0, np)
-            return tuple(torch.from_numpy(np.broadcast_to(c, tn.shape).astype(np.float64)) for c in coeffs)
+            return torch.from_numpy(np.stack(coeffs))  # (6, B)
     return _derive(spec, gather_alphas_cumprod(alphas_cumprod, t, float("nan")),
                    gather_alphas_cumprod(alphas_cumprod, prev_t + spec.prev_offset, below), t > 0, torch)
 
 
 def _views(coeffs, like: Tensor) -> list:
     """Coefficients as the elementwise ops take them: Python floats stay floats (the cheapest broadcast),
-    vectors become (B, 1, ..., 1) tensors in the math dtype."""
-    if all(isinstance(c, float) for c in coeffs):
+    per-sample values (a (k, B) tensor or k tensors) become (B, 1, ..., 1) tensors in the math dtype."""
+    if isinstance(coeffs, tuple) and all(isinstance(c, float) for c in coeffs):
         return list(coeffs)
-    stacked = torch.stack(torch.broadcast_tensors(*[c.reshape(-1) for c in coeffs])).to(accumulation_dtype(like.dtype))
-    return list(stacked.reshape(len(coeffs), -1, *([1] * (like.dim() - 1))).unbind(0))
+    if isinstance(coeffs, tuple):
+        coeffs = torch.stack(torch.broadcast_tensors(*[c.reshape(-1) for c in coeffs]))
+    return list(coeffs.to(accumulation_dtype(like.dtype)).reshape(len(coeffs), -1, *([1] * (like.dim() - 1))).unbind(0))
 
 
 def _per_sample(v: Tensor, like: Tensor):
@@ -183,6 +205,11 @@ def _per_sample(v: Tensor, like: Tensor):
     if v.numel() == 1 and v.device.type == "cpu" and not torch.compiler.is_compiling():
         return float(v.reshape(()))
     return v.to(accumulation_dtype(like.dtype)).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``: itself when it already is (``Tensor.to`` costs a dispatch even then)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def add_scaled_(out: Tensor, t: Tensor, c) -> Tensor:
@@ -195,25 +222,27 @@ def add_scaled_(out: Tensor, t: Tensor, c) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 def _guided(model_output, uncond_output, guidance, acc):
-    e = model_output.to(acc)
+    e = as_dtype(model_output, acc)
     if uncond_output is None:
         return e, None
     w = _per_sample(guidance, model_output)
-    return torch.lerp(uncond_output.to(acc), e, 1.0 + w), w  # (1 + w) * m - w * u, one pass
+    return torch.lerp(as_dtype(uncond_output, acc), e, 1.0 + w), w  # (1 + w) * m - w * u, one pass
 
 
 def _step_torch(spec: StepSpec, model_output, uncond_output, x_t, noise, t, prev_t, guidance, alphas_cumprod):
     """Per-sample coefficients, then in-place passes over fresh buffers. Without clipping (and without
     pred_x0 wanted) the x0 stage is folded into the coefficients: 3 passes (x, e, noise) plus the lerp."""
     acc = accumulation_dtype(x_t.dtype)
-    c1, c2, ca, cx, ce, cz = step_coefficients(spec, alphas_cumprod, t, prev_t)
-    x, (e, _) = x_t.to(acc), _guided(model_output, uncond_output, guidance, acc)
+    coeffs = step_coefficients(spec, alphas_cumprod, t, prev_t)
+    x, (e, _) = as_dtype(x_t, acc), _guided(model_output, uncond_output, guidance, acc)
     x0 = None
     if not (spec.clip_sample or spec.return_pred_x0):  # out = (ca c1 + cx) x + (ca c2 + ce) e + cz z
-        kx, ke, cz = _views((ca * c1 + cx, ca * c2 + ce, cz), x_t)
+        c1, c2, ca, cx, ce, cz = coeffs
+        folded = (ca * c1 + cx, ca * c2 + ce, cz)
+        kx, ke, cz = _views(folded if isinstance(coeffs, tuple) else torch.stack(folded), x_t)
         out = add_scaled_(torch.mul(x, kx), e, ke)
     else:
-        c1, c2, ca, cx, ce, cz = _views((c1, c2, ca, cx, ce, cz), x_t)
+        c1, c2, ca, cx, ce, cz = _views(coeffs, x_t)
         x0 = add_scaled_(torch.mul(x, c1), e, c2)
         if spec.clip_sample:
             x0.clamp_(-spec.clip_range, spec.clip_range)
@@ -221,9 +250,9 @@ def _step_torch(spec: StepSpec, model_output, uncond_output, x_t, noise, t, prev
         if spec.sampler == "ddim":
             add_scaled_(out, e, ce)
     if noise is not None:
-        add_scaled_(out, noise.to(acc), cz)
-    out = out.to(x_t.dtype).contiguous()  # a copy only for non-contiguous inputs
-    return out, (x0.to(x_t.dtype).contiguous() if spec.return_pred_x0 else x_t.new_empty(0))
+        add_scaled_(out, as_dtype(noise, acc), cz)
+    out = as_dtype(out, x_t.dtype).contiguous()  # a copy only for non-contiguous inputs
+    return out, (as_dtype(x0, x_t.dtype).contiguous() if spec.return_pred_x0 else x_t.new_empty(0))
 
 
 def _step_backward_torch(spec: StepSpec, grad, grad_pred_x0, model_output, uncond_output, x_t, t, prev_t, guidance,
@@ -386,7 +415,16 @@ def guidance_tensor(guidance, uncond_output: Optional[Tensor], like: Tensor) -> 
     acc = accumulation_dtype(like.dtype)
     if isinstance(guidance, Tensor):
         return guidance.to(acc).reshape(-1)
-    return torch.full((1,), guidance, dtype=acc, device=like.device)
+    if torch.compiler.is_compiling():
+        return torch.full((1,), guidance, dtype=acc, device=like.device)
+    return _weight(guidance, like.device, acc)
+
+
+@functools.lru_cache(maxsize=64)
+def _weight(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A one-element guidance table, kept per value, device and dtype (read-only: never written, never
+    returned to the caller), so an eager step with a float guidance launches no fill."""
+    return torch.full((1,), value, dtype=dtype, device=device)
 
 
 def _check_step_tensors(model_output, x_t, uncond_output, noise) -> None:
@@ -425,7 +463,8 @@ def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: N
         noise = seed = None
     elif noise is None and triton:
         seed = philox_seeds(generator, 1, device) if seed is None else seed
-    elif noise is None and (torch.compiler.is_compiling() or t.device.type != "cpu" or bool((t > 0).any())):
+    elif noise is None and (torch.compiler.is_compiling() or t.device.type != "cpu" or
+                            (int(t) > 0 if t.numel() == 1 else bool((t > 0).any()))):
         noise, seed = torch_noise(generator, x_t), None
     else:
         seed = None

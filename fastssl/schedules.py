@@ -37,6 +37,9 @@ class NoiseSchedule:
     ~1e-6 relative of it). :meth:`to` returns the schedule on another device; the ops accept a
     schedule on any device (:meth:`on` keeps one copy per device). The tables are read-only.
 
+    ``q_coefficients`` is the (2, T) float64 table of sqrt(abar_t) and sqrt(1 - abar_t) that
+    :func:`fastssl.q_sample` reads on every backend.
+
     Args:
         betas: the per-step noise variances, 1-D, non-empty, finite, in [0, 1].
 
@@ -62,11 +65,13 @@ class NoiseSchedule:
         if not torch.isfinite(betas64).all() or (betas64 < 0).any() or (betas64 > 1).any():
             raise ValueError(f"betas must be finite and in [0, 1], got min {betas64.min().item()} max {betas64.max().item()}")
         alphas64 = 1.0 - betas64
-        self._set(betas64.float(), alphas64.float(), torch.cumprod(alphas64, 0).float(),
+        abar = torch.cumprod(alphas64, 0).float()
+        abar64 = abar.double()  # q_sample's coefficients, of the float32 abar the step kernel reads
+        self._set(betas64.float(), alphas64.float(), abar, torch.stack([abar64.sqrt(), (1 - abar64).sqrt()]),
                   torch.arange(-1, betas64.numel(), dtype=torch.long))
 
-    def _set(self, betas: Tensor, alphas: Tensor, alphas_cumprod: Tensor, steps: Tensor) -> None:
-        self.betas, self.alphas, self.alphas_cumprod = betas, alphas, alphas_cumprod
+    def _set(self, betas: Tensor, alphas: Tensor, alphas_cumprod: Tensor, q_coefficients: Tensor, steps: Tensor):
+        self.betas, self.alphas, self.alphas_cumprod, self.q_coefficients = betas, alphas, alphas_cumprod, q_coefficients
         self.num_timesteps = betas.numel()
         self._steps = steps  # int t -> _steps[t + 1:t + 2], a view (t = -1: "before the first step")
         self._copies = {}
@@ -104,7 +109,8 @@ class NoiseSchedule:
     def to(self, device) -> "NoiseSchedule":
         """This schedule with its tables on ``device`` (a new object; ``self`` is unchanged)."""
         copy = object.__new__(NoiseSchedule)
-        copy._set(*(x.to(device) for x in (self.betas, self.alphas, self.alphas_cumprod, self._steps)))
+        copy._set(*(x.to(device) for x in (self.betas, self.alphas, self.alphas_cumprod, self.q_coefficients,
+                                            self._steps)))
         return copy
 
     def on(self, device) -> "NoiseSchedule":
@@ -181,5 +187,5 @@ def gather_alphas_cumprod(alphas_cumprod, t, below: float):
         values = alphas_cumprod.double().index_select(0, t.clamp(0, T - 1))
         values = torch.where(t < T, values, torch.full_like(values, float("nan")))
         return torch.where(t < 0, torch.full_like(values, below), values)
-    values = alphas_cumprod[np.clip(t, 0, T - 1)].astype(np.float64)
+    values = alphas_cumprod[np.minimum(np.maximum(t, 0), T - 1)].astype(np.float64)
     return np.where(t < 0, below, np.where(t < T, values, np.nan))

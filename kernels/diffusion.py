@@ -82,9 +82,11 @@ def _cfg_combine_backward_kernel(grad_ptr, guidance_ptr, grad_cond_ptr, grad_unc
     tl.store(grad_uncond_ptr + offs, (-w * grad).to(grad_uncond_ptr.dtype.element_ty), mask=mask)
 
 
-def dtype_variants(tensors, tables=(), ints=(), *, ints16=(), f32_tables=(), i64_tensors=(), floats=(), **constexprs):
+def dtype_variants(tensors, tables=(), ints=(), *, ints16=(), f32_tables=(), f64_tables=(), i64_tensors=(), floats=(),
+                   **constexprs):
     """One compile variant per input dtype: ``tensors`` in that dtype, ``tables`` (per-sample weights) in
-    the math dtype, ``f32_tables`` (schedule tables) always float32, ``i64_tensors`` (timesteps, seeds)
+    the math dtype, ``f32_tables`` (abar) always float32, ``f64_tables`` (q_sample's coefficients) always
+    float64, ``i64_tensors`` (timesteps, seeds)
     int64, ``ints`` as i32, ``ints16`` as i32 multiples of 16 (``"i32:16"``: sizes and their buckets,
     which are multiples of 16 at every latent and image size the GPU runs, 64M-element steps included,
     so a real launch specializes them so), ``floats`` as fp32 scalars; ``constexprs`` fixed flags of
@@ -93,7 +95,8 @@ def dtype_variants(tensors, tables=(), ints=(), *, ints16=(), f32_tables=(), i64
     for dtype, ty in TL_DTYPE.items():
         table_ty = "fp64" if dtype == torch.float64 else "fp32"
         signature = {**{a: f"*{ty}" for a in tensors}, **{a: f"*{table_ty}" for a in tables},
-                     **{a: "*fp32" for a in f32_tables}, **{a: "*i64" for a in i64_tensors},
+                     **{a: "*fp32" for a in f32_tables}, **{a: "*fp64" for a in f64_tables},
+                     **{a: "*i64" for a in i64_tensors},
                      **{a: "i32" for a in ints}, **{a: "i32:16" for a in ints16},
                      **{a: "fp32" for a in floats}}
         out.append(variant(signature, ACC=acc_type(dtype), **constexprs))
@@ -232,6 +235,18 @@ def _gather_abar(abar_ptr, t, num_t, below):
 
 @device_function
 @triton.jit
+def _gather_q(q_ptr, t, num_t, ACC: tl.constexpr):
+    """(sqrt(abar_t), sqrt(1 - abar_t)) from the schedule's (2, T) float64 table (NoiseSchedule.q_coefficients),
+    NaN for t outside [0, num_t) (see _gather_abar)."""
+    i = tl.minimum(tl.maximum(t, 0), num_t - 1)
+    inside = (t >= 0) & (t < num_t)
+    a = tl.where(inside, tl.load(q_ptr + i), float("nan"))
+    b = tl.where(inside, tl.load(q_ptr + num_t + i), float("nan"))
+    return a.to(ACC), b.to(ACC)
+
+
+@device_function
+@triton.jit
 def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sampler, variance_type, prediction_type,
                        use_clipped_model_output, ACC: tl.constexpr):
     """The six per-sample scalars (c1, c2, ca, cx, ce, cz) of the affine step (module docstring), in ACC.
@@ -307,12 +322,10 @@ def _philox_normal(seed, offs):
 
 @autotune(STEP_CONFIGS, key=["n_bucket", "inner_bucket"])
 @triton.jit
-def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, abar_ptr, out_ptr, v_ptr, inner, t_stride, num_t, return_v,
+def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, q_ptr, out_ptr, v_ptr, inner, t_stride, num_t, return_v,
                      n_bucket, inner_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
     row, mask, offs = _row_block(inner, BLOCK)
-    abar = _gather_abar(abar_ptr, tl.load(t_ptr + row * t_stride), num_t, float("nan")).to(ACC)
-    a = _sqrt(abar, ACC)
-    b = _sqrt(1.0 - abar, ACC)
+    a, b = _gather_q(q_ptr, tl.load(t_ptr + row * t_stride), num_t, ACC)
     x0 = tl.load(x0_ptr + offs, mask=mask).to(ACC)
     z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
     tl.store(out_ptr + offs, (a * x0 + b * z).to(out_ptr.dtype.element_ty), mask=mask)
@@ -321,12 +334,10 @@ def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, abar_ptr, out_ptr, v_ptr, inner, 
 
 @autotune(STEP_CONFIGS, key=["n_bucket", "inner_bucket"])
 @triton.jit
-def _q_sample_backward_kernel(grad_ptr, grad_v_ptr, t_ptr, abar_ptr, grad_x0_ptr, grad_noise_ptr, inner, t_stride,
+def _q_sample_backward_kernel(grad_ptr, grad_v_ptr, t_ptr, q_ptr, grad_x0_ptr, grad_noise_ptr, inner, t_stride,
                               num_t, has_grad_v, n_bucket, inner_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
     row, mask, offs = _row_block(inner, BLOCK)
-    abar = _gather_abar(abar_ptr, tl.load(t_ptr + row * t_stride), num_t, float("nan")).to(ACC)
-    a = _sqrt(abar, ACC)
-    b = _sqrt(1.0 - abar, ACC)
+    a, b = _gather_q(q_ptr, tl.load(t_ptr + row * t_stride), num_t, ACC)
     g = tl.load(grad_ptr + offs, mask=mask).to(ACC)
     gv = tl.load(grad_v_ptr + offs, mask=_gate(mask, has_grad_v), other=0.0).to(ACC)
     tl.store(grad_x0_ptr + offs, (a * g - b * gv).to(grad_x0_ptr.dtype.element_ty), mask=mask)
@@ -410,10 +421,10 @@ _SIZES16 = ["inner", "n_bucket", "inner_bucket"]
 _Q_INTS = ["t_stride", "num_t"]
 register(_q_sample_kernel, configs=STEP_CONFIGS,
          variants=dtype_variants(["x0_ptr", "noise_ptr", "out_ptr", "v_ptr"], ints=_Q_INTS + ["return_v"],
-                                 ints16=_SIZES16, f32_tables=["abar_ptr"], i64_tensors=["t_ptr"]))
+                                 ints16=_SIZES16, f64_tables=["q_ptr"], i64_tensors=["t_ptr"]))
 register(_q_sample_backward_kernel, configs=STEP_CONFIGS,
          variants=dtype_variants(["grad_ptr", "grad_v_ptr", "grad_x0_ptr", "grad_noise_ptr"],
-                                 ints=_Q_INTS + ["has_grad_v"], ints16=_SIZES16, f32_tables=["abar_ptr"],
+                                 ints=_Q_INTS + ["has_grad_v"], ints16=_SIZES16, f64_tables=["q_ptr"],
                                  i64_tensors=["t_ptr"]))
 _STEP_INTS = ["t_stride", "prev_t_stride", "prev_offset", "guidance_stride", "num_t", "sampler", "variance_type",
               "prediction_type", "has_uncond", "clip_sample", "use_clipped_model_output"]
@@ -454,10 +465,11 @@ def _launch(kernel, rows: int, inner: int, block=None, /, **kwargs):
         kernel.fn[(rows * triton.cdiv(inner, block),)](**kwargs, BLOCK=block, num_warps=4)
 
 
-def q_sample_forward(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, *,
+def q_sample_forward(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, q_coefficients: torch.Tensor, *,
                      return_v: bool, block=None):
     """Launch ``_q_sample_kernel``: (x_t, v or an empty tensor). ``t`` int64 (1,) or (B,) on the device;
-    inputs are made contiguous once (a copy only if they are not: one extra read and write each)."""
+    ``q_coefficients`` the (2, T) float64 table of sqrt(abar_t) and sqrt(1 - abar_t). Inputs are made
+    contiguous once (a copy only if they are not: one extra read and write each)."""
     x0, noise = x0.contiguous(), noise.contiguous()
     out = torch.empty_like(x0)
     v = torch.empty_like(x0) if return_v else torch.empty(0, dtype=x0.dtype, device=x0.device)
@@ -465,14 +477,14 @@ def q_sample_forward(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alp
     if n == 0:
         return out, v
     inner = n // x0.shape[0]
-    _launch(_q_sample_kernel, x0.shape[0], inner, block, x0_ptr=x0, noise_ptr=noise, t_ptr=t, abar_ptr=alphas_cumprod,
-            out_ptr=out, v_ptr=v if return_v else out, inner=inner, t_stride=_stride(t),
-            num_t=alphas_cumprod.numel(), return_v=int(return_v), n_bucket=bucket(n), inner_bucket=bucket(inner),
-            ACC=acc_type(x0.dtype))
+    _launch(_q_sample_kernel, x0.shape[0], inner, block, x0_ptr=x0, noise_ptr=noise, t_ptr=t,
+            q_ptr=q_coefficients.contiguous(), out_ptr=out, v_ptr=v if return_v else out, inner=inner,
+            t_stride=_stride(t), num_t=q_coefficients.shape[1], return_v=int(return_v), n_bucket=bucket(n),
+            inner_bucket=bucket(inner), ACC=acc_type(x0.dtype))
     return out, v
 
 
-def q_sample_backward(grad: torch.Tensor, grad_v, t: torch.Tensor, alphas_cumprod: torch.Tensor, block=None):
+def q_sample_backward(grad: torch.Tensor, grad_v, t: torch.Tensor, q_coefficients: torch.Tensor, block=None):
     """Launch ``_q_sample_backward_kernel``: (grad_x0, grad_noise) = (a g - b gv, b g + a gv)."""
     grad = grad.contiguous()
     grad_v = grad_v.contiguous() if grad_v is not None else None
@@ -482,10 +494,10 @@ def q_sample_backward(grad: torch.Tensor, grad_v, t: torch.Tensor, alphas_cumpro
         return grad_x0, grad_noise
     inner = n // grad.shape[0]
     _launch(_q_sample_backward_kernel, grad.shape[0], inner, block, grad_ptr=grad,
-            grad_v_ptr=grad if grad_v is None else grad_v, t_ptr=t, abar_ptr=alphas_cumprod, grad_x0_ptr=grad_x0,
-            grad_noise_ptr=grad_noise, inner=inner, t_stride=_stride(t), num_t=alphas_cumprod.numel(),
-            has_grad_v=int(grad_v is not None), n_bucket=bucket(n), inner_bucket=bucket(inner),
-            ACC=acc_type(grad.dtype))
+            grad_v_ptr=grad if grad_v is None else grad_v, t_ptr=t, q_ptr=q_coefficients.contiguous(),
+            grad_x0_ptr=grad_x0, grad_noise_ptr=grad_noise, inner=inner, t_stride=_stride(t),
+            num_t=q_coefficients.shape[1], has_grad_v=int(grad_v is not None), n_bucket=bucket(n),
+            inner_bucket=bucket(inner), ACC=acc_type(grad.dtype))
     return grad_x0, grad_noise
 
 

@@ -379,7 +379,7 @@ def test_kernel_out_of_range_timestep_gives_nan(device):
     from fastssl.kernels.diffusion import q_sample_forward
 
     x = torch.randn(2, 40, device=device)
-    out, _ = q_sample_forward(x, x, torch.tensor([5, T], device=device), SCHEDULE.alphas_cumprod, return_v=False)
+    out, _ = q_sample_forward(x, x, torch.tensor([5, T], device=device), SCHEDULE.q_coefficients, return_v=False)
     assert not out[0].isnan().any() and out[1].isnan().all()
 
 
@@ -506,6 +506,44 @@ def test_step_pred_x0_output_gradients(backend, device):
                                       use_clipped_model_output=True)
     assert_close(out, ref)
     assert_close(x0, ref_x0)
+
+
+@pytest.mark.parametrize("output, error, match", [
+    (lambda x: x[:1], ValueError, r"at step 0 of 5 has shape \(1, 4\) but the step needs \(3, 4\)"),
+    (lambda x: torch.cat([x, x[:1]]), ValueError, r"has shape \(4, 4\) but the step needs \(3, 4\)"),
+    (lambda x: x.long(), TypeError, "at step 0 of 5 must be a floating-point tensor, got torch.int64"),
+    (lambda x: x.tolist(), TypeError, "must be a floating-point tensor, got list"),
+])
+def test_sample_checks_every_model_output(backend, device, output, error, match):
+    """A model output of the wrong shape or type is an error naming the step, never broadcast, truncated or
+    read past its end (the kernel assumes valid input)."""
+    with pytest.raises(error, match=match):
+        fastssl.sample(lambda x, t, c: output(x), (3, 4), SCHEDULE, num_steps=5, generator=0, device=device,
+                       progress=False)
+
+
+def test_sample_with_guidance_needs_the_batched_output(backend, device):
+    cond, uncond = torch.ones(2, device=device), torch.zeros(2, device=device)
+    with pytest.raises(ValueError, match=r"has shape \(2, 4\) but the step needs \(4, 4\).*cond and uncond batched"):
+        fastssl.sample(lambda x, t, c: x[:2], (2, 4), SCHEDULE, num_steps=3, guidance=1.0, cond=cond, uncond=uncond,
+                       device=device, progress=False)
+
+
+def test_step_spec_is_validated_once_and_travels_as_its_key():
+    spec = StepSpec("ddim", prediction_type="v_prediction", clip_sample=True, clip_range=2, eta=1, prev_offset=-20,
+                    final_alpha_cumprod=0.5, use_clipped_model_output=True, return_pred_x0=True)
+    assert spec.clip_range == 2.0 and isinstance(spec.clip_range, float) and isinstance(spec.eta, float)
+    assert StepSpec.from_key(spec.key) == spec
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        StepSpec("euler")
+    with pytest.raises(ValueError, match="sampler='ddim'"):
+        StepSpec("ddpm", eta=0.5)
+    with pytest.raises(TypeError, match="clip_sample must be True or False"):
+        StepSpec("ddpm", clip_sample=1)
+    with pytest.raises(ValueError, match="final_alpha_cumprod must be a finite number in"):
+        StepSpec("ddim", final_alpha_cumprod=1.5)
+    with pytest.raises(TypeError, match="clip_range must be a Python float, got list"):
+        fastssl.ddpm_step(torch.ones(1, 2), 3, torch.ones(1, 2), SCHEDULE, clip_range=[1.0])
 
 
 def test_sample_progress_bar(device, capsys):
