@@ -94,6 +94,18 @@ def _ref_x0_eps(x, e, sqrt_a, sqrt_b, prediction_type):
     return sqrt_a * x - sqrt_b * e, sqrt_a * e + sqrt_b * x  # v_prediction
 
 
+def _ref_prediction(model_output, x_t, uncond_output, guidance, a_t, prediction_type, clip_sample, clip_range, dtype):
+    """(x, x0, eps, col): x_t in ``dtype``, the guided output's predicted x0 (clamped when clip_sample) and
+    epsilon, and ``col`` (a per-sample vector as a broadcastable column in ``dtype``)."""
+    col = lambda c: _row_view(c, x_t).to(dtype)  # noqa: E731
+    x = x_t.to(dtype)
+    e = _ref_guided(model_output, uncond_output, guidance, dtype)
+    x0, eps = _ref_x0_eps(x, e, col(a_t.sqrt()), col((1 - a_t).sqrt()), prediction_type)
+    if clip_sample:
+        x0 = x0.clamp(-clip_range, clip_range)
+    return x, x0, eps, col
+
+
 def ddpm_step_reference(model_output, t, x_t, schedule, *, prev_t=None, noise=None, uncond_output=None, guidance=0.0,
                         variance_type="fixed_small", prediction_type="epsilon", clip_sample=False, clip_range=1.0,
                         upcast=True):
@@ -107,12 +119,8 @@ def ddpm_step_reference(model_output, t, x_t, schedule, *, prev_t=None, noise=No
     b_t, b_p = 1 - a_t, 1 - a_p
     cur_alpha = a_t / a_p
     cur_beta = 1 - cur_alpha
-    col = lambda c: _row_view(c, x_t).to(dtype)  # noqa: E731
-    x = x_t.to(dtype)
-    e = _ref_guided(model_output, uncond_output, guidance, dtype)
-    x0, _ = _ref_x0_eps(x, e, col(a_t.sqrt()), col(b_t.sqrt()), prediction_type)
-    if clip_sample:
-        x0 = x0.clamp(-clip_range, clip_range)
+    x, x0, _, col = _ref_prediction(model_output, x_t, uncond_output, guidance, a_t, prediction_type, clip_sample,
+                                    clip_range, dtype)
     out = col(a_p.sqrt() * cur_beta / b_t) * x0 + col(cur_alpha.sqrt() * b_p / b_t) * x
     if noise is not None:
         var = (b_p / b_t * cur_beta).clamp(min=1e-20) if variance_type == "fixed_small" else cur_beta
@@ -130,12 +138,8 @@ def ddim_step_reference(model_output, t, prev_t, x_t, schedule, *, eta=0.0, nois
     a_t, tt = _ref_abar(schedule, t, x_t, float("nan"))
     a_p, _ = _ref_abar(schedule, prev_t, x_t, final_alpha_cumprod)
     b_t = 1 - a_t
-    col = lambda c: _row_view(c, x_t).to(dtype)  # noqa: E731
-    x = x_t.to(dtype)
-    e = _ref_guided(model_output, uncond_output, guidance, dtype)
-    x0, eps = _ref_x0_eps(x, e, col(a_t.sqrt()), col(b_t.sqrt()), prediction_type)
-    if clip_sample:
-        x0 = x0.clamp(-clip_range, clip_range)
+    x, x0, eps, col = _ref_prediction(model_output, x_t, uncond_output, guidance, a_t, prediction_type, clip_sample,
+                                      clip_range, dtype)
     var = (1 - a_p) / b_t * (1 - a_t / a_p)
     std = eta * var.sqrt()
     if use_clipped_model_output:
