@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checks import check_int
 from .diffusion import q_sample
 from .diffusion_step import StepSpec, apply_step
 from .schedules import NoiseSchedule
@@ -180,9 +181,7 @@ class _FusedScheduler:
 
     def _spacing(self, num_inference_steps: int) -> np.ndarray:
         T = self.config.num_train_timesteps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
-                or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        num_inference_steps = check_int("num_inference_steps", num_inference_steps, low=1)
         if num_inference_steps > T:
             raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than "
                              f"`self.config.train_timesteps`: {T}")

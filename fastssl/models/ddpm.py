@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_int, check_number
 from ..data import digits
 from ..diffusion import q_sample
 from ..sampling import sample
@@ -72,8 +73,7 @@ class TinyUNet(nn.Module):
     def __init__(self, in_channels: int = 1, width: int = 32, num_classes: int = 10, emb_dim: int = 64):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("width", width), ("num_classes", num_classes), ("emb_dim", emb_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, low=1)
         if emb_dim % 2:
             raise ValueError(f"emb_dim must be even, got {emb_dim}")
         self.num_classes, self.emb_dim = num_classes, emb_dim
@@ -115,9 +115,7 @@ class DDPM(nn.Module):
         super().__init__()
         if not hasattr(net, "null_class"):
             raise TypeError(f"net must have a null_class attribute (the label of the unconditional model), got {type(net).__name__}")
-        if isinstance(p_uncond, bool) or not isinstance(p_uncond, (int, float)) or not 0 <= p_uncond <= 1:
-            raise ValueError(f"p_uncond must be a float in [0, 1], got {p_uncond!r}")
-        self.net, self.p_uncond = net, float(p_uncond)
+        self.net, self.p_uncond = net, check_number("p_uncond", p_uncond, low=0, high=1)
         self.schedule = NoiseSchedule.linear(num_timesteps)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
