@@ -8,12 +8,13 @@ sample (row of the leading dimension). One read of each input and one write: 3 e
 Algorithm 2 and DDIM, one kernel for both, classifier-free guidance fused in) run on a row-blocked
 1-D grid: program ``pid`` covers columns ``[(pid % nblk) * BLOCK, ...)`` of row ``pid // nblk`` (a row is
 one sample, ``inner`` = elements per sample), so the per-sample schedule coefficients are scalars
-computed once per program from the float32 tables, gathered by the sample's timestep read from a device
-int64 tensor (no host synchronisation anywhere). Every step, whatever the sampler, prediction and
+computed once per program, gathered by the sample's timestep read from a device int64 tensor (no host
+synchronisation anywhere): q_sample reads sqrt(abar_t) and sqrt(1 - abar_t) from the schedule's float64
+table, the step derives its coefficients from the float32 abar table. Every step, whatever the sampler, prediction and
 variance type, is the same affine update with six per-sample coefficients::
 
     e   = m + w * (m - u)                   (guided model output; e = m without uncond)
-    x0  = clip(c1 * x + c2 * e)             (predicted x_0, clamped when clip)
+    x0  = clip(c1 * x + c2 * e)             (predicted x_0, clamped when clip_sample)
     out = ca * x0 + cx * x + ce * e + cz * z   (z only where t > 0)
 
 DDPM: ca, cx are the posterior-mean coefficients of formula (7), ce = 0; DDIM: ca = sqrt(abar_prev),
@@ -21,7 +22,8 @@ cx/ce come from the predicted epsilon, which is itself affine in x and e. Noise 
 drawn in the kernel by Philox keyed by the element's global index ``i`` (int64), so it does not depend on
 BLOCK or the grid; the seed is an int64 loaded from a device pointer. The draw is ``tl.randn(seed, i)``'s,
 with a cosine for an argument already in [0, 2 pi) (``_philox_normal``): libdevice's cosf would bring a
-stack frame.
+stack frame. Launchers take keyword arguments named as fastssl.diffusion_step.StepSpec names the step's
+options, and launch the kernels by keyword.
 """
 from __future__ import annotations
 
