@@ -518,13 +518,13 @@ def _step_arguments(like, t, prev_t, guidance, alphas_cumprod, has_uncond, *, sa
     math_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     if guidance is None:  # no uncond: the kernel reads one unused weight
         guidance = _zero_weight(like.device, math_dtype)
-    table = guidance.to(math_dtype).reshape(-1)
+    table, guidance_stride = _guidance_table(guidance, like)
     final_hi, final_lo = _split(final_alpha_cumprod)
     eta_hi, eta_lo = _split(eta)
     range_hi, range_lo = _split(clip_range)
     return dict(t_ptr=t, prev_t_ptr=prev_t, guidance_ptr=table, abar_ptr=alphas_cumprod, inner=inner,
                 t_stride=_stride(t), prev_t_stride=_stride(prev_t), prev_offset=int(prev_offset),
-                guidance_stride=_stride(table), num_t=alphas_cumprod.numel(), sampler=CHOICE_CODES[sampler],
+                guidance_stride=guidance_stride, num_t=alphas_cumprod.numel(), sampler=CHOICE_CODES[sampler],
                 variance_type=CHOICE_CODES[variance_type], prediction_type=CHOICE_CODES[prediction_type],
                 has_uncond=int(has_uncond), clip_sample=int(clip_sample),
                 use_clipped_model_output=int(use_clipped_model_output), final_alpha_cumprod=final_hi,
