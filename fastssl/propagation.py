@@ -24,7 +24,9 @@ its backward recomputes each tile from the saved LSE.
 
 Reference frames come in two groups sharing one softmax: *local* frames (radius-limited) and *global*
 frames (all pixels); ``color_propagate`` uses one group, ``propagate_labels`` both (context ring and long
-memory). ``*_reference`` functions are the dense float64 formulas the tests compare against.
+memory). ``*_reference`` functions are the dense float64 formulas the tests compare against. ``scale``
+(1 / temperature) reaches the ops as a (1,) tensor in the math dtype, as in the contrastive slice, and the
+kernels read it on the device.
 """
 from __future__ import annotations
 
@@ -138,7 +140,7 @@ class _Part:
     def __init__(self, k, v, far, frames, window):
         self.k, self.v, self.far, self.frames, self.window = k, v, far, frames, window
 
-    def logits(self, q_t: Tensor, scale: float) -> Tensor:
+    def logits(self, q_t: Tensor, scale: Tensor) -> Tensor:
         s = torch.bmm(q_t, self.k).mul_(scale)                                  # (B, M, N)
         if self.far is not None:
             B, M, N = s.shape
@@ -381,7 +383,7 @@ def _c(*tensors):
 
 
 @torch.library.custom_op("fastssl::color_propagate", mutates_args=())
-def _propagate_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, scale: float,
+def _propagate_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, scale: Tensor,
                   radius: Optional[float]) -> tuple[Tensor, Tensor]:
     q, kl, vl, kg, vg = _c(q, kl, vl, kg, vg)
     if use_triton(q):
@@ -400,7 +402,7 @@ def _(q, kl, vl, kg, vg, scale, radius):
 
 @torch.library.custom_op("fastssl::color_propagate_backward", mutates_args=())
 def _propagate_backward_op(grad: Tensor, q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, out: Tensor,
-                           lse: Tensor, scale: float, radius: Optional[float]
+                           lse: Tensor, scale: Tensor, radius: Optional[float]
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grad, q, kl, vl, kg, vg, out, lse = _c(grad.to(q.dtype), q, kl, vl, kg, vg, out, lse)
     if use_triton(q):
@@ -418,15 +420,15 @@ def _(grad, q, kl, vl, kg, vg, out, lse, scale, radius):
 def _propagate_setup(ctx, inputs, output):
     q, kl, vl, kg, vg, scale, radius = inputs
     out, lse = output
-    ctx.scale, ctx.radius = scale, radius
-    ctx.save_for_backward(q, kl, vl, kg, vg, out, lse)
+    ctx.radius = radius
+    ctx.save_for_backward(q, kl, vl, kg, vg, scale, out, lse)
 
 
 def _propagate_backward(ctx, grad_out, grad_lse):
-    q, kl, vl, kg, vg, out, lse = ctx.saved_tensors
+    q, kl, vl, kg, vg, scale, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dkl, dvl, dkg, dvg = _propagate_backward_op(grad_out, q, kl, vl, kg, vg, out, lse, ctx.scale, ctx.radius)
+    dq, dkl, dvl, dkg, dvg = _propagate_backward_op(grad_out, q, kl, vl, kg, vg, out, lse, scale, ctx.radius)
     return dq, dkl, dvl, dkg, dvg, None, None
 
 
@@ -434,7 +436,7 @@ _propagate_op.register_autograd(_propagate_backward, setup_context=_propagate_se
 
 
 @torch.library.custom_op("fastssl::colorization_lse", mutates_args=())
-def _lse_op(q: Tensor, kl: Tensor, ll: Tensor, kg: Tensor, lg: Tensor, y: Tensor, scale: float,
+def _lse_op(q: Tensor, kl: Tensor, ll: Tensor, kg: Tensor, lg: Tensor, y: Tensor, scale: Tensor,
             radius: Optional[float]) -> tuple[Tensor, Tensor]:
     q, kl, ll, kg, lg, y = _c(q, kl, ll, kg, lg, y)
     if use_triton(q):
@@ -453,7 +455,7 @@ def _(q, kl, ll, kg, lg, y, scale, radius):
 
 @torch.library.custom_op("fastssl::colorization_lse_backward", mutates_args=())
 def _lse_backward_op(g: Tensor, gy: Tensor, q: Tensor, kl: Tensor, ll: Tensor, kg: Tensor, lg: Tensor, y: Tensor,
-                     lse: Tensor, lsey: Tensor, scale: float, radius: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+                     lse: Tensor, lsey: Tensor, scale: Tensor, radius: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
     g, gy, q, kl, ll, kg, lg, y, lse, lsey = _c(g.to(lse.dtype), gy.to(lse.dtype), q, kl, ll, kg, lg, y, lse, lsey)
     if use_triton(q):
         from .kernels.propagation import colorization_lse_backward
@@ -469,15 +471,15 @@ def _(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale, radius):
 
 def _lse_setup(ctx, inputs, output):
     q, kl, ll, kg, lg, y, scale, radius = inputs
-    ctx.scale, ctx.radius = scale, radius
-    ctx.save_for_backward(q, kl, ll, kg, lg, y, *output)
+    ctx.radius = radius
+    ctx.save_for_backward(q, kl, ll, kg, lg, y, scale, *output)
 
 
 def _lse_backward(ctx, g, gy):
-    q, kl, ll, kg, lg, y, lse, lsey = ctx.saved_tensors
+    q, kl, ll, kg, lg, y, scale, lse, lsey = ctx.saved_tensors
     g = torch.zeros_like(lse) if g is None else g
     gy = torch.zeros_like(lsey) if gy is None else gy
-    dq, dkl, dkg = _lse_backward_op(g, gy, q, kl, ll, kg, lg, y, lse, lsey, ctx.scale, ctx.radius)
+    dq, dkl, dkg = _lse_backward_op(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale, ctx.radius)
     return dq, dkl, None, dkg, None, None, None, None
 
 
@@ -485,7 +487,7 @@ _lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
 
 
 @torch.library.custom_op("fastssl::color_propagate_topk", mutates_args=())
-def _topk_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, scale: float, radius: Optional[float],
+def _topk_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, scale: Tensor, radius: Optional[float],
              topk: int) -> Tensor:
     q, kl, vl, kg, vg = _c(q, kl, vl, kg, vg)
     if use_triton(q):
@@ -538,6 +540,13 @@ def _check_features(target_feats, ref_feats):
                          f"{tuple(target_feats.shape)}, got {tuple(ref_feats.shape)}")
     if ref_feats.shape[1] < 1:
         raise ValueError(f"ref_feats needs at least one reference frame (R >= 1), got shape {tuple(ref_feats.shape)}")
+
+
+def _logit_scale(temperature, like: Tensor) -> Tensor:
+    """1 / temperature as the ops take it: a (1,) tensor in the math dtype on like's device (``torch.full``:
+    no host sync on CUDA)."""
+    scale = 1.0 / check_positive("temperature", temperature)
+    return torch.full((1,), scale, dtype=accumulation_dtype(like.dtype), device=like.device)
 
 
 def _empty_group(t: Tensor) -> Tensor:
@@ -597,7 +606,7 @@ def color_propagate(target_feats: Tensor, ref_feats: Tensor, ref_values: Tensor,
     if (ref_values.shape[:2], ref_values.shape[3:]) != ((B, R), (H, W)) or ref_values.shape[2] < 1:
         raise ValueError(f"ref_values must be (B, R, V, H, W) = ({B}, {R}, V >= 1, {H}, {W}) to match ref_feats "
                          f"{tuple(ref_feats.shape)}, got {tuple(ref_values.shape)}")
-    scale = 1.0 / check_positive("temperature", temperature)
+    scale = _logit_scale(temperature, target_feats)
     radius = _check_radius(radius)
     topk = _check_topk(topk, R * H * W, "R*H*W")
     if radius is None:
@@ -663,7 +672,7 @@ def colorization_loss(target_feats: Tensor, ref_feats: Tensor, ref_labels: Tenso
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if B == 0 or H * W == 0:
         raise ValueError(f"colorization_loss needs at least one target pixel, got target_feats {tuple(target_feats.shape)}")
-    scale = 1.0 / check_positive("temperature", temperature)
+    scale = _logit_scale(temperature, target_feats)
     radius = _check_radius(radius)
     eps = check_positive("eps", eps)
     if target_feats.device.type == "cpu" and not torch.compiler.is_compiling():  # a device check would sync
@@ -681,7 +690,7 @@ def colorization_loss(target_feats: Tensor, ref_feats: Tensor, ref_labels: Tenso
 
 
 def _propagate_step(query: Tensor, context_feats: Tensor, context_labels: Tensor, memory_feats: Tensor,
-                    memory_labels: Tensor, *, scale: float, radius: Optional[float], topk: Optional[int]) -> Tensor:
+                    memory_labels: Tensor, *, scale: Tensor, radius: Optional[float], topk: Optional[int]) -> Tensor:
     """One frame of :func:`propagate_labels`: query (1, C, H, W) against the context frames (1, n, C|V, H, W;
     radius-limited; ``radius=None`` = the whole frame) and the memory frames (1, m, ...; unrestricted)."""
     H, W = query.shape[-2:]
@@ -748,7 +757,7 @@ def propagate_labels(feats: Tensor, first_labels: Tensor, *, context: int = 20, 
         raise TypeError(f"long_memory must be a sequence of frame indices, got {long_memory!r}") from None
     if any(m < 0 or m >= T for m in memory):
         raise ValueError(f"long_memory indices must be in [0, {T}) (frames of feats), got {tuple(long_memory)}")
-    scale = 1.0 / check_positive("temperature", temperature)
+    scale = _logit_scale(temperature, feats)
     radius = _check_radius(radius)
     first_keys = H * W * (1 + sum(1 for m in memory if m < 1))
     topk = _check_topk(topk, first_keys, "of frame 1 (its context and long memory)")
