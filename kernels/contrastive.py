@@ -290,7 +290,7 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=No
     return lse
 
 
-def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off=None, need_dscale=False):
+def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off=None, *, need_dscale=False):
     """Launch ``_lse_bwd_kernel`` over the rows of ``q``: returns (dq (N, D) in q's dtype, dscale or None).
     ``lse_r``/``g_r`` (N,) give the row term and ``lse_c``/``g_c`` (M,) the column term; either pair may be
     None."""
