@@ -229,7 +229,7 @@ class _Tiling:
             g = grad.reshape(B, -1, self.RL, ky1 - ky0, kx1 - kx0).permute(0, 2, 1, 3, 4)
         local_acc[:, :, :, ky0:ky1, kx0:kx1] += g
 
-    def unflat(self, acc: Optional[Tensor], like: Tensor, channels_last: bool) -> Tensor:
+    def unflat(self, acc: Optional[Tensor], like: Tensor, *, channels_last: bool) -> Tensor:
         """A flat global accumulator back to (B, RG, D, H, W) in ``like``'s dtype (zeros if no group)."""
         if acc is None:
             return torch.zeros_like(like)
@@ -303,7 +303,7 @@ def _propagate_backward_torch(grad, q, kl, vl, kg, vg, out, lse, scale, radius):
             tiling.add_grad(part, torch.bmm(q_t.transpose(1, 2), ds), dkl, dkg, channels_last=False)
             tiling.add_grad(part, torch.bmm(p.transpose(1, 2), do_t), dvl, dvg, channels_last=True)
         tiling.put(tile, dq, dq_t.to(q.dtype))
-    return (dq, dkl.to(kl.dtype), dvl.to(vl.dtype), tiling.unflat(dkg, kg, False), tiling.unflat(dvg, vg, True))
+    return (dq, dkl.to(kl.dtype), dvl.to(vl.dtype), tiling.unflat(dkg, kg, channels_last=False), tiling.unflat(dvg, vg, channels_last=True))
 
 
 def _same_class(part: _Part, y_t: Tensor) -> Tensor:
@@ -349,7 +349,7 @@ def _colorization_lse_backward_torch(g, gy, q, kl, ll, kg, lg, y, lse, lsey, sca
             dq_t = dq_t + torch.bmm(ds, part.k.transpose(1, 2))
             tiling.add_grad(part, torch.bmm(q_t.transpose(1, 2), ds), dkl, dkg, channels_last=False)
         tiling.put(tile, dq, dq_t.to(q.dtype))
-    return dq, dkl.to(kl.dtype), tiling.unflat(dkg, kg, False)
+    return dq, dkl.to(kl.dtype), tiling.unflat(dkg, kg, channels_last=False)
 
 
 def _topk_torch(q, kl, vl, kg, vg, scale, radius, topk):

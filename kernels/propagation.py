@@ -212,7 +212,7 @@ def _propagate_fwd_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, y_ptr, scale_pt
     ylab = tl.zeros((BLOCK_M,), tl.int64)
     if LOSS:
         ylab = tl.load(y_ptr + b * HW + offs_m, mask=m_ok, other=-2)
-    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, 1)
+    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, local=1)
     if LOSS:
         v_frame = HW
     else:
@@ -303,7 +303,7 @@ def _propagate_bwd_dq_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, y_ptr, scale
         do = tl.load(do_ptr + b * V * HW + offs_v[None, :] * HW + offs_m[:, None],
                      mask=m_ok[:, None] & (offs_v < V)[None, :], other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_C), ACC)
-    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, 1)
+    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, local=1)
     if LOSS:
         v_frame = HW
     else:
@@ -436,7 +436,7 @@ def _propagate_topk_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, scale_ptr, out
     m_ok = offs_m < HW
     q_base = q_ptr + b * C * HW
     top = tl.full((BLOCK_M, KP), -2139095041, tl.int64) << 32  # _pack(-inf, 0)
-    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, 1)
+    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, local=1)
     for r in range(0, RL + RG):
         k_base, v_base, lo, hi, local = _frame(kl_ptr, vl_ptr, kg_ptr, vg_ptr, b, r, RL, RG, C * HW, V * HW,
                                                lo_l, hi_l, HW)
