@@ -86,6 +86,10 @@ def launch(kernel, grid, *, config: Optional[dict] = None, **kwargs) -> None:
             the interpreter to run small tiles.
         **kwargs: the kernel's arguments and constexprs, by name.
 
+    A row-blocked launcher (diffusion's ``rows * cdiv(inner, BLOCK)`` programs, ``block`` to bypass the
+    autotuner) is ``launch(kernel, lambda meta: (rows * triton.cdiv(inner, meta["BLOCK"]),), config=None if
+    block is None else {"BLOCK": block, "num_warps": 4}, x_ptr=x, ...)``:
+
     >>> class Shown:  # stands in for a kernel: shows the grid and the argument names of a launch
     ...     def __getitem__(self, grid):
     ...         return lambda **kwargs: print(grid, sorted(kwargs))
