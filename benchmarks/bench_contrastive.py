@@ -25,7 +25,7 @@ def _step(loss_fn, inputs, backward):
     return fn
 
 
-def _features(n, d, dtype, device, grad):
+def _features(n, d, dtype, device, *, grad):
     return torch.randn(n, d, device=device, dtype=DTYPES[dtype], requires_grad=grad)
 
 
@@ -58,7 +58,7 @@ def _nt_xent_case(provider, mode, dtype, n, d):
     backward = mode == "fwd+bwd"
 
     def make(device):
-        z1, z2 = (_features(n, d, dtype, device, backward) for _ in range(2))
+        z1, z2 = (_features(n, d, dtype, device, grad=backward) for _ in range(2))
         loss = _nt_xent_loss(provider)
         return _step(lambda: loss(z1, z2), (z1, z2), backward)
 
@@ -100,7 +100,7 @@ def _clip_case(provider, mode, dtype, n, d):
     backward = mode == "fwd+bwd"
 
     def make(device):
-        img, txt = (_features(n, d, dtype, device, backward) for _ in range(2))
+        img, txt = (_features(n, d, dtype, device, grad=backward) for _ in range(2))
         scale = torch.tensor(14.3, device=device, requires_grad=backward)
         loss = _clip_loss(provider)
         return _step(lambda: loss(img, txt, scale), (img, txt, scale), backward)
@@ -118,9 +118,9 @@ def _moco_case(provider, mode, dtype, n, k, d):
         import fastssl
         from fastssl.contrastive import moco_loss_reference
 
-        q = _features(n, d, dtype, device, backward)
-        key = _features(n, d, dtype, device, False)
-        queue = F.normalize(_features(k, d, dtype, device, False), dim=1)
+        q = _features(n, d, dtype, device, grad=backward)
+        key = _features(n, d, dtype, device, grad=False)
+        queue = F.normalize(_features(k, d, dtype, device, grad=False), dim=1)
         fn = {"fastssl": fastssl.moco_loss,
               "torch": lambda a, b, c: moco_loss_reference(a, b, c, upcast=False),
               "compile": torch.compile(lambda a, b, c: moco_loss_reference(a, b, c, upcast=False))}[provider]

@@ -73,7 +73,7 @@ def _training_case(provider: str, mode: str, dtype: str, B: int, R: int, H: int,
 def _crw_case(provider: str, dtype: str, H: int, W: int, C: int, context: int, radius: float, topk: int,
               V: int = 8) -> Case:
     def make(device):
-        from fastssl.propagation import _propagate_step, color_propagate_reference
+        from fastssl.propagation import color_propagate_reference, propagate_step
 
         torch.manual_seed(0)
         dt = DTYPES[dtype]
@@ -82,7 +82,7 @@ def _crw_case(provider: str, dtype: str, H: int, W: int, C: int, context: int, r
         query, ctx, mem = frames[-1][None], frames[1:context + 1][None], frames[:1][None]
         ctx_l, mem_l = labels[1:][None], labels[:1][None]
         if provider == "fastssl":
-            return lambda: _propagate_step(query, ctx, ctx_l, mem, mem_l, scale=1 / 0.05, radius=radius, topk=topk)
+            return lambda: propagate_step(query, ctx, ctx_l, mem, mem_l, temperature=0.05, radius=radius, topk=topk)
         keys, values = torch.cat([ctx, mem], 1), torch.cat([ctx_l, mem_l], 1)  # inputs, built once
         return lambda: color_propagate_reference(query, keys, values, temperature=0.05, radius=radius, topk=topk,
                                                  num_local=context, upcast=False)

@@ -44,7 +44,8 @@ def _bench(args) -> int:
 
 def _train(args) -> int:
     from fastssl.models import METHODS
-    from fastssl.training import TrainConfig, results_table, run, run_all
+    from fastssl.runner import results_table, run, run_all
+    from fastssl.training import TrainConfig
 
     config = TrainConfig(quick=args.quick, epochs=args.epochs, device=args.device, out=args.out, seed=args.seed,
                          progress=not args.quiet)

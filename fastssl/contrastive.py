@@ -12,8 +12,8 @@ path beside them (the same math over blocks of rows, memory O(chunk * M)). Optio
 - ``two_sided``: also the column LSE (CLIP's text-to-image direction), one backward for both.
 - ``symmetric``: ``k`` is ``q`` (NT-Xent): one gradient, from one pass of the kernels.
 
-``*_reference`` functions are the literal formulas (``F.cross_entropy`` on the materialized logits, float64
-when ``upcast``) that the tests compare against.
+``*_reference`` functions (the first section, before any op) are the literal formulas (``F.cross_entropy`` on
+the materialized logits, float64 when ``upcast``) that the tests compare against.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import use_triton
-from .checks import accumulation_dtype, check_choice, check_float, check_ndim, check_positive, check_same
+from .checks import accumulation_dtype, check_bool, check_choice, check_float, check_ndim, check_positive, check_same
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -33,463 +33,8 @@ REDUCTIONS = ("mean", "sum", "none")
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _chunk_rows(m: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(m, 1))
-
-
 # ----------------------------------------------------------------------------------------------------
-# The PyTorch path: blocks of rows, recomputed in the backward
-# ----------------------------------------------------------------------------------------------------
-
-def _scaled(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor]):
-    """(q * scale, k) or (q, k * scale * kscale) in the math dtype: the scale folded into one operand
-    (O((N + M) * D)) so the blocks need no extra pass."""
-    acc = scale.dtype
-    if kscale is None:
-        return q.to(acc) * scale, k.to(acc)
-    return q.to(acc), k.to(acc) * (scale * kscale)[:, None]
-
-
-def _lse_torch(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_off: Optional[int]) -> Tensor:
-    qs, ks = _scaled(q, k, scale, kscale)
-    n, m = q.shape[0], k.shape[0]
-    out = torch.empty(n, dtype=scale.dtype, device=q.device)
-    step = _chunk_rows(m)
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        s = torch.mm(qs[a:b], ks.t())  # (rows, M): the only block-sized buffer
-        if diag_off is not None:
-            s.diagonal(a + diag_off).fill_(float("-inf"))
-        mx = s.amax(1, keepdim=True)
-        out[a:b] = s.sub_(mx).exp_().sum(1).log_().add_(mx[:, 0])
-    return out
-
-
-def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, diag_off, symmetric, need_dq, need_dk,
-                        need_dscale):
-    """dq, dk, dscale of ``sum_i g_i lse_i [+ sum_j h_j lse'_j]`` over blocks of rows (``dS @ k`` and
-    ``dS^T @ q`` per block); ``symmetric`` (k is q) returns dq + dk as dq."""
-    acc = scale.dtype
-    qs, ks = _scaled(q, k, scale, kscale)
-    n, m = q.shape[0], k.shape[0]
-    qa, ka = q.to(acc), k.to(acc)
-    want_dk = need_dk or symmetric
-    dq = torch.empty(n, q.shape[1], dtype=acc, device=q.device)  # unscaled sum_j dS_ij c_j k_j
-    dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device) if want_dk else None
-    step = _chunk_rows(m)
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        s = torch.mm(qs[a:b], ks.t())
-        if diag_off is not None:
-            s.diagonal(a + diag_off).fill_(float("-inf"))
-        col = torch.sub(s, lse_c[None, :]).exp_().mul_(g_c[None, :]) if g_c is not None else None
-        if g_r is not None:
-            ds = s.sub_(lse_r[a:b, None]).exp_().mul_(g_r[a:b, None])
-            if col is not None:
-                ds.add_(col)
-        else:
-            ds = col
-        if kscale is not None:
-            ds.mul_(kscale[None, :])
-        torch.mm(ds, ka, out=dq[a:b])
-        if want_dk:
-            dk.addmm_(ds.t(), qa[a:b])
-    # sum_ij dS_ij c_j (q_i . k_j) = sum_i q_i . dq_i (before the scale): no block-sized pass
-    dscale = (qa * dq).sum().reshape(1) if need_dscale else q.new_empty(0, dtype=acc)
-    dq.mul_(scale)
-    if dk is not None:
-        dk.mul_(scale)
-    if symmetric:
-        dq.add_(dk)
-    out_q = dq.to(q.dtype) if need_dq else q.new_empty(0)
-    out_k = dk.to(k.dtype) if (need_dk and not symmetric) else k.new_empty(0)
-    return out_q, out_k, dscale
-
-
-# ----------------------------------------------------------------------------------------------------
-# The custom ops
-# ----------------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("fastssl::contrastive_lse", mutates_args=())
-def _lse_op(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_off: Optional[int],
-            two_sided: bool, symmetric: bool) -> tuple[Tensor, Tensor]:
-    """(row LSE (N,), column LSE (M,) or empty) in the math dtype."""
-    if use_triton(q, k, scale):
-        from .kernels.contrastive import lse_forward
-
-        rows = lse_forward(q, k, scale, kscale, diag_off)
-        cols = (lse_forward(k, q, scale, None, None if diag_off is None else -diag_off) if two_sided
-                else scale.new_empty(0))
-        return rows, cols
-    rows = _lse_torch(q, k, scale, kscale, diag_off)
-    cols = _lse_torch(k, q, scale, None, None if diag_off is None else -diag_off) if two_sided else scale.new_empty(0)
-    return rows, cols
-
-
-@_lse_op.register_fake
-def _(q, k, scale, kscale, diag_off, two_sided, symmetric):
-    return q.new_empty(q.shape[0], dtype=scale.dtype), q.new_empty(k.shape[0] if two_sided else 0, dtype=scale.dtype)
-
-
-@torch.library.custom_op("fastssl::contrastive_lse_backward", mutates_args=())
-def _lse_backward_op(g_r: Optional[Tensor], g_c: Optional[Tensor], q: Tensor, k: Tensor, scale: Tensor,
-                     kscale: Optional[Tensor], lse_r: Tensor, lse_c: Tensor, diag_off: Optional[int], symmetric: bool,
-                     need_dq: bool, need_dk: bool, need_dscale: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq or empty, dk or empty, dscale (1,) or empty); ``symmetric``: dq is the whole gradient."""
-    if not use_triton(q, k, scale):
-        return _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c if g_c is not None else None,
-                                   diag_off, symmetric, need_dq, need_dk, need_dscale)
-    from .kernels.contrastive import lse_backward_rows
-
-    acc = scale.dtype
-    dq, dk, dscale = q.new_empty(0), k.new_empty(0), scale.new_empty(0)
-    if symmetric:  # S is symmetric: dZ_i = scale sum_j (g_i P_ij + g_j P_ji) z_j, one row-parallel pass
-        if need_dq:
-            dq, _ = lse_backward_rows(q, k, scale, lse_r, g_r, lse_r, g_r, None, diag_off, False)
-        return dq, dk, dscale
-    rows_lse, rows_g = (lse_r, g_r) if g_r is not None else (None, None)
-    cols_lse, cols_g = (lse_c, g_c) if g_c is not None else (None, None)
-    if need_dq or need_dscale:
-        dq, partial = lse_backward_rows(q, k, scale, rows_lse, rows_g, cols_lse, cols_g, kscale, diag_off, need_dscale)
-        if need_dscale:
-            dscale = partial.reshape(1).to(acc)
-        if not need_dq:
-            dq = q.new_empty(0)
-    if need_dk:  # the same kernel with the roles of q and k swapped: column-parallel
-        dk, _ = lse_backward_rows(k, q, scale, cols_lse, cols_g, rows_lse, rows_g, None,
-                                  None if diag_off is None else -diag_off, False)
-    return dq, dk, dscale
-
-
-@_lse_backward_op.register_fake
-def _(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, diag_off, symmetric, need_dq, need_dk, need_dscale):
-    return (q.new_empty(q.shape if need_dq else (0,)), k.new_empty(k.shape if (need_dk and not symmetric) else (0,)),
-            scale.new_empty(1 if need_dscale else 0))
-
-
-def _lse_setup(ctx, inputs, output):
-    q, k, scale, kscale, diag_off, two_sided, symmetric = inputs
-    ctx.diag_off, ctx.symmetric, ctx.two_sided = diag_off, symmetric, two_sided
-    ctx.needs = (q.requires_grad or (symmetric and k.requires_grad),
-                 k.requires_grad and not symmetric, scale.requires_grad)
-    ctx.save_for_backward(q, k, scale, kscale, *output)
-
-
-def _lse_backward(ctx, g_rows, g_cols):
-    q, k, scale, kscale, lse_r, lse_c = ctx.saved_tensors
-    need_dq, need_dk, need_dscale = ctx.needs
-    if not (need_dq or need_dk or need_dscale):
-        return None, None, None, None, None, None, None
-    acc = scale.dtype
-    g_r = None if g_rows is None else g_rows.to(acc).contiguous()
-    g_c = None if (g_cols is None or not ctx.two_sided) else g_cols.to(acc).contiguous()
-    if g_r is None and g_c is None:
-        return None, None, None, None, None, None, None
-    if g_r is None:  # only the column LSE was used: its own row term is zero
-        g_r = torch.zeros_like(lse_r)
-    dq, dk, dscale = _lse_backward_op(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, ctx.diag_off, ctx.symmetric,
-                                      need_dq, need_dk, need_dscale)
-    if ctx.symmetric:  # k is q: the whole gradient is returned once
-        return dq if need_dq else None, None, dscale if need_dscale else None, None, None, None, None
-    return (dq if need_dq else None, dk if need_dk else None, dscale if need_dscale else None,
-            None, None, None, None)
-
-
-_lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Validation and helpers
-# ----------------------------------------------------------------------------------------------------
-
-def _check_features(names, tensors, *, dim_name="D"):
-    for name, t in zip(names, tensors):
-        check_float(name, t)
-        check_ndim(name, t, 2, f"(batch, {dim_name})")
-    check_same(names, tensors)
-    for name, t in zip(names[1:], tensors[1:]):
-        if t.shape[1] != tensors[0].shape[1]:
-            raise ValueError(f"{name} has feature size {t.shape[1]} but {names[0]} has {tensors[0].shape[1]} "
-                             f"(shapes {tuple(t.shape)} and {tuple(tensors[0].shape)}); they must match")
-    for name, t in zip(names, tensors):
-        if t.shape[0] == 0:
-            raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}); the loss needs at least one row")
-        if t.shape[1] == 0:
-            raise ValueError(f"{name} has no features (shape {tuple(t.shape)}); expected D >= 1")
-
-
-def _check_options(normalize, reduction):
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    check_choice("reduction", reduction, REDUCTIONS)
-
-
-def _scale_from_temperature(temperature, like: Tensor) -> Tensor:
-    t = check_positive("temperature", temperature)
-    return torch.full((1,), 1.0 / t, dtype=accumulation_dtype(like.dtype), device=like.device)
-
-
-def _normalized(x: Tensor, normalize: bool) -> Tensor:
-    return F.normalize(x, dim=1) if normalize else x
-
-
-def _row_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """sum_d a_id b_id in the math dtype."""
-    return (a.to(acc) * b.to(acc)).sum(1)
-
-
-def _reduce(per_row: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return per_row.mean()
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row
-
-
-def _gather(x: Tensor):
-    """(all-gathered x with gradient, this rank, world size): open_clip's gather_with_grad convention."""
-    from . import distributed
-
-    return distributed.all_gather_with_grad(x), distributed.rank(), distributed.world_size()
-
-
-# ----------------------------------------------------------------------------------------------------
-# The public losses
-# ----------------------------------------------------------------------------------------------------
-
-def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, temperature: float = 0.1,
-             normalize: bool = True, reduction: str = "mean", gather_distributed: bool = False) -> Tensor:
-    """InfoNCE (van den Oord et al. 2018, "CPC"): cross-entropy of each query against all keys,
-    ``F.cross_entropy(query @ key.T / temperature, targets)`` without the (N, M) logits in memory.
-
-    Args:
-        query: (N, D) float32, float16, bfloat16 or float64.
-        key: (M, D), same dtype and device.
-        targets: LongTensor (N,): the column of each row's positive; default ``arange(N)`` (needs M >= N).
-            Values are range-checked on CPU only (on CUDA a check would synchronize with the host).
-        temperature: a Python float > 0; logits are divided by it.
-        normalize: L2-normalize the rows of ``query`` and ``key`` first (cosine similarity).
-        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per row, shape (N,)).
-        gather_distributed: all-gather ``key`` over the initialized process group (with gradient); each
-            rank scores its own queries against all keys, ``targets`` index this rank's keys and are
-            offset by ``rank * M``; the loss is the mean over this rank's rows.
-
-    Returns:
-        A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
-
-    Raises:
-        TypeError: non-tensor or integer features, mixed dtypes, non-long targets, a non-float temperature.
-        ValueError: not 2-D, feature sizes or devices that differ, an empty batch, temperature <= 0,
-            targets of the wrong shape or (on CPU) out of range, M < N with default targets, an unknown
-            reduction.
-        RuntimeError: ``gather_distributed=True`` without an initialized process group.
-
-    >>> import torch, fastssl
-    >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    >>> round(fastssl.info_nce(q, q, temperature=1.0).item(), 4)  # log(1 + e^-1) on each row
-    0.3133
-    """
-    _check_features(("query", "key"), (query, key))
-    _check_options(normalize, reduction)
-    if not isinstance(gather_distributed, bool):
-        raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
-    n, m = query.shape[0], key.shape[0]
-    if targets is None:
-        if m < n:
-            raise ValueError(f"default targets arange(N) need key to have at least N={n} rows, got key shape "
-                             f"{tuple(key.shape)}; pass targets")
-        targets = torch.arange(n, device=query.device)
-    else:
-        if not isinstance(targets, Tensor):
-            raise TypeError(f"targets must be a LongTensor of shape ({n},), got {type(targets).__name__}")
-        if targets.dtype != torch.long:
-            raise TypeError(f"targets must be a LongTensor (torch.int64), got {targets.dtype}")
-        if targets.shape != (n,):
-            raise ValueError(f"targets must have shape ({n},) (one positive column per query row), "
-                             f"got {tuple(targets.shape)}")
-        if targets.device != query.device:
-            raise ValueError(f"targets is on {targets.device} but query is on {query.device}; move them to one device")
-        if targets.device.type == "cpu" and bool(((targets < 0) | (targets >= m)).any()):
-            raise ValueError(f"targets must be in [0, {m}) (key has {m} rows), got values in "
-                             f"[{int(targets.min())}, {int(targets.max())}]")
-    scale = _scale_from_temperature(temperature, query)
-    q, k = _normalized(query, normalize), _normalized(key, normalize)
-    if gather_distributed:
-        k, rank, _ = _gather(k)
-        targets = targets + rank * m
-    lse, _ = _lse_op(q, k, scale, None, None, False, False)
-    pos = _row_dot(q, k.index_select(0, targets), scale.dtype) * scale
-    return _reduce(lse - pos, reduction)
-
-
-def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool = True, reduction: str = "mean",
-            gather_distributed: bool = False) -> Tensor:
-    """SimCLR's NT-Xent loss (Chen et al. 2020): Z = cat(z1, z2), logits = Z @ Z.T / temperature with the
-    diagonal left out of every softmax, the positive of row i is row i + N (and of i + N, i); the mean over
-    all 2N rows. Equals lightly's ``NTXentLoss(temperature)(z1, z2)`` and pytorch-metric-learning's
-    ``NTXentLoss(temperature)`` with labels ``arange(N)`` repeated. The (2N, 2N) matrix is never stored;
-    the gradient comes from one pass (S is symmetric).
-
-    Args:
-        z1: (N, D) projections of the first views; float32, float16, bfloat16 or float64.
-        z2: (N, D) the second views, same dtype and device.
-        temperature: a Python float > 0.
-        normalize: L2-normalize the rows first (cosine similarity, as in SimCLR).
-        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per row, shape (2N,): z1's rows then z2's).
-        gather_distributed: all-gather both views over the initialized process group (with gradient);
-            each rank's rows are scored against all 2N * world_size rows; the mean over this rank's rows.
-
-    Returns:
-        A float32 scalar (float64 for float64 inputs), or (2N,) for ``reduction="none"``.
-
-    Raises:
-        TypeError: non-tensor or integer features, mixed dtypes, a non-float temperature.
-        ValueError: not 2-D, shapes or devices that differ, an empty batch, temperature <= 0, an unknown
-            reduction.
-        RuntimeError: ``gather_distributed=True`` without an initialized process group.
-
-    >>> import torch, fastssl
-    >>> z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    >>> round(fastssl.nt_xent(z, z, temperature=1.0).item(), 4)  # log(e + 2) - 1 on each row
-    0.5514
-    """
-    _check_features(("z1", "z2"), (z1, z2))
-    if z1.shape != z2.shape:
-        raise ValueError(f"z2 has shape {tuple(z2.shape)} but z1 has {tuple(z1.shape)}; they must match")
-    _check_options(normalize, reduction)
-    if not isinstance(gather_distributed, bool):
-        raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
-    scale = _scale_from_temperature(temperature, z1)
-    a, b = _normalized(z1, normalize), _normalized(z2, normalize)
-    z = torch.cat((a, b))
-    if gather_distributed:
-        # Keys: every rank's cat(z1, z2) block in rank order (a permutation of the global batch, which
-        # leaves each row's softmax unchanged); this rank's rows sit at rank * 2N, so its own column is
-        # row + rank * 2N.
-        keys, rank, _ = _gather(z)
-        lse, _ = _lse_op(z, keys, scale, None, rank * z.shape[0], False, False)
-    else:
-        lse, _ = _lse_op(z, z, scale, None, 0, False, True)
-    pos = _row_dot(a, b, scale.dtype) * scale
-    return _reduce(lse - torch.cat((pos, pos)), reduction)
-
-
-def moco_loss(query: Tensor, key: Tensor, queue: Tensor, *, temperature: float = 0.07, normalize: bool = True,
-              reduction: str = "mean") -> Tensor:
-    """MoCo's InfoNCE (He et al. 2020): logits_i = [q_i . k_i, q_i . queue_1..K] / temperature, target 0.
-    The queue is streamed as negative key tiles (never copied; with ``normalize=True`` its rows are
-    normalized on the fly); no gradient flows into ``key`` or ``queue`` (they come from the momentum
-    encoder).
-
-    Args:
-        query: (N, D) float32, float16, bfloat16 or float64.
-        key: (N, D) the positives, same dtype and device.
-        queue: (K, D) the negatives, same dtype and device.
-        temperature: a Python float > 0.
-        normalize: L2-normalize query, key and queue rows first.
-        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per row, shape (N,)).
-
-    Returns:
-        A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
-
-    Raises:
-        TypeError: non-tensor or integer inputs, mixed dtypes, a non-float temperature.
-        ValueError: not 2-D, sizes or devices that differ, an empty batch or queue, temperature <= 0, an
-            unknown reduction.
-
-    >>> import torch, fastssl
-    >>> q = torch.tensor([[1.0, 0.0]])
-    >>> round(fastssl.moco_loss(q, q, torch.tensor([[0.0, 1.0]]), temperature=1.0).item(), 4)
-    0.3133
-    """
-    _check_features(("query", "key", "queue"), (query, key, queue))
-    if key.shape != query.shape:
-        raise ValueError(f"key has shape {tuple(key.shape)} but query has {tuple(query.shape)}; they must match")
-    _check_options(normalize, reduction)
-    scale = _scale_from_temperature(temperature, query)
-    acc = scale.dtype
-    q = _normalized(query, normalize)
-    k = _normalized(key.detach(), normalize)
-    queue = queue.detach()
-    kscale = None
-    if normalize:  # F.normalize's 1 / max(||x||, eps), applied per key inside the kernels
-        kscale = torch.linalg.vector_norm(queue, dim=1, dtype=acc).clamp_min(1e-12).reciprocal()
-    neg, _ = _lse_op(q, queue, scale, kscale, None, False, False)
-    pos = _row_dot(q, k, acc) * scale
-    return _reduce(torch.logaddexp(pos, neg) - pos, reduction)
-
-
-def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, normalize: bool = True,
-              reduction: str = "mean", gather_distributed: bool = False) -> Tensor:
-    """CLIP's symmetric contrastive loss (Radford et al. 2021): logits = logit_scale * img @ txt.T,
-    loss = (CE(logits, arange) + CE(logits.T, arange)) / 2, both directions from one op (row and
-    column log-sum-exp) without the (N, N) matrix. Equals open_clip's ``ClipLoss()(img, txt, logit_scale)``
-    on normalized features.
-
-    Args:
-        image_features: (N, D) float32, float16, bfloat16 or float64.
-        text_features: (N, D), same dtype and device.
-        logit_scale: the multiplier: a Python float > 0, or a 0-dim tensor (e.g. ``model.logit_scale.exp()``)
-            in the features' dtype or float32, read on the device (no host sync); it receives a gradient
-            when it requires one.
-        normalize: L2-normalize the rows first.
-        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per pair i: the mean of its two directions' losses,
-            shape (N,)).
-        gather_distributed: all-gather both modalities over the initialized process group (with gradient);
-            each rank scores its own images against all texts and its own texts against all images
-            (positives offset by ``rank * N``); the mean over this rank's rows.
-
-    Returns:
-        A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
-
-    Raises:
-        TypeError: non-tensor or integer features, mixed dtypes (a float32 logit_scale is allowed), a
-            logit_scale that is neither a number nor a tensor.
-        ValueError: not 2-D, shapes or devices that differ, an empty batch, a float logit_scale <= 0, a
-            logit_scale tensor that is not 0-dim, an unknown reduction.
-        RuntimeError: ``gather_distributed=True`` without an initialized process group.
-
-    >>> import torch, fastssl
-    >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    >>> round(fastssl.clip_loss(x, x, 1.0).item(), 4)
-    0.3133
-    """
-    _check_features(("image_features", "text_features"), (image_features, text_features))
-    if image_features.shape != text_features.shape:
-        raise ValueError(f"text_features has shape {tuple(text_features.shape)} but image_features has "
-                         f"{tuple(image_features.shape)}; they must match")
-    _check_options(normalize, reduction)
-    if not isinstance(gather_distributed, bool):
-        raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
-    acc = accumulation_dtype(image_features.dtype)
-    if isinstance(logit_scale, Tensor):
-        check_float("logit_scale", logit_scale)
-        if logit_scale.dtype not in (image_features.dtype, torch.float32):
-            raise TypeError(f"logit_scale has dtype {logit_scale.dtype} but the features have "
-                            f"{image_features.dtype}; it must match them or be float32")
-        check_same(("image_features", "logit_scale"), (image_features, logit_scale), dtype=False)
-        if logit_scale.dim() != 0:
-            raise ValueError(f"logit_scale must be a float or a 0-dim tensor, got shape {tuple(logit_scale.shape)}")
-        scale = logit_scale.to(acc).reshape(1)
-    else:
-        if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
-            raise TypeError(f"logit_scale must be a float or a 0-dim tensor, got {type(logit_scale).__name__}")
-        scale = torch.full((1,), float(check_positive("logit_scale", logit_scale)), dtype=acc,
-                           device=image_features.device)
-    img, txt = _normalized(image_features, normalize), _normalized(text_features, normalize)
-    pos = _row_dot(img, txt, acc) * scale
-    if gather_distributed:
-        all_txt, _, _ = _gather(txt)
-        all_img, _, _ = _gather(img)  # the positives are this rank's own pairs (rank * N + i): pos above
-        lse_img, _ = _lse_op(img, all_txt, scale, None, None, False, False)
-        lse_txt, _ = _lse_op(txt, all_img, scale, None, None, False, False)
-    else:
-        lse_img, lse_txt = _lse_op(img, txt, scale, None, None, True, False)
-    return _reduce(0.5 * ((lse_img - pos) + (lse_txt - pos)), reduction)
-
-
-# ----------------------------------------------------------------------------------------------------
-# References: the literal formulas on materialized logits
+# References: the float64 formulas the ops must equal (F.cross_entropy on the materialized logits)
 # ----------------------------------------------------------------------------------------------------
 
 def _ref_prep(x: Tensor, normalize: bool, upcast: bool) -> Tensor:
@@ -535,3 +80,458 @@ def clip_loss_reference(image_features, text_features, logit_scale, *, normalize
     targets = torch.arange(img.shape[0], device=img.device)
     return (F.cross_entropy(logits, targets, reduction=reduction)
             + F.cross_entropy(logits.t(), targets, reduction=reduction)) / 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# The PyTorch path: blocks of rows, recomputed in the backward
+# ----------------------------------------------------------------------------------------------------
+
+def _chunk_rows(m: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(m, 1))
+
+
+def _scaled(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor]):
+    """(q * scale, k) or (q, k * scale * kscale) in the math dtype: the scale folded into one operand
+    (O((N + M) * D)) so the blocks need no extra pass."""
+    acc = scale.dtype
+    if kscale is None:
+        return q.to(acc) * scale, k.to(acc)
+    return q.to(acc), k.to(acc) * (scale * kscale)[:, None]
+
+
+def _lse_torch(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_off: Optional[int]) -> Tensor:
+    qs, ks = _scaled(q, k, scale, kscale)
+    n, m = q.shape[0], k.shape[0]
+    out = torch.empty(n, dtype=scale.dtype, device=q.device)
+    step = _chunk_rows(m)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        s = torch.mm(qs[a:b], ks.t())  # (rows, M): the only block-sized buffer
+        if diag_off is not None:
+            s.diagonal(a + diag_off).fill_(float("-inf"))
+        mx = s.amax(1, keepdim=True)
+        out[a:b] = s.sub_(mx).exp_().sum(1).log_().add_(mx[:, 0])
+    return out
+
+
+def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, diag_off, *, symmetric, need_dq, need_dk,
+                        need_dscale):
+    """dq, dk, dscale of ``sum_i g_i lse_i [+ sum_j h_j lse'_j]`` over blocks of rows (``dS @ k`` and
+    ``dS^T @ q`` per block); ``symmetric`` (k is q) returns dq + dk as dq."""
+    acc = scale.dtype
+    qs, ks = _scaled(q, k, scale, kscale)
+    n, m = q.shape[0], k.shape[0]
+    qa, ka = q.to(acc), k.to(acc)
+    want_dk = need_dk or symmetric
+    dq = torch.empty(n, q.shape[1], dtype=acc, device=q.device)  # unscaled sum_j dS_ij c_j k_j
+    dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device) if want_dk else None
+    step = _chunk_rows(m)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        s = torch.mm(qs[a:b], ks.t())
+        if diag_off is not None:
+            s.diagonal(a + diag_off).fill_(float("-inf"))
+        col = torch.sub(s, lse_c[None, :]).exp_().mul_(g_c[None, :]) if g_c is not None else None
+        if g_r is not None:
+            ds = s.sub_(lse_r[a:b, None]).exp_().mul_(g_r[a:b, None])
+            if col is not None:
+                ds.add_(col)
+        else:
+            ds = col
+        if kscale is not None:
+            ds.mul_(kscale[None, :])
+        torch.mm(ds, ka, out=dq[a:b])
+        if want_dk:
+            dk.addmm_(ds.t(), qa[a:b])
+    # sum_ij dS_ij c_j (q_i . k_j) = sum_i q_i . dq_i (before the scale): no block-sized pass
+    dscale = (qa * dq).sum().reshape(1) if need_dscale else q.new_empty(0, dtype=acc)
+    dq.mul_(scale)
+    if dk is not None:
+        dk.mul_(scale)
+    if symmetric:
+        dq.add_(dk)
+    out_q = dq.to(q.dtype) if need_dq else q.new_empty(0)
+    out_k = dk.to(k.dtype) if (need_dk and not symmetric) else k.new_empty(0)
+    return out_q, out_k, dscale
+
+
+# ----------------------------------------------------------------------------------------------------
+# The custom ops
+# ----------------------------------------------------------------------------------------------------
+
+def _transposed(diag_off: Optional[int]) -> Optional[int]:
+    """The excluded diagonal seen from the keys' side: column j leaves out row j - diag_off."""
+    return None if diag_off is None else -diag_off
+
+
+@torch.library.custom_op("fastssl::contrastive_lse", mutates_args=())
+def _lse_op(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_off: Optional[int],
+            two_sided: bool, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """(row LSE (N,), column LSE (M,) or empty) in the math dtype."""
+    if use_triton(q, k, scale):
+        from .kernels.contrastive import lse_forward
+
+        rows = lse_forward(q, k, scale, kscale=kscale, diag_off=diag_off)
+        cols = (lse_forward(k, q, scale, kscale=None, diag_off=_transposed(diag_off)) if two_sided
+                else scale.new_empty(0))
+        return rows, cols
+    rows = _lse_torch(q, k, scale, kscale, diag_off)
+    cols = _lse_torch(k, q, scale, None, _transposed(diag_off)) if two_sided else scale.new_empty(0)
+    return rows, cols
+
+
+@_lse_op.register_fake
+def _(q, k, scale, kscale, diag_off, two_sided, symmetric):
+    return q.new_empty(q.shape[0], dtype=scale.dtype), q.new_empty(k.shape[0] if two_sided else 0, dtype=scale.dtype)
+
+
+@torch.library.custom_op("fastssl::contrastive_lse_backward", mutates_args=())
+def _lse_backward_op(g_r: Optional[Tensor], g_c: Optional[Tensor], q: Tensor, k: Tensor, scale: Tensor,
+                     kscale: Optional[Tensor], lse_r: Tensor, lse_c: Tensor, diag_off: Optional[int], symmetric: bool,
+                     need_dq: bool, need_dk: bool, need_dscale: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq or empty, dk or empty, dscale (1,) or empty); ``symmetric``: dq is the whole gradient."""
+    if not use_triton(q, k, scale):
+        return _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c if g_c is not None else None,
+                                   diag_off, symmetric=symmetric, need_dq=need_dq, need_dk=need_dk,
+                                   need_dscale=need_dscale)
+    from .kernels.contrastive import lse_backward_rows
+
+    acc = scale.dtype
+    dq, dk, dscale = q.new_empty(0), k.new_empty(0), scale.new_empty(0)
+    if symmetric:  # S is symmetric: dZ_i = scale sum_j (g_i P_ij + g_j P_ji) z_j, one row-parallel pass
+        if need_dq:
+            dq, _ = lse_backward_rows(q, k, scale, lse_r, g_r, lse_r, g_r, kscale=None, diag_off=diag_off,
+                                      need_dscale=False)
+        return dq, dk, dscale
+    rows_lse, rows_g = (lse_r, g_r) if g_r is not None else (None, None)
+    cols_lse, cols_g = (lse_c, g_c) if g_c is not None else (None, None)
+    if need_dq or need_dscale:
+        dq, partial = lse_backward_rows(q, k, scale, rows_lse, rows_g, cols_lse, cols_g, kscale=kscale,
+                                        diag_off=diag_off, need_dscale=need_dscale)
+        if need_dscale:
+            dscale = partial.reshape(1).to(acc)
+        if not need_dq:
+            dq = q.new_empty(0)
+    if need_dk:  # the same kernel with the roles of q and k swapped: column-parallel
+        dk, _ = lse_backward_rows(k, q, scale, cols_lse, cols_g, rows_lse, rows_g, kscale=None,
+                                  diag_off=_transposed(diag_off), need_dscale=False)
+    return dq, dk, dscale
+
+
+@_lse_backward_op.register_fake
+def _(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, diag_off, symmetric, need_dq, need_dk, need_dscale):
+    return (q.new_empty(q.shape if need_dq else (0,)), k.new_empty(k.shape if (need_dk and not symmetric) else (0,)),
+            scale.new_empty(1 if need_dscale else 0))
+
+
+def _lse_setup(ctx, inputs, output):
+    q, k, scale, kscale, diag_off, two_sided, symmetric = inputs
+    ctx.diag_off, ctx.symmetric, ctx.two_sided = diag_off, symmetric, two_sided
+    ctx.needs = (q.requires_grad or (symmetric and k.requires_grad),
+                 k.requires_grad and not symmetric, scale.requires_grad)
+    ctx.save_for_backward(q, k, scale, kscale, *output)
+
+
+def _lse_backward(ctx, g_rows, g_cols):
+    q, k, scale, kscale, lse_r, lse_c = ctx.saved_tensors
+    need_dq, need_dk, need_dscale = ctx.needs
+    if not (need_dq or need_dk or need_dscale):
+        return None, None, None, None, None, None, None
+    acc = scale.dtype
+    g_r = None if g_rows is None else g_rows.to(acc).contiguous()
+    g_c = None if (g_cols is None or not ctx.two_sided) else g_cols.to(acc).contiguous()
+    if g_r is None and g_c is None:
+        return None, None, None, None, None, None, None
+    if g_r is None:  # only the column LSE was used: its own row term is zero
+        g_r = torch.zeros_like(lse_r)
+    dq, dk, dscale = _lse_backward_op(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, ctx.diag_off,
+                                      symmetric=ctx.symmetric, need_dq=need_dq, need_dk=need_dk,
+                                      need_dscale=need_dscale)
+    if ctx.symmetric:  # k is q: the whole gradient is returned once
+        return dq if need_dq else None, None, dscale if need_dscale else None, None, None, None, None
+    return (dq if need_dq else None, dk if need_dk else None, dscale if need_dscale else None,
+            None, None, None, None)
+
+
+_lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation and helpers
+# ----------------------------------------------------------------------------------------------------
+
+def _check_features(names, tensors, *, dim_name="D"):
+    for name, t in zip(names, tensors):
+        check_float(name, t)
+        check_ndim(name, t, 2, f"(batch, {dim_name})")
+    check_same(names, tensors)
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.shape[1] != tensors[0].shape[1]:
+            raise ValueError(f"{name} has feature size {t.shape[1]} but {names[0]} has {tensors[0].shape[1]} "
+                             f"(shapes {tuple(t.shape)} and {tuple(tensors[0].shape)}); they must match")
+    for name, t in zip(names, tensors):
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}); the loss needs at least one row")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} has no features (shape {tuple(t.shape)}); expected D >= 1")
+
+
+def _check_options(normalize, reduction, gather_distributed=False):
+    check_bool("normalize", normalize)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_bool("gather_distributed", gather_distributed)
+
+
+def _scale_from_temperature(temperature, like: Tensor) -> Tensor:
+    t = check_positive("temperature", temperature)
+    return torch.full((1,), 1.0 / t, dtype=accumulation_dtype(like.dtype), device=like.device)
+
+
+def _normalized(x: Tensor, normalize: bool) -> Tensor:
+    return F.normalize(x, dim=1) if normalize else x
+
+
+def _row_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """sum_d a_id b_id in the math dtype."""
+    return (a.to(acc) * b.to(acc)).sum(1)
+
+
+def _reduce(per_row: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
+
+
+def _gather(x: Tensor):
+    """(all-gathered x with gradient, this rank): open_clip's gather_with_grad convention."""
+    from . import distributed
+
+    return distributed.all_gather_with_grad(x), distributed.rank()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The public losses
+# ----------------------------------------------------------------------------------------------------
+
+def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, temperature: float = 0.1,
+             normalize: bool = True, reduction: str = "mean", gather_distributed: bool = False) -> Tensor:
+    """InfoNCE (van den Oord et al. 2018, "CPC"): cross-entropy of each query against all keys,
+    ``F.cross_entropy(query @ key.T / temperature, targets)`` without the (N, M) logits in memory.
+
+    Args:
+        query: (N, D) float32, float16, bfloat16 or float64.
+        key: (M, D), same dtype and device.
+        targets: LongTensor (N,): the column of each row's positive; default ``arange(N)`` (needs M >= N).
+            Values are range-checked on CPU only (on CUDA a check would synchronize with the host).
+        temperature: a Python float > 0; logits are divided by it.
+        normalize: L2-normalize the rows of ``query`` and ``key`` first (cosine similarity).
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per row, shape (N,)).
+        gather_distributed: all-gather ``key`` over the initialized process group (with gradient); each
+            rank scores its own queries against all keys, ``targets`` index this rank's keys and are
+            offset by ``rank * M``; the loss is the mean over this rank's rows.
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
+
+    Raises:
+        TypeError: non-tensor or integer features, mixed dtypes, non-long targets, a non-float temperature.
+        ValueError: not 2-D, feature sizes or devices that differ, an empty batch, temperature <= 0,
+            targets of the wrong shape or (on CPU) out of range, M < N with default targets, an unknown
+            reduction.
+        RuntimeError: ``gather_distributed=True`` without an initialized process group.
+
+    >>> import torch, fastssl
+    >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> round(fastssl.info_nce(q, q, temperature=1.0).item(), 4)  # log(1 + e^-1) on each row
+    0.3133
+    """
+    _check_features(("query", "key"), (query, key))
+    _check_options(normalize, reduction, gather_distributed)
+    n, m = query.shape[0], key.shape[0]
+    if targets is None:
+        if m < n:
+            raise ValueError(f"default targets arange(N) need key to have at least N={n} rows, got key shape "
+                             f"{tuple(key.shape)}; pass targets")
+        targets = torch.arange(n, device=query.device)
+    else:
+        if not isinstance(targets, Tensor):
+            raise TypeError(f"targets must be a LongTensor of shape ({n},), got {type(targets).__name__}")
+        if targets.dtype != torch.long:
+            raise TypeError(f"targets must be a LongTensor (torch.int64), got {targets.dtype}")
+        if targets.shape != (n,):
+            raise ValueError(f"targets must have shape ({n},) (one positive column per query row), "
+                             f"got {tuple(targets.shape)}")
+        if targets.device != query.device:
+            raise ValueError(f"targets is on {targets.device} but query is on {query.device}; move them to one device")
+        if targets.device.type == "cpu" and bool(((targets < 0) | (targets >= m)).any()):
+            raise ValueError(f"targets must be in [0, {m}) (key has {m} rows), got values in "
+                             f"[{int(targets.min())}, {int(targets.max())}]")
+    scale = _scale_from_temperature(temperature, query)
+    q, k = _normalized(query, normalize), _normalized(key, normalize)
+    if gather_distributed:
+        k, rank = _gather(k)
+        targets = targets + rank * m
+    lse, _ = _lse_op(q, k, scale, kscale=None, diag_off=None, two_sided=False, symmetric=False)
+    pos = _row_dot(q, k.index_select(0, targets), scale.dtype) * scale
+    return _reduce(lse - pos, reduction)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool = True, reduction: str = "mean",
+            gather_distributed: bool = False) -> Tensor:
+    """SimCLR's NT-Xent loss (Chen et al. 2020): Z = cat(z1, z2), logits = Z @ Z.T / temperature with the
+    diagonal left out of every softmax, the positive of row i is row i + N (and of i + N, i); the mean over
+    all 2N rows. Equals lightly's ``NTXentLoss(temperature)(z1, z2)`` and pytorch-metric-learning's
+    ``NTXentLoss(temperature)`` with labels ``arange(N)`` repeated. The (2N, 2N) matrix is never stored;
+    the gradient comes from one pass (S is symmetric).
+
+    Args:
+        z1: (N, D) projections of the first views; float32, float16, bfloat16 or float64.
+        z2: (N, D) the second views, same dtype and device.
+        temperature: a Python float > 0.
+        normalize: L2-normalize the rows first (cosine similarity, as in SimCLR).
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per row, shape (2N,): z1's rows then z2's).
+        gather_distributed: all-gather both views over the initialized process group (with gradient);
+            each rank's rows are scored against all 2N * world_size rows; the mean over this rank's rows.
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or (2N,) for ``reduction="none"``.
+
+    Raises:
+        TypeError: non-tensor or integer features, mixed dtypes, a non-float temperature.
+        ValueError: not 2-D, shapes or devices that differ, an empty batch, temperature <= 0, an unknown
+            reduction.
+        RuntimeError: ``gather_distributed=True`` without an initialized process group.
+
+    >>> import torch, fastssl
+    >>> z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> round(fastssl.nt_xent(z, z, temperature=1.0).item(), 4)  # log(e + 2) - 1 on each row
+    0.5514
+    """
+    _check_features(("z1", "z2"), (z1, z2))
+    if z1.shape != z2.shape:
+        raise ValueError(f"z2 has shape {tuple(z2.shape)} but z1 has {tuple(z1.shape)}; they must match")
+    _check_options(normalize, reduction, gather_distributed)
+    scale = _scale_from_temperature(temperature, z1)
+    a, b = _normalized(z1, normalize), _normalized(z2, normalize)
+    z = torch.cat((a, b))
+    if gather_distributed:
+        # Keys: every rank's cat(z1, z2) block in rank order (a permutation of the global batch, which
+        # leaves each row's softmax unchanged); this rank's rows sit at rank * 2N, so its own column is
+        # row + rank * 2N.
+        keys, rank = _gather(z)
+        lse, _ = _lse_op(z, keys, scale, kscale=None, diag_off=rank * z.shape[0], two_sided=False, symmetric=False)
+    else:
+        lse, _ = _lse_op(z, z, scale, kscale=None, diag_off=0, two_sided=False, symmetric=True)
+    pos = _row_dot(a, b, scale.dtype) * scale
+    return _reduce(lse - torch.cat((pos, pos)), reduction)
+
+
+def moco_loss(query: Tensor, key: Tensor, queue: Tensor, *, temperature: float = 0.07, normalize: bool = True,
+              reduction: str = "mean") -> Tensor:
+    """MoCo's InfoNCE (He et al. 2020): logits_i = [q_i . k_i, q_i . queue_1..K] / temperature, target 0.
+    The queue is streamed as negative key tiles (never copied; with ``normalize=True`` its rows are
+    normalized on the fly); no gradient flows into ``key`` or ``queue`` (they come from the momentum
+    encoder).
+
+    Args:
+        query: (N, D) float32, float16, bfloat16 or float64.
+        key: (N, D) the positives, same dtype and device.
+        queue: (K, D) the negatives, same dtype and device.
+        temperature: a Python float > 0.
+        normalize: L2-normalize query, key and queue rows first.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per row, shape (N,)).
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
+
+    Raises:
+        TypeError: non-tensor or integer inputs, mixed dtypes, a non-float temperature.
+        ValueError: not 2-D, sizes or devices that differ, an empty batch or queue, temperature <= 0, an
+            unknown reduction.
+
+    >>> import torch, fastssl
+    >>> q = torch.tensor([[1.0, 0.0]])
+    >>> round(fastssl.moco_loss(q, q, torch.tensor([[0.0, 1.0]]), temperature=1.0).item(), 4)
+    0.3133
+    """
+    _check_features(("query", "key", "queue"), (query, key, queue))
+    if key.shape != query.shape:
+        raise ValueError(f"key has shape {tuple(key.shape)} but query has {tuple(query.shape)}; they must match")
+    _check_options(normalize, reduction)
+    scale = _scale_from_temperature(temperature, query)
+    acc = scale.dtype
+    q = _normalized(query, normalize)
+    k = _normalized(key.detach(), normalize)
+    queue = queue.detach()
+    kscale = None
+    if normalize:  # F.normalize's 1 / max(||x||, eps), applied per key inside the kernels
+        kscale = torch.linalg.vector_norm(queue, dim=1, dtype=acc).clamp_min(1e-12).reciprocal()
+    neg, _ = _lse_op(q, queue, scale, kscale=kscale, diag_off=None, two_sided=False, symmetric=False)
+    pos = _row_dot(q, k, acc) * scale
+    return _reduce(torch.logaddexp(pos, neg) - pos, reduction)
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, normalize: bool = True,
+              reduction: str = "mean", gather_distributed: bool = False) -> Tensor:
+    """CLIP's symmetric contrastive loss (Radford et al. 2021): logits = logit_scale * img @ txt.T,
+    loss = (CE(logits, arange) + CE(logits.T, arange)) / 2, both directions from one op (row and
+    column log-sum-exp) without the (N, N) matrix. Equals open_clip's ``ClipLoss()(img, txt, logit_scale)``
+    on normalized features.
+
+    Args:
+        image_features: (N, D) float32, float16, bfloat16 or float64.
+        text_features: (N, D), same dtype and device.
+        logit_scale: the multiplier: a Python float > 0, or a 0-dim tensor (e.g. ``model.logit_scale.exp()``)
+            in the features' dtype or float32, read on the device (no host sync); it receives a gradient
+            when it requires one.
+        normalize: L2-normalize the rows first.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per pair i: the mean of its two directions' losses,
+            shape (N,)).
+        gather_distributed: all-gather both modalities over the initialized process group (with gradient);
+            each rank scores its own images against all texts and its own texts against all images
+            (positives offset by ``rank * N``); the mean over this rank's rows.
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
+
+    Raises:
+        TypeError: non-tensor or integer features, mixed dtypes (a float32 logit_scale is allowed), a
+            logit_scale that is neither a number nor a tensor.
+        ValueError: not 2-D, shapes or devices that differ, an empty batch, a float logit_scale <= 0, a
+            logit_scale tensor that is not 0-dim, an unknown reduction.
+        RuntimeError: ``gather_distributed=True`` without an initialized process group.
+
+    >>> import torch, fastssl
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> round(fastssl.clip_loss(x, x, 1.0).item(), 4)
+    0.3133
+    """
+    _check_features(("image_features", "text_features"), (image_features, text_features))
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"text_features has shape {tuple(text_features.shape)} but image_features has "
+                         f"{tuple(image_features.shape)}; they must match")
+    _check_options(normalize, reduction, gather_distributed)
+    acc = accumulation_dtype(image_features.dtype)
+    if isinstance(logit_scale, Tensor):
+        check_float("logit_scale", logit_scale)
+        if logit_scale.dtype not in (image_features.dtype, torch.float32):
+            raise TypeError(f"logit_scale has dtype {logit_scale.dtype} but the features have "
+                            f"{image_features.dtype}; it must match them or be float32")
+        check_same(("image_features", "logit_scale"), (image_features, logit_scale), dtype=False)
+        if logit_scale.dim() != 0:
+            raise ValueError(f"logit_scale must be a float or a 0-dim tensor, got shape {tuple(logit_scale.shape)}")
+        scale = logit_scale.to(acc).reshape(1)
+    else:
+        scale = torch.full((1,), check_positive("logit_scale", logit_scale), dtype=acc, device=image_features.device)
+    img, txt = _normalized(image_features, normalize), _normalized(text_features, normalize)
+    pos = _row_dot(img, txt, acc) * scale
+    if gather_distributed:
+        all_txt, _ = _gather(txt)
+        all_img, _ = _gather(img)  # the positives are this rank's own pairs (rank * N + i): pos above
+        lse_img, _ = _lse_op(img, all_txt, scale, kscale=None, diag_off=None, two_sided=False, symmetric=False)
+        lse_txt, _ = _lse_op(txt, all_img, scale, kscale=None, diag_off=None, two_sided=False, symmetric=False)
+    else:
+        lse_img, lse_txt = _lse_op(img, txt, scale, kscale=None, diag_off=None, two_sided=True, symmetric=False)
+    return _reduce(0.5 * ((lse_img - pos) + (lse_txt - pos)), reduction)

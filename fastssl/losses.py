@@ -27,24 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .checks import check_choice, check_float, check_ndim, check_positive, check_same
+from .checks import check_bool, check_choice, check_float, check_int, check_ndim, check_positive, check_same
 from .contrastive import REDUCTIONS, clip_loss, info_nce, moco_loss, nt_xent
 
 __all__ = ["NTXentLoss", "InfoNCELoss", "MoCoQueue", "CLIPLoss", "CPCLoss"]
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _check_count(name: str, value, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
 
 
 def _check_gather_available(gather_distributed: bool) -> None:
@@ -57,10 +43,10 @@ def _check_gather_available(gather_distributed: bool) -> None:
 
 def _set_loss_options(module: nn.Module, normalize, reduction, gather_distributed) -> None:
     """Validate and store the options InfoNCELoss and CLIPLoss share with their functions."""
-    module.normalize = _check_bool("normalize", normalize)
+    module.normalize = check_bool("normalize", normalize)
     check_choice("reduction", reduction, REDUCTIONS)
     module.reduction = reduction
-    module.gather_distributed = _check_bool("gather_distributed", gather_distributed)
+    module.gather_distributed = check_bool("gather_distributed", gather_distributed)
     _check_gather_available(gather_distributed)
 
 
@@ -118,9 +104,9 @@ class MoCoQueue(nn.Module):
     def __init__(self, size: int, dim: int, *, gather_distributed: bool = False,
                  dtype: Optional[torch.dtype] = None, device=None) -> None:
         super().__init__()
-        self.size = _check_count("size", size, minimum=1)
-        self.dim = _check_count("dim", dim, minimum=1)
-        self.gather_distributed = _check_bool("gather_distributed", gather_distributed)
+        self.size = check_int("size", size, low=1)
+        self.dim = check_int("dim", dim, low=1)
+        self.gather_distributed = check_bool("gather_distributed", gather_distributed)
         _check_gather_available(gather_distributed)
         init = F.normalize(torch.randn(size, dim, dtype=torch.float64), dim=1)
         self.register_buffer("queue", init.to(dtype=dtype or torch.get_default_dtype(), device=device))
@@ -231,7 +217,7 @@ class NTXentLoss(nn.Module):
                  gather_distributed: bool = False) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
-        self.gather_distributed = _check_bool("gather_distributed", gather_distributed)
+        self.gather_distributed = check_bool("gather_distributed", gather_distributed)
         _check_gather_available(gather_distributed)
         size, dim = self._parse_bank(memory_bank_size)
         self.memory_bank_size = size
@@ -243,18 +229,13 @@ class NTXentLoss(nn.Module):
     def _parse_bank(memory_bank_size):
         hint = "memory_bank_size must be 0 (SimCLR), a number of negatives K > 0, or a (K, D) pair"
         if isinstance(memory_bank_size, (tuple, list, torch.Size)):
-            pair = tuple(memory_bank_size)
-            if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+            if len(memory_bank_size) != 2:
                 raise TypeError(f"{hint}; got {memory_bank_size!r}")
-            size, dim = memory_bank_size
+            size, dim = (check_int(f"memory_bank_size's {n}", v) for n, v in zip("KD", memory_bank_size))
             if size < 0 or dim < 1:
                 raise ValueError(f"{hint} with K >= 0 and D >= 1; got {tuple(memory_bank_size)}")
             return size, dim
-        if isinstance(memory_bank_size, bool) or not isinstance(memory_bank_size, int):
-            raise TypeError(f"{hint}; got {type(memory_bank_size).__name__}")
-        if memory_bank_size < 0:
-            raise ValueError(f"{hint}; got {memory_bank_size}")
-        return memory_bank_size, None
+        return check_int("memory_bank_size", memory_bank_size, low=0), None
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         """Loss of the two views ``out0`` and ``out1`` (``(N, D)`` each); see the class docstring."""
@@ -397,7 +378,7 @@ class CLIPLoss(nn.Module):
                 f"max_logit_scale = {self.max_logit_scale:g}: "
                 "the scale would start clamped and get no gradient; raise max_logit_scale or init_temperature"
             )
-        self.learnable = _check_bool("learnable", learnable)
+        self.learnable = check_bool("learnable", learnable)
         _set_loss_options(self, normalize, reduction, gather_distributed)
         init = torch.tensor(math.log(1.0 / init_temperature), dtype=torch.float32)
         if learnable:
@@ -461,9 +442,9 @@ class CPCLoss(nn.Module):
 
     def __init__(self, context_dim: int, code_dim: int, prediction_steps: int) -> None:
         super().__init__()
-        self.context_dim = _check_count("context_dim", context_dim, minimum=1)
-        self.code_dim = _check_count("code_dim", code_dim, minimum=1)
-        self.prediction_steps = _check_count("prediction_steps", prediction_steps, minimum=1)
+        self.context_dim = check_int("context_dim", context_dim, low=1)
+        self.code_dim = check_int("code_dim", code_dim, low=1)
+        self.prediction_steps = check_int("prediction_steps", prediction_steps, low=1)
         self.predictors = nn.ModuleList(
             nn.Linear(context_dim, code_dim, bias=False) for _ in range(prediction_steps)
         )

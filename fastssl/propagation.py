@@ -24,7 +24,9 @@ its backward recomputes each tile from the saved LSE.
 
 Reference frames come in two groups sharing one softmax: *local* frames (radius-limited) and *global*
 frames (all pixels); ``color_propagate`` uses one group, ``propagate_labels`` both (context ring and long
-memory). ``*_reference`` functions are the dense float64 formulas the tests compare against.
+memory; :func:`propagate_step` is one frame of it). ``*_reference`` functions (the first section, before any
+op) are the dense float64 formulas the tests compare against. ``scale`` (1 / temperature) reaches the ops as a
+(1,) tensor in the math dtype, as in the contrastive slice, and the kernels read it on the device.
 """
 from __future__ import annotations
 
@@ -35,14 +37,16 @@ import torch
 from torch import Tensor
 
 from .backend import use_triton
-from .checks import accumulation_dtype, check_float, check_ndim, check_positive, check_same, check_tensor
+from .checks import (accumulation_dtype, check_float, check_int, check_ndim, check_number, check_positive, check_same,
+                     check_tensor)
 
 # Logits per tile in the PyTorch path (32 MB in fp32): bounds its working memory at a few times this.
 CHUNK_ELEMENTS = 1 << 23
 
 
 # ----------------------------------------------------------------------------------------------------
-# references (dense, materializing: the tests' float64 ground truth and the benchmarks' eager baseline)
+# References: the float64 formulas the ops must equal (dense, materializing: also the benchmarks' eager
+# baseline)
 # ----------------------------------------------------------------------------------------------------
 
 def _distance_mask(H: int, W: int, radius: float, device) -> Tensor:
@@ -138,7 +142,7 @@ class _Part:
     def __init__(self, k, v, far, frames, window):
         self.k, self.v, self.far, self.frames, self.window = k, v, far, frames, window
 
-    def logits(self, q_t: Tensor, scale: float) -> Tensor:
+    def logits(self, q_t: Tensor, scale: Tensor) -> Tensor:
         s = torch.bmm(q_t, self.k).mul_(scale)                                  # (B, M, N)
         if self.far is not None:
             B, M, N = s.shape
@@ -225,7 +229,7 @@ class _Tiling:
             g = grad.reshape(B, -1, self.RL, ky1 - ky0, kx1 - kx0).permute(0, 2, 1, 3, 4)
         local_acc[:, :, :, ky0:ky1, kx0:kx1] += g
 
-    def unflat(self, acc: Optional[Tensor], like: Tensor, channels_last: bool) -> Tensor:
+    def unflat(self, acc: Optional[Tensor], like: Tensor, *, channels_last: bool) -> Tensor:
         """A flat global accumulator back to (B, RG, D, H, W) in ``like``'s dtype (zeros if no group)."""
         if acc is None:
             return torch.zeros_like(like)
@@ -299,7 +303,7 @@ def _propagate_backward_torch(grad, q, kl, vl, kg, vg, out, lse, scale, radius):
             tiling.add_grad(part, torch.bmm(q_t.transpose(1, 2), ds), dkl, dkg, channels_last=False)
             tiling.add_grad(part, torch.bmm(p.transpose(1, 2), do_t), dvl, dvg, channels_last=True)
         tiling.put(tile, dq, dq_t.to(q.dtype))
-    return (dq, dkl.to(kl.dtype), dvl.to(vl.dtype), tiling.unflat(dkg, kg, False), tiling.unflat(dvg, vg, True))
+    return (dq, dkl.to(kl.dtype), dvl.to(vl.dtype), tiling.unflat(dkg, kg, channels_last=False), tiling.unflat(dvg, vg, channels_last=True))
 
 
 def _same_class(part: _Part, y_t: Tensor) -> Tensor:
@@ -307,7 +311,7 @@ def _same_class(part: _Part, y_t: Tensor) -> Tensor:
     return part.v[:, None, :] == y_t[..., None]
 
 
-def _lse_torch(q, kl, ll, kg, lg, y, scale, radius):
+def _colorization_lse_torch(q, kl, ll, kg, lg, y, scale, radius):
     tiling = _Tiling(q, kl, kg, radius)
     B, C, H, W = q.shape
     lse = torch.empty((B, H, W), dtype=tiling.acc, device=q.device)
@@ -324,7 +328,7 @@ def _lse_torch(q, kl, ll, kg, lg, y, scale, radius):
     return lse, lsey
 
 
-def _lse_backward_torch(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale, radius):
+def _colorization_lse_backward_torch(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale, radius):
     tiling = _Tiling(q, kl, kg, radius)
     acc = tiling.acc
     dq = torch.empty_like(q)
@@ -345,7 +349,7 @@ def _lse_backward_torch(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale, radius):
             dq_t = dq_t + torch.bmm(ds, part.k.transpose(1, 2))
             tiling.add_grad(part, torch.bmm(q_t.transpose(1, 2), ds), dkl, dkg, channels_last=False)
         tiling.put(tile, dq, dq_t.to(q.dtype))
-    return dq, dkl.to(kl.dtype), tiling.unflat(dkg, kg, False)
+    return dq, dkl.to(kl.dtype), tiling.unflat(dkg, kg, channels_last=False)
 
 
 def _topk_torch(q, kl, vl, kg, vg, scale, radius, topk):
@@ -381,7 +385,7 @@ def _c(*tensors):
 
 
 @torch.library.custom_op("fastssl::color_propagate", mutates_args=())
-def _propagate_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, scale: float,
+def _propagate_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, scale: Tensor,
                   radius: Optional[float]) -> tuple[Tensor, Tensor]:
     q, kl, vl, kg, vg = _c(q, kl, vl, kg, vg)
     if use_triton(q):
@@ -400,7 +404,7 @@ def _(q, kl, vl, kg, vg, scale, radius):
 
 @torch.library.custom_op("fastssl::color_propagate_backward", mutates_args=())
 def _propagate_backward_op(grad: Tensor, q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, out: Tensor,
-                           lse: Tensor, scale: float, radius: Optional[float]
+                           lse: Tensor, scale: Tensor, radius: Optional[float]
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grad, q, kl, vl, kg, vg, out, lse = _c(grad.to(q.dtype), q, kl, vl, kg, vg, out, lse)
     if use_triton(q):
@@ -418,15 +422,15 @@ def _(grad, q, kl, vl, kg, vg, out, lse, scale, radius):
 def _propagate_setup(ctx, inputs, output):
     q, kl, vl, kg, vg, scale, radius = inputs
     out, lse = output
-    ctx.scale, ctx.radius = scale, radius
-    ctx.save_for_backward(q, kl, vl, kg, vg, out, lse)
+    ctx.radius = radius
+    ctx.save_for_backward(q, kl, vl, kg, vg, scale, out, lse)
 
 
 def _propagate_backward(ctx, grad_out, grad_lse):
-    q, kl, vl, kg, vg, out, lse = ctx.saved_tensors
+    q, kl, vl, kg, vg, scale, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dkl, dvl, dkg, dvg = _propagate_backward_op(grad_out, q, kl, vl, kg, vg, out, lse, ctx.scale, ctx.radius)
+    dq, dkl, dvl, dkg, dvg = _propagate_backward_op(grad_out, q, kl, vl, kg, vg, out, lse, scale, ctx.radius)
     return dq, dkl, dvl, dkg, dvg, None, None
 
 
@@ -434,17 +438,17 @@ _propagate_op.register_autograd(_propagate_backward, setup_context=_propagate_se
 
 
 @torch.library.custom_op("fastssl::colorization_lse", mutates_args=())
-def _lse_op(q: Tensor, kl: Tensor, ll: Tensor, kg: Tensor, lg: Tensor, y: Tensor, scale: float,
-            radius: Optional[float]) -> tuple[Tensor, Tensor]:
+def _colorization_lse_op(q: Tensor, kl: Tensor, ll: Tensor, kg: Tensor, lg: Tensor, y: Tensor, scale: Tensor,
+                         radius: Optional[float]) -> tuple[Tensor, Tensor]:
     q, kl, ll, kg, lg, y = _c(q, kl, ll, kg, lg, y)
     if use_triton(q):
         from .kernels.propagation import colorization_lse_forward
 
         return colorization_lse_forward(q, kl, ll, kg, lg, y, scale, radius)
-    return _lse_torch(q, kl, ll, kg, lg, y, scale, radius)
+    return _colorization_lse_torch(q, kl, ll, kg, lg, y, scale, radius)
 
 
-@_lse_op.register_fake
+@_colorization_lse_op.register_fake
 def _(q, kl, ll, kg, lg, y, scale, radius):
     B, C, H, W = q.shape
     like = q.new_empty((B, H, W), dtype=accumulation_dtype(q.dtype))
@@ -452,40 +456,41 @@ def _(q, kl, ll, kg, lg, y, scale, radius):
 
 
 @torch.library.custom_op("fastssl::colorization_lse_backward", mutates_args=())
-def _lse_backward_op(g: Tensor, gy: Tensor, q: Tensor, kl: Tensor, ll: Tensor, kg: Tensor, lg: Tensor, y: Tensor,
-                     lse: Tensor, lsey: Tensor, scale: float, radius: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+def _colorization_lse_backward_op(g: Tensor, gy: Tensor, q: Tensor, kl: Tensor, ll: Tensor, kg: Tensor, lg: Tensor,
+                                  y: Tensor, lse: Tensor, lsey: Tensor, scale: Tensor,
+                                  radius: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
     g, gy, q, kl, ll, kg, lg, y, lse, lsey = _c(g.to(lse.dtype), gy.to(lse.dtype), q, kl, ll, kg, lg, y, lse, lsey)
     if use_triton(q):
         from .kernels.propagation import colorization_lse_backward
 
         return colorization_lse_backward(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale, radius)
-    return _lse_backward_torch(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale, radius)
+    return _colorization_lse_backward_torch(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale, radius)
 
 
-@_lse_backward_op.register_fake
+@_colorization_lse_backward_op.register_fake
 def _(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale, radius):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, kl, kg))
 
 
-def _lse_setup(ctx, inputs, output):
+def _colorization_lse_setup(ctx, inputs, output):
     q, kl, ll, kg, lg, y, scale, radius = inputs
-    ctx.scale, ctx.radius = scale, radius
-    ctx.save_for_backward(q, kl, ll, kg, lg, y, *output)
+    ctx.radius = radius
+    ctx.save_for_backward(q, kl, ll, kg, lg, y, scale, *output)
 
 
-def _lse_backward(ctx, g, gy):
-    q, kl, ll, kg, lg, y, lse, lsey = ctx.saved_tensors
+def _colorization_lse_backward(ctx, g, gy):
+    q, kl, ll, kg, lg, y, scale, lse, lsey = ctx.saved_tensors
     g = torch.zeros_like(lse) if g is None else g
     gy = torch.zeros_like(lsey) if gy is None else gy
-    dq, dkl, dkg = _lse_backward_op(g, gy, q, kl, ll, kg, lg, y, lse, lsey, ctx.scale, ctx.radius)
+    dq, dkl, dkg = _colorization_lse_backward_op(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale, ctx.radius)
     return dq, dkl, None, dkg, None, None, None, None
 
 
-_lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
+_colorization_lse_op.register_autograd(_colorization_lse_backward, setup_context=_colorization_lse_setup)
 
 
 @torch.library.custom_op("fastssl::color_propagate_topk", mutates_args=())
-def _topk_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, scale: float, radius: Optional[float],
+def _topk_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, scale: Tensor, radius: Optional[float],
              topk: int) -> Tensor:
     q, kl, vl, kg, vg = _c(q, kl, vl, kg, vg)
     if use_triton(q):
@@ -506,27 +511,28 @@ def _(q, kl, vl, kg, vg, scale, radius, topk):
 # validation
 # ----------------------------------------------------------------------------------------------------
 
-def _check_radius(radius):
-    if radius is None:
-        return None
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)):
-        raise TypeError(f"radius must be None or a number of feature-map pixels, got {type(radius).__name__}")
-    if not radius >= 0 or math.isinf(radius):
-        raise ValueError(f"radius must be None or a finite number >= 0 (feature-map pixels), got {radius}")
-    return float(radius)
+def _check_radius(radius) -> Optional[float]:
+    """None, or a finite number of feature-map pixels >= 0."""
+    return None if radius is None else check_number("radius", radius, low=0)
 
 
-def _check_topk(topk, num_keys: int, what: str):
+def _check_topk(topk, num_keys: int, what: str) -> Optional[int]:
     if topk is None:
         return None
-    if isinstance(topk, bool) or not isinstance(topk, int):
-        raise TypeError(f"topk must be None or an int, got {type(topk).__name__}")
+    topk = check_int("topk", topk)
     if not 1 <= topk <= num_keys:
         raise ValueError(f"topk must be between 1 and the number of reference pixels {what} ({num_keys}), got {topk}")
     return topk
 
 
-def _check_features(target_feats, ref_feats):
+def _logit_scale(temperature, like: Tensor) -> Tensor:
+    """1 / temperature as the ops take it: a (1,) tensor in the math dtype on like's device (``torch.full``:
+    no host sync on CUDA)."""
+    scale = 1.0 / check_positive("temperature", temperature)
+    return torch.full((1,), scale, dtype=accumulation_dtype(like.dtype), device=like.device)
+
+
+def _check_target_and_refs(target_feats, ref_feats):
     check_float("target_feats", target_feats)
     check_float("ref_feats", ref_feats)
     check_ndim("target_feats", target_feats, 4, "(B, C, H, W)")
@@ -588,7 +594,7 @@ def color_propagate(target_feats: Tensor, ref_feats: Tensor, ref_values: Tensor,
     >>> fastssl.color_propagate(tf, rf, values, temperature=0.01).round()
     tensor([[[[20., 10.]]]])
     """
-    _check_features(target_feats, ref_feats)
+    _check_target_and_refs(target_feats, ref_feats)
     check_float("ref_values", ref_values)
     check_ndim("ref_values", ref_values, 5, "(B, R, V, H, W)")
     check_same(("target_feats", "ref_values"), (target_feats, ref_values))
@@ -597,7 +603,7 @@ def color_propagate(target_feats: Tensor, ref_feats: Tensor, ref_values: Tensor,
     if (ref_values.shape[:2], ref_values.shape[3:]) != ((B, R), (H, W)) or ref_values.shape[2] < 1:
         raise ValueError(f"ref_values must be (B, R, V, H, W) = ({B}, {R}, V >= 1, {H}, {W}) to match ref_feats "
                          f"{tuple(ref_feats.shape)}, got {tuple(ref_values.shape)}")
-    scale = 1.0 / check_positive("temperature", temperature)
+    scale = _logit_scale(temperature, target_feats)
     radius = _check_radius(radius)
     topk = _check_topk(topk, R * H * W, "R*H*W")
     if radius is None:
@@ -645,7 +651,7 @@ def colorization_loss(target_feats: Tensor, ref_feats: Tensor, ref_labels: Tenso
     >>> fastssl.colorization_loss(feats, feats[:, None], labels[:, None], labels, 2) < 1e-6
     tensor(True)
     """
-    _check_features(target_feats, ref_feats)
+    _check_target_and_refs(target_feats, ref_feats)
     B, C, H, W = target_feats.shape
     R = ref_feats.shape[1]
     for name, labels, ndim, layout, shape in (("ref_labels", ref_labels, 4, "(B, R, H, W)", (B, R, H, W)),
@@ -657,13 +663,10 @@ def colorization_loss(target_feats: Tensor, ref_feats: Tensor, ref_labels: Tenso
         if tuple(labels.shape) != shape:
             raise ValueError(f"{name} must be {layout} = {shape} to match the features, got {tuple(labels.shape)}")
         check_same(("target_feats", name), (target_feats, labels), dtype=False)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    num_classes = check_int("num_classes", num_classes, low=1)
     if B == 0 or H * W == 0:
         raise ValueError(f"colorization_loss needs at least one target pixel, got target_feats {tuple(target_feats.shape)}")
-    scale = 1.0 / check_positive("temperature", temperature)
+    scale = _logit_scale(temperature, target_feats)
     radius = _check_radius(radius)
     eps = check_positive("eps", eps)
     if target_feats.device.type == "cpu" and not torch.compiler.is_compiling():  # a device check would sync
@@ -676,16 +679,31 @@ def colorization_loss(target_feats: Tensor, ref_feats: Tensor, ref_labels: Tenso
         groups = (_empty_group(ref_feats), _empty_group(ref_labels), ref_feats, ref_labels)
     else:
         groups = (ref_feats, ref_labels, _empty_group(ref_feats), _empty_group(ref_labels))
-    lse, lse_y = _lse_op(target_feats, *groups, target_labels, scale, radius)
+    lse, lse_y = _colorization_lse_op(target_feats, *groups, target_labels, scale, radius)
     return -(lse_y - lse).clamp(min=math.log(eps)).mean()
 
 
-def _propagate_step(query: Tensor, context_feats: Tensor, context_labels: Tensor, memory_feats: Tensor,
-                    memory_labels: Tensor, *, scale: float, radius: Optional[float], topk: Optional[int]) -> Tensor:
-    """One frame of :func:`propagate_labels`: query (1, C, H, W) against the context frames (1, n, C|V, H, W;
-    radius-limited; ``radius=None`` = the whole frame) and the memory frames (1, m, ...; unrestricted)."""
+def propagate_step(query: Tensor, context_feats: Tensor, context_labels: Tensor, memory_feats: Tensor,
+                   memory_labels: Tensor, *, temperature: float = 0.05, radius: Optional[float] = 12,
+                   topk: Optional[int] = 10) -> Tensor:
+    """One frame of :func:`propagate_labels` (also what its benchmark times): the query frame attends jointly
+    to the context frames' labels within ``radius`` (``None``: whole frames) and to the memory frames'
+    everywhere, softmax over the ``topk`` largest logits <query, key> / temperature (``None``: all).
+
+    Arguments are used as given (:func:`propagate_labels` validates them once per video): query
+    (1, C, H, W); context_feats / context_labels (1, n, C | V, H, W); memory_feats / memory_labels
+    (1, m, C | V, H, W), one dtype and device; temperature > 0. Returns (1, V, H, W).
+
+    >>> import torch
+    >>> f = torch.eye(2).reshape(1, 2, 1, 2)                                 # two pixels, orthogonal features
+    >>> labels = torch.tensor([3.0, 5.0]).reshape(1, 1, 1, 1, 2)
+    >>> none = f[:, None][:, :0]                                              # no memory frame
+    >>> propagate_step(f, f[:, None], labels, none, labels[:, :0], temperature=0.01, radius=None, topk=None).round()
+    tensor([[[[3., 5.]]]])
+    """
     H, W = query.shape[-2:]
     local_radius = float(H + W) if radius is None else radius  # a disk that covers every frame
+    scale = _logit_scale(temperature, query)
     if topk is not None:
         return _topk_op(query, context_feats, context_labels, memory_feats, memory_labels, scale, local_radius, topk)
     return _propagate_op(query, context_feats, context_labels, memory_feats, memory_labels, scale, local_radius)[0]
@@ -738,17 +756,14 @@ def propagate_labels(feats: Tensor, first_labels: Tensor, *, context: int = 20, 
                          f"got {tuple(first_labels.shape)}")
     if T < 1:
         raise ValueError(f"feats must hold at least one frame, got shape {tuple(feats.shape)}")
-    if isinstance(context, bool) or not isinstance(context, int):
-        raise TypeError(f"context must be an int, got {type(context).__name__}")
-    if context < 1:
-        raise ValueError(f"context must be >= 1 previous frames, got {context}")
+    context = check_int("context", context, low=1)
     try:
         memory = sorted({int(m) for m in long_memory}) if long_memory is not None else []
     except (TypeError, ValueError):
         raise TypeError(f"long_memory must be a sequence of frame indices, got {long_memory!r}") from None
     if any(m < 0 or m >= T for m in memory):
         raise ValueError(f"long_memory indices must be in [0, {T}) (frames of feats), got {tuple(long_memory)}")
-    scale = 1.0 / check_positive("temperature", temperature)
+    temperature = check_positive("temperature", temperature)
     radius = _check_radius(radius)
     first_keys = H * W * (1 + sum(1 for m in memory if m < 1))
     topk = _check_topk(topk, first_keys, "of frame 1 (its context and long memory)")
@@ -763,6 +778,6 @@ def propagate_labels(feats: Tensor, first_labels: Tensor, *, context: int = 20, 
             else:  # slices, not an index tensor: copying indices from the host would synchronise
                 mem_feats = torch.cat([feats[m:m + 1] for m in mem]) if mem else feats[:0]
                 mem_labels = torch.cat([out[m:m + 1] for m in mem]) if mem else out[:0]
-            out[t] = _propagate_step(feats[t][None], feats[lo:t][None], out[lo:t][None], mem_feats[None],
-                                     mem_labels[None], scale=scale, radius=radius, topk=topk)[0]
+            out[t] = propagate_step(feats[t][None], feats[lo:t][None], out[lo:t][None], mem_feats[None],
+                                    mem_labels[None], temperature=temperature, radius=radius, topk=topk)[0]
     return out

@@ -1,6 +1,7 @@
-"""The training harness behind ``fastssl train METHOD``: a method module (``fastssl/models/<name>.py``)
-defines ``train(config) -> Result``; this module runs the optimisation loop with a progress bar and
-writes ``metrics.json``, the loss curve and the method's figures.
+"""The training harness the methods are written against: a method module (``fastssl/models/<name>.py``)
+defines ``train(config) -> Result`` with the loops here (``fit``, ``fit_images``), and
+:func:`write_outputs` writes ``metrics.json``, the loss curve and the method's figures. Running methods by
+name, and the README's results table, are :mod:`fastssl.runner`'s (this module imports no method).
 
 >>> from fastssl.training import TrainConfig
 >>> TrainConfig(quick=True).epochs_or(3, 10)
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -115,58 +115,3 @@ def write_outputs(result: Result, out_dir: str, seconds: float, cpu_seconds: flo
     for name, draw in result.figures.items():
         draw(os.path.join(out_dir, name))
     return metrics
-
-
-TABLE_BEGIN, TABLE_END = "<!-- train-table:begin -->", "<!-- train-table:end -->"
-
-
-def results_table(rows: list) -> str:
-    """A markdown table of ``metrics.json`` dicts: method | metric | value | baseline | beats it | wall and
-    CPU seconds (user + system, all threads: on 2 idle cores wall is about half of it)."""
-    lines = ["| method | metric | value | baseline | beats baseline | wall s | CPU s |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        arrow = "higher" if r["higher_is_better"] else "lower"
-        lines.append(f"| {r['method']} | {r['metric']} ({arrow} is better) | {r['value']:.3f} | {r['baseline']:.3f} | "
-                     f"{'yes' if r['beats_baseline'] else '**no**'} | {r['seconds']:.0f} | {r.get('cpu_seconds') or 0:.0f} |")
-    return "\n".join(lines)
-
-
-def replace_table(text: str, table: str) -> str:
-    """``text`` with the part between the train-table markers replaced by ``table``.
-
-    >>> replace_table(f"a\\n{TABLE_BEGIN}\\nold\\n{TABLE_END}\\nb", "new").split("\\n")[1:4]
-    ['<!-- train-table:begin -->', 'new', '<!-- train-table:end -->']
-    """
-    if TABLE_BEGIN not in text or TABLE_END not in text:
-        raise ValueError(f"no {TABLE_BEGIN} ... {TABLE_END} block to replace")
-    head, rest = text.split(TABLE_BEGIN, 1)
-    return f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
-
-
-def run_all(methods, config: TrainConfig, readme: Optional[str] = None) -> list:
-    """Train each method in turn, write ``summary.json`` and ``table.md`` to ``config.out`` and, with
-    ``readme``, replace that file's train-table block with the table."""
-    rows = [run(name, config) for name in methods]
-    table = results_table(rows)
-    os.makedirs(config.out, exist_ok=True)
-    with open(os.path.join(config.out, "summary.json"), "w") as f:
-        json.dump({"quick": config.quick, "seed": config.seed, "device": config.device, "torch": torch.__version__,
-                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
-    with open(os.path.join(config.out, "table.md"), "w") as f:
-        f.write(table + "\n")
-    if readme:
-        with open(readme) as f:
-            text = replace_table(f.read(), table)
-        with open(readme, "w") as f:
-            f.write(text)
-    return rows
-
-
-def run(method: str, config: TrainConfig) -> dict:
-    """Train ``method`` (a name from ``fastssl.models.METHODS``) and write its outputs."""
-    from .models import load_method
-
-    torch.manual_seed(config.seed)
-    start, cpu_start = time.time(), time.process_time()
-    result = load_method(method).train(config)
-    return write_outputs(result, os.path.join(config.out, method), time.time() - start, time.process_time() - cpu_start)

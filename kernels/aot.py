@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 
+from ..backend import interpreting
+
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", default=[], help="kernel names to compile (default: all)")
     parser.add_argument("--module", action="append", default=[], help="an extra .py file that registers kernels")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         parser.error("unset TRITON_INTERPRET: the ahead-of-time compile needs real @triton.jit functions")
     modules = load_kernel_modules(args.module)
     missing = unregistered(modules)

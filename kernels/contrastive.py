@@ -16,8 +16,9 @@ One kernel family serves every loss (``fastssl/contrastive.py`` composes them):
   writes ``sum_j dS_ij c_j (q_i . k_j) = q_i . (sum_j dS_ij c_j k_j)`` (from its gradient accumulator) for
   its rows to per-row partials, summed afterwards in a fixed order (deterministic, no atomics).
 
-Scores use ``tl.dot``: bf16/fp16 on tensor cores with fp32 accumulation, fp32 with TF32 only where
-``torch.backends.cuda.matmul.allow_tf32`` allows it, fp64 in fp64. ``scale`` is read from a device
+Scores use ``tl.dot`` with the registry's one precision rule (``dot_precision``): bf16/fp16 on tensor cores
+with fp32 accumulation, fp32 with TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` allows it, fp64
+in fp64. ``scale`` is read from a device
 pointer (no host sync for a learnable ``logit_scale``).
 
 Layout: the launchers hand the kernels features zero-padded to a constexpr row width (``_layout``; a copy
@@ -35,21 +36,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .registry import INTERPRET, TL_DTYPE, acc_type, autotune, bucket, device_function, register, variant
+from ..backend import interpreting
+from .registry import (TL_DTYPE, acc_type, autotune, bucket, device_function, dot_acc, dot_precision, launch,
+                       register, variant)
 
 MAX_BLOCK_D = 256  # widest resident query block; wider D (and float64) loops over LOOP_BLOCK_D chunks
-LOOP_BLOCK_D = 16 if INTERPRET else 64
+LOOP_BLOCK_D = 16 if interpreting() else 64
 # the backward's feature chunk (a grid axis): one chunk for D <= 128; float64 and exact float32 in 64
-BWD_BLOCK_D = {"exact": LOOP_BLOCK_D, "fast": 16 if INTERPRET else 128}
-INTERPRET_BLOCK = 16  # interpreter tiles (16 x 16: several tiles on the tests' odd shapes)
-
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """tf32 for float32 only where PyTorch allows it for matmuls; exact products otherwise."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+BWD_BLOCK_D = {"exact": LOOP_BLOCK_D, "fast": 16 if interpreting() else 128}
+# interpreter tiles (16 x 16: several tiles on the tests' odd shapes) in place of the autotuner's
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16} if interpreting() else None
 
 
 def block_d(d: int, dtype: torch.dtype) -> tuple[int, bool]:
@@ -58,23 +54,9 @@ def block_d(d: int, dtype: torch.dtype) -> tuple[int, bool]:
     exact = dtype == torch.float64 or (dtype == torch.float32 and dot_precision(dtype) == "ieee")
     if d > MAX_BLOCK_D or exact or (dtype == torch.float32 and d > MAX_BLOCK_D // 2):
         return LOOP_BLOCK_D, True
-    if INTERPRET:
+    if interpreting():
         return max(16, triton.next_power_of_2(d)), False
     return (128 if d <= 128 else 256), False
-
-
-# Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as raw bits; under the interpreter bf16
-# operands are widened first (exact: bf16 products are exact in fp32, as on the tensor cores).
-_WIDEN_BF16_DOT = tl.constexpr(INTERPRET)
-
-
-@device_function
-@triton.jit
-def _dot(a, b, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
-    if _WIDEN_BF16_DOT:
-        if a.dtype == tl.bfloat16:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC)
-    return tl.dot(a, b, input_precision=DOT_PREC, out_dtype=ACC)
 
 
 @device_function
@@ -104,12 +86,12 @@ def _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks,
                          mask=row_mask[:, None], other=0.0)
             kc = tl.load(_tile_ptrs(k_ptr + (tl.cast(c, tl.int64) * M + col0) * BLOCK_D, cols_l, BLOCK_D),
                          mask=col_mask[:, None], other=0.0)
-            acc += _dot(qc, tl.trans(kc), ACC, DOT_PREC)
+            acc += dot_acc(qc, tl.trans(kc), ACC, DOT_PREC)
         return acc
     else:
         kt = tl.load(_tile_ptrs(k_ptr + tl.cast(col0, tl.int64) * BLOCK_D, cols_l, BLOCK_D), mask=col_mask[:, None],
                      other=0.0)
-        return _dot(q, tl.trans(kt), ACC, DOT_PREC)
+        return dot_acc(q, tl.trans(kt), ACC, DOT_PREC)
 
 
 @triton.jit
@@ -169,7 +151,7 @@ def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_r_ptr, g_r_ptr, lse_c_p
         cols = col0 + cols_l
         col_mask = cols < M
         raw = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
-                      BLOCK_M, BLOCK_N, BLOCK_D, True)
+                      BLOCK_M, BLOCK_N, BLOCK_D, D_LOOP=True)
         c = tl.load(ks_ptr + cols.to(tl.int64) * ks_stride, mask=col_mask, other=1.0).to(ACC)
         valid = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != excluded[:, None])
         s = tl.where(valid, raw * (scale * c)[None, :], float("-inf"))  # exp(-inf - lse) = 0 off the set
@@ -184,7 +166,7 @@ def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_r_ptr, g_r_ptr, lse_c_p
         ds = ds * c[None, :]
         kt = tl.load(_tile_ptrs(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, BLOCK_D), mask=col_mask[:, None],
                      other=0.0)
-        acc += _dot(ds.to(kt.dtype), kt, ACC, DOT_PREC)
+        acc += dot_acc(ds.to(kt.dtype), kt, ACC, DOT_PREC)
     tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
              (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
     if need_dscale != 0:
@@ -261,7 +243,7 @@ def _exact(dtype: torch.dtype) -> bool:
     return dtype == torch.float64 or dot_precision(dtype) == "ieee" and dtype == torch.float32
 
 
-def _layout(x: torch.Tensor, bd: int, loop: bool) -> torch.Tensor:
+def _layout(x: torch.Tensor, bd: int) -> torch.Tensor:
     """Features in the kernels' chunk-major layout (C, N, bd), zero-padded to C * bd >= D: the row
     stride is the constexpr ``bd``. A 16-byte aligned contiguous (N, bd) input is used as it is."""
     n, d = x.shape
@@ -280,15 +262,6 @@ def _pick(x: torch.Tensor):
     return (128 if bd <= 128 else 256), bd, loop
 
 
-def _launch(kernels, key, grid_fn, args, **constexprs):
-    """The autotuned kernel on a GPU; under the interpreter the raw kernel with small tiles."""
-    if INTERPRET:
-        meta = dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK)
-        kernels[key].fn[grid_fn(meta)](*args, **constexprs, **meta)
-    else:
-        kernels[key][grid_fn](*args, **constexprs)
-
-
 def _col_scale(kscale, like):
     if kscale is None:
         return torch.ones(1, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
@@ -305,18 +278,19 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=No
     n, d = q.shape
     m = k.shape[0]
     key, bd, loop = _pick(q)
-    ql = _layout(q, bd, loop)
-    kl = ql if k is q else _layout(k, bd, loop)
+    ql = _layout(q, bd)
+    kl = ql if k is q else _layout(k, bd)
     lse = torch.empty(n, dtype=scale.dtype, device=q.device)
     ks, ks_stride = _col_scale(kscale, scale)
     off = m if diag_off is None else diag_off  # j == i + m never holds: nothing excluded
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
-    _launch(_fwd_kernels, key, grid, (ql, kl, scale, ks, lse, n, m, ql.shape[0], ks_stride, off, bucket(n), bucket(m)),
-            ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop)
+    launch(_fwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), config=INTERPRET_CONFIG,
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=ks, lse_ptr=lse, N=n, M=m, n_chunks=ql.shape[0],
+           ks_stride=ks_stride, diag_off=off, n_bucket=bucket(n), m_bucket=bucket(m),
+           ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop)
     return lse
 
 
-def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off=None, need_dscale=False):
+def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off=None, *, need_dscale=False):
     """Launch ``_lse_bwd_kernel`` over the rows of ``q``: returns (dq (N, D) in q's dtype, dscale or None).
     ``lse_r``/``g_r`` (N,) give the row term and ``lse_c``/``g_c`` (M,) the column term; either pair may be
     None."""
@@ -324,8 +298,8 @@ def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off
     m = k.shape[0]
     key = "exact" if _exact(q.dtype) else "loop"
     bd = BWD_BLOCK_D["exact" if key == "exact" else "fast"]
-    ql = _layout(q, bd, True)
-    kl = ql if k is q else _layout(k, bd, True)
+    ql = _layout(q, bd)
+    kl = ql if k is q else _layout(k, bd)
     chunks = ql.shape[0]
     dq = torch.empty_like(ql)
     ks, ks_stride = _col_scale(kscale, scale)
@@ -333,12 +307,13 @@ def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off
     row_term, col_term = lse_r is not None, lse_c is not None
     dummy = scale  # never read when its term is off
     partials = torch.empty(chunks, n, dtype=scale.dtype, device=q.device) if need_dscale else dummy
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks)  # noqa: E731
-    _launch(_bwd_kernels, key, grid,
-            (ql, kl, scale, ks, lse_r if row_term else dummy, g_r if row_term else dummy,
-             lse_c if col_term else dummy, g_c if col_term else dummy, dq, partials,
-             n, m, chunks, ks_stride, off, int(row_term), int(col_term), int(need_dscale), bucket(n), bucket(m)),
-            ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd)
+    launch(_bwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks), config=INTERPRET_CONFIG,
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=ks, lse_r_ptr=lse_r if row_term else dummy,
+           g_r_ptr=g_r if row_term else dummy, lse_c_ptr=lse_c if col_term else dummy,
+           g_c_ptr=g_c if col_term else dummy, dq_ptr=dq, dscale_ptr=partials, N=n, M=m, n_chunks=chunks,
+           ks_stride=ks_stride, diag_off=off, row_term=int(row_term), col_term=int(col_term),
+           need_dscale=int(need_dscale), n_bucket=bucket(n), m_bucket=bucket(m),
+           ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd)
     if chunks > 1 or bd != d:
         dq = dq.transpose(0, 1).reshape(n, chunks * bd)[:, :d].contiguous()
     else:

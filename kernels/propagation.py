@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .registry import INTERPRET, TL_DTYPE, acc_type, device_function, register, variant
+from .registry import (TL_DTYPE, acc_type, device_function, dot_acc, dot_precision, dot_precisions, launch, register,
+                       variant)
 
 # V is padded in registers to BLOCK_V = 16 (tl.dot's minimum); a larger V runs in chunks of 16 (the forward
 # recomputes the logits per chunk; the backward adds the chunks' dQ, dK). One BLOCK_V keeps the compile
@@ -53,6 +54,12 @@ MAX_BLOCK_V = 16
 # 8 warps, 1 stage: the only setting where every dtype x mode fits in 255 registers without spilling
 # (4 warps or 2 stages spill in the backward kernels; ptxas sm_90 and sm_80, tests/test_compile_sm90.py).
 NUM_WARPS, NUM_STAGES = 8, 1
+
+# float32 products (registry.dot_precision's rule) run as three TF32 products on the tensor cores, fp32
+# accuracy, also where PyTorch allows TF32: the tiles below are sized for tf32x3's operand registers, and with
+# plain TF32 ptxas gives the fp32 forward, dQ (LOSS) and top-k variants stack frames of 8-16 bytes on sm_90 or
+# sm_80 under triton 3.6, 3.8 and 3.9 (BLOCK_C 16 moves them to other variants), 2026-12-03.
+FP32_DOT = dict(exact="tf32x3", tf32=False)
 
 # Tiles per kernel. 16-bit: the forward 64 x 64; dQ 64 queries x 32 keys, dK/dV 64 keys x 32 queries (64 x 64
 # spills in dQ on sm_80; the 64 side is the one wgmma needs as its M); C in chunks of 64 (the training
@@ -81,14 +88,6 @@ def block_v(v: int) -> int:
 
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 products on tensor cores as three tf32 products (fp32 accuracy); fp64 as IEEE fp64; bf16
-    under the interpreter "widen" (see ``_mm``)."""
-    if dtype == torch.bfloat16 and INTERPRET:
-        return "widen"
-    return {torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32")
-
-
 # ----------------------------------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------------------------------
@@ -105,18 +104,6 @@ def _window(m0, m_hi, W, H, rr, local):
     lo = tl.where(local != 0, lo, 0)
     hi = tl.where(local != 0, hi, H * W)
     return lo, hi
-
-
-@device_function
-@triton.jit
-def _mm(a, b, PREC: tl.constexpr, ACC: tl.constexpr):
-    """a @ b with fp32 (fp64) accumulation. PREC "widen" is the interpreter's bf16 path only: Triton's
-    interpreter multiplies bf16 tiles as raw 16-bit integers (3.9), so there the operands are widened to
-    fp32 first; compiled kernels never take it (no registered variant has it)."""
-    if PREC == "widen":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC)
-    else:
-        return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
 
 
 @device_function
@@ -152,7 +139,7 @@ def _logits(q_base, k_base, offs_m, offs_n, HW, C, ACC: tl.constexpr, PREC: tl.c
         c_ok = offs_c < C
         q = tl.load(q_base + offs_c[None, :] * HW + offs_m[:, None], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         k = tl.load(k_base + offs_c[:, None] * HW + offs_n[None, :], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        s += _mm(q, k, PREC, ACC)
+        s += dot_acc(q, k, ACC, PREC)
     return s
 
 
@@ -196,7 +183,7 @@ def _fwd_frame(q_base, k_base, v_base, offs_m, ylab, lo, hi, local, m_i, l_i, ac
         else:
             v = tl.load(v_base + offs_v[None, :] * HW + offs_n[:, None],
                         mask=(offs_n < hi)[:, None] & (offs_v < V)[None, :], other=0.0)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, ACC)
+            acc = acc * alpha[:, None] + dot_acc(p.to(v.dtype), v, ACC, PREC)
     return m_i, l_i, acc, my_i, ly_i
 
 
@@ -225,7 +212,7 @@ def _propagate_fwd_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, y_ptr, scale_pt
     ylab = tl.zeros((BLOCK_M,), tl.int64)
     if LOSS:
         ylab = tl.load(y_ptr + b * HW + offs_m, mask=m_ok, other=-2)
-    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, 1)
+    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, local=1)
     if LOSS:
         v_frame = HW
     else:
@@ -277,11 +264,11 @@ def _dq_frame(q_base, k_base, v_base, offs_m, ylab, do, lse, delta, lsey, gy, lo
         else:
             vt = tl.load(v_base + offs_v[:, None] * HW + offs_n[None, :], mask=(offs_v < V)[:, None] & n_ok[None, :],
                          other=0.0)
-            dp = _mm(do, vt, PREC, ACC)
+            dp = dot_acc(do, vt, ACC, PREC)
             ds = p * (dp - delta[:, None])
         k = tl.load(k_base + offs_c[None, :] * HW + offs_n[:, None], mask=n_ok[:, None] & (offs_c < C)[None, :],
                     other=0.0)
-        dq += _mm((ds * scale).to(k.dtype), k, PREC, ACC)
+        dq += dot_acc((ds * scale).to(k.dtype), k, ACC, PREC)
     return dq
 
 
@@ -316,7 +303,7 @@ def _propagate_bwd_dq_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, y_ptr, scale
         do = tl.load(do_ptr + b * V * HW + offs_v[None, :] * HW + offs_m[:, None],
                      mask=m_ok[:, None] & (offs_v < V)[None, :], other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_C), ACC)
-    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, 1)
+    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, local=1)
     if LOSS:
         v_frame = HW
     else:
@@ -395,12 +382,12 @@ def _propagate_bwd_dkdv_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, y_ptr, sca
         else:
             do = tl.load(do_ptr + b * V * HW + offs_v[None, :] * HW + offs_m[:, None],
                          mask=m_ok[:, None] & (offs_v < V)[None, :], other=0.0)
-            dv += _mm(pt.to(do.dtype), do, PREC, ACC)
-            dpt = _mm(v, tl.trans(do), PREC, ACC)
+            dv += dot_acc(pt.to(do.dtype), do, ACC, PREC)
+            dpt = dot_acc(v, tl.trans(do), ACC, PREC)
             dst = pt * (dpt - delta[None, :])
         q = tl.load(q_base + offs_c[None, :] * HW + offs_m[:, None], mask=m_ok[:, None] & (offs_c < C)[None, :],
                     other=0.0)
-        dk += _mm((dst * scale).to(q.dtype), q, PREC, ACC)
+        dk += dot_acc((dst * scale).to(q.dtype), q, ACC, PREC)
     dk_mask = n_ok[:, None] & (offs_c < C)[None, :]
     v_lim = tl.where(pid_c == 0, V, 0)  # dV is written by the first channel chunk's programs only
     dv_mask = n_ok[:, None] & (offs_v < v_lim)[None, :]
@@ -449,7 +436,7 @@ def _propagate_topk_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, scale_ptr, out
     m_ok = offs_m < HW
     q_base = q_ptr + b * C * HW
     top = tl.full((BLOCK_M, KP), -2139095041, tl.int64) << 32  # _pack(-inf, 0)
-    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, 1)
+    lo_l, hi_l = _window(m0, tl.minimum(m0 + BLOCK_M, HW), W, H, rr, local=1)
     for r in range(0, RL + RG):
         k_base, v_base, lo, hi, local = _frame(kl_ptr, vl_ptr, kg_ptr, vg_ptr, b, r, RL, RG, C * HW, V * HW,
                                                lo_l, hi_l, HW)
@@ -498,8 +485,8 @@ def _int_signature(shape: dict, names=_INTS) -> dict:
 
 
 def _variants(kind, float_ptrs, acc_ptrs, value_ptrs, label_ptrs, unaligned=False):
-    """One variant per (dtype, mode) at the training shape; with ``unaligned`` also the CRW step's odd
-    map for the value-propagating mode (fp32/fp16/bf16: fp64 is the gradient checks' dtype)."""
+    """One variant per (dtype, dot precision, mode) at the training shape; with ``unaligned`` also the CRW
+    step's odd map for the value-propagating mode (fp32/fp16/bf16: fp64 is the gradient checks' dtype)."""
     out = []
     for dtype, ty in TL_DTYPE.items():
         acc_ty = "fp64" if dtype == torch.float64 else "fp32"
@@ -510,8 +497,8 @@ def _variants(kind, float_ptrs, acc_ptrs, value_ptrs, label_ptrs, unaligned=Fals
                    **{a: ("*i64" if loss else f"*{ty}") for a in value_ptrs},
                    **{a: ("*i64" if loss else f"*{acc_ty}") for a in label_ptrs},  # unused: LSE passed
                    **_int_signature(shape), "rad2": "fp32"}
-            out.append(variant(sig, ACC=acc_type(dtype), PREC=dot_precision(dtype), LOSS=loss, BLOCK_V=MAX_BLOCK_V,
-                               **blocks))
+            out += [variant(sig, ACC=acc_type(dtype), PREC=prec, LOSS=loss, BLOCK_V=MAX_BLOCK_V, **blocks)
+                    for prec in dot_precisions(dtype, **FP32_DOT)]
     return out
 
 
@@ -547,27 +534,26 @@ for _dt in TOPK_BLOCK_M:
              variants=[variant({**{a: f"*{TL_DTYPE[_dt]}" for a in ("q_ptr", "kl_ptr", "vl_ptr", "kg_ptr", "vg_ptr",
                                                                     "out_ptr")},
                                 "scale_ptr": "*fp32", **_int_signature(shape), "rad2": "fp32", "K": "i32"},
-                               PREC=dot_precision(_dt), BLOCK_M=TOPK_BLOCK_M[_dt], BLOCK_C=TOPK_BLOCK_C[_dt], KP=TOPK_MAX)
-                       for shape in (_UNALIGNED, _ALIGNED)])
+                               PREC=prec, BLOCK_M=TOPK_BLOCK_M[_dt], BLOCK_C=TOPK_BLOCK_C[_dt], KP=TOPK_MAX)
+                       for shape in (_UNALIGNED, _ALIGNED) for prec in dot_precisions(_dt, **FP32_DOT)])
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
 
 def _geometry(q, kl, kg, radius):
-    """Shared launch arguments. ``kl``/``kg``: (B, RL|RG, C, H, W); an empty group passes the other's
-    tensors as a never-read dummy pointer."""
+    """The launch arguments every kernel takes (B and the math dtype aside): sizes, frame counts and the
+    radius. ``kl``/``kg``: (B, RL|RG, C, H, W)."""
     B, C, H, W = q.shape
-    RL, RG = kl.shape[1], kg.shape[1]
     if max(C, MAX_BLOCK_V) * H * W >= 2**31:  # offsets within one frame are int32 (across frames int64)
         raise ValueError(f"one frame of C * H * W = {C} * {H} * {W} elements is over the kernels' 2**31 limit")
     rr = int(radius) if radius is not None else 0  # floor: radius >= 0
     rad2 = float(radius) ** 2 if radius is not None else 0.0
-    scale_like = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return B, C, H, W, RL, RG, rr, rad2, scale_like
+    return dict(C=C, H=H, W=W, RL=kl.shape[1], RG=kg.shape[1], rr=rr, rad2=rad2)
 
 
 def _dummy(a, b):
+    """An empty group passes the other group's tensor as a never-read pointer."""
     return (a if a.shape[1] else b), (b if b.shape[1] else a)
 
 
@@ -575,16 +561,29 @@ def _v_chunks(V):
     return [(v0, min(v0 + MAX_BLOCK_V, V)) for v0 in range(0, V, MAX_BLOCK_V)]
 
 
-def propagate_forward(q, kl, vl, kg, vg, scale: float, radius):
+def _math(dtype: torch.dtype) -> dict:
+    """The constexprs of the math: accumulation type and dot precision (registry.dot_precision)."""
+    return dict(ACC=acc_type(dtype), PREC=dot_precision(dtype, **FP32_DOT))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_LAUNCH = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def propagate_forward(q, kl, vl, kg, vg, scale: torch.Tensor, radius):
     """``out`` (B, V, H, W) in the input dtype and ``lse`` (B, H, W) in fp32 (fp64 for fp64).
-    Inputs contiguous: q (B, C, H, W), kl/vl (B, RL, C|V, H, W), kg/vg (B, RG, C|V, H, W)."""
-    B, C, H, W, RL, RG, rr, rad2, acc = _geometry(q, kl, kg, radius)
-    V = vl.shape[2] if RL else vg.shape[2]
+    Inputs contiguous: q (B, C, H, W), kl/vl (B, RL, C|V, H, W), kg/vg (B, RG, C|V, H, W); ``scale`` the
+    (1,) multiplier of the logits in the math dtype (read on the device)."""
+    geo = _geometry(q, kl, kg, radius)
+    B, H, W = q.shape[0], geo["H"], geo["W"]
+    V = vl.shape[2] if geo["RL"] else vg.shape[2]
     out = torch.empty((B, V, H, W), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, W), dtype=acc, device=q.device)
+    lse = torch.empty((B, H, W), dtype=_acc_dtype(q.dtype), device=q.device)
     if B == 0 or H * W == 0:
         return out, lse
-    scale_t = torch.full((1,), scale, dtype=acc, device=q.device)
     kl_, kg_ = _dummy(kl, kg)
     blocks = blocks_for("fwd", q.dtype)
     grid = (triton.cdiv(H * W, blocks["BLOCK_M"]), B)
@@ -594,33 +593,32 @@ def propagate_forward(q, kl, vl, kg, vg, scale: float, radius):
         vg_c = vg if one else vg[:, :, v0:v1].contiguous()
         vl_, vg_ = _dummy(vl_c, vg_c)
         out_c = out if one else torch.empty((B, v1 - v0, H, W), dtype=q.dtype, device=q.device)
-        _propagate_fwd_kernel[grid](q, kl_, vl_, kg_, vg_, lse, scale_t, out_c, lse, lse, C, v1 - v0, H, W, RL, RG,
-                                    rr, rad2, ACC=acc_type(q.dtype), PREC=dot_precision(q.dtype), LOSS=False,
-                                    BLOCK_V=block_v(v1 - v0), num_warps=NUM_WARPS, num_stages=NUM_STAGES, **blocks)
+        launch(_propagate_fwd_kernel, grid, q_ptr=q, kl_ptr=kl_, vl_ptr=vl_, kg_ptr=kg_, vg_ptr=vg_, y_ptr=lse,
+               scale_ptr=scale, out_ptr=out_c, lse_ptr=lse, lsey_ptr=lse, V=v1 - v0, **geo, **_math(q.dtype),
+               LOSS=False, BLOCK_V=block_v(v1 - v0), **blocks, **_LAUNCH)
         if not one:
             out[:, v0:v1] = out_c
     return out, lse
 
 
-def propagate_backward(grad_out, q, kl, vl, kg, vg, out, lse, scale: float, radius):
+def propagate_backward(grad_out, q, kl, vl, kg, vg, out, lse, scale: torch.Tensor, radius):
     """(dq, dkl, dvl, dkg, dvg) by recompute from ``lse``. V over 16 runs in chunks of 16: dS is linear
     in (dO, V) chunk by chunk (dS = sum_c P (dO_c V_c^T - delta_c)), so the chunks' dQ and dK add up."""
-    B, C, H, W, RL, RG, rr, rad2, acc = _geometry(q, kl, kg, radius)
+    geo = _geometry(q, kl, kg, radius)
+    B, H, W, RL, RG = q.shape[0], geo["H"], geo["W"], geo["RL"], geo["RG"]
     V = out.shape[1]
     dq = torch.empty_like(q)
     dkl, dkg = torch.empty_like(kl), torch.empty_like(kg)
     dvl, dvg = torch.empty_like(vl), torch.empty_like(vg)
     if B == 0 or H * W == 0:
         return dq, dkl, dvl, dkg, dvg
-    scale_t = torch.full((1,), scale, dtype=acc, device=q.device)
+    acc = _acc_dtype(q.dtype)
     kl_, kg_ = _dummy(kl, kg)
     bq, bk = blocks_for("dq", q.dtype), blocks_for("dkdv", q.dtype)
-    n_c = triton.cdiv(C, bq["BLOCK_C"])
+    n_c = triton.cdiv(geo["C"], bq["BLOCK_C"])
     grid_q = (triton.cdiv(H * W, bq["BLOCK_M"]), B, n_c)
     grid_k = (triton.cdiv(H * W, bk["BLOCK_N"]), B * (RL + RG), n_c)
     chunks = _v_chunks(V)
-    meta = dict(ACC=acc_type(q.dtype), PREC=dot_precision(q.dtype), LOSS=False, num_warps=NUM_WARPS,
-                num_stages=NUM_STAGES)
     for i, (v0, v1) in enumerate(chunks):
         one = len(chunks) == 1
         pick = (lambda t: t) if one else (lambda t: t[:, :, v0:v1].contiguous())  # noqa: E731
@@ -636,11 +634,12 @@ def propagate_backward(grad_out, q, kl, vl, kg, vg, out, lse, scale: float, radi
         dvg_c = dvg if one else torch.empty_like(vg_c)
         dkl_, dkg_ = _dummy(dkl_c, dkg_c)
         dvl_, dvg_ = _dummy(dvl_c, dvg_c)
-        _propagate_bwd_dq_kernel[grid_q](q, kl_, vl_, kg_, vg_, lse, scale_t, do_c, lse, delta, lse, lse, dq_c,
-                                         C, v1 - v0, H, W, RL, RG, rr, rad2, BLOCK_V=block_v(v1 - v0), **meta, **bq)
-        _propagate_bwd_dkdv_kernel[grid_k](q, kl_, vl_, kg_, vg_, lse, scale_t, do_c, lse, delta, lse, lse,
-                                           dkl_, dvl_, dkg_, dvg_, C, v1 - v0, H, W, RL, RG, rr, rad2,
-                                           BLOCK_V=block_v(v1 - v0), **meta, **bk)
+        common = dict(q_ptr=q, kl_ptr=kl_, vl_ptr=vl_, kg_ptr=kg_, vg_ptr=vg_, y_ptr=lse, scale_ptr=scale, do_ptr=do_c,
+                      lse_ptr=lse, delta_ptr=delta, lsey_ptr=lse, gy_ptr=lse, V=v1 - v0, **geo, **_math(q.dtype),
+                      LOSS=False, BLOCK_V=block_v(v1 - v0), **_LAUNCH)
+        launch(_propagate_bwd_dq_kernel, grid_q, dq_ptr=dq_c, **common, **bq)
+        launch(_propagate_bwd_dkdv_kernel, grid_k, dkl_ptr=dkl_, dvl_ptr=dvl_, dkg_ptr=dkg_, dvg_ptr=dvg_, **common,
+               **bk)
         if i:
             dq += dq_c
             dkl += dkl_c
@@ -651,47 +650,47 @@ def propagate_backward(grad_out, q, kl, vl, kg, vg, out, lse, scale: float, radi
     return dq, dkl, dvl, dkg, dvg
 
 
-def colorization_lse_forward(q, kl, ll, kg, lg, y, scale: float, radius):
+def colorization_lse_forward(q, kl, ll, kg, lg, y, scale: torch.Tensor, radius):
     """(lse, lse_y), each (B, H, W) in fp32 (fp64 for fp64): the log-sum-exp of the logits over all
     keys and over the keys whose class (``ll``/``lg``: (B, RL|RG, H, W) int64) equals the query's own
     (``y``: (B, H, W) int64)."""
-    B, C, H, W, RL, RG, rr, rad2, acc = _geometry(q, kl, kg, radius)
-    lse = torch.empty((B, H, W), dtype=acc, device=q.device)
-    lsey = torch.empty((B, H, W), dtype=acc, device=q.device)
+    geo = _geometry(q, kl, kg, radius)
+    B, H, W = q.shape[0], geo["H"], geo["W"]
+    lse = torch.empty((B, H, W), dtype=_acc_dtype(q.dtype), device=q.device)
+    lsey = torch.empty((B, H, W), dtype=_acc_dtype(q.dtype), device=q.device)
     if B == 0 or H * W == 0:
         return lse, lsey
-    scale_t = torch.full((1,), scale, dtype=acc, device=q.device)
     kl_, kg_ = _dummy(kl, kg)
     ll_, lg_ = _dummy(ll, lg)
     blocks = blocks_for("fwd", q.dtype)
-    grid = (triton.cdiv(H * W, blocks["BLOCK_M"]), B)
-    _propagate_fwd_kernel[grid](q, kl_, ll_, kg_, lg_, y, scale_t, q, lse, lsey, C, 1, H, W, RL, RG, rr, rad2,
-                                ACC=acc_type(q.dtype), PREC=dot_precision(q.dtype), LOSS=True, BLOCK_V=16,
-                                num_warps=NUM_WARPS, num_stages=NUM_STAGES, **blocks)
+    launch(_propagate_fwd_kernel, (triton.cdiv(H * W, blocks["BLOCK_M"]), B), q_ptr=q, kl_ptr=kl_, vl_ptr=ll_,
+           kg_ptr=kg_, vg_ptr=lg_, y_ptr=y, scale_ptr=scale, out_ptr=q, lse_ptr=lse, lsey_ptr=lsey, V=1, **geo,
+           **_math(q.dtype), LOSS=True, BLOCK_V=16, **blocks, **_LAUNCH)
     return lse, lsey
 
 
-def colorization_lse_backward(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale: float, radius):
+def colorization_lse_backward(g, gy, q, kl, ll, kg, lg, y, lse, lsey, scale: torch.Tensor, radius):
     """(dq, dkl, dkg) from the gradients ``g`` of lse and ``gy`` of lse_y (acc dtype, (B, H, W))."""
-    B, C, H, W, RL, RG, rr, rad2, acc = _geometry(q, kl, kg, radius)
+    geo = _geometry(q, kl, kg, radius)
+    B, H, W, RL, RG = q.shape[0], geo["H"], geo["W"], geo["RL"], geo["RG"]
     dq = torch.empty_like(q)
     dkl, dkg = torch.empty_like(kl), torch.empty_like(kg)
     if B == 0 or H * W == 0:
         return dq, dkl, dkg
+    acc = _acc_dtype(q.dtype)
     g, gy = g.to(acc).contiguous(), gy.to(acc).contiguous()
-    scale_t = torch.full((1,), scale, dtype=acc, device=q.device)
     kl_, kg_ = _dummy(kl, kg)
     ll_, lg_ = _dummy(ll, lg)
     dkl_, dkg_ = _dummy(dkl, dkg)
     bq, bk = blocks_for("dq", q.dtype), blocks_for("dkdv", q.dtype)
-    n_c = triton.cdiv(C, bq["BLOCK_C"])
-    meta = dict(ACC=acc_type(q.dtype), PREC=dot_precision(q.dtype), LOSS=True, BLOCK_V=16, num_warps=NUM_WARPS,
-                num_stages=NUM_STAGES)
-    _propagate_bwd_dq_kernel[(triton.cdiv(H * W, bq["BLOCK_M"]), B, n_c)](
-        q, kl_, ll_, kg_, lg_, y, scale_t, q, lse, g, lsey, gy, dq, C, 1, H, W, RL, RG, rr, rad2, **meta, **bq)
-    _propagate_bwd_dkdv_kernel[(triton.cdiv(H * W, bk["BLOCK_N"]), B * (RL + RG), n_c)](
-        q, kl_, ll_, kg_, lg_, y, scale_t, q, lse, g, lsey, gy, dkl_, dkl_, dkg_, dkg_, C, 1, H, W, RL, RG, rr,
-        rad2, **meta, **bk)
+    n_c = triton.cdiv(geo["C"], bq["BLOCK_C"])
+    # in LOSS mode delta_ptr holds the gradient of lse and gy_ptr that of lse_y; do_ptr is never read
+    common = dict(q_ptr=q, kl_ptr=kl_, vl_ptr=ll_, kg_ptr=kg_, vg_ptr=lg_, y_ptr=y, scale_ptr=scale, do_ptr=q,
+                  lse_ptr=lse, delta_ptr=g, lsey_ptr=lsey, gy_ptr=gy, V=1, **geo, **_math(q.dtype), LOSS=True,
+                  BLOCK_V=16, **_LAUNCH)
+    launch(_propagate_bwd_dq_kernel, (triton.cdiv(H * W, bq["BLOCK_M"]), B, n_c), dq_ptr=dq, **common, **bq)
+    launch(_propagate_bwd_dkdv_kernel, (triton.cdiv(H * W, bk["BLOCK_N"]), B * (RL + RG), n_c), dkl_ptr=dkl_,
+           dvl_ptr=dkl_, dkg_ptr=dkg_, dvg_ptr=dkg_, **common, **bk)
     return dq, dkl, dkg
 
 
@@ -700,19 +699,20 @@ def topk_supported(dtype: torch.dtype, topk: int) -> bool:
     return topk <= TOPK_MAX and dtype in TOPK_BLOCK_M
 
 
-def propagate_topk_forward(q, kl, vl, kg, vg, scale: float, radius, topk: int):
-    """(B, V, H, W): the softmax over each query's top ``topk`` logits, weighted sum of their values."""
-    B, C, H, W, RL, RG, rr, rad2, _ = _geometry(q, kl, kg, radius)
-    V = vl.shape[2] if RL else vg.shape[2]
+def propagate_topk_forward(q, kl, vl, kg, vg, scale: torch.Tensor, radius, topk: int):
+    """(B, V, H, W): the softmax over each query's top ``topk`` logits, weighted sum of their values;
+    ``scale`` (1,) float32."""
+    geo = _geometry(q, kl, kg, radius)
+    B, H, W = q.shape[0], geo["H"], geo["W"]
+    V = vl.shape[2] if geo["RL"] else vg.shape[2]
     out = torch.empty((B, V, H, W), dtype=q.dtype, device=q.device)
     if B == 0 or H * W == 0:
         return out
-    scale_t = torch.full((1,), scale, dtype=torch.float32, device=q.device)
     kl_, kg_ = _dummy(kl, kg)
     vl_, vg_ = _dummy(vl, vg)
     block_m = TOPK_BLOCK_M[q.dtype]
-    _propagate_topk_kernel[(triton.cdiv(H * W, block_m), B)](
-        q, kl_, vl_, kg_, vg_, scale_t, out, C, V, H, W, RL, RG, rr, rad2, topk, PREC=dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_C=TOPK_BLOCK_C[q.dtype], KP=TOPK_MAX, num_warps=TOPK_WARPS[q.dtype],
-        num_stages=TOPK_STAGES)
+    launch(_propagate_topk_kernel, (triton.cdiv(H * W, block_m), B), q_ptr=q, kl_ptr=kl_, vl_ptr=vl_, kg_ptr=kg_,
+           vg_ptr=vg_, scale_ptr=scale, out_ptr=out, V=V, **geo, K=topk, PREC=_math(q.dtype)["PREC"],
+           BLOCK_M=block_m, BLOCK_C=TOPK_BLOCK_C[q.dtype], KP=TOPK_MAX, num_warps=TOPK_WARPS[q.dtype],
+           num_stages=TOPK_STAGES)
     return out

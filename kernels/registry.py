@@ -1,4 +1,6 @@
-"""The registry of every Triton kernel's compile specs, walked by the ahead-of-time compile check.
+"""The registry of every Triton kernel's compile specs, walked by the ahead-of-time compile check, and the
+conventions every kernel module shares: one ``dot_precision`` rule (and the ``dot_acc`` device helper that
+applies it), one ``launch`` helper, the in-register math type ``acc_type``.
 
 A kernel module declares, next to each ``@triton.jit`` kernel, the argument types it is launched
 with (one *variant* per dtype or flag combination) and its autotune configs::
@@ -10,6 +12,8 @@ Device helpers (``@triton.jit`` functions only called from kernels) are declared
 ``@device_function`` so that nothing jitted escapes the registry: ``tests/test_compile_sm90.py``
 fails when a ``@triton.jit`` function in ``kernels/`` is in neither list.
 
+The interpreter flag is :func:`fastssl.backend.interpreting` (read there only).
+
 >>> import triton
 >>> configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (256, 1024) if keep(b, 4, max_block=512)]
 >>> [c.kwargs["BLOCK"] for c in configs]
@@ -17,14 +21,15 @@ fails when a ``@triton.jit`` function in ``kernels/`` is in neither list.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from ..backend import interpreting
 
 
 # Triton's names of the dtypes the ops accept, for compile signatures ("*bf16").
@@ -34,6 +39,69 @@ TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"
 def acc_type(dtype: torch.dtype):
     """The in-register math type: float64 for float64 tensors, float32 for every other dtype."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype, *, exact: str = "ieee", tf32: bool = True) -> str:
+    """The ``input_precision`` of a ``tl.dot`` over ``dtype`` operands: one rule for every kernel module.
+
+    The rule: a kernel is never less precise than the PyTorch matmul it replaces under the user's setting.
+    TF32's 10-bit mantissas only where PyTorch allows them for its own matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``, default False) and the kernel has TF32 variants (``tf32``);
+    otherwise float32 products as accurate as fp32, which ``exact`` says how the kernel gets: ``"ieee"``
+    (FMA units) or ``"tf32x3"`` (three TF32 products on the tensor cores). float64: IEEE fp64.
+    float16/bfloat16: ``"ieee"`` (their products are exact in the tensor cores' fp32 accumulators; the
+    knob applies to fp32 operands only). So the float32 parity tolerances hold on both backends, and
+    :func:`dot_precisions` lists the compile variants a kernel needs.
+
+    >>> dot_precision(torch.bfloat16), dot_precision(torch.float64), dot_precision(torch.float32, exact="tf32x3", tf32=False)
+    ('ieee', 'ieee', 'tf32x3')
+    """
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if tf32 and torch.backends.cuda.matmul.allow_tf32 else exact
+
+
+def dot_precisions(dtype: torch.dtype, *, exact: str = "ieee", tf32: bool = True) -> tuple:
+    """Every value :func:`dot_precision` can give ``dtype`` with these options (one compile variant each)."""
+    if dtype != torch.float32:
+        return ("ieee",)
+    return (exact, "tf32") if tf32 else (exact,)
+
+
+# Triton's interpreter (3.9) multiplies bfloat16 tl.dot operands as raw bits: under the interpreter bf16
+# operands are widened to fp32 first (exact: bf16 products are exact in fp32, as on the tensor cores).
+_WIDEN_BF16_DOT = tl.constexpr(interpreting())
+
+
+def launch(kernel, grid, *, config: Optional[dict] = None, **kwargs) -> None:
+    """Launch ``kernel`` with every argument by keyword.
+
+    Args:
+        kernel: a ``@triton.jit`` kernel, or one wrapped by :func:`autotune`.
+        grid: a tuple, or a function of the launch's meta-parameters (a dict with ``config``'s entries or
+            the autotuner's choice) returning one.
+        config: None: the autotuner picks the meta-parameters (a plain kernel runs with ``kwargs`` alone).
+            A dict (``{"BLOCK": 256, "num_warps": 4}``): these meta-parameters and launch options replace
+            the autotuner's choice; the tests use it to show results do not depend on a block size, and
+            the interpreter to run small tiles.
+        **kwargs: the kernel's arguments and constexprs, by name.
+
+    A row-blocked launcher (diffusion's ``rows * cdiv(inner, BLOCK)`` programs, ``block`` to bypass the
+    autotuner) is ``launch(kernel, lambda meta: (rows * triton.cdiv(inner, meta["BLOCK"]),), config=None if
+    block is None else {"BLOCK": block, "num_warps": 4}, x_ptr=x, ...)``:
+
+    >>> class Shown:  # stands in for a kernel: shows the grid and the argument names of a launch
+    ...     def __getitem__(self, grid):
+    ...         return lambda **kwargs: print(grid, sorted(kwargs))
+    >>> row_blocks = lambda meta: (3 * triton.cdiv(1000, meta["BLOCK"]),)  # 3 rows of 1000, in blocks
+    >>> launch(Shown(), row_blocks, config={"BLOCK": 256, "num_warps": 4}, x_ptr=None, n=1000)
+    (12,) ['BLOCK', 'n', 'num_warps', 'x_ptr']
+    """
+    if config is None:
+        kernel[grid](**kwargs)
+        return
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    fn[grid(config) if callable(grid) else grid](**kwargs, **config)
 
 
 @dataclass(frozen=True)
@@ -96,7 +164,7 @@ def autotune(configs, key, **kwargs):
     """``triton.autotune`` over ``configs``; under the interpreter only the first config runs (timing
     CPU emulation says nothing about the GPU, and every config is proven by the compile test)."""
     configs = list(configs)
-    return triton.autotune(configs[:1] if INTERPRET else configs, key=key, **kwargs)
+    return triton.autotune(configs[:1] if interpreting() else configs, key=key, **kwargs)
 
 
 def keep(block: int, num_warps: int, *, max_block: int = 1 << 16, min_per_thread: int = 1,
@@ -110,3 +178,14 @@ def keep(block: int, num_warps: int, *, max_block: int = 1 << 16, min_per_thread
 def bucket(n: int) -> int:
     """Autotune key bucketing: the next power of two, so sizes in one octave share a tuned config."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@device_function
+@triton.jit
+def dot_acc(a, b, ACC: tl.constexpr, PREC: tl.constexpr):
+    """a @ b accumulated in ``ACC`` with input precision ``PREC`` (:func:`dot_precision`); bf16 operands are
+    widened under the interpreter only (see ``_WIDEN_BF16_DOT``)."""
+    if _WIDEN_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC)
+    return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)

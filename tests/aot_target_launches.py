@@ -61,12 +61,12 @@ def target_launches():
     q, k, v = (meta(32, 64, 32, 32, dtype=torch.bfloat16), meta(32, 3, 64, 32, 32, dtype=torch.bfloat16),
                meta(32, 3, 16, 32, 32, dtype=torch.bfloat16))
     none_k, none_v = k[:, :0], v[:, :0]
-    out, lse = P.propagate_forward(q, k, v, none_k, none_v, 1 / 0.07, 4.0)
-    P.propagate_backward(out, q, k, v, none_k, none_v, out, lse, 1 / 0.07, 4.0)
+    out, lse = P.propagate_forward(q, k, v, none_k, none_v, meta(1), 4.0)
+    P.propagate_backward(out, q, k, v, none_k, none_v, out, lse, meta(1), 4.0)
     # the CRW step: 60x107 map, C=256, 20 context frames (radius 12) + 1 long-memory frame, V=8, top-k 10
     q = meta(1, 256, 60, 107)
     P.propagate_topk_forward(q, meta(1, 20, 256, 60, 107), meta(1, 20, 8, 60, 107), meta(1, 1, 256, 60, 107),
-                             meta(1, 1, 8, 60, 107), 1 / 0.05, 12.0, 10)
+                             meta(1, 1, 8, 60, 107), meta(1), 12.0, 10)
 
 
 def specialization(fn, args, kwargs, config):

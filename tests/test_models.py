@@ -73,7 +73,8 @@ SMOKE = ("simclr", "clip", "don", "gan", "tracker")  # one of each kind of op; ~
 def test_quick_preset_beats_its_baseline(name, tmp_path):
     """CI's smoke test of ``fastssl train METHOD --quick``: the whole recipe, outputs written, baseline beaten.
     Seeded, so a loss here is a regression (README's table has every method)."""
-    from fastssl.training import TrainConfig, run
+    from fastssl.runner import run
+    from fastssl.training import TrainConfig
 
     metrics = run(name, TrainConfig(quick=True, out=str(tmp_path), progress=False))
     assert metrics["beats_baseline"], metrics
@@ -100,20 +101,20 @@ def test_train_cli_lists_methods_and_rejects_unknown(capsys):
 
 
 def test_train_all_writes_summary_and_replaces_the_readme_table(tmp_path, monkeypatch):
-    import fastssl.training as training
+    import fastssl.runner as runner
 
     def fake_run(name, config):  # the harness around the methods, not the training itself
         value = {"a": 0.9, "b": 0.4}[name]
         return {"method": name, "metric": "acc", "value": value, "baseline": 0.5, "higher_is_better": True,
                 "beats_baseline": value > 0.5, "seconds": 1.0}
 
-    monkeypatch.setattr(training, "run", fake_run)
+    monkeypatch.setattr(runner, "run", fake_run)
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{training.TABLE_BEGIN}\nold\n{training.TABLE_END}\nrest\n")
-    rows = training.run_all(["a", "b"], training.TrainConfig(out=str(tmp_path / "out")), readme=str(readme))
+    readme.write_text(f"intro\n{runner.TABLE_BEGIN}\nold\n{runner.TABLE_END}\nrest\n")
+    rows = runner.run_all(["a", "b"], runner.TrainConfig(out=str(tmp_path / "out")), readme=str(readme))
     text = readme.read_text()
     assert [r["method"] for r in rows] == ["a", "b"] and "old" not in text and text.endswith("rest\n")
     assert "| a | acc (higher is better) | 0.900 | 0.500 | yes |" in text and "| b |" in text and "**no**" in text
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == rows
     with pytest.raises(ValueError, match="train-table"):
-        training.replace_table("no markers", "x")
+        runner.replace_table("no markers", "x")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 
+from ..checks import check_int
+
 # name -> (module, one line on what it learns from)
 METHODS = {
     "simclr": ("fastssl.models.simclr", "NT-Xent between two augmented views (Chen et al. 2020)"),
@@ -26,6 +28,21 @@ METHODS = {
     "gan": ("fastssl.models.gan", "DCGAN generator against a discriminator (Goodfellow et al. 2014)"),
     "tracker": ("fastssl.models.tracker", "track by colorizing video from reference frames (Vondrick et al. 2018)"),
 }
+
+
+def check_size(name: str, value, *, low: int = 1) -> int:
+    """A constructor's size or count: an int >= ``low`` (:func:`fastssl.checks.check_int`). Every bad value
+    raises ValueError, a non-int too, as these constructors always have (check_int says TypeError there).
+
+    >>> check_size("width", 0)
+    Traceback (most recent call last):
+        ...
+    ValueError: width must be an int >= 1, got 0
+    """
+    try:
+        return check_int(name, value, low=low)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def load_method(name: str):

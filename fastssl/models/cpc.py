@@ -25,6 +25,7 @@ from ..data import digits
 from ..evaluate import probe_against_untrained
 from ..losses import CPCLoss
 from ..training import Result, TrainConfig, fit_images
+from . import check_size
 from .encoders import ConvEncoder
 
 
@@ -48,10 +49,8 @@ class CPC(nn.Module):
             raise TypeError(f"encoder must be an nn.Module with an out_dim (e.g. ConvEncoder), got {type(encoder).__name__}")
         for name, value in (("patch", patch), ("stride", stride), ("context_dim", context_dim),
                             ("prediction_steps", prediction_steps)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(skip, int) or skip < 0:
-            raise ValueError(f"skip must be an int >= 0, got {skip!r}")
+            check_size(name, value)
+        check_size("skip", skip, low=0)
         self.encoder, self.patch, self.stride, self.skip = encoder, patch, stride, skip
         code_dim = encoder.out_dim
         self.row_mix = nn.Conv1d(code_dim, context_dim, 3, padding=1)  # across the columns of one row

@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_int, check_positive
 from ..contrastive import info_nce
 from ..data import sample_images
 from ..training import Result, TrainConfig, fit
+from . import check_size
 from .encoders import conv_block
 
 
@@ -43,10 +45,7 @@ class PixelEncoder(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("width", width), ("out_dim", out_dim), ("levels", levels),
                             ("stride", stride)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            check_int(name, value, low=1)
         if stride & (stride - 1) or stride > 2 ** levels:
             raise ValueError(f"stride must be a power of 2 up to 2**levels = {2 ** levels}, got {stride}")
         self.out_dim, self.stride = out_dim, stride
@@ -134,10 +133,8 @@ class DenseObjectNet(nn.Module):
         super().__init__()
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 0:
-            raise ValueError(f"num_negatives must be an int >= 0, got {num_negatives!r}")
+        check_positive("temperature", temperature)
+        check_size("num_negatives", num_negatives, low=0)
         self.encoder, self.temperature, self.num_negatives = encoder, temperature, num_negatives
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

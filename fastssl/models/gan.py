@@ -32,13 +32,13 @@ from torch.func import functional_call
 
 from ..data import digits
 from ..training import Result, TrainConfig, shuffled_batches
+from . import check_size
 from .judge import image_grid, real_vs_fake_accuracy
 
 
 def _check_positive_int(**values):
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_size(name, value)
 
 
 class Generator(nn.Module):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_number
+from . import check_size
 from .encoders import conv_block
 
 
@@ -30,8 +32,7 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32):
         super().__init__()
         for name, value, least in (("num_classes", num_classes, 2), ("in_channels", in_channels, 1), ("width", width, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+            check_size(name, value, low=least)
         self.features = nn.Sequential(conv_block(in_channels, width), nn.MaxPool2d(2), conv_block(width, 2 * width),
                                       nn.MaxPool2d(2), conv_block(2 * width, 2 * width))
         self.head = nn.Linear(2 * width, num_classes)
@@ -84,8 +85,7 @@ def real_vs_fake_accuracy(real: torch.Tensor, fake: torch.Tensor, *, train_fract
     rest: 0.5 when the two are indistinguishable to it, 1.0 when it separates them perfectly."""
     if real.shape != fake.shape:
         raise ValueError(f"real and fake must have the same shape, got {tuple(real.shape)} and {tuple(fake.shape)}")
-    if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction!r}")
+    check_number("train_fraction", train_fraction, low=0, high=1, low_open=True, high_open=True)
     g = torch.Generator().manual_seed(seed)
     n_train = int(len(real) * train_fraction)
     parts = []

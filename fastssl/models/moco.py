@@ -19,11 +19,13 @@ import copy
 import torch
 from torch import nn
 
+from ..checks import check_number, check_positive
 from ..contrastive import moco_loss
 from ..data import digits
 from ..evaluate import probe_against_untrained
 from ..losses import MoCoQueue
 from ..training import Result, TrainConfig, fit_images
+from . import check_size
 from .encoders import ConvEncoder, mlp_head
 from .simclr import digit_views
 
@@ -47,12 +49,9 @@ class MoCo(nn.Module):
         super().__init__()
         if not isinstance(encoder, nn.Module) or not hasattr(encoder, "out_dim"):
             raise TypeError(f"encoder must be an nn.Module with an out_dim (e.g. ConvEncoder), got {type(encoder).__name__}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not isinstance(key_bn_groups, int) or key_bn_groups < 1:
-            raise ValueError(f"key_bn_groups must be an int >= 1, got {key_bn_groups!r}")
+        check_number("momentum", momentum, low=0, high=1, high_open=True)
+        check_positive("temperature", temperature)
+        check_size("key_bn_groups", key_bn_groups)
         self.momentum, self.temperature, self.augment, self.key_bn_groups = momentum, temperature, augment, key_bn_groups
         self.encoder = encoder
         self.head = mlp_head(encoder.out_dim, encoder.out_dim, proj_dim)

@@ -40,14 +40,6 @@ def patch_grid(images: torch.Tensor, grid: int = 3, patch: int | None = None,
     return tiles.permute(0, 1, 4, 2, 3).contiguous()
 
 
-def normalize_tiles(tiles: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Each tile to zero mean and unit variance on its own (Noroozi & Favaro's guard against matching
-    tiles by their brightness and contrast)."""
-    mean = tiles.mean(dim=(-3, -2, -1), keepdim=True)
-    std = tiles.std(dim=(-3, -2, -1), keepdim=True)
-    return (tiles - mean) / (std + eps)
-
-
 def tile_codes(encoder, images: torch.Tensor, grid: int = 3) -> torch.Tensor:
     """The probe layer of the tile methods: ``encoder``'s codes of the ``grid`` x ``grid`` whole cells of
     each image (no gap, no jitter), concatenated in row-major order: (N, grid * grid * D)."""

@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_positive
 from ..data import moving_shapes
 from ..propagation import colorization_loss, propagate_labels
 from ..training import Result, TrainConfig, fit, shuffled_batches
+from . import check_size
 from .don import PixelEncoder
 
 
@@ -32,8 +34,7 @@ class ColorQuantizer:
     L / 100 as (..., 1, H, W), ``labels(frames)`` the cluster id of every pixel (..., H, W)."""
 
     def __init__(self, num_colors: int = 16, samples: int = 20000, seed: int = 0):
-        if isinstance(num_colors, bool) or not isinstance(num_colors, int) or num_colors < 1:
-            raise ValueError(f"num_colors must be an int >= 1, got {num_colors!r}")
+        check_size("num_colors", num_colors)
         self.num_colors, self.samples, self.seed = num_colors, samples, seed
         self.kmeans = None
 
@@ -70,12 +71,10 @@ class ColorizationTracker(nn.Module):
         super().__init__()
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
-        if isinstance(num_colors, bool) or not isinstance(num_colors, int) or num_colors < 1:
-            raise ValueError(f"num_colors must be an int >= 1, got {num_colors!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if radius is not None and not radius > 0:
-            raise ValueError(f"radius must be > 0 or None, got {radius}")
+        check_size("num_colors", num_colors)
+        check_positive("temperature", temperature)
+        if radius is not None:
+            check_positive("radius", radius)
         self.encoder, self.num_colors, self.temperature, self.radius = encoder, num_colors, temperature, radius
 
     def forward(self, grey: torch.Tensor) -> torch.Tensor:
