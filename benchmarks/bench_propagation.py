@@ -24,7 +24,7 @@ joint softmax over other frames' disks, so it does not compute this op.
 import torch
 import torch.nn.functional as F
 
-from fastssl.benchmarks.harness import Case, have  # noqa: F401  (have: peers are guarded where added)
+from fastssl.benchmarks.harness import Case
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

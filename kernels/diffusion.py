@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .registry import TL_DTYPE, acc_type, autotune, bucket, device_function, keep, register, variant
+from .registry import TL_DTYPE, acc_type, autotune, bucket, device_function, keep, launch, register, variant
 
 # Elementwise configs: 4-16 elements a thread (16-byte vectors for fp32 and bf16), 4 or 8 warps.
 # 32 a thread (4096 x 4 warps) spills in the fp64 variants (ptxas, sm_90, tests/test_compile_sm90.py).
@@ -116,6 +116,18 @@ register(_cfg_combine_backward_kernel, configs=ELEMENTWISE_CONFIGS,
                                  ints16=_CFG_INTS16))
 
 
+def _stride(table: torch.Tensor) -> int:
+    """0 for a one-element table (the same value for every sample), else the per-sample stride."""
+    return 0 if table.numel() == 1 else table.stride(0)
+
+
+def _launch(kernel, rows: int, inner: int, block=None, /, **kwargs):
+    """Launch by keyword (registry.launch) on ``rows * cdiv(inner, BLOCK)`` programs; ``block`` bypasses
+    autotuning (the tests use it to show results do not depend on BLOCK)."""
+    launch(kernel, lambda meta: (rows * triton.cdiv(inner, meta["BLOCK"]),),
+           config=None if block is None else {"BLOCK": block, "num_warps": 4}, **kwargs)
+
+
 def _guidance_table(guidance: torch.Tensor, like: torch.Tensor):
     """(table, stride): the guidance weights (one, or one per sample) in the math dtype, as the kernels
     index them by sample (stride 0: one weight for all)."""
@@ -132,10 +144,8 @@ def cfg_combine_forward(cond: torch.Tensor, uncond: torch.Tensor, guidance: torc
     if n == 0:
         return out
     table, stride = _guidance_table(guidance, cond)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    _cfg_combine_kernel[grid](cond_ptr=cond, uncond_ptr=uncond, guidance_ptr=table, out_ptr=out, n=n,
-                              inner=n // cond.shape[0], guidance_stride=stride, n_bucket=bucket(n),
-                              ACC=acc_type(cond.dtype))
+    _launch(_cfg_combine_kernel, 1, n, None, cond_ptr=cond, uncond_ptr=uncond, guidance_ptr=table, out_ptr=out,
+            n=n, inner=n // cond.shape[0], guidance_stride=stride, n_bucket=bucket(n), ACC=acc_type(cond.dtype))
     return out
 
 
@@ -147,10 +157,9 @@ def cfg_combine_backward(grad: torch.Tensor, guidance: torch.Tensor):
     if n == 0:
         return grad_cond, grad_uncond
     table, stride = _guidance_table(guidance, grad)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    _cfg_combine_backward_kernel[grid](grad_ptr=grad, guidance_ptr=table, grad_cond_ptr=grad_cond,
-                                       grad_uncond_ptr=grad_uncond, n=n, inner=n // grad.shape[0],
-                                       guidance_stride=stride, n_bucket=bucket(n), ACC=acc_type(grad.dtype))
+    _launch(_cfg_combine_backward_kernel, 1, n, None, grad_ptr=grad, guidance_ptr=table, grad_cond_ptr=grad_cond,
+            grad_uncond_ptr=grad_uncond, n=n, inner=n // grad.shape[0], guidance_stride=stride,
+            n_bucket=bucket(n), ACC=acc_type(grad.dtype))
     return grad_cond, grad_uncond
 
 
@@ -450,21 +459,6 @@ def _split(value: float) -> tuple:
     with np.errstate(over="ignore"):
         hi = float(np.float32(value))
     return hi, (float(value - hi) if math.isfinite(hi) else 0.0)
-
-
-def _stride(table: torch.Tensor) -> int:
-    """0 for a one-element table (the same value for every sample), else the per-sample stride."""
-    return 0 if table.numel() == 1 else table.stride(0)
-
-
-def _launch(kernel, rows: int, inner: int, block=None, /, **kwargs):
-    """Launch by keyword on the row-blocked grid; ``block`` bypasses autotuning (the tests use it to show
-    results do not depend on BLOCK)."""
-    grid = lambda meta: (rows * triton.cdiv(inner, meta["BLOCK"]),)  # noqa: E731
-    if block is None:
-        kernel[grid](**kwargs)
-    else:
-        kernel.fn[(rows * triton.cdiv(inner, block),)](**kwargs, BLOCK=block, num_warps=4)
 
 
 def q_sample_forward(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, q_coefficients: torch.Tensor, *,

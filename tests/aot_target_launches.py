@@ -9,7 +9,6 @@ marked divisible by 16, except those the launch passes as 0 or 1 (flags and stri
 divisible and folds a 1 into a constant; the variants declare them plain, the general code). Prints one
 JSON line per launch."""
 import json
-import math
 
 import torch
 import triton
