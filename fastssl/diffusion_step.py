@@ -282,23 +282,23 @@ def _step_backward_torch(spec: StepSpec, grad, grad_pred_x0, model_output, uncon
 # The custom op: one body per direction, run by the backend apply_step chose
 # ----------------------------------------------------------------------------------------------------
 
-def _step_body(spec: StepSpec, triton: bool, **tensors) -> tuple[Tensor, Tensor]:
+def _step_body(model_output: Tensor, uncond_output: Optional[Tensor], x_t: Tensor, noise: Optional[Tensor],
+               seed: Optional[Tensor], t: Tensor, prev_t: Tensor, guidance: Optional[Tensor], alphas_cumprod: Tensor,
+               spec: str, triton: bool) -> tuple[Tensor, Tensor]:
+    """The forward op's body: the step on the backend apply_step chose (``spec``: a StepSpec key)."""
+    step = StepSpec.from_key(spec)
     if triton:
         from .kernels.diffusion import diffusion_step_forward
 
-        return diffusion_step_forward(**tensors, **spec.options())
-    if tensors.pop("seed") is not None:
+        return diffusion_step_forward(model_output=model_output, uncond_output=uncond_output, x_t=x_t, noise=noise,
+                                      seed=seed, t=t, prev_t=prev_t, guidance=guidance,
+                                      alphas_cumprod=alphas_cumprod, **step.options())
+    if seed is not None:
         raise RuntimeError("fastssl::diffusion_step: a Philox seed needs the Triton kernels; the PyTorch path reads noise")
-    return _step_torch(spec, **tensors)
+    return _step_torch(step, model_output, uncond_output, x_t, noise, t, prev_t, guidance, alphas_cumprod)
 
 
-@torch.library.custom_op("fastssl::diffusion_step", mutates_args=())
-def _step_op(model_output: Tensor, uncond_output: Optional[Tensor], x_t: Tensor, noise: Optional[Tensor],
-             seed: Optional[Tensor], t: Tensor, prev_t: Tensor, guidance: Optional[Tensor], alphas_cumprod: Tensor,
-             spec: str, triton: bool) -> tuple[Tensor, Tensor]:
-    return _step_body(StepSpec.from_key(spec), triton, model_output=model_output, uncond_output=uncond_output,
-                      x_t=x_t, noise=noise, seed=seed, t=t, prev_t=prev_t, guidance=guidance,
-                      alphas_cumprod=alphas_cumprod)
+_step_op = torch.library.custom_op("fastssl::diffusion_step", _step_body, mutates_args=())
 
 
 @_step_op.register_fake
@@ -470,6 +470,5 @@ def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: N
         seed = None
     tensors = dict(model_output=model_output, uncond_output=uncond_output, x_t=x_t, noise=noise, seed=seed, t=t,
                    prev_t=prev_t, guidance=guidance, alphas_cumprod=schedule.on(device).alphas_cumprod)
-    if skip_dispatch(model_output, uncond_output, x_t, noise, guidance):
-        return _step_body(spec, triton, **tensors)
-    return _step_op(**tensors, spec=spec.key, triton=triton)
+    run = _step_body if skip_dispatch(model_output, uncond_output, x_t, noise, guidance) else _step_op
+    return run(**tensors, spec=spec.key, triton=triton)
