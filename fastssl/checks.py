@@ -74,10 +74,12 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def check_int(name: str, value, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
-    """``value`` is an integer (not a bool) in ``[low, high]``; returned as a Python int."""
+def check_int(name: str, value, *, low: Optional[int] = None, high: Optional[int] = None,
+              accepted: str = "a Python int") -> int:
+    """``value`` is an integer (not a bool) in ``[low, high]``; returned as a Python int. ``accepted``
+    names what the argument takes in the TypeError (``"None or an int"`` where None is also taken)."""
     if type(value) is not int and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be {accepted}, got {type(value).__name__}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"in [{low}, {high}]" if low is not None and high is not None else (
@@ -87,11 +89,11 @@ def check_int(name: str, value, *, low: Optional[int] = None, high: Optional[int
 
 
 def check_number(name: str, value, *, low: Optional[float] = None, high: Optional[float] = None,
-                 low_open: bool = False, high_open: bool = False) -> float:
+                 low_open: bool = False, high_open: bool = False, accepted: str = "a Python float") -> float:
     """``value`` is a finite real number (not a bool) within the bounds (``low_open``/``high_open``
-    exclude them); returned as a Python float."""
+    exclude them); returned as a Python float. ``accepted`` names what the argument takes in the TypeError."""
     if type(value) is not float and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+        raise TypeError(f"{name} must be {accepted}, got {type(value).__name__}")
     value = float(value)
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
@@ -108,9 +110,9 @@ def check_number(name: str, value, *, low: Optional[float] = None, high: Optiona
     return value
 
 
-def check_positive(name: str, value) -> float:
+def check_positive(name: str, value, *, accepted: str = "a Python float") -> float:
     """A positive finite Python number (temperatures, scales)."""
-    return check_number(name, value, low=0, low_open=True)
+    return check_number(name, value, low=0, low_open=True, accepted=accepted)
 
 
 def check_guidance(name: str, guidance, like: torch.Tensor, like_name: str):

@@ -524,7 +524,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
             raise ValueError(f"logit_scale must be a float or a 0-dim tensor, got shape {tuple(logit_scale.shape)}")
         scale = logit_scale.to(acc).reshape(1)
     else:
-        scale = torch.full((1,), check_positive("logit_scale", logit_scale), dtype=acc, device=image_features.device)
+        scale = torch.full((1,), check_positive("logit_scale", logit_scale, accepted="a float or a 0-dim tensor"),
+                           dtype=acc, device=image_features.device)
     img, txt = _normalized(image_features, normalize), _normalized(text_features, normalize)
     pos = _row_dot(img, txt, acc) * scale
     if gather_distributed:

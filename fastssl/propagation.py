@@ -519,7 +519,7 @@ def _check_radius(radius) -> Optional[float]:
 def _check_topk(topk, num_keys: int, what: str) -> Optional[int]:
     if topk is None:
         return None
-    topk = check_int("topk", topk)
+    topk = check_int("topk", topk, accepted="None or an int")
     if not 1 <= topk <= num_keys:
         raise ValueError(f"topk must be between 1 and the number of reference pixels {what} ({num_keys}), got {topk}")
     return topk

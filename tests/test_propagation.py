@@ -312,7 +312,7 @@ LBL = dict(ref_labels=_t(2, 2, 5, 7, dtype=torch.long), target_labels=_t(2, 5, 7
     (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), radius="12"), TypeError, "radius must be"),
     (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), topk=0), ValueError, r"topk must be between 1"),
     (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), topk=71), ValueError, r"\(70\), got 71"),
-    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), topk=2.0), TypeError, "topk must be a Python int"),
+    (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), topk=2.0), TypeError, "topk must be None or an int"),
     (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 5, 7), LBL["target_labels"], 3), TypeError,
      "ref_labels must be an integer tensor"),
     (lambda: CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"], _t(2, 5, 6, dtype=torch.long), 3), ValueError,
