@@ -120,9 +120,7 @@ def sample(model, shape, schedule: NoiseSchedule, *, num_steps: Optional[int] = 
     x = torch_noise(generator, like)
 
     ts, prevs = _sampling_timesteps(T, num_steps, device)
-    t_rows = ts[:, None].repeat(1, B)  # (S, B): row i is step i's (B,) timesteps for the model
-    t_model = t_rows.repeat(1, 2) if guided else t_rows
-    prev_rows = prevs[:, None].repeat(1, B)
+    t_model = ts[:, None].repeat(1, 2 * B if guided else B)  # (S, B or 2B): row i is step i's timesteps for the model
     model_cond = torch.cat([cond, uncond]) if guided else cond
     triton = use_triton(like)
     seeds = philox_seeds(generator, num_steps, device) if spec.draws_noise and triton else None
@@ -132,7 +130,7 @@ def sample(model, shape, schedule: NoiseSchedule, *, num_steps: Optional[int] = 
                                  i, num_steps)
         m, u = output.chunk(2) if guided else (output, None)
         noise = torch_noise(generator, like) if spec.draws_noise and not triton else None
-        x, _ = apply_step(spec, m, t_rows[i], x, schedule, prev_t=prev_rows[i], noise=noise,
+        x, _ = apply_step(spec, m, ts[i], x, schedule, prev_t=prevs[i], noise=noise,
                           seed=None if seeds is None else seeds[i:i + 1], uncond_output=u,
                           guidance=weights if guided else 0.0)
     return x
