@@ -261,8 +261,9 @@ def cfg_combine(cond: Tensor, uncond: Tensor, guidance) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 def _q_coefficients(q_coefficients: Tensor, t: Tensor, like: Tensor):
-    """(sqrt(abar_t), sqrt(1 - abar_t)) looked up in the schedule's float64 table: Python floats for one
-    timestep on the host, else (B, 1, ..., 1) tensors in the math dtype (NaN outside [0, T), as the kernel)."""
+    """(sqrt(abar_t), sqrt(1 - abar_t)) looked up in the schedule's table in the math dtype
+    (NoiseSchedule.q_table): Python floats for one timestep on the host, else (B, 1, ..., 1) tensors (NaN
+    outside [0, T), as the kernel)."""
     T = q_coefficients.shape[1]
     if t.device.type == "cpu" and not torch.compiler.is_compiling():  # host timesteps are range-checked
         if t.numel() == 1:
@@ -272,7 +273,7 @@ def _q_coefficients(q_coefficients: Tensor, t: Tensor, like: Tensor):
     else:
         both = q_coefficients.index_select(1, t.clamp(0, T - 1))
         both = torch.where((t >= 0) & (t < T), both, torch.full_like(both, float("nan")))
-    a, b = both.to(accumulation_dtype(like.dtype)).reshape(2, -1, *([1] * (like.dim() - 1))).unbind(0)
+    a, b = both.reshape(2, -1, *([1] * (like.dim() - 1))).unbind(0)
     return a, b
 
 
@@ -383,7 +384,7 @@ def q_sample(x0: Tensor, t, noise: Tensor, schedule: NoiseSchedule, *, return_v:
     if x0.dim() == 0:
         raise ValueError("x0 must have a batch dimension (B, ...), got a 0-dim tensor")
     inputs = dict(x0=x0, noise=noise, t=timestep_tensor("t", t, schedule, x0.shape[0], x0.device),
-                  q_coefficients=schedule.on(x0.device).q_coefficients, return_v=bool(return_v))
+                  q_coefficients=schedule.on(x0.device).q_table(accumulation_dtype(x0.dtype)), return_v=bool(return_v))
     out, v = _q_sample_body(**inputs) if skip_dispatch(x0, noise) else _q_sample_op(**inputs)
     return (out, v) if return_v else out
 

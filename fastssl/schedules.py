@@ -37,8 +37,8 @@ class NoiseSchedule:
     ~1e-6 relative of it). :meth:`to` returns the schedule on another device; the ops accept a
     schedule on any device (:meth:`on` keeps one copy per device). The tables are read-only.
 
-    ``q_coefficients`` is the (2, T) float64 table of sqrt(abar_t) and sqrt(1 - abar_t) that
-    :func:`fastssl.q_sample` reads on every backend.
+    ``q_coefficients`` is the (2, T) float64 table of sqrt(abar_t) and sqrt(1 - abar_t); :func:`fastssl.q_sample`
+    reads it in the math dtype (:meth:`q_table`) on every backend.
 
     Args:
         betas: the per-step noise variances, 1-D, non-empty, finite, in [0, 1].
@@ -75,6 +75,7 @@ class NoiseSchedule:
         self.num_timesteps = betas.numel()
         self._steps = steps  # int t -> _steps[t + 1:t + 2], a view (t = -1: "before the first step")
         self._copies = {}
+        self._q_tables = {torch.float64: q_coefficients}
 
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
@@ -112,6 +113,17 @@ class NoiseSchedule:
         copy._set(*(x.to(device) for x in (self.betas, self.alphas, self.alphas_cumprod, self.q_coefficients,
                                             self._steps)))
         return copy
+
+    def q_table(self, dtype: torch.dtype) -> Tensor:
+        """``q_coefficients`` in the math dtype ``dtype`` (float64, or float32 for the other dtypes), made
+        once and kept: the table q_sample reads on both backends (its values are those of the float64 table,
+        rounded once)."""
+        table = self._q_tables.get(dtype)
+        if table is None:
+            table = self.q_coefficients.to(dtype)
+            if not torch.compiler.is_compiling():
+                self._q_tables[dtype] = table
+        return table
 
     def on(self, device) -> "NoiseSchedule":
         """This schedule on ``device``: ``self`` if its tables are there, else a copy made once and kept (the

@@ -84,12 +84,11 @@ def _cfg_combine_backward_kernel(grad_ptr, guidance_ptr, grad_cond_ptr, grad_unc
     tl.store(grad_uncond_ptr + offs, (-w * grad).to(grad_uncond_ptr.dtype.element_ty), mask=mask)
 
 
-def dtype_variants(tensors, tables=(), ints=(), *, ints16=(), f32_tables=(), f64_tables=(), i64_tensors=(), floats=(),
+def dtype_variants(tensors, tables=(), ints=(), *, ints16=(), f32_tables=(), i64_tensors=(), floats=(),
                    **constexprs):
     """One compile variant per input dtype: ``tensors`` in that dtype, ``tables`` (per-sample weights) in
-    the math dtype, ``f32_tables`` (abar) always float32, ``f64_tables`` (q_sample's coefficients) always
-    float64, ``i64_tensors`` (timesteps, seeds)
-    int64, ``ints`` as i32, ``ints16`` as i32 multiples of 16 (``"i32:16"``: sizes and their buckets,
+    the math dtype (guidance weights, q_sample's coefficients), ``f32_tables`` (abar) always float32,
+    ``i64_tensors`` (timesteps, seeds) int64, ``ints`` as i32, ``ints16`` as i32 multiples of 16 (``"i32:16"``: sizes and their buckets,
     which are multiples of 16 at every latent and image size the GPU runs, 64M-element steps included,
     so a real launch specializes them so), ``floats`` as fp32 scalars; ``constexprs`` fixed flags of
     every variant."""
@@ -97,7 +96,7 @@ def dtype_variants(tensors, tables=(), ints=(), *, ints16=(), f32_tables=(), f64
     for dtype, ty in TL_DTYPE.items():
         table_ty = "fp64" if dtype == torch.float64 else "fp32"
         signature = {**{a: f"*{ty}" for a in tensors}, **{a: f"*{table_ty}" for a in tables},
-                     **{a: "*fp32" for a in f32_tables}, **{a: "*fp64" for a in f64_tables},
+                     **{a: "*fp32" for a in f32_tables},
                      **{a: "*i64" for a in i64_tensors},
                      **{a: "i32" for a in ints}, **{a: "i32:16" for a in ints16},
                      **{a: "fp32" for a in floats}}
@@ -247,7 +246,7 @@ def _gather_abar(abar_ptr, t, num_t, below):
 @device_function
 @triton.jit
 def _gather_q(q_ptr, t, num_t, ACC: tl.constexpr):
-    """(sqrt(abar_t), sqrt(1 - abar_t)) from the schedule's (2, T) float64 table (NoiseSchedule.q_coefficients),
+    """(sqrt(abar_t), sqrt(1 - abar_t)) from the schedule's (2, T) table in the math dtype (NoiseSchedule.q_table),
     NaN for t outside [0, num_t) (see _gather_abar)."""
     i = tl.minimum(tl.maximum(t, 0), num_t - 1)
     inside = (t >= 0) & (t < num_t)
@@ -432,10 +431,10 @@ _SIZES16 = ["inner", "n_bucket", "inner_bucket"]
 _Q_INTS = ["t_stride", "num_t"]
 register(_q_sample_kernel, configs=STEP_CONFIGS,
          variants=dtype_variants(["x0_ptr", "noise_ptr", "out_ptr", "v_ptr"], ints=_Q_INTS + ["return_v"],
-                                 ints16=_SIZES16, f64_tables=["q_ptr"], i64_tensors=["t_ptr"]))
+                                 ints16=_SIZES16, tables=["q_ptr"], i64_tensors=["t_ptr"]))
 register(_q_sample_backward_kernel, configs=STEP_CONFIGS,
          variants=dtype_variants(["grad_ptr", "grad_v_ptr", "grad_x0_ptr", "grad_noise_ptr"],
-                                 ints=_Q_INTS + ["has_grad_v"], ints16=_SIZES16, f64_tables=["q_ptr"],
+                                 ints=_Q_INTS + ["has_grad_v"], ints16=_SIZES16, tables=["q_ptr"],
                                  i64_tensors=["t_ptr"]))
 _STEP_INTS = ["t_stride", "prev_t_stride", "prev_offset", "guidance_stride", "num_t", "sampler", "variance_type",
               "prediction_type", "has_uncond", "clip_sample", "use_clipped_model_output"]
@@ -464,7 +463,7 @@ def _split(value: float) -> tuple:
 def q_sample_forward(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, q_coefficients: torch.Tensor, *,
                      return_v: bool, block=None):
     """Launch ``_q_sample_kernel``: (x_t, v or an empty tensor). ``t`` int64 (1,) or (B,) on the device;
-    ``q_coefficients`` the (2, T) float64 table of sqrt(abar_t) and sqrt(1 - abar_t). Inputs are made
+    ``q_coefficients`` the (2, T) table of sqrt(abar_t) and sqrt(1 - abar_t) in the math dtype. Inputs are made
     contiguous once (a copy only if they are not: one extra read and write each)."""
     x0, noise = x0.contiguous(), noise.contiguous()
     out = torch.empty_like(x0)
