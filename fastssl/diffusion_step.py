@@ -59,6 +59,9 @@ class StepSpec:
             scheduler's ``-(T // num_inference_steps)``), computed in the kernel.
         return_pred_x0: the step also returns the (clamped) predicted x0.
 
+    Its ``key`` (a string of the fields, made once) is how the custom op carries it; :meth:`from_key` reads
+    it back.
+
     Raises:
         ValueError, TypeError: an option out of range or of the wrong type, naming it.
 
@@ -94,6 +97,8 @@ class StepSpec:
         if self.sampler == "ddpm" and self.eta != 0:
             raise ValueError(f"eta={self.eta} is a DDIM parameter; use sampler='ddim' (DDPM's noise is fixed by "
                              "variance_type)")
+        # the spec as a string, how the custom op carries it (from_key reads it back); made once
+        object.__setattr__(self, "key", ";".join(str(getattr(self, name)) for name in _FIELD_TYPES))
 
     @property
     def draws_noise(self) -> bool:
@@ -103,11 +108,6 @@ class StepSpec:
     def options(self) -> dict:
         """The fields by name: the keyword arguments of the kernel launchers."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @property
-    def key(self) -> str:
-        """The spec as a string, how the custom op carries it (:meth:`from_key` reads it back)."""
-        return ";".join(str(getattr(self, name)) for name in _FIELD_TYPES)
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
@@ -169,8 +169,8 @@ def _derive(spec: StepSpec, a_t, a_p, noisy, xp):
 def step_coefficients(spec: StepSpec, alphas_cumprod: Tensor, t: Tensor, prev_t: Tensor) -> tuple:
     """The step's six per-sample coefficients for timesteps ``t`` and ``prev_t + spec.prev_offset``.
 
-    On the host (CPU tensors, eager) they come from numpy: Python floats for one timestep, a float64
-    (6, B) tensor for per-sample timesteps; elsewhere six float64 device tensors (no host sync)."""
+    On the host (CPU tensors, eager) they come from numpy: Python floats for one timestep, float64 (B,)
+    arrays for per-sample timesteps; elsewhere six float64 device tensors (no host sync)."""
     below = spec.final_alpha_cumprod
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
         table = alphas_cumprod.numpy()
@@ -180,24 +180,25 @@ def step_coefficients(spec: StepSpec, alphas_cumprod: Tensor, t: Tensor, prev_t:
                 a_t = np.float64(table[ti] if ti < len(table) else np.nan)
                 a_p = np.float64(below if pi < 0 else table[pi] if pi < len(table) else np.nan)
                 return tuple(map(float, _derive(spec, a_t, a_p, ti > 0, np)))
-            tn, pn = t.numpy(), prev_t.numpy() + spec.prev_offset
-            if tn.shape != pn.shape:
-                tn, pn = np.broadcast_arrays(tn, pn)
-            coeffs = _derive(spec, gather_alphas_cumprod(table, tn, float("nan")),
-                             gather_alphas_cumprod(table, pn, below), tn > 0, np)
-            return torch.from_numpy(np.stack(coeffs))  # (6, B)
+            tn, pn = np.broadcast_arrays(t.numpy(), prev_t.numpy() + spec.prev_offset)
+            return _derive(spec, gather_alphas_cumprod(table, tn, float("nan")),
+                           gather_alphas_cumprod(table, pn, below), tn > 0, np)
     return _derive(spec, gather_alphas_cumprod(alphas_cumprod, t, float("nan")),
                    gather_alphas_cumprod(alphas_cumprod, prev_t + spec.prev_offset, below), t > 0, torch)
 
 
 def _views(coeffs, like: Tensor) -> list:
     """Coefficients as the elementwise ops take them: Python floats stay floats (the cheapest broadcast),
-    per-sample values (a (k, B) tensor or k tensors) become (B, 1, ..., 1) tensors in the math dtype."""
-    if isinstance(coeffs, tuple) and all(isinstance(c, float) for c in coeffs):
+    per-sample values (numpy arrays from the host, or tensors) become (B, 1, ..., 1) tensors in the math
+    dtype, made by one conversion."""
+    if all(isinstance(c, float) for c in coeffs):
         return list(coeffs)
-    if isinstance(coeffs, tuple):
-        coeffs = torch.stack(torch.broadcast_tensors(*[c.reshape(-1) for c in coeffs]))
-    return list(coeffs.to(accumulation_dtype(like.dtype)).reshape(len(coeffs), -1, *([1] * (like.dim() - 1))).unbind(0))
+    acc = accumulation_dtype(like.dtype)
+    if isinstance(coeffs[0], np.ndarray):  # host math: stack, round and shape in numpy, then one tensor
+        stacked = torch.from_numpy(np.stack(coeffs).astype(np.float64 if acc == torch.float64 else np.float32))
+    else:
+        stacked = torch.stack(torch.broadcast_tensors(*[c.reshape(-1) for c in coeffs])).to(acc)
+    return list(stacked.reshape(len(coeffs), -1, *([1] * (like.dim() - 1))).unbind(0))
 
 
 def _per_sample(v: Tensor, like: Tensor):
@@ -238,8 +239,7 @@ def _step_torch(spec: StepSpec, model_output, uncond_output, x_t, noise, t, prev
     x0 = None
     if not (spec.clip_sample or spec.return_pred_x0):  # out = (ca c1 + cx) x + (ca c2 + ce) e + cz z
         c1, c2, ca, cx, ce, cz = coeffs
-        folded = (ca * c1 + cx, ca * c2 + ce, cz)
-        kx, ke, cz = _views(folded if isinstance(coeffs, tuple) else torch.stack(folded), x_t)
+        kx, ke, cz = _views((ca * c1 + cx, ca * c2 + ce, cz), x_t)
         out = add_scaled_(torch.mul(x, kx), e, ke)
     else:
         c1, c2, ca, cx, ce, cz = _views(coeffs, x_t)
