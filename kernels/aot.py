@@ -6,7 +6,11 @@ types (``launch_specialization``: aligned tensors, ``"i32:16"`` ints as multiple
 spills (``LOCAL`` or ``STACK`` > 0: ptxas spills into the stack frame), needs more shared memory than the chip has (static + dynamic > 227 KB on
 sm_90, 163 KB on sm_80), or is a matmul kernel (``uses_dot``) whose sm_90 PTX lacks ``wgmma`` in a bf16/fp16 variant.
 
-Run it as ``python -m fastssl.kernels.aot --arch 90`` (prints JSON lines, exits 1 on a bad result);
+Each result also carries ``sass_profile`` of the cubin's SASS: the main loop's instruction and wgmma counts,
+its async copies (cp.async, TMA) and global loads, and the kernel's global loads by width.
+
+Run it as ``python -m fastssl.kernels.aot --arch 90`` (prints JSON lines, exits 1 on a bad result; ``--report``
+prints the same as a table);
 ``--module FILE.py`` adds the kernels a file registers (the test of the test uses it). It must run
 without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` functions).
 
@@ -153,6 +157,95 @@ def widest_load_bits(ptx: str):
     return max(widths) if widths else None
 
 
+# One SASS instruction line (``/*0ab0*/  @!P0 BRA `(.L_x_0) ;``) and one label line (``.L_x_0:``) of
+# ``nvdisasm -c``; a branch's target is a label or (cuobjdump's style) an address.
+_SASS = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_LABEL = re.compile(r"^\s*(\.L\w+):")
+_BRANCH_TARGET = re.compile(r"^\s*`\((\.L\w+)\)")
+_ADDRESS = re.compile(r"^\s*(?:0x)?([0-9a-f]+)\b")
+
+
+def nvdisasm() -> str:
+    return os.path.join(os.path.dirname(cuobjdump()), "nvdisasm")
+
+
+def sass(cubin: bytes) -> str:
+    """The cubin's SASS text (``nvdisasm -c``, without the slower dataflow analysis)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([nvdisasm(), "-c", "-ndf", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_instructions(text: str) -> list[tuple]:
+    """``(address, opcode, operands)`` of every SASS instruction, in order; a branch to a label has the
+    label's address as its operand."""
+    instructions, labels, pending = [], {}, []
+    for line in text.splitlines():
+        label = _LABEL.match(line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        found = _SASS.match(line)
+        if found:
+            address = int(found.group(1), 16)
+            labels.update((name, address) for name in pending)
+            pending = []
+            instructions.append((address, found.group(2), found.group(3).strip()))
+
+    def resolved(operands: str) -> str:  # a label's address, in hex like cuobjdump's operands
+        target = _BRANCH_TARGET.match(operands)
+        return f"{labels[target.group(1)]:x}" if target and target.group(1) in labels else operands
+
+    return [(a, op, resolved(rest) if op.startswith("BRA") else rest) for a, op, rest in instructions]
+
+
+def _global_load_bits(opcode: str) -> int:
+    """The width of one global load (``LDG.E.128``: 128; ``LDG.E.U16``: 16; plain ``LDG.E``: 32)."""
+    for bits in (128, 64, 16, 8):
+        if re.search(rf"\.(?:U|S)?{bits}\b", opcode):
+            return bits
+    return 32
+
+
+def _count(instructions, prefix: str) -> int:
+    return sum(op.startswith(prefix) for _, op, _ in instructions)
+
+
+def main_loop(instructions: list[tuple]) -> list[tuple]:
+    """The kernel's hot loop: among the innermost loops (a backward ``BRA`` to an earlier address, spanning
+    no other loop), the one with the most wgmma (``HGMMA``), then the most instructions; [] without a loop.
+    The final ``BRA`` to itself that ends every kernel is not a loop."""
+    loops = []
+    for address, op, rest in instructions:
+        target = _ADDRESS.match(rest)
+        if op.startswith("BRA") and target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    innermost = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+    bodies = [[i for i in instructions if lo <= i[0] <= hi] for lo, hi in innermost]
+    return max(bodies, key=lambda body: (_count(body, "HGMMA"), len(body)), default=[])
+
+
+def sass_profile(text: str) -> dict:
+    """What the SASS says about the hot loop and the memory path: the main loop's instruction count and its
+    wgmma, async copies (``LDGSTS``: cp.async), TMA loads (``UTMALDG``), global loads and barriers; the
+    kernel's global loads by width in bits."""
+    instructions = sass_instructions(text)
+    loop = main_loop(instructions)
+    widths = {}
+    for _, op, _ in instructions:
+        if op.startswith("LDG.") and not op.startswith("LDGSTS") and not op.startswith("LDGDEPBAR"):
+            bits = _global_load_bits(op)
+            widths[bits] = widths.get(bits, 0) + 1
+    loop_loads = [op for _, op, _ in loop if op.startswith("LDG.") and not op.startswith("LDGSTS")]
+    return {"instructions": len(instructions), "cp_async": _count(instructions, "LDGSTS"),
+            "tma": _count(instructions, "UTMALDG"), "global_loads": dict(sorted(widths.items())),
+            "loop": {"instructions": len(loop), "wgmma": _count(loop, "HGMMA"), "cp_async": _count(loop, "LDGSTS"),
+                     "tma": _count(loop, "UTMALDG"), "global_loads": len(loop_loads),
+                     "global_load_bits": sorted({_global_load_bits(op) for op in loop_loads}),
+                     "barriers": _count(loop, "BAR.")}}
+
+
 def compile_one(spec, variant, config, arch: int) -> dict:
     """Compile one (kernel, variant, config) for ``sm_{arch}``; return what was measured and any problems."""
     import time
@@ -182,7 +275,7 @@ def compile_one(spec, variant, config, arch: int) -> dict:
     usage = resource_usage(compiled.asm["cubin"])
     dynamic_shared = int(getattr(compiled.metadata, "shared", 0) or 0)
     result.update(usage, dynamic_shared=dynamic_shared, load_bits=widest_load_bits(compiled.asm["ptx"]),
-                  seconds=round(time.perf_counter() - start, 2))
+                  sass=sass_profile(sass(compiled.asm["cubin"])), seconds=round(time.perf_counter() - start, 2))
     total_shared = dynamic_shared + (usage["shared"] or 0)
     if usage["local"] is None:
         result["problems"].append("cuobjdump reported no LOCAL figure")
@@ -193,6 +286,8 @@ def compile_one(spec, variant, config, arch: int) -> dict:
     half = any(t in ("*bf16", "*fp16") for t in variant.signature.values())
     if spec.uses_dot and half and arch >= 90 and "wgmma" not in compiled.asm["ptx"]:
         result["problems"].append("matmul kernel without wgmma in its sm_90 PTX (not on Hopper's tensor-core path)")
+    elif spec.uses_dot and half and arch >= 90 and result["sass"]["loop"]["wgmma"] == 0:
+        result["problems"].append("matmul kernel whose main loop has no wgmma (HGMMA) in its sm_90 SASS")
     return result
 
 
@@ -210,17 +305,55 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
     parser.add_argument("--only", nargs="*", default=[], help="kernel names to compile (default: all)")
     parser.add_argument("--module", action="append", default=[], help="an extra .py file that registers kernels")
+    parser.add_argument("--report", action="store_true",
+                        help="print a table (registers, spills, shared memory, the main loop's wgmma and other "
+                             "instructions, async copies, stages, global load widths) instead of JSON lines")
     args = parser.parse_args(argv)
     if interpreting():
         parser.error("unset TRITON_INTERPRET: the ahead-of-time compile needs real @triton.jit functions")
     modules = load_kernel_modules(args.module)
     missing = unregistered(modules)
-    print(json.dumps({"unregistered": missing}), flush=True)
+    if args.report:
+        import triton
+
+        print(f"# sm_{args.arch}, triton {triton.__version__}; unregistered kernels: {missing}", flush=True)
+    else:
+        print(json.dumps({"unregistered": missing}), flush=True)
+    if args.report:
+        print(REPORT_HEADER, flush=True)
     bad = bool(missing)
     for result in compile_all(args.arch, args.only):
-        print(json.dumps(result), flush=True)
+        print(report_line(result) if args.report else json.dumps(result), flush=True)
         bad |= bool(result["problems"])
     return 1 if bad else 0
+
+
+REPORT_HEADER = (f"{'kernel':34s} {'dtype':5s} {'config':64s} {'w':>2s} {'st':>2s} {'reg':>4s} {'spill':>6s} "
+                 f"{'smem KB':>7s} {'loop':>5s} {'wgmma':>5s} {'cp.async':>8s} {'tma':>3s} {'ld bits':>12s} "
+                 f"{'loop ld':>8s}  problems")
+
+
+def report_line(result: dict) -> str:
+    """One ``--report`` row: the kernel, its first pointer's dtype, the constexprs (and the sizes declared
+    multiples of 16, ``H,W%16``), warps and stages, registers, spilled bytes (LOCAL + STACK), shared memory (static + dynamic), the main loop's
+    instruction and wgmma counts, async copies (kernel, loop), TMA loads, the kernel's global loads by
+    width (bits x count) and the main loop's global loads (count @ widths)."""
+    dtype = next((t[1:] for t in result["signature"].values() if t.startswith("*")), "-")
+    config = ",".join(f"{k}={v}" for k, v in result["constexprs"].items() if k.isupper() and k != "ACC")
+    multiples = [a for a, t in result["signature"].items() if t.endswith(":16") and "bucket" not in a]
+    config += f" {','.join(multiples)}%16" if multiples else ""
+    profile = result.get("sass")
+    if profile is None:
+        return f"{result['kernel']:34s} {dtype:5s} {config:64s}  {'; '.join(result['problems'])}"
+    loop = profile["loop"]
+    spill = (result["local"] or 0) + (result["stack"] or 0)
+    smem = ((result["shared"] or 0) + result["dynamic_shared"]) / 1024
+    loads = " ".join(f"{b}x{n}" for b, n in profile["global_loads"].items()) or "-"
+    loop_loads = f"{loop['global_loads']}@{'/'.join(map(str, loop['global_load_bits']))}" if loop["global_loads"] else "0"
+    return (f"{result['kernel']:34s} {dtype:5s} {config:64s} {result['num_warps']:>2d} {result['num_stages']:>2d} "
+            f"{result['reg']:>4d} {spill:>6d} {smem:>7.1f} {loop['instructions']:>5d} {loop['wgmma']:>5d} "
+            f"{profile['cp_async']:>4d}/{loop['cp_async']:<3d} {profile['tma']:>3d} {loads:>12s} {loop_loads:>8s}  "
+            f"{'; '.join(result['problems'])}")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def test_target_shape_launches_match_registered_variants():
 
 def test_the_check_catches_bad_kernels():
     """The test of the test: deliberately bad kernels in tests/aot_bad_kernels.py are each flagged."""
-    names = ["_spilling_kernel", "_tiny_dot_kernel", "_fp32_fma_matmul_kernel", "_shared_hog_kernel"]
+    names = ["_spilling_kernel", "_tiny_dot_kernel", "_fp32_fma_matmul_kernel", "_dot_outside_loop_kernel",
+             "_shared_hog_kernel"]
     rc, lines, stderr = run_aot("--arch", "90", "--module", str(HERE / "aot_bad_kernels.py"), "--only", *names)
     assert rc == 1, stderr
     assert lines[0]["unregistered"] == ["aot_bad_kernels._forgotten_kernel"]
@@ -101,3 +102,52 @@ def test_the_check_catches_bad_kernels():
     assert "does not compile" in problems["_tiny_dot_kernel"]
     assert "without wgmma" in problems["_fp32_fma_matmul_kernel"]
     assert "over the sm_90 limit" in problems["_shared_hog_kernel"]
+    assert "main loop has no wgmma" in problems["_dot_outside_loop_kernel"]
+
+
+# A hand-written stand-in for ``cuobjdump -sass`` output: a prologue load, a loop (0x0040-0x00c0) with two
+# wgmma, an async copy and a 32-bit gather, and the final branch to itself that ends every kernel.
+_SASS_SAMPLE = """
+        /*0000*/                   LDG.E.128 R4, desc[UR16][R20.64] ;   /* 0x000000101404e981 */
+        /*0010*/              @!P6 LDG.E.U16 R8, desc[UR16][R22.64] ;   /* 0x000000101404e981 */
+        /*0040*/                   LDGSTS.E.BYPASS.128 [R43], desc[UR16][R22.64], !P1 ;   /* 0x00 */
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;   /* 0x00 */
+        /*0060*/              @!P1 LDG.E R58, desc[UR16][R50.64] ;   /* 0x00 */
+        /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24 ;   /* 0x00 */
+        /*0080*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;   /* 0x00 */
+        /*00c0*/              @!P0 BRA 0x40 ;   /* 0x00 */
+        /*00d0*/                   STG.E [R2.64], R3 ;   /* 0x00 */
+        /*00e0*/                   EXIT ;   /* 0x00 */
+        /*00f0*/                   BRA 0xf0;   /* 0x00 */
+"""
+
+
+def test_sass_profile_reads_the_main_loop():
+    """The report's reading of SASS, on a known sample: the loop between a backward branch and its
+    target, its wgmma, async copy, gather and barrier; the kernel's loads by width; no loop for the end."""
+    from fastssl.kernels.aot import sass_profile
+
+    profile = sass_profile(_SASS_SAMPLE)
+    assert profile["instructions"] == 11
+    assert profile["global_loads"] == {16: 1, 32: 1, 128: 1}
+    assert (profile["cp_async"], profile["tma"]) == (1, 0)
+    assert profile["loop"] == {"instructions": 6, "wgmma": 2, "cp_async": 1, "tma": 0, "global_loads": 1,
+                               "global_load_bits": [32], "barriers": 1}
+    no_loop = sass_profile(_SASS_SAMPLE.replace("@!P0 BRA 0x40", "@!P0 BRA 0xd0"))  # a forward branch
+    assert no_loop["loop"]["instructions"] == 0 and no_loop["loop"]["wgmma"] == 0
+    # nvdisasm's style: branch targets are labels on the line before their instruction
+    labelled = (_SASS_SAMPLE.replace("        /*0040*/", ".L_x_1:\n        /*0040*/")
+                .replace("@!P0 BRA 0x40", "@!P0 BRA `(.L_x_1)"))
+    assert sass_profile(labelled) == profile
+
+
+def test_the_committed_report_covers_every_kernel():
+    """benchmarks/results/aot-sm90-report.txt (``python -m fastssl.kernels.aot --report``) lists every
+    registered kernel."""
+    from fastssl.kernels.aot import load_kernel_modules
+    from fastssl.kernels.registry import KERNELS
+
+    load_kernel_modules()
+    report = (HERE.parent / "benchmarks" / "results" / "aot-sm90-report.txt").read_text()
+    rows = {line.split()[0] for line in report.splitlines()[2:] if line.strip()}
+    assert {spec.name for spec in KERNELS} <= rows
