@@ -214,8 +214,11 @@ FWD_CONFIGS = {128: _configs([(128, 64, 8, 3), (64, 64, 4, 3)]),
                "exact": _configs([(64, 32, 8, 2)])}
 # The backward always loops over feature chunks of BWD_BLOCK_D (a grid axis: the scores are recomputed per
 # chunk of the gradient, so D=256 costs one extra score pass): a resident 256-wide query block beside the
-# accumulator spills on sm_80, whose mma operands live in registers.
-BWD_CONFIGS = {"loop": _configs([(64, 32, 8, 1)]), "exact": _configs([(32, 32, 8, 1)])}
+# accumulator spills on sm_80, whose mma operands live in registers. Two stages: the key tiles stream in by
+# cp.async while the previous tile's MMAs run (one stage loaded, waited and computed in turn). 64 x 32 x 8
+# warps x 2 stages is clean under triton 3.6, 3.8 and 3.9 on both chips (bf16 sm_90: 125 registers, sm_80:
+# 231); 64 x 64 spills fp32 on sm_80 (STACK:8) and 3 stages spill there too (2026-12-03, --report).
+BWD_CONFIGS = {"loop": _configs([(64, 32, 8, 2)]), "exact": _configs([(32, 32, 8, 1)])}
 KEY = ["n_bucket", "m_bucket", "n_chunks"]
 
 # Integer arguments as a launch at the GPU's shapes (GUIDE §6: 2N = 65536, D = 256) passes them: the row
