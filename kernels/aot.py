@@ -77,11 +77,16 @@ def unregistered(modules) -> list[str]:
     return sorted(name for name, fn in jitted_functions(modules).items() if id(fn) not in known)
 
 
-def resource_usage(cubin: bytes) -> dict:
+def _run_on_cubin(command: list[str], cubin: bytes) -> str:
+    """The standard output of ``command + [a file holding cubin]`` (cuobjdump, nvdisasm)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([*command, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    text = _run_on_cubin([cuobjdump(), "--dump-resource-usage"], cubin)
     usage = {}
     for key in ("REG", "STACK", "SHARED", "LOCAL"):
         values = [int(v) for v in re.findall(rf"\b{key}:(\d+)", text)]
@@ -148,15 +153,6 @@ def declared_divisible(variant) -> list[str]:
     return sorted(a for a, t in variant.signature.items() if t.startswith("*") or t.endswith(":16"))
 
 
-_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+?)*?\.(?:v(\d)\.)?[bfsu](\d+)\b")
-
-
-def widest_load_bits(ptx: str):
-    """The widest global load in the PTX (``ld.global.v4.b32``: 128 bits), or None without one."""
-    widths = [int(v or 1) * int(b) for v, b in _LOAD.findall(ptx)]
-    return max(widths) if widths else None
-
-
 # One SASS instruction line (``/*0ab0*/  @!P0 BRA `(.L_x_0) ;``) and one label line (``.L_x_0:``) of
 # ``nvdisasm -c``; a branch's target is a label or (cuobjdump's style) an address.
 _SASS = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -171,10 +167,7 @@ def nvdisasm() -> str:
 
 def sass(cubin: bytes) -> str:
     """The cubin's SASS text (``nvdisasm -c``, without the slower dataflow analysis)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([nvdisasm(), "-c", "-ndf", f.name], capture_output=True, text=True, check=True).stdout
+    return _run_on_cubin([nvdisasm(), "-c", "-ndf"], cubin)
 
 
 def sass_instructions(text: str) -> list[tuple]:
@@ -229,15 +222,15 @@ def main_loop(instructions: list[tuple]) -> list[tuple]:
 def sass_profile(text: str) -> dict:
     """What the SASS says about the hot loop and the memory path: the main loop's instruction count and its
     wgmma, async copies (``LDGSTS``: cp.async), TMA loads (``UTMALDG``), global loads and barriers; the
-    kernel's global loads by width in bits."""
+    kernel's global loads by width in bits (the widest is the result's ``load_bits``)."""
     instructions = sass_instructions(text)
     loop = main_loop(instructions)
     widths = {}
     for _, op, _ in instructions:
-        if op.startswith("LDG.") and not op.startswith("LDGSTS") and not op.startswith("LDGDEPBAR"):
+        if op.startswith("LDG."):  # a global load (LDGSTS, cp.async, and LDGDEPBAR are counted apart)
             bits = _global_load_bits(op)
             widths[bits] = widths.get(bits, 0) + 1
-    loop_loads = [op for _, op, _ in loop if op.startswith("LDG.") and not op.startswith("LDGSTS")]
+    loop_loads = [op for _, op, _ in loop if op.startswith("LDG.")]
     return {"instructions": len(instructions), "cp_async": _count(instructions, "LDGSTS"),
             "tma": _count(instructions, "UTMALDG"), "global_loads": dict(sorted(widths.items())),
             "loop": {"instructions": len(loop), "wgmma": _count(loop, "HGMMA"), "cp_async": _count(loop, "LDGSTS"),
@@ -274,8 +267,9 @@ def compile_one(spec, variant, config, arch: int) -> dict:
         return result
     usage = resource_usage(compiled.asm["cubin"])
     dynamic_shared = int(getattr(compiled.metadata, "shared", 0) or 0)
-    result.update(usage, dynamic_shared=dynamic_shared, load_bits=widest_load_bits(compiled.asm["ptx"]),
-                  sass=sass_profile(sass(compiled.asm["cubin"])), seconds=round(time.perf_counter() - start, 2))
+    profile = sass_profile(sass(compiled.asm["cubin"]))
+    result.update(usage, dynamic_shared=dynamic_shared, load_bits=max(profile["global_loads"], default=None),
+                  sass=profile, seconds=round(time.perf_counter() - start, 2))
     total_shared = dynamic_shared + (usage["shared"] or 0)
     if usage["local"] is None:
         result["problems"].append("cuobjdump reported no LOCAL figure")
@@ -317,10 +311,9 @@ def main(argv=None) -> int:
         import triton
 
         print(f"# sm_{args.arch}, triton {triton.__version__}; unregistered kernels: {missing}", flush=True)
+        print(REPORT_HEADER, flush=True)
     else:
         print(json.dumps({"unregistered": missing}), flush=True)
-    if args.report:
-        print(REPORT_HEADER, flush=True)
     bad = bool(missing)
     for result in compile_all(args.arch, args.only):
         print(report_line(result) if args.report else json.dumps(result), flush=True)
@@ -335,9 +328,9 @@ REPORT_HEADER = (f"{'kernel':34s} {'dtype':5s} {'config':64s} {'w':>2s} {'st':>2
 
 def report_line(result: dict) -> str:
     """One ``--report`` row: the kernel, its first pointer's dtype, the constexprs (and the sizes declared
-    multiples of 16, ``H,W%16``), warps and stages, registers, spilled bytes (LOCAL + STACK), shared memory (static + dynamic), the main loop's
-    instruction and wgmma counts, async copies (kernel, loop), TMA loads, the kernel's global loads by
-    width (bits x count) and the main loop's global loads (count @ widths)."""
+    multiples of 16, ``H,W%16``), warps and stages, registers, spilled bytes (LOCAL + STACK), shared memory
+    (static + dynamic), the main loop's instruction and wgmma counts, async copies (kernel/loop), TMA
+    loads, the kernel's global loads by width (bits x count) and the main loop's (count @ widths)."""
     dtype = next((t[1:] for t in result["signature"].values() if t.startswith("*")), "-")
     config = ",".join(f"{k}={v}" for k, v in result["constexprs"].items() if k.isupper() and k != "ACC")
     multiples = [a for a, t in result["signature"].items() if t.endswith(":16") and "bucket" not in a]

@@ -9,9 +9,10 @@ Algorithm 2 and DDIM, one kernel for both, classifier-free guidance fused in) ru
 1-D grid: program ``pid`` covers columns ``[(pid % nblk) * BLOCK, ...)`` of row ``pid // nblk`` (a row is
 one sample, ``inner`` = elements per sample), so the per-sample schedule coefficients are scalars
 computed once per program, gathered by the sample's timestep read from a device int64 tensor (no host
-synchronisation anywhere): q_sample reads sqrt(abar_t) and sqrt(1 - abar_t) from the schedule's float64
-table, the step derives its coefficients from the float32 abar table. Every step, whatever the sampler, prediction and
-variance type, is the same affine update with six per-sample coefficients::
+synchronisation anywhere): q_sample reads sqrt(abar_t) and sqrt(1 - abar_t) from the schedule's table in
+the math dtype (NoiseSchedule.q_table), the step derives its coefficients from the float32 abar table.
+Every step, whatever the sampler, prediction and variance type, is the same affine update with six
+per-sample coefficients::
 
     e   = m + w * (m - u)                   (guided model output; e = m without uncond)
     x0  = clip(c1 * x + c2 * e)             (predicted x_0, clamped when clip_sample)
@@ -86,10 +87,10 @@ def _cfg_combine_backward_kernel(grad_ptr, guidance_ptr, grad_cond_ptr, grad_unc
 
 def dtype_variants(tensors, tables=(), ints=(), *, ints16=(), f32_tables=(), i64_tensors=(), floats=(),
                    **constexprs):
-    """One compile variant per input dtype: ``tensors`` in that dtype, ``tables`` (per-sample weights) in
-    the math dtype (guidance weights, q_sample's coefficients), ``f32_tables`` (abar) always float32,
-    ``i64_tensors`` (timesteps, seeds) int64, ``ints`` as i32, ``ints16`` as i32 multiples of 16 (``"i32:16"``: sizes and their buckets,
-    which are multiples of 16 at every latent and image size the GPU runs, 64M-element steps included,
+    """One compile variant per input dtype: ``tensors`` in that dtype, ``tables`` in the math dtype
+    (guidance weights, q_sample's coefficients), ``f32_tables`` (abar) always float32, ``i64_tensors``
+    (timesteps, seeds) int64, ``ints`` as i32, ``ints16`` as i32 multiples of 16 (``"i32:16"``: sizes and
+    their buckets, which are multiples of 16 at every latent and image size the GPU runs, 64M-element steps included,
     so a real launch specializes them so), ``floats`` as fp32 scalars; ``constexprs`` fixed flags of
     every variant."""
     out = []
