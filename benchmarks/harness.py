@@ -195,9 +195,10 @@ def row(case: Case, measured: dict) -> dict:
             "size": case.size, **({"error": measured["error"]} if "error" in measured else {}), **case.extra}
 
 
-# Seconds of timed calls per CPU case: the quick preset samples less (its 50-odd cases share 90 s);
+# Seconds of timed calls per CPU case: the quick preset samples less (its 50-odd cases share 90 s; at 0.25 s
+# a slow 2-core machine took 91 s on 2026-12-03);
 # calls over twice that get 2 timed repetitions.
-MIN_TIME = {"quick": 0.25}
+MIN_TIME = {"quick": 0.15}
 
 
 def run_case(case: Case, device: str, preset: str = "full") -> dict:
