@@ -207,8 +207,10 @@ def _count(instructions, prefix: str) -> int:
 
 def main_loop(instructions: list[tuple]) -> list[tuple]:
     """The kernel's hot loop: among the innermost loops (a backward ``BRA`` to an earlier address, spanning
-    no other loop), the one with the most wgmma (``HGMMA``), then the most instructions; [] without a loop.
-    The final ``BRA`` to itself that ends every kernel is not a loop."""
+    no other loop), the one with the most wgmma (``HGMMA``), then the fewest other instructions (a kernel
+    that runs its edge tiles in a masked copy of the loop spends its time in the unmasked one); without
+    wgmma, the longest loop; [] without a loop. The final ``BRA`` to itself that ends every kernel is not a
+    loop."""
     loops = []
     for address, op, rest in instructions:
         target = _ADDRESS.match(rest)
@@ -216,12 +218,17 @@ def main_loop(instructions: list[tuple]) -> list[tuple]:
             loops.append((int(target.group(1), 16), address))
     innermost = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
     bodies = [[i for i in instructions if lo <= i[0] <= hi] for lo, hi in innermost]
-    return max(bodies, key=lambda body: (_count(body, "HGMMA"), len(body)), default=[])
+    def rank(body):
+        wgmma = _count(body, "HGMMA")
+        return (wgmma, -len(body)) if wgmma else (0, len(body))
+
+    return max(bodies, key=rank, default=[])
 
 
 def sass_profile(text: str) -> dict:
     """What the SASS says about the hot loop and the memory path: the main loop's instruction count and its
-    wgmma, async copies (``LDGSTS``: cp.async), TMA loads (``UTMALDG``), global loads and barriers; the
+    wgmma, async copies (``LDGSTS``: cp.async, and their widths), TMA loads (``UTMALDG``), global loads and
+    barriers; the
     kernel's global loads by width in bits (the widest is the result's ``load_bits``)."""
     instructions = sass_instructions(text)
     loop = main_loop(instructions)
@@ -234,6 +241,7 @@ def sass_profile(text: str) -> dict:
     return {"instructions": len(instructions), "cp_async": _count(instructions, "LDGSTS"),
             "tma": _count(instructions, "UTMALDG"), "global_loads": dict(sorted(widths.items())),
             "loop": {"instructions": len(loop), "wgmma": _count(loop, "HGMMA"), "cp_async": _count(loop, "LDGSTS"),
+                     "cp_async_bits": sorted({_global_load_bits(op) for _, op, _ in loop if op.startswith("LDGSTS")}),
                      "tma": _count(loop, "UTMALDG"), "global_loads": len(loop_loads),
                      "global_load_bits": sorted({_global_load_bits(op) for op in loop_loads}),
                      "barriers": _count(loop, "BAR.")}}
@@ -286,12 +294,12 @@ def compile_one(spec, variant, config, arch: int) -> dict:
 
 
 def compile_all(arch: int, only: list[str] = ()) -> list[dict]:
-    """Compile every registered kernel (load the modules first) for ``sm_{arch}``."""
+    """Compile every registered kernel's variants and configs launches on ``sm_{arch}`` can run
+    (``KernelSpec.compiled``; load the modules first)."""
     from .registry import KERNELS
 
     return [compile_one(spec, variant, config, arch)
-            for spec in KERNELS if not only or spec.name in only
-            for variant in spec.variants for config in spec.configs]
+            for spec in KERNELS if not only or spec.name in only for variant, config in spec.compiled(arch)]
 
 
 def main(argv=None) -> int:

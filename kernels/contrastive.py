@@ -25,14 +25,24 @@ without a per-key scale load none. On sm_90 (triton 3.8, ``python -m fastssl.ker
 took the bf16 forward's main loop (128 x 64 tile, D = 128) from 687 to 364 SASS instructions for its 8
 wgmma, and from 80 to 63 registers.
 
+Masks only where a tile needs them (the fused-attention tutorial's split of diagonal and off-diagonal
+blocks): each program runs its whole key tiles that hold no excluded column in one unmasked loop (no
+compares, selects nor predicated loads), then the few that meet the excluded diagonal or the end of the keys
+(``_band``) in a masked copy of the loop.
+
 Layout: the launchers hand the kernels features zero-padded to a constexpr row width (``_layout``; a copy
 only when D is not already that width), chunk-major ``(C, N, BLOCK_D)`` when D is split, so every tile
 address is one 64-bit base plus immediate offsets and rows are 16-byte aligned (vector loads without the
 JIT's alignment specialization, which the ahead-of-time compile cannot see). The forward keeps the query
 block resident (BLOCK_D 128 or 256, bf16/fp16; fp32 with TF32 up to 128) or loops over 64-wide chunks
-(float64, float32 with exact products, D > 256). The backward accumulates one feature chunk of dq per
-program (128 wide, 64 for the exact kernels) and recomputes the scores over all chunks: with D <= 128
-that is one chunk, with D = 256 one extra score pass (the price of not spilling on sm_80).
+(float64, float32 with exact products, D > 256). The backward keeps the query block resident on sm_90 in
+bf16/fp16 with D <= 128 (one key tile load serves the score and the gradient products); elsewhere it
+accumulates one 128-wide feature chunk of dq per program (64 for the exact kernels) and recomputes the
+scores over all chunks (with D = 256 one extra score pass: a resident 256-wide block spills).
+
+Autotune configs are per chip family (``registry.for_archs``: wgmma's shared-memory operands let sm_90 take
+larger tiles than sm_80's register-operand mma), filtered per dtype by ``keep`` where one dtype spills,
+and bucketed by rows and keys up to ``TUNED_ROWS``. Every offered config is compiled by the AOT check.
 """
 from __future__ import annotations
 
@@ -43,8 +53,8 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
-from .registry import (TL_DTYPE, acc_type, autotune, bucket, device_function, dot_acc, dot_precision, launch,
-                       register, variant)
+from .registry import (TL_DTYPE, acc_type, arch_family, autotune, bucket, device_arch, device_function, dot_acc,
+                       dot_precision, for_archs, launch, register, variant)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(LOG2E * x)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = LN2 * log2(x)
@@ -53,6 +63,9 @@ MAX_BLOCK_D = 256  # widest resident query block; wider D (and float64) loops ov
 LOOP_BLOCK_D = 16 if interpreting() else 64
 # the backward's feature chunk (a grid axis): one chunk for D <= 128; float64 and exact float32 in 64
 BWD_BLOCK_D = {"exact": LOOP_BLOCK_D, "fast": 16 if interpreting() else 128}
+# rows and keys past this share the autotuner's bucket of 2^16 (GUIDE §6's 2N = 65536): the configs tuned
+# there serve the 1M-row NT-Xent without timing each config at its size
+TUNED_ROWS = 1 << 16
 # interpreter tiles (16 x 16: several tiles on the tests' odd shapes) in place of the autotuner's
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16} if interpreting() else None
 
@@ -81,9 +94,20 @@ def _tile_ptrs(base, idx_l, BLOCK_D: tl.constexpr):
 
 @device_function
 @triton.jit
+def _rows(base, idx_l, mask, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """A (len(idx_l), BLOCK_D) tile of rows at ``base`` (``_tile_ptrs``); ``mask`` (rows in range) only in a
+    ``MASKED`` tile: whole tiles load unpredicated."""
+    if MASKED:
+        return tl.load(_tile_ptrs(base, idx_l, BLOCK_D), mask=mask[:, None], other=0.0)
+    else:
+        return tl.load(_tile_ptrs(base, idx_l, BLOCK_D))
+
+
+@device_function
+@triton.jit
 def _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks,
             ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr):
+            BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, MASKED: tl.constexpr):
     """q_i . k_j for the tile of rows row0.. and keys col0..: from the resident query block ``q`` (one
     chunk), or summed over the ``n_chunks`` feature chunks (chunk c of row i at (c * N + i) * BLOCK_D)."""
     rows_l = tl.arange(0, BLOCK_M)
@@ -91,16 +115,84 @@ def _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks,
     if D_LOOP:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for c in range(0, n_chunks):
-            qc = tl.load(_tile_ptrs(q_ptr + (tl.cast(c, tl.int64) * N + row0) * BLOCK_D, rows_l, BLOCK_D),
-                         mask=row_mask[:, None], other=0.0)
-            kc = tl.load(_tile_ptrs(k_ptr + (tl.cast(c, tl.int64) * M + col0) * BLOCK_D, cols_l, BLOCK_D),
-                         mask=col_mask[:, None], other=0.0)
+            qc = _rows(q_ptr + (tl.cast(c, tl.int64) * N + row0) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
+            kc = _rows(k_ptr + (tl.cast(c, tl.int64) * M + col0) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
             acc += dot_acc(qc, tl.trans(kc), ACC, DOT_PREC)
         return acc
     else:
-        kt = tl.load(_tile_ptrs(k_ptr + tl.cast(col0, tl.int64) * BLOCK_D, cols_l, BLOCK_D), mask=col_mask[:, None],
-                     other=0.0)
+        kt = _rows(k_ptr + tl.cast(col0, tl.int64) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
         return dot_acc(q, tl.trans(kt), ACC, DOT_PREC)
+
+
+@device_function
+@triton.jit
+def _key_scale(ks_ptr, cols, col_mask, ACC: tl.constexpr, MASKED: tl.constexpr):
+    """The per-key multipliers c_j of a key tile (KSCALE)."""
+    if MASKED:
+        return tl.load(ks_ptr + cols, mask=col_mask, other=1.0).to(ACC)
+    else:
+        return tl.load(ks_ptr + cols).to(ACC)
+
+
+@device_function
+@triton.jit
+def _band(row0, diag_off, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which key tiles need masks, for the rows row0 .. row0 + BLOCK_M: the tiles [lo, hi) meet their
+    excluded columns row + diag_off, and the tile from ``full`` (the end of the whole tiles) meets M. Every
+    other tile is whole and holds no excluded column: it runs without masks (the fused-attention tutorial's
+    split of diagonal and off-diagonal blocks)."""
+    full = (M // BLOCK_N) * BLOCK_N
+    start = tl.maximum(row0 + diag_off, 0)
+    end = tl.maximum(row0 + diag_off + BLOCK_M, 0)
+    lo = tl.minimum((start // BLOCK_N) * BLOCK_N, full)
+    hi = tl.maximum(tl.minimum(tl.cdiv(end, BLOCK_N) * BLOCK_N, full), lo)
+    return lo, hi, full
+
+
+@device_function
+@triton.jit
+def _tile_start(t, lo, hi, full, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """The first key of the t-th tile of one kind: unmasked tiles are [0, lo) then [hi, full); masked ones
+    [lo, hi) then the partial tile at ``full``."""
+    if MASKED:
+        col0 = lo + t * BLOCK_N
+        return col0 + (col0 >= hi).to(tl.int32) * (full - hi)
+    else:
+        col0 = t * BLOCK_N
+        return col0 + (col0 >= lo).to(tl.int32) * (hi - lo)
+
+
+@device_function
+@triton.jit
+def _tile_counts(lo, hi, full, M, BLOCK_N: tl.constexpr):
+    """(unmasked tiles, masked tiles) of a row block (``_band``)."""
+    return (full - (hi - lo)) // BLOCK_N, (hi - lo) // BLOCK_N + tl.cdiv(M - full, BLOCK_N)
+
+
+@device_function
+@triton.jit
+def _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks, n_tiles,
+               lo, hi, full, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+               D_LOOP: tl.constexpr, KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr):
+    """The online log-sum-exp (base 2) over ``n_tiles`` key tiles of one kind (``_tile_start``)."""
+    for t in range(0, n_tiles):
+        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < M
+        s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                    BLOCK_M, BLOCK_N, BLOCK_D, D_LOOP, MASKED)
+        if KSCALE:
+            s = s * (scale2 * _key_scale(ks_ptr, cols, col_mask, ACC, MASKED))[None, :]
+        else:
+            s = s * scale2
+        if MASKED:
+            s = tl.where(col_mask[None, :] & (cols[None, :] != excluded[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    return m_i, l_i
 
 
 @triton.jit
@@ -109,50 +201,89 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_ptr, N, M, n_chunks, di
                     KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # In base 2: s2 = log2(e) * scale * kscale_j * q.k, so every exponential is one exp2 (MUFU.EX2 on the
     # GPU) with the scale folded into one multiply; lse = ln(2) * (m2 + log2(l)). Without KSCALE (every loss
-    # but MoCo's in-kernel queue normalisation) no per-key scale is loaded.
+    # but MoCo's in-kernel queue normalisation) no per-key scale is loaded. Whole key tiles off the excluded
+    # diagonal run without masks; the few that meet it or the end of the keys run masked.
     row0 = tl.program_id(0) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     excluded = rows + diag_off  # the column each row leaves out (>= M: none)
     q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
     if not D_LOOP:
-        q = tl.load(_tile_ptrs(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, tl.arange(0, BLOCK_M), BLOCK_D),
-                    mask=row_mask[:, None], other=0.0)
+        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, tl.arange(0, BLOCK_M), row_mask, BLOCK_D, True)
     scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)
-    for col0 in range(0, M, BLOCK_N):
-        cols = col0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < M
-        raw = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
-                      BLOCK_M, BLOCK_N, BLOCK_D, D_LOOP)
-        if KSCALE:
-            s = raw * (scale2 * tl.load(ks_ptr + cols, mask=col_mask, other=1.0).to(ACC))[None, :]
-        else:
-            s = raw * scale2
-        s = tl.where(col_mask[None, :] & (cols[None, :] != excluded[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
+    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
+                          n_plain, lo, hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, False)
+    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
+                          n_masked, lo, hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, True)
     tl.store(lse_ptr + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_mask)
+
+
+@device_function
+@triton.jit
+def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, lse_c_ptr, g_c_ptr, scale2, lse_r, g_r, row0, row_mask, excluded,
+               chunk, N, M, n_chunks, n_tiles, lo, hi, full, row_term, col_term, ACC: tl.constexpr,
+               DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, KSCALE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """acc += dS @ k over ``n_tiles`` key tiles of one kind: the scores recomputed (from the resident query
+    block: the key tile loaded once serves both products), dS formed in registers."""
+    cols_l = tl.arange(0, BLOCK_N)
+    for t in range(0, n_tiles):
+        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
+        cols = col0 + cols_l
+        col_mask = cols < M
+        kt = _rows(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
+        if D_LOOP:
+            s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                        BLOCK_M, BLOCK_N, BLOCK_D, True, MASKED)
+        else:
+            s = dot_acc(q, tl.trans(kt), ACC, DOT_PREC)
+        if KSCALE:
+            c = _key_scale(ks_ptr, cols, col_mask, ACC, MASKED)
+            s = s * (scale2 * c)[None, :]
+        else:
+            s = s * scale2
+        if MASKED:  # exp2(-inf - lse) = 0 off the set
+            s = tl.where(row_mask[:, None] & col_mask[None, :] & (cols[None, :] != excluded[:, None]), s,
+                         float("-inf"))
+        if row_term != 0:
+            ds = g_r[:, None] * tl.exp2(s - lse_r[:, None])
+        else:
+            ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        if col_term != 0:
+            if MASKED:
+                lse_c = tl.load(lse_c_ptr + cols, mask=col_mask, other=0.0).to(ACC) * LOG2E
+                g_c = tl.load(g_c_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+            else:
+                lse_c = tl.load(lse_c_ptr + cols).to(ACC) * LOG2E
+                g_c = tl.load(g_c_ptr + cols).to(ACC)
+            ds += g_c[None, :] * tl.exp2(s - lse_c[None, :])
+        if KSCALE:
+            ds = ds * c[None, :]
+        acc += dot_acc(ds.to(kt.dtype), kt, ACC, DOT_PREC)
+    return acc
 
 
 @triton.jit
 def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_r_ptr, g_r_ptr, lse_c_ptr, g_c_ptr, dq_ptr, dscale_ptr,
                     N, M, n_chunks, diag_off, row_term, col_term, need_dscale, n_bucket, m_bucket,
-                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, KSCALE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+                    KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One (BLOCK_M, BLOCK_D) fp32 accumulator of dq per program: the feature chunk program_id(1) of the
+    # gradient. Without D_LOOP the query block is all of D (one chunk), resident, and each key tile is
+    # loaded once; with it the scores are summed over every chunk (q and k chunks streamed).
     row0 = tl.program_id(0) * BLOCK_M
     rows_l = tl.arange(0, BLOCK_M)
-    cols_l = tl.arange(0, BLOCK_N)
     rows = row0 + rows_l
     row_mask = rows < N
     excluded = rows + diag_off
-    # the feature chunk of the gradient this program accumulates (program_id(1)); the scores loop over all
-    # chunks, so only one (BLOCK_M, BLOCK_D) fp32 accumulator is live
     chunk = tl.program_id(1).to(tl.int64)
-    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)  # unused by the D loop
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
+    if not D_LOOP:
+        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
     scale = tl.load(scale_ptr).to(ACC)
     scale2 = scale * LOG2E  # base 2, as the forward: exp(s - lse) = exp2(s2 - log2(e) lse)
     lse_r = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -161,64 +292,65 @@ def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_r_ptr, g_r_ptr, lse_c_p
         lse_r = tl.load(lse_r_ptr + rows, mask=row_mask, other=0.0).to(ACC) * LOG2E
         g_r = tl.load(g_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
-    for col0 in range(0, M, BLOCK_N):
-        cols = col0 + cols_l
-        col_mask = cols < M
-        raw = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
-                      BLOCK_M, BLOCK_N, BLOCK_D, D_LOOP=True)
-        valid = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != excluded[:, None])
-        if KSCALE:
-            c = tl.load(ks_ptr + cols, mask=col_mask, other=1.0).to(ACC)
-            s = raw * (scale2 * c)[None, :]
-        else:
-            s = raw * scale2
-        s = tl.where(valid, s, float("-inf"))  # exp2(-inf - lse) = 0 off the set
-        if row_term != 0:
-            ds = g_r[:, None] * tl.exp2(s - lse_r[:, None])
-        else:
-            ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        if col_term != 0:
-            lse_c = tl.load(lse_c_ptr + cols, mask=col_mask, other=0.0).to(ACC) * LOG2E
-            g_c = tl.load(g_c_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-            ds += g_c[None, :] * tl.exp2(s - lse_c[None, :])
-        if KSCALE:
-            ds = ds * c[None, :]
-        kt = tl.load(_tile_ptrs(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, BLOCK_D), mask=col_mask[:, None],
-                     other=0.0)
-        acc += dot_acc(ds.to(kt.dtype), kt, ACC, DOT_PREC)
+    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, lse_c_ptr, g_c_ptr, scale2, lse_r, g_r, row0, row_mask,
+                     excluded, chunk, N, M, n_chunks, n_plain, lo, hi, full, row_term, col_term, ACC, DOT_PREC,
+                     BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, False)
+    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, lse_c_ptr, g_c_ptr, scale2, lse_r, g_r, row0, row_mask,
+                     excluded, chunk, N, M, n_chunks, n_masked, lo, hi, full, row_term, col_term, ACC, DOT_PREC,
+                     BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, True)
     tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
              (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
     if need_dscale != 0:
         # sum_j dS_ij c_j (q_i . k_j) = q_i . (sum_j dS_ij c_j k_j): per row and chunk, from the accumulator
-        q = tl.load(_tile_ptrs(q_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D), mask=row_mask[:, None],
-                    other=0.0)
+        if D_LOOP:
+            q = _rows(q_ptr + (chunk * N + row0) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
         tl.store(dscale_ptr + chunk * N + rows, tl.sum(q.to(ACC) * acc, 1), mask=row_mask)
 
 
 # -- autotune configs and compile variants ----------------------------------------------------------------
-# Tiles of 64..128 rows x 32..64 keys, 8 warps where the backward's two fp32 tiles (scores, gradient
-# accumulator) would otherwise spill (tests/test_compile_sm90.py on sm_90 and sm_80: no spills, shared memory
-# within the limits; measured 2026-11-30 with ptxas from Triton 3.9). float64 (the gradient checks), float32
-# with D > 128 and any D > 256 take the D-looping kernels (64-wide chunks).
+# Per chip family (registry.for_archs): Hopper's wgmma reads its operands from shared memory, so sm_90 takes
+# 64..128 x 64..128 tiles with a resident query block; sm_80's mma.sync holds them in registers, so it keeps
+# the smaller tiles that do not spill there. Every config is compiled for its family by
+# tests/test_compile_sm90.py (no spills, shared memory within the limit, wgmma in the sm_90 main loop; the
+# table is benchmarks/results/aot-sm90-report.txt). The autotuner picks among a family's configs per bucket
+# of (rows, keys, chunks).
 
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in pairs]
+def _configs(pairs, archs=(80, 90)):
+    return for_archs([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                      for bm, bn, w, st in pairs], archs)
 
 
-FWD_CONFIGS = {128: _configs([(128, 64, 8, 3), (64, 64, 4, 3)]),
-               256: _configs([(64, 64, 4, 2), (128, 64, 8, 2)]),
-               "loop": _configs([(64, 64, 8, 2)]),
+HOPPER, AMPERE = (90,), (80,)  # configs and variants for one chip family
+FWD_CONFIGS = {128: _configs([(128, 64, 8, 3), (64, 64, 4, 3)])
+               + _configs([(128, 128, 8, 2), (128, 64, 4, 4)], HOPPER),  # 128 x 128 x 3: tf32 over 227 KB
+               256: _configs([(64, 64, 4, 2), (128, 64, 8, 2)]) + _configs([(128, 128, 8, 2)], HOPPER),
+               "loop": _configs([(64, 64, 8, 2)]) + _configs([(128, 64, 8, 3)], HOPPER),
                # exact products (fp32 ieee, fp64) on FMA units: 64 x 32. 64 x 64 gives fp32 a stack frame
                # (STACK:32 at 80 registers) on sm_90 under triton 3.6 and 255 registers on sm_80 (3 stages:
                # STACK:40); 64 x 32 uses 72-156 registers, no stack on either chip under 3.6, 3.8, 3.9 (2026-12-02).
                "exact": _configs([(64, 32, 8, 2)])}
-# The backward always loops over feature chunks of BWD_BLOCK_D (a grid axis: the scores are recomputed per
-# chunk of the gradient, so D=256 costs one extra score pass): a resident 256-wide query block beside the
-# accumulator spills on sm_80, whose mma operands live in registers. Two stages: the key tiles stream in by
-# cp.async while the previous tile's MMAs run (one stage loaded, waited and computed in turn). 64 x 32 x 8
-# warps x 2 stages is clean under triton 3.6, 3.8 and 3.9 on both chips (bf16 sm_90: 125 registers, sm_80:
-# 231); 64 x 64 spills fp32 on sm_80 (STACK:8) and 3 stages spill there too (2026-12-03, --report).
-BWD_CONFIGS = {"loop": _configs([(64, 32, 8, 2)]), "exact": _configs([(32, 32, 8, 1)])}
+# The backward: one (BLOCK_M, BLOCK_D) fp32 accumulator of dq per program beside the scores tile. Two stages
+# stream the key tiles in (cp.async) while the previous tile's MMAs run. Resident query block (bf16/fp16,
+# D <= 128, sm_90 only): each key tile is loaded once for both products; 64 x 64 x 4 warps and 128 x 64 x 8
+# use 224-244 registers, no spills. It spills elsewhere (--report, triton 3.8, 2026-12-03): in tf32 on sm_90
+# (80-160 B), with MoCo's key scale on sm_80 (48-72 B), and with D = 256 on sm_90 (80-368 B, 64 x 32 and
+# 64 x 64): those take the chunked kernel. Chunked, 64 x 32 x 8 warps x 2 stages is clean under triton
+# 3.6-3.9 on both chips except tf32 on sm_80 under 3.6 (STACK:8): there tf32 takes 32 x 32 (128-175
+# registers; ``_keep_backward``). The exact (FMA-unit) backward stays at one stage: with two, fp32 spills
+# on sm_90 under triton 3.9 (32 x 32 x 8: STACK:16; 16 x 32 x 4: 8).
+BWD_CONFIGS = {128: _configs([(64, 64, 4, 2), (128, 64, 8, 2)], HOPPER),
+               "loop": _configs([(64, 32, 8, 2)]) + _configs([(32, 32, 8, 2)], AMPERE)
+               + _configs([(64, 64, 4, 2)], HOPPER),
+               "exact": _configs([(32, 32, 8, 1)])}
+
+
+def _keep_backward(config, dtype, arch) -> bool:
+    """The chunked backward's autotune filter: tf32 on sm_80 only in 32-row tiles (64 spill there)."""
+    return not (dtype == torch.float32 and arch_family(arch) == 80 and config.kwargs["BLOCK_M"] > 32)
+
+
 KEY = ["n_bucket", "m_bucket", "n_chunks"]
 
 # Integer arguments as a launch at the GPU's shapes (GUIDE §6: 2N = 65536, D = 256) passes them: the row
@@ -228,7 +360,7 @@ _FWD_ARGS = ["N:16", "M:16", "n_chunks", "diag_off:16", "n_bucket:16", "m_bucket
 _BWD_ARGS = _FWD_ARGS + ["row_term", "col_term", "need_dscale"]
 
 
-def _variants(ptrs, acc_ptrs, ints, block, kinds, **flags):
+def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), **flags):
     """One variant per (dtype, dot precision) in ``kinds`` and per KSCALE (a per-key scale: MoCo's
     queue); ``ints`` named ``"name:16"`` are declared multiples of 16."""
     out = []
@@ -236,7 +368,8 @@ def _variants(ptrs, acc_ptrs, ints, block, kinds, **flags):
         ty, acc = TL_DTYPE[dtype], ("fp64" if dtype == torch.float64 else "fp32")
         signature = {**{a: f"*{ty}" for a in ptrs}, **{a: f"*{acc}" for a in acc_ptrs},
                      **{a.partition(":")[0]: "i32" + (":16" if a.endswith(":16") else "") for a in ints}}
-        out.append(variant(signature, ACC=acc_type(dtype), DOT_PREC=prec, BLOCK_D=block, KSCALE=kscale, **flags))
+        out.append(variant(signature, archs=archs, ACC=acc_type(dtype), DOT_PREC=prec, BLOCK_D=block,
+                           KSCALE=kscale, **flags))
     return out
 
 
@@ -248,16 +381,20 @@ _EXACT = [(torch.float32, "ieee"), (torch.float64, "ieee")]
 _FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr"])
 _BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "ks_ptr", "lse_r_ptr", "g_r_ptr", "lse_c_ptr", "g_c_ptr",
                                              "dscale_ptr"])
+# (key, BLOCK_D, kinds, chip families): the resident widths, then the chunked kernels
+_KINDS = ((128, 128, _TF32 + _HALF, ()), (256, 256, _HALF, ()), ("loop", LOOP_BLOCK_D, _TF32 + _HALF, ()),
+          ("exact", LOOP_BLOCK_D, _EXACT, ()))
+_BWD_KINDS = ((128, 128, _HALF, HOPPER), ("loop", 128, _TF32 + _HALF, ()), ("exact", LOOP_BLOCK_D, _EXACT, ()))
 _fwd_kernels, _bwd_kernels = {}, {}
-for _key, _bd, _kinds in ((128, 128, _TF32 + _HALF), (256, 256, _HALF), ("loop", LOOP_BLOCK_D, _TF32 + _HALF),
-                          ("exact", LOOP_BLOCK_D, _EXACT)):
+for _key, _bd, _kinds, _archs in _KINDS:
     _fwd_kernels[_key] = register(
         autotune(FWD_CONFIGS[_key], key=KEY)(_lse_fwd_kernel), configs=FWD_CONFIGS[_key], uses_dot=True,
-        variants=_variants(*_FWD_PTRS, _FWD_ARGS, _bd, _kinds, D_LOOP=_key in ("loop", "exact")))
-for _key, _bd, _kinds in (("loop", BWD_BLOCK_D["fast"], _TF32 + _HALF), ("exact", BWD_BLOCK_D["exact"], _EXACT)):
+        variants=_variants(*_FWD_PTRS, _FWD_ARGS, _bd, _kinds, _archs, D_LOOP=_key in ("loop", "exact")))
+for _key, _bd, _kinds, _archs in _BWD_KINDS:
     _bwd_kernels[_key] = register(
-        autotune(BWD_CONFIGS[_key], key=KEY)(_lse_bwd_kernel), configs=BWD_CONFIGS[_key], uses_dot=True,
-        variants=_variants(*_BWD_PTRS, _BWD_ARGS, _bd, _kinds))
+        autotune(BWD_CONFIGS[_key], key=KEY, keep=_keep_backward)(_lse_bwd_kernel), configs=BWD_CONFIGS[_key],
+        uses_dot=True, keep=_keep_backward,
+        variants=_variants(*_BWD_PTRS, _BWD_ARGS, _bd, _kinds, _archs, D_LOOP=_key in ("loop", "exact")))
 
 
 def _exact(dtype: torch.dtype) -> bool:
@@ -284,6 +421,25 @@ def _pick(x: torch.Tensor):
     return (128 if bd <= 128 else 256), bd, loop
 
 
+def _chip(x: torch.Tensor) -> int:
+    """The chip family (``registry.arch_family``) of ``x``'s device; 0 off CUDA."""
+    return arch_family(device_arch(x)) if x.is_cuda else 0
+
+
+def _pick_backward(x: torch.Tensor):
+    """(kernel key, BLOCK_D, D_LOOP) of the backward: the query block resident where its tile and the
+    gradient accumulator fit in registers beside the scores (bf16/fp16, D <= 128, on sm_90), else the
+    gradient in 128-wide chunks (64 for the exact kernels) with the scores summed over all of them."""
+    d = x.shape[1]
+    if _exact(x.dtype):
+        return "exact", BWD_BLOCK_D["exact"], True
+    if interpreting():  # small resident blocks; the tests force the chunked path with a narrow MAX_BLOCK_D
+        return (128, max(16, triton.next_power_of_2(d)), False) if d <= MAX_BLOCK_D // 2 else ("loop", 16, True)
+    if d <= min(128, MAX_BLOCK_D) and x.dtype != torch.float32 and _chip(x) >= 90:
+        return 128, 128, False
+    return "loop", BWD_BLOCK_D["fast"], True
+
+
 def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=None, diag_off=None) -> torch.Tensor:
     """Launch ``_lse_fwd_kernel``: ``lse_i = logsumexp_j scale * kscale_j * q_i . k_j`` over ``j != i + diag_off``.
 
@@ -299,7 +455,7 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=No
     off = m if diag_off is None else diag_off  # j == i + m never holds: nothing excluded
     launch(_fwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), config=INTERPRET_CONFIG,
            q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=scale if kscale is None else kscale, lse_ptr=lse, N=n, M=m,
-           n_chunks=ql.shape[0], diag_off=off, n_bucket=bucket(n), m_bucket=bucket(m), ACC=acc_type(q.dtype),
+           n_chunks=ql.shape[0], diag_off=off, n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype),
            DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None)
     return lse
 
@@ -310,8 +466,7 @@ def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off
     None."""
     n, d = q.shape
     m = k.shape[0]
-    key = "exact" if _exact(q.dtype) else "loop"
-    bd = BWD_BLOCK_D["exact" if key == "exact" else "fast"]
+    key, bd, loop = _pick_backward(q)
     ql = _layout(q, bd)
     kl = ql if k is q else _layout(k, bd)
     chunks = ql.shape[0]
@@ -326,8 +481,8 @@ def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off
            g_r_ptr=g_r if row_term else dummy, lse_c_ptr=lse_c if col_term else dummy,
            g_c_ptr=g_c if col_term else dummy, dq_ptr=dq, dscale_ptr=partials, N=n, M=m, n_chunks=chunks,
            diag_off=off, row_term=int(row_term), col_term=int(col_term), need_dscale=int(need_dscale),
-           n_bucket=bucket(n), m_bucket=bucket(m), ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype),
-           BLOCK_D=bd, KSCALE=kscale is not None)
+           n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype),
+           BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None)
     if chunks > 1 or bd != d:
         dq = dq.transpose(0, 1).reshape(n, chunks * bd)[:, :d].contiguous()
     else:

@@ -22,7 +22,7 @@ The interpreter flag is :func:`fastssl.backend.interpreting` (read there only).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -104,14 +104,66 @@ def launch(kernel, grid, *, config: Optional[dict] = None, **kwargs) -> None:
     fn[grid(config) if callable(grid) else grid](**kwargs, **config)
 
 
+def arch_family(arch: int) -> int:
+    """The chip family a config or variant is written for: 90 (Hopper and later: wgmma, 227 KB of shared
+    memory) or 80 (Ampere and Ada: mma.sync with register operands). A config for a family whose chip has
+    less shared memory (sm_86/89, sm_120) fails to launch and the autotuner skips it."""
+    return 90 if arch >= 90 else 80
+
+
+def device_arch(t: torch.Tensor) -> int:
+    """``major * 10 + minor`` of the CUDA device holding ``t`` (PyTorch caches the properties: no sync)."""
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor
+
+
+def for_archs(configs, archs) -> list:
+    """Mark autotune ``configs`` as written for the chip families ``archs`` (:func:`arch_family`): the
+    autotuner offers them only on such a chip, and the ahead-of-time check compiles them only for it."""
+    configs = list(configs)
+    for config in configs:
+        config.archs = frozenset(archs)
+    return configs
+
+
+def runs_on(item, arch: int) -> bool:
+    """Whether a config (:func:`for_archs`) or a :class:`Variant` is meant for ``sm_{arch}``."""
+    archs = getattr(item, "archs", None)
+    return not archs or arch_family(arch) in archs
+
+
+def offered(config, dtype: Optional[torch.dtype], arch: int, keep=None) -> bool:
+    """Whether the autotuner offers ``config`` to a launch over ``dtype`` tensors on ``sm_{arch}``: written
+    for the chip family (:func:`for_archs`) and kept by the kernel's ``keep(config, dtype, arch)`` filter
+    (None: every config). The ahead-of-time check compiles exactly these."""
+    return runs_on(config, arch) and (keep is None or keep(config, dtype, arch))
+
+
+def _offered_to_launch(keep):
+    """The autotuner's ``early_config_prune``: the configs :func:`offered` to this launch's first tensor."""
+    def prune(configs, named_args, **kwargs):
+        tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+        arch = device_arch(tensor) if tensor.is_cuda else 90
+        return [c for c in configs if offered(c, tensor.dtype, arch, keep)]
+    return prune
+
+
 @dataclass(frozen=True)
 class Variant:
     """One way a kernel is launched: runtime argument types (``"*bf16"``, ``"i32"``, ``"fp32"``; an
-    integer that launches always pass as a multiple of 16 may say so, ``"i32:16"``) and the values of
-    constexpr flags that are not autotuned. Pointers are compiled as 16-byte aligned (see ``aot.py``)."""
+    integer that launches always pass as a multiple of 16 may say so, ``"i32:16"``), the values of
+    constexpr flags that are not autotuned, and the chip families it launches on (``archs``, empty: all).
+    Pointers are compiled as 16-byte aligned (see ``aot.py``)."""
 
     signature: dict
     constexprs: dict = field(default_factory=dict)
+    archs: frozenset = frozenset()
+
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        """The dtype of the first pointer argument (the tensors a launch's autotuner sees first)."""
+        first = next((t[1:] for t in self.signature.values() if t.startswith("*")), None)
+        return {name: dtype for dtype, name in TL_DTYPE.items()}.get(first)
 
 
 @dataclass(frozen=True)
@@ -120,6 +172,12 @@ class KernelSpec:
     variants: tuple
     configs: tuple  # triton.Config: autotuned constexprs, num_warps, num_stages
     uses_dot: bool = False  # matmul kernels must reach Hopper's wgmma path on sm_90
+    keep: Optional[Callable] = None  # keep(config, dtype, arch): the kernel's autotune filter
+
+    def compiled(self, arch: int) -> list:
+        """The (variant, config) pairs launches on ``sm_{arch}`` can run: what the AOT check compiles."""
+        return [(v, c) for v in self.variants if runs_on(v, arch)
+                for c in self.configs if offered(c, v.dtype, arch, self.keep)]
 
     @property
     def jit_fn(self):
@@ -143,14 +201,15 @@ def unwrap(fn):
     return fn
 
 
-def variant(signature: dict, **constexprs) -> Variant:
-    return Variant(dict(signature), dict(constexprs))
+def variant(signature: dict, *, archs=(), **constexprs) -> Variant:
+    return Variant(dict(signature), dict(constexprs), frozenset(archs))
 
 
-def register(kernel, *, variants, configs=None, uses_dot: bool = False):
-    """Declare ``kernel``'s launch variants and autotune configs; returns ``kernel`` unchanged."""
+def register(kernel, *, variants, configs=None, uses_dot: bool = False, keep=None):
+    """Declare ``kernel``'s launch variants and autotune configs (and the ``keep`` filter its autotuner
+    was given, see :func:`autotune`); returns ``kernel`` unchanged."""
     configs = tuple(configs) if configs else (triton.Config({}, num_warps=4, num_stages=3),)
-    KERNELS.append(KernelSpec(kernel, tuple(variants), configs, uses_dot))
+    KERNELS.append(KernelSpec(kernel, tuple(variants), configs, uses_dot, keep))
     return kernel
 
 
@@ -160,11 +219,15 @@ def device_function(fn):
     return fn
 
 
-def autotune(configs, key, **kwargs):
-    """``triton.autotune`` over ``configs``; under the interpreter only the first config runs (timing
-    CPU emulation says nothing about the GPU, and every config is proven by the compile test)."""
+def autotune(configs, key, keep=None, **kwargs):
+    """``triton.autotune`` over ``configs``, each launch choosing among those :func:`offered` to it (its
+    chip family's, kept by ``keep(config, dtype, arch)``); under the interpreter only the first config runs
+    (timing CPU emulation says nothing about the GPU, and every config is proven by the compile test)."""
     configs = list(configs)
-    return triton.autotune(configs[:1] if interpreting() else configs, key=key, **kwargs)
+    if interpreting():
+        return triton.autotune(configs[:1], key=key, **kwargs)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _offered_to_launch(keep)},
+                           **kwargs)
 
 
 def keep(block: int, num_warps: int, *, max_block: int = 1 << 16, min_per_thread: int = 1,
@@ -175,9 +238,16 @@ def keep(block: int, num_warps: int, *, max_block: int = 1 << 16, min_per_thread
     return block <= max_block and min_per_thread <= per_thread <= max_per_thread
 
 
-def bucket(n: int) -> int:
-    """Autotune key bucketing: the next power of two, so sizes in one octave share a tuned config."""
-    return 1 << max(int(n) - 1, 0).bit_length()
+def bucket(n: int, cap: Optional[int] = None) -> int:
+    """Autotune key bucketing: the next power of two, so sizes in one octave share a tuned config; sizes over
+    ``cap`` (a power of two) share its bucket (past the size that fills the chip the best tile stops
+    changing, and tuning at 2^21 rows would time each config for seconds).
+
+    >>> bucket(1000), bucket(1 << 21, cap=1 << 16)
+    (1024, 65536)
+    """
+    n = int(n) if cap is None else min(int(n), cap)
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @device_function

@@ -42,6 +42,7 @@ def meta(*shape, dtype=torch.float32):
 
 
 def target_launches():
+    C._chip = lambda x: 90  # the launchers' choices for an H200 (meta tensors have no CUDA device)
     # contrastive: NT-Xent at 2N = 65536, D = 256, bf16 (diag_off 0: each row leaves itself out)
     z, scale = meta(65536, 256, dtype=torch.bfloat16), meta(1)
     lse = C.lse_forward(z, z, scale, None, 0)

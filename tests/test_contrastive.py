@@ -134,6 +134,54 @@ def test_wide_features_loop_over_d(backend, device, monkeypatch):
     _check(fastssl.nt_xent, nt_xent_reference, (z1, z2), torch.float32)
 
 
+def _lse_formulas(q, k, scale, kscale, diag_off, g_r, g_c):
+    """float64 row and column LSE of S = scale * c_j * q_i . k_j without the columns j = i + diag_off, and
+    the kernels' gradient dq = scale * (g_r P_row + g_c P_col) c @ k and dscale."""
+    q, k = q.double(), k.double()
+    c = torch.ones(k.shape[0], dtype=torch.float64) if kscale is None else kscale.double()
+    raw = q @ k.t() * c[None, :]
+    s = scale * raw
+    i = torch.arange(q.shape[0])
+    j = i + diag_off
+    inside = (j >= 0) & (j < k.shape[0])
+    s[i[inside], j[inside]] = float("-inf")
+    lse_r, lse_c = s.logsumexp(1), s.logsumexp(0)
+    ds = g_r[:, None] * (s - lse_r[:, None]).exp() + g_c[None, :] * (s - lse_c[None, :]).exp()
+    return lse_r, lse_c, scale * (ds * c[None, :]) @ k, (ds * raw).sum()
+
+
+# (rows, keys, diag_off): the excluded band inside, across two tiles, starting before key 0, past the last
+# key, none at all (diag_off = keys), whole tiles only (multiples of 16) and a partial last tile
+MASK_CASES = [(37, 37, 0), (48, 48, 0), (32, 80, 16), (40, 64, -24), (64, 48, 30), (33, 50, 50), (30, 45, 7)]
+
+
+@pytest.mark.parametrize("n,m,diag_off", MASK_CASES)
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "bfloat16-chunked", "kscale"])
+def test_lse_kernels_mask_only_band_and_edge_tiles(device, monkeypatch, n, m, diag_off, kind):
+    """The kernels run whole key tiles off the excluded diagonal unmasked and only the band's and the last
+    partial tile masked (interpreter tiles of 16): the row LSE and the backward (row and column terms, the
+    scale's gradient) equal the float64 formulas wherever the band falls."""
+    if device != "cpu" or not kc.interpreting():
+        pytest.skip("calls the launchers on CPU tensors: the interpreter's tiles")
+    dtype = torch.float32 if kind in ("float32", "kscale") else torch.bfloat16
+    if kind == "bfloat16-chunked":  # the backward's chunked path: scores summed over 16-wide chunks
+        monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    gen = torch.Generator().manual_seed(n * 1000 + m + diag_off)
+    q = torch.randn(n, 20, generator=gen).to(dtype)
+    k = torch.randn(m, 20, generator=gen).to(dtype)
+    kscale = torch.rand(m, generator=gen) + 0.5 if kind == "kscale" else None
+    g_r, g_c = torch.rand(n, generator=gen, dtype=torch.float64), torch.rand(m, generator=gen, dtype=torch.float64)
+    scale = torch.tensor([0.7])
+    lse_r, lse_c, dq, dscale = _lse_formulas(q, k, 0.7, kscale, diag_off, g_r, g_c)
+    got = kc.lse_forward(q, k, scale, kscale=kscale, diag_off=diag_off)
+    torch.testing.assert_close(got.double(), lse_r, rtol=1e-5, atol=1e-5)
+    got_dq, got_dscale = kc.lse_backward_rows(q, k, scale, lse_r.float(), g_r.float(), lse_c.float(), g_c.float(),
+                                              kscale=kscale, diag_off=diag_off, need_dscale=True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: dS is rounded to bf16 for the dq product
+    torch.testing.assert_close(got_dq.double(), dq, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_dscale.double(), dscale, rtol=tol, atol=tol)
+
+
 def test_tf32_path_resident_query_block(backend, device):
     """float32 with TF32 allowed takes the resident-query-block forward and the wide backward chunks (float32
     by default, like float64, takes the chunked exact kernels); the interpreter multiplies exactly."""
