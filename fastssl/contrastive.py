@@ -156,8 +156,8 @@ def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, dia
                         need_dk, need_dscale):
     """dq, dk, dscale of ``sum_i g_i lse_i [+ sum_j h_j lse'_j]``: with dS = g_i P_ij [+ h_j P'_ij] and
     c_j = kscale_j, dq = scale dS @ (c k), dk = scale c dS^T @ q, dscale = sum_ij dS_ij c_j q_i.k_j.
-    dS comes from the kept ``scores`` (one block) or from blocks of rows recomputed; ``symmetric`` (k is
-    q) returns dq + dk as dq (not (dS + dS^T) @ q: the transposed add costs more than the matmul it saves)."""
+    dS comes from the kept ``scores`` or from blocks of rows recomputed; ``symmetric`` (k is q) returns
+    dq + dk as dq (two matmuls, not (dS + dS^T) @ q: the transposed add costs more than a matmul)."""
     acc = scale.dtype
     n, m = q.shape[0], k.shape[0]
     keep = scores.numel() > 0
@@ -165,12 +165,9 @@ def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, dia
     kc = ka if kscale is None else ka * kscale[:, None]
     if not keep:
         qs, ks = _scaled(q, k, scale, kscale)
-    step = n if keep else _chunk_rows(m)
     want_dk = need_dk or symmetric
-    dq = torch.empty(n, q.shape[1], dtype=acc, device=q.device)  # unscaled sum_j dS_ij c_j k_j
-    dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device) if want_dk else None
-    for a in range(0, n, step):
-        b = min(n, a + step)
+
+    def block_ds(a, b):
         s = scores if keep else _scores(qs, ks, a, b, diag_off)
         ds = None
         if g_c is not None:  # col before rows: the row term may overwrite s
@@ -178,16 +175,33 @@ def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, dia
         if g_r is not None:
             row = (torch.sub(s, lse_r[a:b, None]) if keep else s.sub_(lse_r[a:b, None])).exp_().mul_(g_r[a:b, None])
             ds = row if ds is None else ds.add_(row)
-        torch.mm(ds, kc, out=dq[a:b])
-        if want_dk:
-            dk.addmm_(ds.t(), qa[a:b])
-    # sum_ij dS_ij c_j (q_i . k_j) = sum_i q_i . dq_i (before the scale): no block-sized pass
-    dscale = (qa * dq).sum().reshape(1) if need_dscale else q.new_empty(0, dtype=acc)
+        return ds
+
+    # dq: the unscaled sum_j dS_ij c_j k_j (with symmetric in one block, dq + dk at once); dk likewise
+    step = n if keep else _chunk_rows(m)
+    if step >= n:  # one block: no accumulators
+        ds = block_ds(0, n)
+        dq = torch.mm(ds, kc)
+        merged = symmetric
+        dk = None if not want_dk else dq.addmm_(ds.t(), qa) if merged else torch.mm(ds.t(), qa)
+    else:
+        merged = False
+        dq = torch.empty(n, q.shape[1], dtype=acc, device=q.device)
+        dk = torch.zeros(m, k.shape[1], dtype=acc, device=q.device) if want_dk else None
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            ds = block_ds(a, b)
+            torch.mm(ds, kc, out=dq[a:b])
+            if want_dk:
+                dk.addmm_(ds.t(), qa[a:b])
+    # sum_ij dS_ij c_j (q_i . k_j) = sum_i q_i . dq_i (before the scale): no block-sized pass; merged, dq
+    # holds the dk side's equal term too
+    dscale = ((qa * dq).sum() * (0.5 if merged else 1.0)).reshape(1) if need_dscale else q.new_empty(0, dtype=acc)
     dq.mul_(scale)
-    if dk is not None:
+    if dk is not None and not merged:
         dk.mul_(scale if kscale is None else scale * kscale[:, None])
-    if symmetric:
-        dq.add_(dk)
+        if symmetric:
+            dq.add_(dk)
     out_q = dq.to(q.dtype) if need_dq else q.new_empty(0)
     out_k = dk.to(k.dtype) if (need_dk and not symmetric) else k.new_empty(0)
     return out_q, out_k, dscale
@@ -202,8 +216,7 @@ def _transposed(diag_off: Optional[int]) -> Optional[int]:
     return None if diag_off is None else -diag_off
 
 
-@torch.library.custom_op("fastssl::contrastive_lse", mutates_args=())
-def _lse_op(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_off: Optional[int],
+def _lse_impl(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_off: Optional[int],
             two_sided: bool, symmetric: bool, keep: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(row LSE (N,), column LSE (M,) or empty, the scores (N, M) when ``keep`` else empty) in the math
     dtype; ``keep`` (see :func:`_keeps_scores`) takes the PyTorch path."""
@@ -217,6 +230,9 @@ def _lse_op(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_
     return _lse_torch(q, k, scale, kscale, diag_off, two_sided, keep)
 
 
+_lse_op = torch.library.custom_op("fastssl::contrastive_lse", _lse_impl, mutates_args=())
+
+
 @_lse_op.register_fake
 def _(q, k, scale, kscale, diag_off, two_sided, symmetric, keep):
     n, m = q.shape[0], k.shape[0]
@@ -224,8 +240,7 @@ def _(q, k, scale, kscale, diag_off, two_sided, symmetric, keep):
             q.new_empty((n, m) if keep else (0,), dtype=scale.dtype))
 
 
-@torch.library.custom_op("fastssl::contrastive_lse_backward", mutates_args=())
-def _lse_backward_op(g_r: Optional[Tensor], g_c: Optional[Tensor], q: Tensor, k: Tensor, scale: Tensor,
+def _lse_backward_impl(g_r: Optional[Tensor], g_c: Optional[Tensor], q: Tensor, k: Tensor, scale: Tensor,
                      kscale: Optional[Tensor], lse_r: Tensor, lse_c: Tensor, scores: Tensor, diag_off: Optional[int],
                      symmetric: bool, need_dq: bool, need_dk: bool, need_dscale: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dq or empty, dk or empty, dscale (1,) or empty); ``symmetric``: dq is the whole gradient; kept
@@ -258,6 +273,9 @@ def _lse_backward_op(g_r: Optional[Tensor], g_c: Optional[Tensor], q: Tensor, k:
     return dq, dk, dscale
 
 
+_lse_backward_op = torch.library.custom_op("fastssl::contrastive_lse_backward", _lse_backward_impl, mutates_args=())
+
+
 @_lse_backward_op.register_fake
 def _(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, diag_off, symmetric, need_dq, need_dk, need_dscale):
     return (q.new_empty(q.shape if need_dq else (0,)), k.new_empty(k.shape if (need_dk and not symmetric) else (0,)),
@@ -273,7 +291,7 @@ def _lse_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, scale, kscale, *output)
 
 
-def _lse_backward(ctx, g_rows, g_cols, g_scores):
+def _lse_backward(ctx, g_rows, g_cols, g_scores, backward_op=_lse_backward_op):
     """The scores are an implementation detail (no gradient flows through them)."""
     q, k, scale, kscale, lse_r, lse_c, scores = ctx.saved_tensors
     need_dq, need_dk, need_dscale = ctx.needs
@@ -284,7 +302,7 @@ def _lse_backward(ctx, g_rows, g_cols, g_scores):
         return (None,) * 8
     if g_r is None:  # only the column LSE was used: its own row term is zero
         g_r = torch.zeros_like(lse_r)
-    dq, dk, dscale = _lse_backward_op(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, ctx.diag_off,
+    dq, dk, dscale = backward_op(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, ctx.diag_off,
                                       symmetric=ctx.symmetric, need_dq=need_dq, need_dk=need_dk,
                                       need_dscale=need_dscale)
     return (dq if need_dq else None, dk if (need_dk and not ctx.symmetric) else None,
@@ -294,11 +312,25 @@ def _lse_backward(ctx, g_rows, g_cols, g_scores):
 def _lse(q: Tensor, k: Tensor, scale: Tensor, *, kscale: Optional[Tensor] = None, diag_off: Optional[int] = None,
          two_sided: bool = False, symmetric: bool = False) -> tuple[Tensor, Tensor]:
     """(row LSE, column LSE or empty) of the op, keeping the scores for the backward where it pays."""
-    rows, cols, _ = _lse_op(q, k, scale, kscale, diag_off, two_sided, symmetric, _keeps_scores(q, k, scale))
+    op = _lse_op if torch.compiler.is_compiling() else _LseFunction.apply
+    rows, cols, _ = op(q, k, scale, kscale, diag_off, two_sided, symmetric, _keeps_scores(q, k, scale))
     return rows, cols
 
 
 _lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+class _LseFunction(torch.autograd.Function):
+    """Eager mode's way into the op: the same bodies, setup and backward without the custom ops' dispatch
+    (~100 us a training step, more than the margin of a small one over eager PyTorch); torch.compile
+    traces the custom op."""
+
+    forward = staticmethod(_lse_impl)
+    setup_context = staticmethod(_lse_setup)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _lse_backward(ctx, *grads, backward_op=_lse_backward_impl)
 
 
 # ----------------------------------------------------------------------------------------------------
