@@ -479,3 +479,105 @@ def test_torch_path_blocks_of_rows(device, monkeypatch):
     scale = torch.tensor(3.0, device=device, requires_grad=True)
     _check(lambda a, b, s: fastssl.clip_loss(a, b, s), clip_loss_reference, (z1, z2, scale), torch.float32)
     _check(lambda a, b: fastssl.info_nce(a, b), info_nce_reference, (z1, z2), torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the PyTorch path's schemes: the forward's scores kept for the backward (N * M <= KEEP_ELEMENTS), or
+# recomputed in one block or in several
+# ----------------------------------------------------------------------------------------------------
+
+def _scheme_case(loss, dtype, device):
+    """(inputs with gradient, ours, the float64 reference, the op's (N, M)) at odd sizes."""
+    f = dict(dtype=dtype, device=device)
+    if loss == "nt_xent":
+        return ((_feats(19, 12, **f), _feats(19, 12, **f)), lambda a, b: fastssl.nt_xent(a, b, temperature=0.3),
+                lambda a, b: nt_xent_reference(a, b, temperature=0.3), (38, 38))
+    if loss.startswith("info_nce"):
+        targets = torch.randint(0, 23, (17,), device=device) if loss.endswith("targets") else None
+        return ((_feats(17, 12, **f), _feats(23, 12, **f)), lambda a, b: fastssl.info_nce(a, b, targets),
+                lambda a, b: info_nce_reference(a, b, targets), (17, 23))
+    if loss.startswith("moco"):
+        normalize = loss.endswith("normalize")
+        k, queue = torch.randn(17, 12, **f), torch.randn(29, 12, **f) * (1.0 if normalize else 0.3)
+        return ((_feats(17, 12, **f),), lambda a: fastssl.moco_loss(a, k, queue, temperature=0.2, normalize=normalize),
+                lambda a: moco_loss_reference(a, k, queue, temperature=0.2, normalize=normalize), (17, 29))
+    scale = torch.tensor(2.3, **f, requires_grad=True)  # clip_loss: a learnable logit_scale
+    return ((_feats(21, 12, **f), _feats(21, 12, **f), scale), lambda a, b, s: fastssl.clip_loss(a, b, s.exp()),
+            lambda a, b, s: clip_loss_reference(a, b, s.double().exp()), (21, 21))
+
+
+def _spy_kept(monkeypatch):
+    """The shapes of the scores each forward of the PyTorch path hands to the backward ((0,): none)."""
+    import fastssl.contrastive as fc
+
+    kept, real = [], fc._lse_torch
+
+    def spy(*args):
+        out = real(*args)
+        kept.append(tuple(out[2].shape))
+        return out
+
+    monkeypatch.setattr(fc, "_lse_torch", spy)
+    return kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scheme", ["kept", "one_block", "blocks"])
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "info_nce_targets", "moco_normalize", "moco_raw", "clip_loss"])
+def test_torch_path_schemes_match_reference(device, monkeypatch, loss, scheme, dtype):
+    """Loss and gradients (features, logit_scale) on each scheme, with KEEP_ELEMENTS at N * M (kept) and one
+    below (recomputed: one block, or blocks of 5 rows); the spy proves which scheme ran."""
+    import fastssl.contrastive as fc
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    inputs, ours, ref, (n, m) = _scheme_case(loss, dtype, device)
+    monkeypatch.setattr(fc, "KEEP_ELEMENTS", n * m - (scheme != "kept"))
+    if scheme == "blocks":
+        monkeypatch.setattr(fc, "CHUNK_ELEMENTS", 5 * max(n, m))
+    kept = _spy_kept(monkeypatch)
+    _check(ours, ref, inputs, dtype)
+    assert kept == [(n, m) if scheme == "kept" else (0,)]
+
+
+def _lse_saved(loss: torch.Tensor) -> list:
+    """The tensors the LSE's autograd node (eager mode's _LseFunction or the custom op's) saved for the backward."""
+    nodes = [loss.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if "_LseFunction" in node.name() or "contrastive_lse" in node.name():
+            return [t for t in node.saved_tensors if t is not None]
+        nodes += [f for f, _ in node.next_functions if f is not None]
+    raise AssertionError("no contrastive_lse node in the graph")
+
+
+def test_kept_scores_only_within_budget(device, monkeypatch):
+    """At the default KEEP_ELEMENTS (2**22): nt_xent at 2N = 2048 keeps its (2N, 2N) scores, at 2N = 2050 the
+    backward holds nothing larger than the features (the recompute scheme); without a gradient to compute
+    nothing is kept."""
+    import fastssl.contrastive as fc
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    assert fc.KEEP_ELEMENTS == 2048 * 2048
+    for n, keeps in ((1024, True), (1025, False)):
+        z1, z2 = _feats(n, 4, device=device), _feats(n, 4, device=device)
+        biggest = max(t.numel() for t in _lse_saved(fastssl.nt_xent(z1, z2)))
+        assert biggest == (4 * n * n if keeps else 2 * n * 4)
+    kept = _spy_kept(monkeypatch)
+    with torch.no_grad():
+        fastssl.nt_xent(z1[:4], z2[:4])
+    fastssl.nt_xent(z1[:4].detach(), z2[:4].detach())
+    assert kept == [(0,), (0,)]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_torch_path_symmetric_scale_gradient(device, monkeypatch, keep):
+    """The symmetric op (k is q, one gradient dq + dk) with a scale that needs a gradient, which no public
+    loss asks for: gradcheck in float64, kept scores and recomputed."""
+    import fastssl.contrastive as fc
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    monkeypatch.setattr(fc, "KEEP_ELEMENTS", 64 if keep else 63)
+    z = torch.randn(8, 5, dtype=torch.float64, device=device, requires_grad=True)
+    scale = torch.tensor([1.3], dtype=torch.float64, device=device, requires_grad=True)
+    assert fc._keeps_scores(z, z, scale) == keep
+    assert torch.autograd.gradcheck(lambda a, s: fc._lse(a, a, s, diag_off=0, symmetric=True)[0], (z, scale))
