@@ -119,7 +119,9 @@ def device_arch(t: torch.Tensor) -> int:
 
 def for_archs(configs, archs) -> list:
     """Mark autotune ``configs`` as written for the chip families ``archs`` (:func:`arch_family`): the
-    autotuner offers them only on such a chip, and the ahead-of-time check compiles them only for it."""
+    autotuner offers them only on such a chip, and the ahead-of-time check compiles them only for it.
+    Triton's autotuner prunes only when it holds more than one config: a kernel whose single config is
+    for one family must not be launched on another."""
     configs = list(configs)
     for config in configs:
         config.archs = frozenset(archs)

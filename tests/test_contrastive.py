@@ -228,6 +228,30 @@ def test_gradcheck(backend, device):
     assert torch.autograd.gradcheck(lambda a: fastssl.moco_loss(a, z2, queue, temperature=0.3), (z1,))
 
 
+@pytest.mark.parametrize("path", ["resident", "chunked"])
+def test_gradcheck_through_the_fast_backward(device, monkeypatch, path):
+    """gradcheck (float64) through the tensor-core kernels' code: the forward's D loop and the backward's
+    resident query block or its chunked scores, which float64 otherwise never takes (it runs the exact
+    kernels); masked and unmasked tiles, the column term (CLIP), the key scale (MoCo), dscale."""
+    if device != "cpu" or not kc.interpreting():
+        pytest.skip("forces the launchers' path choice on the interpreter")
+    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
+    monkeypatch.setattr(kc, "_exact", lambda dtype: False)
+    if path == "chunked":
+        monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    assert kc._pick_backward(torch.zeros(3, 18, dtype=torch.float64))[2] == (path == "chunked")
+    d = dict(dtype=torch.float64, device=device)
+    z1, z2 = torch.randn(5, 18, **d, requires_grad=True), torch.randn(5, 18, **d, requires_grad=True)
+    scale = torch.tensor(1.3, **d, requires_grad=True)
+    check = dict(fast_mode=True)  # random projections: each check a few passes, not one per element
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.nt_xent(a, b, temperature=0.4, reduction="none"), (z1, z2),
+                                    **check)
+    assert torch.autograd.gradcheck(lambda a, b, s: fastssl.clip_loss(a, b, s, reduction="none"), (z1, z2, scale),
+                                    **check)
+    queue = torch.randn(21, 18, **d)  # 21 keys: a whole 16-key tile and a partial one
+    assert torch.autograd.gradcheck(lambda a: fastssl.moco_loss(a, z2, queue, temperature=0.3), (z1,), **check)
+
+
 # ----------------------------------------------------------------------------------------------------
 # low precision, extreme logits, NaN
 # ----------------------------------------------------------------------------------------------------
