@@ -7,7 +7,9 @@ backward a custom op too; its body asks :func:`fastssl.backend.use_triton` wheth
 ``fastssl.kernels.contrastive`` run (tiled online log-sum-exp, backward by recomputation) or the PyTorch
 path beside them: up to ``KEEP_ELEMENTS`` similarities it keeps the score matrix S from the forward for the
 backward (a third output, empty otherwise: no recompute matmul, both of CLIP's LSEs from one matmul); above,
-the same math over blocks of rows recomputed in the backward, memory O(chunk * M). Options of the op:
+the same math over blocks of rows recomputed in the backward, memory O(chunk * M). In eager mode a kept
+NT-Xent is one autograd node (:class:`_KeptNTXent`: normalize, LSE and positives with a hand-written
+backward), since at small batches the graph around the op costs more than its math. Options of the op:
 
 - ``diag_off``: row i leaves column ``i + diag_off`` out of its softmax (NT-Xent's self-similarity).
 - ``kscale``: a per-key multiplier (MoCo's queue L2-normalized on the fly, without a copy of the queue).
@@ -95,13 +97,14 @@ def _chunk_rows(m: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(m, 1))
 
 
-def _keeps_scores(q: Tensor, k: Tensor, scale: Tensor) -> bool:
-    """Whether the forward hands its (N, M) scores to the backward: a gradient to compute, N * M <=
-    KEEP_ELEMENTS, and the PyTorch path (``use_triton``'s answer for CPU tensors under ``auto`` and for
-    ``FASTSSL_BACKEND=torch``, read here so torch.compile guards on it; a kept block must be the path's)."""
+def _keeps_scores(n: int, m: int, *tensors: Tensor) -> bool:
+    """Whether an (n, m) score matrix of ``tensors`` is kept from the forward for the backward: a gradient
+    to compute, n * m <= KEEP_ELEMENTS, and the PyTorch path (``use_triton``'s answer for CPU tensors under
+    ``auto`` and for ``FASTSSL_BACKEND=torch``, read here so torch.compile guards on it; a kept block must
+    be the path's)."""
     backend = requested_backend()
-    return (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or scale.requires_grad)
-            and q.shape[0] * k.shape[0] <= KEEP_ELEMENTS and (backend == "torch" or (backend == "auto" and not q.is_cuda)))
+    return (torch.is_grad_enabled() and any([t.requires_grad for t in tensors]) and n * m <= KEEP_ELEMENTS
+            and (backend == "torch" or (backend == "auto" and not tensors[0].is_cuda)))
 
 
 def _scaled(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor]):
@@ -313,7 +316,8 @@ def _lse(q: Tensor, k: Tensor, scale: Tensor, *, kscale: Optional[Tensor] = None
          two_sided: bool = False, symmetric: bool = False) -> tuple[Tensor, Tensor]:
     """(row LSE, column LSE or empty) of the op, keeping the scores for the backward where it pays."""
     op = _lse_op if torch.compiler.is_compiling() else _LseFunction.apply
-    rows, cols, _ = op(q, k, scale, kscale, diag_off, two_sided, symmetric, _keeps_scores(q, k, scale))
+    keep = _keeps_scores(q.shape[0], k.shape[0], q, k, scale)
+    rows, cols, _ = op(q, k, scale, kscale, diag_off, two_sided, symmetric, keep)
     return rows, cols
 
 
@@ -331,6 +335,44 @@ class _LseFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         return _lse_backward(ctx, *grads, backward_op=_lse_backward_impl)
+
+
+class _KeptNTXent(torch.autograd.Function):
+    """NT-Xent's per-row losses on the kept path in eager mode as one autograd node (small batches on
+    the PyTorch path, where the graph of normalize, cat, the op and the positives costs more than the
+    math): u = z / max(||z||, eps), S = scale u u^T kept, loss_i = lse_i - S_{i,p(i)} with p(i) = i +- N.
+    Backward by hand: dU = scale (dS + dS^T) U - scale (g_i + g_p(i)) u_p(i) (the op's kept-score
+    backward, then the positives), dz = (dU - u (u . dU)) / ||z|| (only dU / eps where the norm was
+    clamped)."""
+
+    @staticmethod
+    def forward(ctx, z1: Tensor, z2: Tensor, scale: Tensor, normalize: bool) -> Tensor:
+        n = z1.shape[0]
+        u = torch.cat((z1, z2)).to(scale.dtype)
+        norm = unclamped = None
+        if normalize:
+            unclamped = torch.linalg.vector_norm(u, dim=1, keepdim=True)
+            norm = unclamped.clamp_min(1e-12)
+            u = u / norm
+        lse, _, s = _lse_torch(u, u, scale, None, 0, False, True)
+        ctx.dtype = z1.dtype
+        ctx.save_for_backward(u, norm, unclamped, scale, lse, s)
+        return lse - torch.cat((s.diagonal(n), s.diagonal(-n)))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        u, norm, unclamped, scale, lse, s = ctx.saved_tensors
+        n = u.shape[0] // 2
+        g = g.to(scale.dtype).contiguous()
+        du, _, _ = _lse_backward_torch(g, None, u, u, scale, None, lse, lse.new_empty(0), s, 0, symmetric=True,
+                                       need_dq=True, need_dk=False, need_dscale=False)
+        gp = ((g[:n] + g[n:]) * scale)[:, None]
+        du[:n].addcmul_(gp, u[n:], value=-1)
+        du[n:].addcmul_(gp, u[:n], value=-1)
+        if norm is not None:
+            radial = (u * du).sum(1, keepdim=True).mul_(unclamped >= 1e-12)
+            du = du.sub_(u * radial).div_(norm)
+        return du[:n].to(ctx.dtype), du[n:].to(ctx.dtype), None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -491,6 +533,9 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
         raise ValueError(f"z2 has shape {tuple(z2.shape)} but z1 has {tuple(z1.shape)}; they must match")
     _check_options(normalize, reduction, gather_distributed)
     scale = _scale_from_temperature(temperature, z1)
+    rows = 2 * z1.shape[0]
+    if not (gather_distributed or torch.compiler.is_compiling()) and _keeps_scores(rows, rows, z1, z2):
+        return _reduce(_KeptNTXent.apply(z1, z2, scale, normalize), reduction)
     a, b = _normalized(z1, normalize), _normalized(z2, normalize)
     z = torch.cat((a, b))
     if gather_distributed:

@@ -564,11 +564,12 @@ def test_torch_path_schemes_match_reference(device, monkeypatch, loss, scheme, d
 
 
 def _lse_saved(loss: torch.Tensor) -> list:
-    """The tensors the LSE's autograd node (eager mode's _LseFunction or the custom op's) saved for the backward."""
+    """The tensors the LSE's autograd node (eager mode's _LseFunction or _KeptNTXent, or the custom op's) saved
+    for the backward."""
     nodes = [loss.grad_fn]
     while nodes:
         node = nodes.pop()
-        if "_LseFunction" in node.name() or "contrastive_lse" in node.name():
+        if any(name in node.name() for name in ("_LseFunction", "_KeptNTXent", "contrastive_lse")):
             return [t for t in node.saved_tensors if t is not None]
         nodes += [f for f, _ in node.next_functions if f is not None]
     raise AssertionError("no contrastive_lse node in the graph")
@@ -593,6 +594,32 @@ def test_kept_scores_only_within_budget(device, monkeypatch):
     assert kept == [(0,), (0,)]
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_kept_nt_xent_is_one_node_with_the_graphs_gradients(device, monkeypatch, normalize, dtype):
+    """Eager nt_xent on the kept path is one autograd node (_KeptNTXent: normalize, LSE, positives) whose
+    hand-written backward equals autograd through the literal formula, in the features' dtype, including a
+    zero row and a row shorter than F.normalize's eps (their gradient is dU / eps, no radial term); gradcheck."""
+    from fastssl.contrastive import _KeptNTXent
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    z1, z2 = (torch.randn(6, 5, dtype=torch.float64, device=device) for _ in range(2))
+    z1[2], z2[4] = 0, 1e-13
+    z1, z2 = z1.to(dtype).requires_grad_(), z2.to(dtype).requires_grad_()
+    loss = fastssl.nt_xent(z1, z2, temperature=0.3, normalize=normalize, reduction="none")
+    assert loss.grad_fn.name() == "_KeptNTXentBackward" and loss.dtype == (dtype if dtype == torch.float64 else torch.float32)
+    weights = torch.rand_like(loss) + 0.5
+    ref = nt_xent_reference(z1, z2, temperature=0.3, normalize=normalize, reduction="none")
+    assert_close(loss, ref, dtype)
+    for g, r in zip(_grads(loss, (z1, z2), weights), _grads(ref, (z1, z2), weights.double())):
+        assert g.dtype == dtype
+        assert_close(g, r, dtype)
+    if dtype == torch.float64:
+        a, b = (torch.randn(5, 3, dtype=dtype, device=device, requires_grad=True) for _ in range(2))
+        assert torch.autograd.gradcheck(lambda x, y: _KeptNTXent.apply(x, y, torch.tensor([2.0], dtype=dtype,
+                                                                                            device=device), normalize), (a, b))
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_torch_path_symmetric_scale_gradient(device, monkeypatch, keep):
     """The symmetric op (k is q, one gradient dq + dk) with a scale that needs a gradient, which no public
@@ -603,5 +630,5 @@ def test_torch_path_symmetric_scale_gradient(device, monkeypatch, keep):
     monkeypatch.setattr(fc, "KEEP_ELEMENTS", 64 if keep else 63)
     z = torch.randn(8, 5, dtype=torch.float64, device=device, requires_grad=True)
     scale = torch.tensor([1.3], dtype=torch.float64, device=device, requires_grad=True)
-    assert fc._keeps_scores(z, z, scale) == keep
+    assert fc._keeps_scores(8, 8, z, scale) == keep
     assert torch.autograd.gradcheck(lambda a, s: fc._lse(a, a, s, diag_off=0, symmetric=True)[0], (z, scale))
