@@ -334,13 +334,16 @@ FWD_CONFIGS = {128: _configs([(128, 64, 8, 3), (64, 64, 4, 3)])
 # The backward: one (BLOCK_M, BLOCK_D) fp32 accumulator of dq per program beside the scores tile. Two stages
 # stream the key tiles in (cp.async) while the previous tile's MMAs run. Resident query block (bf16/fp16,
 # D <= 128, sm_90 only): each key tile is loaded once for both products; 64 x 64 x 4 warps and 128 x 64 x 8
-# use 224-244 registers, no spills. It spills elsewhere (--report, triton 3.8, 2026-12-03): in tf32 on sm_90
-# (80-160 B), with MoCo's key scale on sm_80 (48-72 B), and with D = 256 on sm_90 (80-368 B, 64 x 32 and
-# 64 x 64): those take the chunked kernel. Chunked, 64 x 32 x 8 warps x 2 stages is clean under triton
+# use 224-244 registers, no spills. With D = 256 (bf16/fp16, sm_90) the (64, 256) fp32 accumulator is split
+# over two warpgroups: 64 x 64 x 8 warps (254 registers, 20 wgmma a tile) and 64 x 32 x 8 (206); 128 rows or
+# 4 warps spill (56-136 B), and so does MoCo's key scale at 64 x 64 (32 B): MoCo at D > 128 takes the
+# chunked kernel. It spills elsewhere too (--report, triton 3.8, 2026-12-03): in tf32 on sm_90
+# (80-160 B) and with MoCo's key scale on sm_80 (48-72 B): those take the chunked kernel. Chunked, 64 x 32 x 8 warps x 2 stages is clean under triton
 # 3.6-3.9 on both chips except tf32 on sm_80 under 3.6 (STACK:8): there tf32 takes 32 x 32 (128-175
 # registers; ``_keep_backward``). The exact (FMA-unit) backward stays at one stage: with two, fp32 spills
 # on sm_90 under triton 3.9 (32 x 32 x 8: STACK:16; 16 x 32 x 4: 8).
 BWD_CONFIGS = {128: _configs([(64, 64, 4, 2), (128, 64, 8, 2)], HOPPER),
+               256: _configs([(64, 64, 8, 2), (64, 32, 8, 2)], HOPPER),
                "loop": _configs([(64, 32, 8, 2)]) + _configs([(32, 32, 8, 2)], AMPERE)
                + _configs([(64, 64, 4, 2)], HOPPER),
                "exact": _configs([(32, 32, 8, 1)])}
@@ -360,11 +363,11 @@ _FWD_ARGS = ["N:16", "M:16", "n_chunks", "diag_off:16", "n_bucket:16", "m_bucket
 _BWD_ARGS = _FWD_ARGS + ["row_term", "col_term", "need_dscale"]
 
 
-def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), **flags):
-    """One variant per (dtype, dot precision) in ``kinds`` and per KSCALE (a per-key scale: MoCo's
-    queue); ``ints`` named ``"name:16"`` are declared multiples of 16."""
+def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), kscales=(False, True), **flags):
+    """One variant per (dtype, dot precision) in ``kinds`` and per KSCALE in ``kscales`` (a per-key scale:
+    MoCo's queue); ``ints`` named ``"name:16"`` are declared multiples of 16."""
     out = []
-    for (dtype, prec), kscale in itertools.product(kinds, (False, True)):
+    for (dtype, prec), kscale in itertools.product(kinds, kscales):
         ty, acc = TL_DTYPE[dtype], ("fp64" if dtype == torch.float64 else "fp32")
         signature = {**{a: f"*{ty}" for a in ptrs}, **{a: f"*{acc}" for a in acc_ptrs},
                      **{a.partition(":")[0]: "i32" + (":16" if a.endswith(":16") else "") for a in ints}}
@@ -381,20 +384,22 @@ _EXACT = [(torch.float32, "ieee"), (torch.float64, "ieee")]
 _FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr"])
 _BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "ks_ptr", "lse_r_ptr", "g_r_ptr", "lse_c_ptr", "g_c_ptr",
                                              "dscale_ptr"])
-# (key, BLOCK_D, kinds, chip families): the resident widths, then the chunked kernels
-_KINDS = ((128, 128, _TF32 + _HALF, ()), (256, 256, _HALF, ()), ("loop", LOOP_BLOCK_D, _TF32 + _HALF, ()),
-          ("exact", LOOP_BLOCK_D, _EXACT, ()))
-_BWD_KINDS = ((128, 128, _HALF, HOPPER), ("loop", 128, _TF32 + _HALF, ()), ("exact", LOOP_BLOCK_D, _EXACT, ()))
+# (key, BLOCK_D, kinds, chip families, KSCALE values): the resident widths, then the chunked kernels
+_ANY = (False, True)
+_KINDS = ((128, 128, _TF32 + _HALF, (), _ANY), (256, 256, _HALF, (), _ANY),
+          ("loop", LOOP_BLOCK_D, _TF32 + _HALF, (), _ANY), ("exact", LOOP_BLOCK_D, _EXACT, (), _ANY))
+_BWD_KINDS = ((128, 128, _HALF, HOPPER, _ANY), (256, 256, _HALF, HOPPER, (False,)),
+              ("loop", 128, _TF32 + _HALF, (), _ANY), ("exact", LOOP_BLOCK_D, _EXACT, (), _ANY))
 _fwd_kernels, _bwd_kernels = {}, {}
-for _key, _bd, _kinds, _archs in _KINDS:
+for _key, _bd, _kinds, _archs, _kscales in _KINDS:
     _fwd_kernels[_key] = register(
         autotune(FWD_CONFIGS[_key], key=KEY)(_lse_fwd_kernel), configs=FWD_CONFIGS[_key], uses_dot=True,
-        variants=_variants(*_FWD_PTRS, _FWD_ARGS, _bd, _kinds, _archs, D_LOOP=_key in ("loop", "exact")))
-for _key, _bd, _kinds, _archs in _BWD_KINDS:
+        variants=_variants(*_FWD_PTRS, _FWD_ARGS, _bd, _kinds, _archs, _kscales, D_LOOP=_key in ("loop", "exact")))
+for _key, _bd, _kinds, _archs, _kscales in _BWD_KINDS:
     _bwd_kernels[_key] = register(
         autotune(BWD_CONFIGS[_key], key=KEY, keep=_keep_backward)(_lse_bwd_kernel), configs=BWD_CONFIGS[_key],
         uses_dot=True, keep=_keep_backward,
-        variants=_variants(*_BWD_PTRS, _BWD_ARGS, _bd, _kinds, _archs, D_LOOP=_key in ("loop", "exact")))
+        variants=_variants(*_BWD_PTRS, _BWD_ARGS, _bd, _kinds, _archs, _kscales, D_LOOP=_key in ("loop", "exact")))
 
 
 def _exact(dtype: torch.dtype) -> bool:
@@ -426,17 +431,20 @@ def _chip(x: torch.Tensor) -> int:
     return arch_family(device_arch(x)) if x.is_cuda else 0
 
 
-def _pick_backward(x: torch.Tensor):
+def _pick_backward(x: torch.Tensor, kscale: bool = False):
     """(kernel key, BLOCK_D, D_LOOP) of the backward: the query block resident where its tile and the
-    gradient accumulator fit in registers beside the scores (bf16/fp16, D <= 128, on sm_90), else the
-    gradient in 128-wide chunks (64 for the exact kernels) with the scores summed over all of them."""
+    gradient accumulator fit in registers beside the scores (bf16/fp16 on sm_90: D <= 128, and D <= 256
+    without a key scale), else the gradient in 128-wide chunks (64 for the exact kernels) with the scores
+    summed over all of them."""
     d = x.shape[1]
     if _exact(x.dtype):
         return "exact", BWD_BLOCK_D["exact"], True
-    if interpreting():  # small resident blocks; the tests force the chunked path with a narrow MAX_BLOCK_D
-        return (128, max(16, triton.next_power_of_2(d)), False) if d <= MAX_BLOCK_D // 2 else ("loop", 16, True)
-    if d <= min(128, MAX_BLOCK_D) and x.dtype != torch.float32 and _chip(x) >= 90:
-        return 128, 128, False
+    # the interpreter takes the resident kernel in every dtype, with a small block (the tests force the
+    # chunked path with a narrow MAX_BLOCK_D)
+    interpret = interpreting()
+    if d <= MAX_BLOCK_D // (2 if kscale else 1) and (interpret or x.dtype != torch.float32 and _chip(x) >= 90):
+        key = 128 if d <= 128 else 256
+        return key, (max(16, triton.next_power_of_2(d)) if interpret else key), False
     return "loop", BWD_BLOCK_D["fast"], True
 
 
@@ -466,7 +474,7 @@ def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off
     None."""
     n, d = q.shape
     m = k.shape[0]
-    key, bd, loop = _pick_backward(q)
+    key, bd, loop = _pick_backward(q, kscale is not None)
     ql = _layout(q, bd)
     kl = ql if k is q else _layout(k, bd)
     chunks = ql.shape[0]

@@ -134,6 +134,23 @@ def test_wide_features_loop_over_d(backend, device, monkeypatch):
     _check(fastssl.nt_xent, nt_xent_reference, (z1, z2), torch.float32)
 
 
+def test_resident_block_up_to_256_features(backend, device):
+    """D in (128, 256]: the 256-wide resident query block (the backward's on sm_90 for bf16/fp16), its
+    zero-padded columns included, against the float64 formula by flash-attention's low-precision rule."""
+    z1, z2 = (_unit_rows(19, 160, torch.bfloat16, device).requires_grad_() for _ in range(2))
+    if backend == "triton" and kc.interpreting():
+        assert kc._pick_backward(z1.detach())[:2] == (256, 256)
+    opts = dict(temperature=0.2, normalize=False)
+    out = fastssl.nt_xent(z1, z2, **opts)
+    z64 = [z.detach().double().requires_grad_() for z in (z1, z2)]
+    ref = nt_xent_reference(*z64, **opts)
+    zlp = [z.detach().requires_grad_() for z in (z1, z2)]
+    lowp = nt_xent_reference(*zlp, **opts, upcast=False)
+    assert_close_lowp(out, ref, lowp)
+    for g, r, lp in zip(_grads(out, (z1, z2)), _grads(ref, z64), _grads(lowp, zlp)):
+        assert_close_lowp(g, r, lp)
+
+
 def _lse_formulas(q, k, scale, kscale, diag_off, g_r, g_c):
     """float64 row and column LSE of S = scale * c_j * q_i . k_j without the columns j = i + diag_off, and
     the kernels' gradient dq = scale * (g_r P_row + g_c P_col) c @ k and dscale."""
@@ -226,6 +243,25 @@ def test_gradcheck(backend, device):
     assert torch.autograd.gradcheck(lambda a, b, s: fastssl.clip_loss(a, b, s, reduction="none"), (z1, z2, scale))
     queue = torch.randn(9, 6, **d)
     assert torch.autograd.gradcheck(lambda a: fastssl.moco_loss(a, z2, queue, temperature=0.3), (z1,))
+
+
+@pytest.mark.parametrize("dtype, d, kscale, chip, expected", [
+    (torch.bfloat16, 128, True, 90, 128), (torch.float16, 100, False, 90, 128),
+    (torch.bfloat16, 256, False, 90, 256), (torch.float16, 129, False, 90, 256),
+    (torch.bfloat16, 256, True, 90, "loop"), (torch.bfloat16, 257, False, 90, "loop"),
+    (torch.float32, 128, False, 90, "loop"), (torch.bfloat16, 128, False, 80, "loop"),
+    (torch.bfloat16, 256, False, 80, "loop")])
+def test_backward_kernel_choice_on_a_gpu(monkeypatch, dtype, d, kscale, chip, expected):
+    """The launcher's backward on a GPU (as on an H200 or an A100): the resident query block on sm_90 for
+    bf16/fp16 up to D=128, and up to D=256 without MoCo's key scale (the configs the compile test proves
+    spill-free); everything else the chunked kernel."""
+    monkeypatch.setattr(kc, "interpreting", lambda: False)
+    monkeypatch.setattr(kc, "_exact", lambda dt: False)
+    monkeypatch.setattr(kc, "_chip", lambda x: chip)
+    key, bd, loop = kc._pick_backward(torch.zeros(2, d, dtype=dtype), kscale)
+    assert key == expected and loop == (expected == "loop")
+    if not loop:
+        assert bd == key and kc.BWD_CONFIGS[key]
 
 
 @pytest.mark.parametrize("path", ["resident", "chunked"])
