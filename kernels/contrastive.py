@@ -36,9 +36,10 @@ address is one 64-bit base plus immediate offsets and rows are 16-byte aligned (
 JIT's alignment specialization, which the ahead-of-time compile cannot see). The forward keeps the query
 block resident (BLOCK_D 128 or 256, bf16/fp16; fp32 with TF32 up to 128) or loops over 64-wide chunks
 (float64, float32 with exact products, D > 256). The backward keeps the query block resident on sm_90 in
-bf16/fp16 with D <= 128 (one key tile load serves the score and the gradient products); elsewhere it
-accumulates one 128-wide feature chunk of dq per program (64 for the exact kernels) and recomputes the
-scores over all chunks (with D = 256 one extra score pass: a resident 256-wide block spills).
+bf16/fp16 with D <= 256 (one key tile load serves the score and the gradient products; at D = 256 the dq
+accumulator spans two warpgroups, and MoCo's key scale, which spills there, stays at D <= 128); elsewhere
+it accumulates one 128-wide feature chunk of dq per program (64 for the exact kernels) and recomputes the
+scores over all chunks (one extra score pass a chunk).
 
 Autotune configs are per chip family (``registry.for_archs``: wgmma's shared-memory operands let sm_90 take
 larger tiles than sm_80's register-operand mma), filtered per dtype by ``keep`` where one dtype spills,
@@ -337,8 +338,9 @@ FWD_CONFIGS = {128: _configs([(128, 64, 8, 3), (64, 64, 4, 3)])
 # use 224-244 registers, no spills. With D = 256 (bf16/fp16, sm_90) the (64, 256) fp32 accumulator is split
 # over two warpgroups: 64 x 64 x 8 warps (254 registers, 20 wgmma a tile) and 64 x 32 x 8 (206); 128 rows or
 # 4 warps spill (56-136 B), and so does MoCo's key scale at 64 x 64 (32 B): MoCo at D > 128 takes the
-# chunked kernel. It spills elsewhere too (--report, triton 3.8, 2026-12-03): in tf32 on sm_90
-# (80-160 B) and with MoCo's key scale on sm_80 (48-72 B): those take the chunked kernel. Chunked, 64 x 32 x 8 warps x 2 stages is clean under triton
+# chunked kernel (the 256 variants are compiled without KSCALE). The resident block spills elsewhere too
+# (--report, triton 3.8, 2026-12-03): in tf32 on sm_90 (80-160 B) and with MoCo's key scale on sm_80
+# (48-72 B): those take the chunked kernel. Chunked, 64 x 32 x 8 warps x 2 stages is clean under triton
 # 3.6-3.9 on both chips except tf32 on sm_80 under 3.6 (STACK:8): there tf32 takes 32 x 32 (128-175
 # registers; ``_keep_backward``). The exact (FMA-unit) backward stays at one stage: with two, fp32 spills
 # on sm_90 under triton 3.9 (32 x 32 x 8: STACK:16; 16 x 32 x 4: 8).
