@@ -1,8 +1,8 @@
 """Triton kernels of the diffusion slice: elementwise, memory-bound, fp32 math in registers.
 
 ``cfg_combine``: out = cond + w * (cond - uncond) = (1 + w) * cond - w * uncond, w a scalar or one per
-sample (row of the leading dimension). One read of each input and one write: 3 element accesses
-(eager PyTorch does 5 and two launches).
+sample (row of the leading dimension), on the row-blocked grid below (one weight a program). One read of
+each input and one write: 3 element accesses (eager PyTorch does 5 and two launches).
 
 ``q_sample`` (Algorithm 1's noising, optionally also the v target) and the sampler step (DDPM's
 Algorithm 2 and DDIM, one kernel for both, classifier-free guidance fused in) run on a row-blocked
@@ -20,11 +20,12 @@ per-sample coefficients::
 
 DDPM: ca, cx are the posterior-mean coefficients of formula (7), ce = 0; DDIM: ca = sqrt(abar_prev),
 cx/ce come from the predicted epsilon, which is itself affine in x and e. Noise z is read from a tensor or
-drawn in the kernel by Philox keyed by the element's global index ``i`` (int64), so it does not depend on
-BLOCK or the grid; the seed is an int64 loaded from a device pointer. The draw is ``tl.randn(seed, i)``'s,
-with a cosine for an argument already in [0, 2 pi) (``_philox_normal``): libdevice's cosf would bring a
-stack frame. Launchers take keyword arguments named as fastssl.diffusion_step.StepSpec names the step's
-options, and launch the kernels by keyword.
+drawn in the kernel: four normals from each Philox4x32-10 call (two Box-Muller pairs) keyed by the
+element's index, so it does not depend on BLOCK or the grid (``_philox_normals``); the seed is an int64
+loaded from a device pointer. For 16-bit outputs the transforms use the MUFU approximations (their error
+is far below those dtypes'); otherwise an accurate log and a sine/cosine for an argument already in
+[0, 2 pi) (libdevice's sinf/cosf would bring a stack frame). Launchers take keyword arguments named as
+fastssl.diffusion_step.StepSpec names the step's options, and launch the kernels by keyword.
 """
 from __future__ import annotations
 
@@ -35,52 +36,64 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
+from ..backend import interpreting
 from .registry import TL_DTYPE, acc_type, autotune, bucket, device_function, keep, launch, register, variant
 
-# Elementwise configs: 4-16 elements a thread (16-byte vectors for fp32 and bf16), 4 or 8 warps.
+# Elementwise configs: 8 or 16 elements a thread, 4 or 8 warps: every thread's share of a 16-bit tensor is
+# one 128-bit access or more (4 a thread, 1024 x 8 warps, gave 16-bit tensors 64-bit loads: --report).
 # 32 a thread (4096 x 4 warps) spills in the fp64 variants (ptxas, sm_90, tests/test_compile_sm90.py).
 ELEMENTWISE_CONFIGS = [
     triton.Config({"BLOCK": block}, num_warps=warps)
     for block in (1024, 2048, 4096)
     for warps in (4, 8)
-    if keep(block, warps, min_per_thread=4, max_per_thread=16)
+    if keep(block, warps, min_per_thread=8, max_per_thread=16)
 ]
 
-# q_sample and the step kernels: 4 or 8 elements a thread, BLOCK 1024. 16 a thread (2048 x 4 warps,
-# 4096 x 8) spills (STACK:8) in the fp64 step kernel with in-kernel Philox noise, and 2048 x 8 spills 8 bytes
-# in the fp32 step kernel reading noise on sm_80 (ptxas, tests/test_compile_sm90.py, 2026-11-30); two
-# configs also keep the compile test's share of these four kernels small (12 step variants).
+# q_sample and the step kernels: 8 elements a thread (one 128-bit access of each 16-bit tensor, two of
+# fp32), 1024 x 4 warps or 2048 x 8. 16 a thread (2048 x 4 warps, 4096 x 8) spills (STACK:8) in the fp64
+# step kernel with in-kernel noise; two configs also keep the compile test's share of these four kernels
+# small (12 step variants).
 STEP_CONFIGS = [
     triton.Config({"BLOCK": block}, num_warps=warps)
-    for block, warps in ((1024, 4), (1024, 8))
-    if keep(block, warps, min_per_thread=4, max_per_thread=8)
+    for block, warps in ((1024, 4), (2048, 8))
+    if keep(block, warps, min_per_thread=8, max_per_thread=8)
 ]
 
 
+@device_function
+@triton.jit
+def _row_block(inner, BLOCK: tl.constexpr):
+    """(row, first column, in-row mask, global int64 offsets) of this program on the row-blocked grid. The
+    row/block split is 32-bit division (the grid has < 2**31 programs): a 64-bit division is a ptxas
+    subroutine whose call frame shows up as STACK in the compile test; offsets are int64."""
+    pid = tl.program_id(0)
+    nblk = tl.cdiv(inner, BLOCK)
+    row = pid // nblk
+    col0 = (pid - row * nblk) * BLOCK
+    cols = col0 + tl.arange(0, BLOCK)
+    return row.to(tl.int64), col0, cols < inner, row.to(tl.int64) * inner + cols
 
 
 @autotune(ELEMENTWISE_CONFIGS, key=["n_bucket"])
 @triton.jit
-def _cfg_combine_kernel(cond_ptr, uncond_ptr, guidance_ptr, out_ptr, n, inner, guidance_stride, n_bucket,
+def _cfg_combine_kernel(cond_ptr, uncond_ptr, guidance_ptr, out_ptr, inner, guidance_stride, n_bucket,
                         ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    row, _, mask, offs = _row_block(inner, BLOCK)
+    w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)  # one weight a program (its sample's)
     cond = tl.load(cond_ptr + offs, mask=mask).to(ACC)
     uncond = tl.load(uncond_ptr + offs, mask=mask).to(ACC)
-    w = tl.load(guidance_ptr + (offs // inner) * guidance_stride, mask=mask).to(ACC)
     tl.store(out_ptr + offs, (cond + w * (cond - uncond)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @autotune(ELEMENTWISE_CONFIGS, key=["n_bucket"])
 @triton.jit
-def _cfg_combine_backward_kernel(grad_ptr, guidance_ptr, grad_cond_ptr, grad_uncond_ptr, n, inner, guidance_stride,
-                                 n_bucket,
-                                 ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _cfg_combine_backward_kernel(grad_ptr, guidance_ptr, grad_cond_ptr, grad_uncond_ptr, inner, guidance_stride,
+                                 n_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    row, _, mask, offs = _row_block(inner, BLOCK)
+    w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)
     grad = tl.load(grad_ptr + offs, mask=mask).to(ACC)
-    w = tl.load(guidance_ptr + (offs // inner) * guidance_stride, mask=mask).to(ACC)
     tl.store(grad_cond_ptr + offs, ((1 + w) * grad).to(grad_cond_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_uncond_ptr + offs, (-w * grad).to(grad_uncond_ptr.dtype.element_ty), mask=mask)
 
@@ -107,7 +120,7 @@ def dtype_variants(tensors, tables=(), ints=(), *, ints16=(), f32_tables=(), i64
 
 # Sizes (n, inner) and buckets are multiples of 16 at the GPU's shapes (GUIDE §6: 64M elements, latents
 # 4x64x64); guidance_stride is 0 or 1 (a value, not a size): declared plain.
-_CFG_INTS16 = ["n", "inner", "n_bucket"]
+_CFG_INTS16 = ["inner", "n_bucket"]
 register(_cfg_combine_kernel, configs=ELEMENTWISE_CONFIGS,
          variants=dtype_variants(["cond_ptr", "uncond_ptr", "out_ptr"], ["guidance_ptr"], ["guidance_stride"],
                                  ints16=_CFG_INTS16))
@@ -144,8 +157,9 @@ def cfg_combine_forward(cond: torch.Tensor, uncond: torch.Tensor, guidance: torc
     if n == 0:
         return out
     table, stride = _guidance_table(guidance, cond)
-    _launch(_cfg_combine_kernel, 1, n, None, cond_ptr=cond, uncond_ptr=uncond, guidance_ptr=table, out_ptr=out,
-            n=n, inner=n // cond.shape[0], guidance_stride=stride, n_bucket=bucket(n), ACC=acc_type(cond.dtype))
+    rows = cond.shape[0] if stride else 1
+    _launch(_cfg_combine_kernel, rows, n // rows, None, cond_ptr=cond, uncond_ptr=uncond, guidance_ptr=table,
+            out_ptr=out, inner=n // rows, guidance_stride=stride, n_bucket=bucket(n), ACC=acc_type(cond.dtype))
     return out
 
 
@@ -157,8 +171,9 @@ def cfg_combine_backward(grad: torch.Tensor, guidance: torch.Tensor):
     if n == 0:
         return grad_cond, grad_uncond
     table, stride = _guidance_table(guidance, grad)
-    _launch(_cfg_combine_backward_kernel, 1, n, None, grad_ptr=grad, guidance_ptr=table, grad_cond_ptr=grad_cond,
-            grad_uncond_ptr=grad_uncond, n=n, inner=n // grad.shape[0], guidance_stride=stride,
+    rows = grad.shape[0] if stride else 1
+    _launch(_cfg_combine_backward_kernel, rows, n // rows, None, grad_ptr=grad, guidance_ptr=table,
+            grad_cond_ptr=grad_cond, grad_uncond_ptr=grad_uncond, inner=n // rows, guidance_stride=stride,
             n_bucket=bucket(n), ACC=acc_type(grad.dtype))
     return grad_cond, grad_uncond
 
@@ -168,22 +183,13 @@ def cfg_combine_backward(grad: torch.Tensor, guidance: torch.Tensor):
 # ----------------------------------------------------------------------------------------------------
 
 NOISE_NONE, NOISE_READ, NOISE_PHILOX = 0, 1, 2  # the step kernel's NOISE constexpr
+LN2 = tl.constexpr(0.6931471805599453)
+# libdevice's fast (MUFU) functions have no interpreter implementation: under the interpreter the noise
+# takes the accurate functions (the same values to ~2**-21)
+_MUFU = tl.constexpr(not interpreting())
 # The step kernel's int codes of the step's string options (sampler, variance_type, prediction_type).
 CHOICE_CODES = {"ddpm": 0, "ddim": 1, "fixed_small": 0, "fixed_large": 1, "epsilon": 0, "sample": 1,
                 "v_prediction": 2}
-
-
-@device_function
-@triton.jit
-def _row_block(inner, BLOCK: tl.constexpr):
-    """(row, in-row mask, global int64 offsets) of this program on the row-blocked grid. The row/block split
-    is 32-bit division (the grid has < 2**31 programs): a 64-bit division is a ptxas subroutine whose call
-    frame shows up as STACK in the compile test; offsets are int64."""
-    pid = tl.program_id(0)
-    nblk = tl.cdiv(inner, BLOCK)
-    row = pid // nblk
-    cols = (pid - row * nblk) * BLOCK + tl.arange(0, BLOCK)
-    return row.to(tl.int64), cols < inner, row.to(tl.int64) * inner + cols
 
 
 @device_function
@@ -304,38 +310,64 @@ def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sam
 
 @device_function
 @triton.jit
-def _cos_2pi(u):
-    """cos(2 pi u) for u in [0, 1) (float32) without libdevice's cosf, whose Payne-Hanek slow path for huge
-    arguments is a local array: a stack frame in every kernel that calls it (STACK:32 in the compile test).
-    The argument needs no such reduction: u = q/4 + f with q = round(4u) and f in [-1/8, 1/8] exactly
-    (u - q/4 is exact in float32), so cos(2 pi u) is +-cos or +-sin of x = 2 pi f in [-pi/4, pi/4], each a
-    Cephes minimax polynomial (about 1 ulp, like cosf itself)."""
+def _sincos_2pi(u):
+    """(cos(2 pi u), sin(2 pi u)) for u in [0, 1) (float32) without libdevice's cosf/sinf, whose Payne-Hanek
+    slow path for huge arguments is a local array: a stack frame in every kernel that calls them (STACK:32
+    in the compile test). The argument needs no such reduction: u = q/4 + f with q = round(4u) and f in
+    [-1/8, 1/8] exactly (u - q/4 is exact in float32), so both are +-cos or +-sin of x = 2 pi f in
+    [-pi/4, pi/4], each a Cephes minimax polynomial (about 1 ulp, like cosf itself)."""
     q = tl.floor(4.0 * u + 0.5)
     x = (u - 0.25 * q) * 6.283185307179586
     z = x * x
     c = 1.0 - 0.5 * z + z * z * ((2.443315711809948e-05 * z - 1.388731625493765e-03) * z + 4.166664568298827e-02)
     s = x + x * z * ((-1.9515295891e-04 * z + 8.3321608736e-03) * z - 1.6666654611e-01)
     quadrant = q.to(tl.int32) & 3
-    return tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+    cos = tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+    sin = tl.where(quadrant == 0, s, tl.where(quadrant == 1, c, tl.where(quadrant == 2, -s, -c)))
+    return cos, sin
 
 
 @device_function
 @triton.jit
-def _philox_normal(seed, offs):
-    """Standard normal float32 noise keyed by (seed, element index): ``tl.randn``'s Philox draw and
-    Box-Muller transform (r cos(2 pi u2), r = sqrt(-2 log u1)), with the cosine of ``_cos_2pi``; it
-    equals ``tl.randn(seed, offs)`` to about an ulp."""
-    i1, i2, _, _ = tl.randint4x(seed, offs)
-    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
-    u2 = tl.uint_to_uniform_float(i2)
-    return tl.sqrt(-2.0 * tl.log(u1)) * _cos_2pi(u2)
+def _box_muller(a, b, FAST: tl.constexpr):
+    """Two standard normals (r cos(2 pi u2), r sin(2 pi u2)), r = sqrt(-2 ln u1), from two uint32 words.
+    ``FAST``: the MUFU approximations (lg2, sin, cos: absolute error ~2**-21, far below the 16-bit dtypes'
+    rounding) in place of the accurate log and ``_sincos_2pi``; the same values to within that error."""
+    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(a))
+    u2 = tl.uint_to_uniform_float(b)
+    if FAST:  # cos(2 pi u) = -cos(2 pi u - pi): MUFU's argument in [-pi, pi), its accurate range
+        r = -tl.sqrt(-2.0 * LN2 * libdevice.fast_log2f(u1))
+        theta = u2 * 6.283185307179586 - 3.141592653589793
+        return r * libdevice.fast_cosf(theta), r * libdevice.fast_sinf(theta)
+    else:
+        r = tl.sqrt(-2.0 * tl.log(u1))
+        cos, sin = _sincos_2pi(u2)
+        return r * cos, r * sin
+
+
+@device_function
+@triton.jit
+def _philox_normals(seed, row, col0, inner, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The standard normal noise of the columns col0 .. col0 + BLOCK - 1 of sample ``row`` (float32).
+
+    Four normals from each Philox4x32-10 call (``tl.randint4x``'s four words, two Box-Muller pairs): column
+    j of sample b takes normal j % 4 of the call at counter b * ceil(inner / 4) + j // 4 (the flat element
+    index's i // 4 and i % 4 when inner is a multiple of 4), so the noise depends on (seed, element) only,
+    not on BLOCK or the grid. The MUFU approximations for 16-bit ``DTYPE`` outputs on the GPU
+    (``_box_muller``)."""
+    FAST: tl.constexpr = _MUFU and DTYPE.primitive_bitwidth == 16
+    counter = row * tl.cdiv(inner, 4) + col0 // 4 + tl.arange(0, BLOCK // 4)
+    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    n0, n1 = _box_muller(w0, w1, FAST)
+    n2, n3 = _box_muller(w2, w3, FAST)
+    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))  # n0 n1 n2 n3 of each call, in order
 
 
 @autotune(STEP_CONFIGS, key=["n_bucket", "inner_bucket"])
 @triton.jit
 def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, q_ptr, out_ptr, v_ptr, inner, t_stride, num_t, return_v,
                      n_bucket, inner_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row, mask, offs = _row_block(inner, BLOCK)
+    row, _, mask, offs = _row_block(inner, BLOCK)
     a, b = _gather_q(q_ptr, tl.load(t_ptr + row * t_stride), num_t, ACC)
     x0 = tl.load(x0_ptr + offs, mask=mask).to(ACC)
     z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
@@ -347,7 +379,7 @@ def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, q_ptr, out_ptr, v_ptr, inner, t_s
 @triton.jit
 def _q_sample_backward_kernel(grad_ptr, grad_v_ptr, t_ptr, q_ptr, grad_x0_ptr, grad_noise_ptr, inner, t_stride,
                               num_t, has_grad_v, n_bucket, inner_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row, mask, offs = _row_block(inner, BLOCK)
+    row, _, mask, offs = _row_block(inner, BLOCK)
     a, b = _gather_q(q_ptr, tl.load(t_ptr + row * t_stride), num_t, ACC)
     g = tl.load(grad_ptr + offs, mask=mask).to(ACC)
     gv = tl.load(grad_v_ptr + offs, mask=_gate(mask, has_grad_v), other=0.0).to(ACC)
@@ -363,7 +395,7 @@ def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_
                            use_clipped_model_output, return_pred_x0, final_alpha_cumprod, final_alpha_cumprod_lo,
                            eta, eta_lo, clip_range, clip_range_lo, n_bucket, inner_bucket,
                            ACC: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    row, mask, offs = _row_block(inner, BLOCK)
+    row, col0, mask, offs = _row_block(inner, BLOCK)
     t = tl.load(t_ptr + row * t_stride)
     prev_t = tl.load(prev_t_ptr + row * prev_t_stride) + prev_offset
     c1, c2, ca, cx, ce, cz = _step_coefficients(
@@ -383,7 +415,7 @@ def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_
         z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
         out = tl.where(t > 0, out + cz * z, out)
     if NOISE == 2:
-        z = _philox_normal(tl.load(seed_ptr), offs).to(ACC)
+        z = _philox_normals(tl.load(seed_ptr), row, col0, inner, out_ptr.dtype.element_ty, BLOCK).to(ACC)
         out = tl.where(t > 0, out + cz * z, out)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(pred_x0_ptr + offs, x0.to(pred_x0_ptr.dtype.element_ty), mask=_gate(mask, return_pred_x0))
@@ -398,7 +430,7 @@ def _diffusion_step_backward_kernel(grad_ptr, grad_pred_x0_ptr, model_ptr, uncon
                                     use_clipped_model_output, has_grad_pred_x0, want_grad_noise, final_alpha_cumprod,
                                     final_alpha_cumprod_lo, eta, eta_lo, clip_range, clip_range_lo, n_bucket,
                                     inner_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row, mask, offs = _row_block(inner, BLOCK)
+    row, _, mask, offs = _row_block(inner, BLOCK)
     t = tl.load(t_ptr + row * t_stride)
     prev_t = tl.load(prev_t_ptr + row * prev_t_stride) + prev_offset
     c1, c2, ca, cx, ce, cz = _step_coefficients(

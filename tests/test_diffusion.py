@@ -305,6 +305,55 @@ def test_kernel_noise_does_not_depend_on_block_size(device):
     assert torch.equal(a, b) and a.std() > 0.9
 
 
+def _philox4x32(seed: int, counter):
+    """Philox4x32-10 (Salmon et al. 2011) in numpy, as ``tl.randint4x(seed, counter)`` keys it: the seed's
+    low and high words are the key, the int64 counter's the first two words of the block."""
+    import numpy as np
+
+    mask = np.uint64(0xFFFFFFFF)
+    c = [counter.astype(np.uint64) & mask, counter.astype(np.uint64) >> np.uint64(32),
+         np.zeros_like(counter, np.uint64), np.zeros_like(counter, np.uint64)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    for _ in range(10):
+        p0, p2 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]
+        c = [(p2 >> np.uint64(32)) ^ c[1] ^ k0, p2 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c
+
+
+def _kernel_noise_reference(seed: int, rows: int, inner: int):
+    """The kernels' documented draw in float64: column j of sample b is normal j % 4 of the Philox call at
+    counter b * ceil(inner / 4) + j // 4, its four words two Box-Muller pairs (r cos, r sin) of uniforms
+    formed as ``tl.uint_to_uniform_float`` forms them."""
+    import numpy as np
+
+    b, j = np.meshgrid(np.arange(rows), np.arange(inner), indexing="ij")
+    words = _philox4x32(seed, b * -(-inner // 4) + j // 4)
+
+    def uniform(w):  # int32 bits, negatives folded (~x), times the largest scale keeping the result < 1
+        x = w.astype(np.uint32).view(np.int32)
+        return (np.float32(np.where(x < 0, ~x, x)) * np.float32(4.6566127342e-10)).astype(np.float64)
+
+    lane = j % 4
+    pair = [(words[0], words[1]), (words[2], words[3])]
+    u1 = np.where(lane < 2, uniform(pair[0][0]), uniform(pair[1][0]))
+    u2 = np.where(lane < 2, uniform(pair[0][1]), uniform(pair[1][1]))
+    r = np.sqrt(-2 * np.log(np.maximum(u1, np.float32(1e-7))))
+    return torch.from_numpy(np.where(lane % 2 == 0, r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)))
+
+
+@pytest.mark.parametrize("shape", [(3, 1500), (2, 37)])
+def test_kernel_noise_is_the_documented_philox_draw(device, shape):
+    """In-kernel noise against a float64 numpy Philox4x32-10 + Box-Muller: four normals a call, in order,
+    keyed by (sample, column); rows whose size is not a multiple of 4 start a fresh counter."""
+    pytest.importorskip("triton")
+    seed = 2**40 + 12345  # both key words in use
+    z = _noise_of("triton", device, seed, shape=shape, block=256).double().cpu()
+    ref = _kernel_noise_reference(seed, *shape)
+    # the accurate transforms (the interpreter, fp32 on a GPU): float32 rounding of r, log and sin/cos
+    torch.testing.assert_close(z, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_no_noise_where_t_is_zero(backend, device):
     m, u, x, z = _inputs(device)
     t = torch.tensor([0, 5, 0], device=device)
