@@ -46,10 +46,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         RuntimeError: ``FASTSSL_BACKEND=triton`` where the kernels cannot run: Triton is not installed,
             or the tensors are on the CPU without ``TRITON_INTERPRET=1``.
     """
-    on_cuda = all(t.is_cuda for t in tensors)
     choice = requested_backend()
     if choice == "torch":
         return False
+    on_cuda = all(t.is_cuda for t in tensors)
     if choice == "auto":
         return on_cuda and triton_available()
     if not triton_available():

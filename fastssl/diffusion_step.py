@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Optional
@@ -105,6 +106,15 @@ class StepSpec:
         """Whether the step adds noise (DDPM always, DDIM when eta > 0)."""
         return self.sampler == "ddpm" or self.eta > 0
 
+    @property
+    def terms(self) -> tuple[bool, bool]:
+        """Whether ``out`` has its ``cx * x`` and its ``ce * e`` term: DDPM's mean has no e term, nor has DDIM
+        re-deriving eps from the clipped x0; DDIM with an epsilon model has no x term (x enters through x0
+        only). Both backends leave an absent term out rather than add 0 * it, so an inf there gives what the
+        literal formula gives."""
+        ddim, plain = self.sampler == "ddim", not self.use_clipped_model_output
+        return not (ddim and plain and self.prediction_type == "epsilon"), ddim and plain
+
     def options(self) -> dict:
         """The fields by name: the keyword arguments of the kernel launchers."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -137,11 +147,11 @@ _FIELD_TYPES = {f.name: _PARSERS[f.type] for f in dataclasses.fields(StepSpec)} 
 # The coefficients, derived once for the host (numpy) and the PyTorch path (torch)
 # ----------------------------------------------------------------------------------------------------
 
-def _derive(spec: StepSpec, a_t, a_p, noisy, xp):
-    """(c1, c2, ca, cx, ce, cz) from abar_t and abar_prev in float64: numpy scalars or arrays (xp = np) or
-    tensors (xp = torch), with IEEE semantics (a degenerate schedule gives inf/NaN, as in the kernel).
-    Differences of nearby abar are formed as (abar_prev - abar_t) / abar_prev."""
-    at_least = np.maximum if xp is np else torch.clamp_min
+def _derive(spec: StepSpec, a_t, a_p, noisy, at_least, where):
+    """(c1, c2, ca, cx, ce, cz) from abar_t and abar_prev in float64: Python floats, numpy scalars or arrays,
+    or tensors, with ``at_least`` (max) and ``where`` (select) for that kind. Differences of nearby abar are
+    formed as (abar_prev - abar_t) / abar_prev. A coefficient that is zero by construction (DDPM's ce, cx of
+    DDIM for an epsilon model) is exactly 0: both backends then leave its term out."""
     b_t, b_p = 1 - a_t, 1 - a_p
     beta = (a_p - a_t) / a_p  # the current (strided) step's beta
     sa, sb = a_t ** 0.5, b_t ** 0.5
@@ -163,28 +173,43 @@ def _derive(spec: StepSpec, a_t, a_p, noisy, xp):
             ca, cx, ce = a_p ** 0.5 - direction * sa / sb, direction / sb, zero
         else:
             ca, cx, ce = a_p ** 0.5, direction * d1, direction * d2
-    return c1, c2, ca, cx, ce, xp.where(noisy, cz, zero)  # never noise where t == 0
+    return c1, c2, ca, cx, ce, where(noisy, cz, zero)  # never noise where t == 0
+
+
+def _host_coefficients(spec: StepSpec, a_t: float, a_p: float, noisy: bool) -> tuple:
+    """The coefficients of one host timestep as Python floats: derived with float arithmetic (a tenth of
+    numpy scalars' cost, which dominated small CPU steps); where that raises or leaves the reals (a degenerate
+    schedule, DDIM with prev_t > t) numpy's IEEE semantics give the inf/NaN the kernel gives."""
+    try:
+        coeffs = _derive(spec, a_t, a_p, noisy, max, lambda c, a, b: a if c else b)
+        if not any(isinstance(c, complex) for c in coeffs):
+            return coeffs
+    except ZeroDivisionError:
+        pass
+    with np.errstate(all="ignore"):
+        return tuple(map(float, _derive(spec, np.float64(a_t), np.float64(a_p), noisy, np.maximum, np.where)))
 
 
 def step_coefficients(spec: StepSpec, alphas_cumprod: Tensor, t: Tensor, prev_t: Tensor) -> tuple:
     """The step's six per-sample coefficients for timesteps ``t`` and ``prev_t + spec.prev_offset``.
 
-    On the host (CPU tensors, eager) they come from numpy: Python floats for one timestep, float64 (B,)
+    On the host (CPU tensors, eager) they come from Python floats for one timestep and float64 (B,) numpy
     arrays for per-sample timesteps; elsewhere six float64 device tensors (no host sync)."""
     below = spec.final_alpha_cumprod
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
         table = alphas_cumprod.numpy()
+        if t.numel() == 1 and prev_t.numel() == 1:
+            ti, pi = int(t), int(prev_t) + spec.prev_offset
+            a_t = float(table[ti]) if ti < len(table) else math.nan
+            a_p = below if pi < 0 else float(table[pi]) if pi < len(table) else math.nan
+            return _host_coefficients(spec, a_t, a_p, ti > 0)
         with np.errstate(all="ignore"):
-            if t.numel() == 1 and prev_t.numel() == 1:
-                ti, pi = int(t), int(prev_t) + spec.prev_offset
-                a_t = np.float64(table[ti] if ti < len(table) else np.nan)
-                a_p = np.float64(below if pi < 0 else table[pi] if pi < len(table) else np.nan)
-                return tuple(map(float, _derive(spec, a_t, a_p, ti > 0, np)))
             tn, pn = np.broadcast_arrays(t.numpy(), prev_t.numpy() + spec.prev_offset)
             return _derive(spec, gather_alphas_cumprod(table, tn, float("nan")),
-                           gather_alphas_cumprod(table, pn, below), tn > 0, np)
+                           gather_alphas_cumprod(table, pn, below), tn > 0, np.maximum, np.where)
     return _derive(spec, gather_alphas_cumprod(alphas_cumprod, t, float("nan")),
-                   gather_alphas_cumprod(alphas_cumprod, prev_t + spec.prev_offset, below), t > 0, torch)
+                   gather_alphas_cumprod(alphas_cumprod, prev_t + spec.prev_offset, below), t > 0,
+                   torch.clamp_min, torch.where)
 
 
 def _views(coeffs, like: Tensor) -> list:
@@ -246,8 +271,11 @@ def _step_torch(spec: StepSpec, model_output, uncond_output, x_t, noise, t, prev
         x0 = add_scaled_(torch.mul(x, c1), e, c2)
         if spec.clip_sample:
             x0.clamp_(-spec.clip_range, spec.clip_range)
-        out = add_scaled_(torch.mul(x0, ca), x, cx)
-        if spec.sampler == "ddim":
+        out = torch.mul(x0, ca) if spec.return_pred_x0 else x0.mul_(ca)  # x0's buffer when it is not returned
+        x_term, e_term = spec.terms
+        if x_term:
+            add_scaled_(out, x, cx)
+        if e_term:
             add_scaled_(out, e, ce)
     if noise is not None:
         add_scaled_(out, as_dtype(noise, acc), cz)

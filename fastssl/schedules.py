@@ -74,6 +74,7 @@ class NoiseSchedule:
         self.betas, self.alphas, self.alphas_cumprod, self.q_coefficients = betas, alphas, alphas_cumprod, q_coefficients
         self.num_timesteps = betas.numel()
         self._steps = steps  # int t -> _steps[t + 1:t + 2], a view (t = -1: "before the first step")
+        self._step_views = {}
         self._copies = {}
         self._q_tables = {torch.float64: q_coefficients}
 
@@ -125,6 +126,17 @@ class NoiseSchedule:
                 self._q_tables[dtype] = table
         return table
 
+    def step_view(self, t: int) -> Tensor:
+        """The int64 tensor [t] on this schedule's device (t >= -1; lower values read as -1): a one-element view
+        of the schedule's steps, made once per t (a slice costs more than the small CPU step it feeds)."""
+        index = max(t, -1) + 1
+        if torch.compiler.is_compiling():
+            return self._steps[index:index + 1]
+        view = self._step_views.get(index)
+        if view is None:
+            view = self._step_views[index] = self._steps[index:index + 1]
+        return view
+
     def on(self, device) -> "NoiseSchedule":
         """This schedule on ``device``: ``self`` if its tables are there, else a copy made once and kept (the
         tables are read-only, so one copy per device serves every op)."""
@@ -172,8 +184,7 @@ def timestep_tensor(name: str, t, schedule: NoiseSchedule, batch: int, device: t
         t = int(t)
         if t >= T or (t < 0 and not allow_negative):
             raise ValueError(f"{name} must be in [{low}, {T - 1}] for this {T}-step schedule, got {t}")
-        index = max(t, -1) + 1
-        return schedule.on(device)._steps[index:index + 1]
+        return schedule.on(device).step_view(t)
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be an int or a LongTensor of shape ({batch},), got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:

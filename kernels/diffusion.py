@@ -18,8 +18,9 @@ per-sample coefficients::
     x0  = clip(c1 * x + c2 * e)             (predicted x_0, clamped when clip_sample)
     out = ca * x0 + cx * x + ce * e + cz * z   (z only where t > 0)
 
-DDPM: ca, cx are the posterior-mean coefficients of formula (7), ce = 0; DDIM: ca = sqrt(abar_prev),
-cx/ce come from the predicted epsilon, which is itself affine in x and e. Noise z is read from a tensor or
+DDPM: ca, cx are the posterior-mean coefficients of formula (7), and no e term; DDIM: ca = sqrt(abar_prev),
+cx/ce come from the predicted epsilon, which is itself affine in x and e (no x term for an epsilon model).
+A term a step does not have is left out, not added as 0 * it. Noise z is read from a tensor or
 drawn in the kernel: four normals from each Philox4x32-10 call (two Box-Muller pairs) keyed by the
 element's index, so it does not depend on BLOCK or the grid (``_philox_normals``); the seed is an int64
 loaded from a device pointer. For 16-bit outputs the transforms use the MUFU approximations (their error
@@ -410,7 +411,11 @@ def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_
     r = _scalar(clip_range, clip_range_lo, ACC)
     clamped = tl.minimum(tl.maximum(x0, -r, propagate_nan=tl.PropagateNan.ALL), r, propagate_nan=tl.PropagateNan.ALL)
     x0 = tl.where(clip_sample != 0, clamped, x0)
-    out = ca * x0 + cx * x + ce * e
+    # the terms the step has (StepSpec.terms): an absent one is left out, not added as 0 * x (an inf there
+    # stays what the literal formula makes of it)
+    has_x = (sampler == 0) | (prediction_type != 0) | (use_clipped_model_output != 0)
+    has_e = (sampler == 1) & (use_clipped_model_output == 0)
+    out = ca * x0 + tl.where(has_x, cx * x, 0.0) + tl.where(has_e, ce * e, 0.0)
     if NOISE == 1:
         z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
         out = tl.where(t > 0, out + cz * z, out)

@@ -305,6 +305,24 @@ def test_kernel_noise_does_not_depend_on_block_size(device):
     assert torch.equal(a, b) and a.std() > 0.9
 
 
+def test_a_term_the_step_lacks_is_left_out(backend, device):
+    """StepSpec.terms: an absent term is left out, not added as 0 * it, so with clipping an inf in x_t (DDIM,
+    epsilon model: x enters through x0 only) or in model_output (DDPM: no e term) gives the literal
+    formula's finite result on both backends."""
+    m, _, x, z = _inputs(device)
+    t, prev = torch.tensor([10, 500, 990], device=device), torch.tensor([0, 480, 970], device=device)
+    x_inf, m_inf = x.clone(), m.clone()
+    x_inf[1, 3] = m_inf[2, 5] = float("inf")
+    out = fastssl.ddim_step(m, t, prev, x_inf, SCHEDULE, clip_sample=True)
+    ref, _ = ddim_step_reference(m, t, prev, x_inf, SCHEDULE, clip_sample=True)
+    assert ref.isfinite().all()
+    assert_close(out, ref, scale=10)
+    out = fastssl.ddpm_step(m_inf, t, x, SCHEDULE, clip_sample=True, noise=z)
+    ref, _ = ddpm_step_reference(m_inf, t, x, SCHEDULE, clip_sample=True, noise=z)
+    assert ref.isfinite().all()
+    assert_close(out, ref, scale=10)
+
+
 def _philox4x32(seed: int, counter):
     """Philox4x32-10 (Salmon et al. 2011) in numpy, as ``tl.randint4x(seed, counter)`` keys it: the seed's
     low and high words are the key, the int64 counter's the first two words of the block."""
