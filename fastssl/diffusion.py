@@ -154,8 +154,11 @@ def ddim_step_reference(model_output, t, prev_t, x_t, schedule, *, eta=0.0, nois
 # cfg_combine: (1 + w) * cond - w * uncond in one pass
 # ----------------------------------------------------------------------------------------------------
 
-def _cfg_combine_torch(cond: Tensor, uncond: Tensor, guidance: Tensor) -> Tensor:
-    if guidance.numel() == 1 and guidance.device.type == "cpu":  # one fused lerp (float32 math for half types)
+def _cfg_combine_torch(cond: Tensor, uncond: Tensor, guidance) -> Tensor:
+    """The PyTorch path; ``guidance`` a tensor, or a float where the public function calls it directly."""
+    if not isinstance(guidance, Tensor):  # one fused lerp (float32 math for half types)
+        return torch.lerp(uncond, cond, 1.0 + guidance).contiguous()
+    if guidance.numel() == 1 and guidance.device.type == "cpu":
         return torch.lerp(uncond, cond, 1.0 + float(guidance.reshape(()))).contiguous()
     # a device or per-sample weight: upcast copies of both inputs, 3 passes (weights stay in float32)
     acc = accumulation_dtype(cond.dtype)
@@ -249,11 +252,12 @@ def cfg_combine(cond: Tensor, uncond: Tensor, guidance) -> Tensor:
     if cond.dim() == 0:
         raise ValueError("cond must have a batch dimension (B, ...), got a 0-dim tensor")
     guidance = check_guidance("guidance", guidance, cond, "cond")
+    direct = skip_dispatch(cond, uncond, guidance if isinstance(guidance, Tensor) else None)
+    if direct and not use_triton(cond):  # the PyTorch path takes a float weight as it is
+        return _cfg_combine_torch(cond, uncond, guidance)
     if not isinstance(guidance, Tensor):
         guidance = torch.full((1,), guidance, dtype=accumulation_dtype(cond.dtype), device=cond.device)
-    if skip_dispatch(cond, uncond, guidance):
-        return _cfg_combine_body(cond, uncond, guidance)
-    return _cfg_combine_op(cond, uncond, guidance)
+    return (_cfg_combine_body if direct else _cfg_combine_op)(cond, uncond, guidance)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,7 +273,7 @@ def _q_coefficients(q_coefficients: Tensor, t: Tensor, like: Tensor):
         if t.numel() == 1:
             a, b = q_coefficients.numpy()[:, int(t)].tolist()
             return a, b
-        both = q_coefficients.index_select(1, t)
+        both = torch.from_numpy(q_coefficients.numpy()[:, t.numpy()])  # numpy's gather: the cheapest here
     else:
         both = q_coefficients.index_select(1, t.clamp(0, T - 1))
         both = torch.where((t >= 0) & (t < T), both, torch.full_like(both, float("nan")))
