@@ -141,7 +141,7 @@ def ddim_step_reference(model_output, t, prev_t, x_t, schedule, *, eta=0.0, nois
     x, x0, eps, col = _ref_prediction(model_output, x_t, uncond_output, guidance, a_t, prediction_type, clip_sample,
                                       clip_range, dtype)
     var = (1 - a_p) / b_t * (1 - a_t / a_p)
-    std = eta * var.sqrt()
+    std = eta * var.sqrt() if eta else torch.zeros_like(var)  # eta = 0: no variance term (DDIMInverseScheduler)
     if use_clipped_model_output:
         eps = (x - col(a_t.sqrt()) * x0) / col(b_t.sqrt())
     out = col(a_p.sqrt()) * x0 + col((1 - a_p - std ** 2).clamp(min=0).sqrt()) * eps

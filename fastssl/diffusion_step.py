@@ -164,10 +164,11 @@ def _derive(spec: StepSpec, a_t, a_p, noisy, at_least, where):
     else:  # v_prediction
         c1, c2, d1, d2 = sa, -sb, sb, sa
     if spec.sampler == "ddpm":  # posterior mean of formula (7); sigma^2 fixed_small (clamped) or fixed_large
+        beta = where(beta < 0, math.nan, beta)  # a step to a later timestep has no posterior: NaN, not a number
         ca, cx, ce = a_p ** 0.5 * beta / b_t, (a_t / a_p) ** 0.5 * b_p / b_t, zero
         cz = at_least(b_p / b_t * beta, 1e-20) ** 0.5 if spec.variance_type == "fixed_small" else beta ** 0.5
-    else:  # DDIM (formula 12)
-        cz = spec.eta * (b_p / b_t * beta) ** 0.5
+    else:  # DDIM (formula 12); eta = 0 has no variance term (a step to a later timestep, inversion, has var < 0)
+        cz = spec.eta * (b_p / b_t * beta) ** 0.5 if spec.eta else zero
         direction = at_least(b_p - cz * cz, 0.0) ** 0.5
         if spec.use_clipped_model_output:  # eps re-derived from the clipped x0: (x - sa * x0) / sb
             ca, cx, ce = a_p ** 0.5 - direction * sa / sb, direction / sb, zero
@@ -277,10 +278,24 @@ def _step_torch(spec: StepSpec, model_output, uncond_output, x_t, noise, t, prev
             add_scaled_(out, x, cx)
         if e_term:
             add_scaled_(out, e, ce)
-    if noise is not None:
-        add_scaled_(out, as_dtype(noise, acc), cz)
+    z = None if noise is None else _noise_where_stepping(as_dtype(noise, acc), t)
+    if z is not None:
+        add_scaled_(out, z, cz)
     out = as_dtype(out, x_t.dtype).contiguous()  # a copy only for non-contiguous inputs
     return out, (as_dtype(x0, x_t.dtype).contiguous() if spec.return_pred_x0 else x_t.new_empty(0))
+
+
+def _noise_where_stepping(z: Tensor, t: Tensor):
+    """``z`` with the samples at t == 0 zeroed (their coefficient is 0, and 0 * NaN would be NaN: noise is
+    never added there, a NaN or inf in it included, as in the kernel and diffusers): ``z`` itself when every
+    t > 0 (known on the host without a pass); None (no noise term) when the one timestep is 0."""
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        steps = t.numpy() > 0
+        if steps.all():
+            return z
+        if t.numel() == 1:
+            return None
+    return torch.where((t > 0).reshape(-1, *([1] * (z.dim() - 1))), z, 0.0)
 
 
 def _step_backward_torch(spec: StepSpec, grad, grad_pred_x0, model_output, uncond_output, x_t, t, prev_t, guidance,
@@ -469,6 +484,19 @@ def _check_step_tensors(model_output, x_t, uncond_output, noise) -> None:
         raise ValueError("x_t must have a batch dimension (B, ...), got a 0-dim tensor")
 
 
+def _check_direction(spec: StepSpec, t: Tensor, prev_t: Tensor) -> None:
+    """DDPM, and DDIM with eta > 0, step to an earlier timestep (prev_t + prev_offset <= t); only DDIM with
+    eta = 0 may step to a later one (inversion, as diffusers' DDIMInverseScheduler). Checked where the
+    timesteps are on the host; on CUDA (no sync) such a step comes out NaN."""
+    if (spec.sampler == "ddim" and spec.eta == 0) or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    later = prev_t.numpy() + spec.prev_offset > t.numpy()
+    if later.any():
+        what = "DDPM" if spec.sampler == "ddpm" else f"DDIM with eta={spec.eta}"
+        raise ValueError(f"prev_t must not be after t for {what} (a step goes to an earlier timestep; only DDIM "
+                         f"with eta=0 inverts), got t={t.tolist()} and prev_t={(prev_t + spec.prev_offset).tolist()}")
+
+
 def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: NoiseSchedule, *, prev_t=None,
                noise: Optional[Tensor] = None, generator=None, seed: Optional[Tensor] = None,
                uncond_output: Optional[Tensor] = None, guidance=0.0) -> tuple[Tensor, Tensor]:
@@ -486,6 +514,7 @@ def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: N
     batch, device = x_t.shape[0], x_t.device
     t = timestep_tensor("t", t, schedule, batch, device)
     prev_t = t if prev_t is None else timestep_tensor("prev_t", prev_t, schedule, batch, device, allow_negative=True)
+    _check_direction(spec, t, prev_t)
     triton = use_triton(x_t)
     if not spec.draws_noise:
         noise = seed = None

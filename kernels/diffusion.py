@@ -275,6 +275,8 @@ def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sam
     beta_t = 1.0 - abar_t
     beta_p = 1.0 - abar_p
     beta_cur = _div(abar_p - abar_t, abar_p, ACC)  # 1 - alpha_t (the current step's beta, strided)
+    # DDPM to a later timestep has no posterior: NaN (as the host path), not a number
+    beta_cur = tl.where((sampler == 0) & (beta_cur < 0), float("nan"), beta_cur)
     sa = _sqrt(abar_t, ACC)
     sb = _sqrt(beta_t, ACC)
     inv_sa = _div(1.0 + 0.0 * sa, sa, ACC)
@@ -292,8 +294,9 @@ def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sam
     var = beta_p * inv_bt * beta_cur
     ddpm_z = _sqrt(tl.where(variance_type == 0, tl.maximum(var, 1e-20), beta_cur), ACC)
     # DDIM (formula 12): std = eta * sqrt(beta_p / beta_t * beta_cur); direction weight sqrt(beta_p - std^2)
-    std = eta * _sqrt(var, ACC)
-    direction = _sqrt(tl.maximum(beta_p - std * std, 0.0), ACC)
+    # eta = 0 has no variance term at all: a step to a later timestep (inversion, var < 0) stays defined
+    std = tl.where(eta == 0.0, 0.0, eta * _sqrt(var, ACC))
+    direction = _sqrt(tl.maximum(beta_p - std * std, 0.0, propagate_nan=tl.PropagateNan.ALL), ACC)
     ddim_a = sqrt_p
     ddim_x = direction * d1
     ddim_e = direction * d2

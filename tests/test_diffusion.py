@@ -323,6 +323,50 @@ def test_a_term_the_step_lacks_is_left_out(backend, device):
     assert_close(out, ref, scale=10)
 
 
+def test_noise_is_never_added_at_t_zero_even_if_it_is_nan(backend, device):
+    """Noise never enters where t == 0 (its coefficient is 0, and 0 * NaN is NaN): a NaN or inf noise
+    there leaves the mean, on both backends, for one timestep and per-sample ones (issue 16 item 2)."""
+    m, _, x, _ = _inputs(device)
+    bad = torch.full_like(x, float("nan"))
+    bad[1] = float("inf")
+    mean, _ = ddpm_step_reference(m, 0, x, SCHEDULE)
+    assert_close(fastssl.ddpm_step(m, 0, x, SCHEDULE, noise=bad), mean, scale=10)
+    t = torch.tensor([0, 5, 0], device=device)
+    out = fastssl.ddpm_step(m, t, x, SCHEDULE, noise=bad)
+    assert_close(out[[0, 2]], ddpm_step_reference(m, t, x, SCHEDULE)[0][[0, 2]], scale=10)
+    assert not out[1].isfinite().any()  # t = 5 does add it
+    out = fastssl.ddim_step(m, t, t - 1, x, SCHEDULE, eta=1.0, noise=bad)
+    assert_close(out[[0, 2]], ddim_step_reference(m, t, t - 1, x, SCHEDULE, eta=1.0)[0][[0, 2]], scale=10)
+
+
+def test_ddim_with_eta_zero_inverts_and_the_rest_refuse_a_later_timestep(backend, device):
+    """prev_t > t: DDIM with eta = 0 takes the inversion step (diffusers' DDIMInverseScheduler: no variance
+    term); DDPM and DDIM with eta > 0 have no such step: a ValueError naming prev_t on the host, NaN from
+    the kernel where the timesteps are on the GPU (issue 16 item 3)."""
+    m, _, x, z = _inputs(device)
+    t, later = torch.tensor([10, 200, 500], device=device), torch.tensor([30, 220, 520], device=device)
+    out = fastssl.ddim_step(m, t, later, x, SCHEDULE)
+    a_t, a_n = (SCHEDULE.alphas_cumprod.double()[v.cpu()].to(device)[:, None] for v in (t, later))
+    x0 = (x.double() - (1 - a_t).sqrt() * m.double()) / a_t.sqrt()
+    inverted = a_n.sqrt() * x0 + (1 - a_n).sqrt() * m.double()  # DDIMInverseScheduler.step's formula
+    assert out.isfinite().all()
+    assert_close(out, inverted, scale=10)
+    assert_close(out, ddim_step_reference(m, t, later, x, SCHEDULE)[0], scale=10)
+    with pytest.raises(ValueError, match="prev_t must not be after t for DDPM"):
+        fastssl.ddpm_step(m, t, x, SCHEDULE, prev_t=later, noise=z)
+    with pytest.raises(ValueError, match="prev_t must not be after t for DDIM with eta=0.5"):
+        fastssl.ddim_step(m, 10, 30, x, SCHEDULE, eta=0.5, noise=z)
+    if backend == "triton":  # the kernel itself (what a CUDA launch does, unchecked): NaN, not a number
+        from fastssl.kernels.diffusion import diffusion_step_forward
+
+        for spec in (StepSpec("ddpm"), StepSpec("ddim", eta=0.5)):
+            out, _ = diffusion_step_forward(model_output=m, uncond_output=None, x_t=x, noise=z, seed=None, t=t,
+                                            prev_t=later, guidance=None, alphas_cumprod=SCHEDULE.alphas_cumprod.to(device),
+                                            return_pred_x0=False, **{k: v for k, v in spec.options().items()
+                                                                     if k != "return_pred_x0"})
+            assert out.isnan().all(), spec
+
+
 def _philox4x32(seed: int, counter):
     """Philox4x32-10 (Salmon et al. 2011) in numpy, as ``tl.randint4x(seed, counter)`` keys it: the seed's
     low and high words are the key, the int64 counter's the first two words of the block."""
