@@ -284,7 +284,7 @@ def compile_one(spec, variant, config, arch: int) -> dict:
     result.update(usage, dynamic_shared=dynamic_shared, load_bits=max(profile["global_loads"], default=None),
                   sass=profile, seconds=round(time.perf_counter() - start, 2))
     if "BLOCK" in constexprs and not profile["loop"]["instructions"]:  # an elementwise kernel: one pass
-        result["per_thread"] = constexprs["BLOCK"] // (32 * config.num_warps)
+        result["per_thread"] = max(constexprs["BLOCK"] // (32 * config.num_warps), 1)
         result["instructions_per_element"] = round(profile["instructions"] / result["per_thread"], 1)
     total_shared = dynamic_shared + (usage["shared"] or 0)
     if usage["local"] is None:

@@ -109,8 +109,9 @@ def test_elementwise_kernels_move_every_element_128_bits_wide(compiled, arch):
         vectors = r["per_thread"] * _ITEMSIZE[element] // 16
         reads = _ELEMENT_READS[r["kernel"]] + (r["constexprs"].get("NOISE") == "1")
         where = (r["kernel"], element, r["constexprs"], r["num_warps"], r["sass"]["global_loads"])
-        assert vectors >= 1 and r["sass"]["global_loads"].get(128, 0) == reads * vectors, where
-        assert r["sass"]["global_stores"] == {128: _ELEMENT_WRITES[r["kernel"]] * vectors}, where
+        # (the widths are JSON object keys: strings)
+        assert vectors >= 1 and r["sass"]["global_loads"].get("128", 0) == reads * vectors, where
+        assert r["sass"]["global_stores"] == {"128": _ELEMENT_WRITES[r["kernel"]] * vectors}, where
 
 
 # SASS instructions per element that in-kernel noise adds to the step (NOISE=2 against NOISE=0, same config):
