@@ -415,10 +415,14 @@ def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_
     clamped = tl.minimum(tl.maximum(x0, -r, propagate_nan=tl.PropagateNan.ALL), r, propagate_nan=tl.PropagateNan.ALL)
     x0 = tl.where(clip_sample != 0, clamped, x0)
     # the terms the step has (StepSpec.terms): an absent one is left out, not added as 0 * x (an inf there
-    # stays what the literal formula makes of it)
+    # stays what the literal formula makes of it). With x0 neither clamped nor returned the x0 stage folds
+    # into the coefficients, out = (ca c1 + cx) x + (ca c2 + ce) e, as on the host: both backends compute
+    # the same map, for non-finite inputs too
     has_x = (sampler == 0) | (prediction_type != 0) | (use_clipped_model_output != 0)
     has_e = (sampler == 1) & (use_clipped_model_output == 0)
-    out = ca * x0 + tl.where(has_x, cx * x, 0.0) + tl.where(has_e, ce * e, 0.0)
+    staged = ca * x0 + tl.where(has_x, cx * x, 0.0) + tl.where(has_e, ce * e, 0.0)
+    folded = (ca * c1 + cx) * x + (ca * c2 + ce) * e
+    out = tl.where((clip_sample == 0) & (return_pred_x0 == 0), folded, staged)
     if NOISE == 1:
         z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
         out = tl.where(t > 0, out + cz * z, out)

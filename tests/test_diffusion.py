@@ -323,6 +323,33 @@ def test_a_term_the_step_lacks_is_left_out(backend, device):
     assert_close(out, ref, scale=10)
 
 
+def test_non_finite_inputs_give_one_result_on_both_backends(device, monkeypatch):
+    """Inf and NaN inputs come out the same on the PyTorch path and the kernels (issue 16 item 6): an inf
+    guidance, an inf model output with and without clipping (the unclamped x0 stage folds into one map of
+    x and e on both), a NaN in x_t."""
+    pytest.importorskip("triton")
+    m, u, x, z = _inputs(device)
+    m_inf, x_nan = m.clone(), x.clone()
+    m_inf[0, 1], m_inf[2, 3], x_nan[1, 2] = float("inf"), float("-inf"), float("nan")
+    t = torch.tensor([10, 500, 990], device=device)
+    calls = [lambda: fastssl.ddpm_step(m, t, x, SCHEDULE, uncond_output=u, guidance=float("inf"), noise=z),
+             lambda: fastssl.ddim_step(m_inf, t, t - 20, x, SCHEDULE),
+             lambda: fastssl.ddim_step(m_inf, t, t - 20, x, SCHEDULE, clip_sample=True),
+             lambda: fastssl.ddpm_step(m_inf, t, x, SCHEDULE, noise=z),
+             lambda: fastssl.ddpm_step(m, t, x_nan, SCHEDULE, noise=z, clip_sample=True),
+             lambda: fastssl.cfg_combine(m_inf, u, float("inf"))]
+    for call in calls:
+        outs = []
+        for backend in ("torch", "triton"):
+            monkeypatch.setenv("FASTSSL_BACKEND", backend)
+            outs.append(call())
+        ours, theirs = outs
+        assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+        finite = ours.isfinite()
+        assert torch.equal(ours[~finite].nan_to_num(), theirs[~finite].nan_to_num())
+        assert_close(ours[finite], theirs[finite], scale=10)
+
+
 def test_noise_is_never_added_at_t_zero_even_if_it_is_nan(backend, device):
     """Noise never enters where t == 0 (its coefficient is 0, and 0 * NaN is NaN): a NaN or inf noise
     there leaves the mean, on both backends, for one timestep and per-sample ones (issue 16 item 2)."""
