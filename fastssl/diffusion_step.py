@@ -420,6 +420,9 @@ def check_generator(generator, noise) -> None:
         raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
     if generator is not None and noise is not None:
         raise ValueError("pass either noise or generator, not both (noise is used as given)")
+    if isinstance(generator, torch.Generator) and torch.compiler.is_compiling():
+        raise ValueError("generator: a torch.Generator cannot be traced by torch.compile (an opaque object to "
+                         "dynamo); pass an int seed, or draw the noise outside and pass noise=")
 
 
 def philox_seeds(generator, count: int, device) -> Tensor:
@@ -434,13 +437,28 @@ def philox_seeds(generator, count: int, device) -> Tensor:
     return torch.full((count,), int(generator), dtype=torch.long, device=device)
 
 
+def _seeded_noise_body(like: Tensor, seed: int) -> Tensor:
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+# An int seed's noise as an op: a Generator made inside a compiled region is opaque to dynamo, an op is not.
+_seeded_noise = torch.library.custom_op("fastssl::seeded_noise", _seeded_noise_body, mutates_args=())
+
+
+@_seeded_noise.register_fake
+def _(like, seed):
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 def torch_noise(generator, like: Tensor) -> Tensor:
     """Standard normal noise like ``like`` drawn as diffusers' ``randn_tensor`` draws it (an int seeds a
-    fresh generator on like's device)."""
+    fresh generator on like's device; under torch.compile through ``fastssl::seeded_noise``, the same
+    draw)."""
     if generator is None:
         return torch.randn(like.shape, dtype=like.dtype, device=like.device)
     if not isinstance(generator, torch.Generator):
-        generator = torch.Generator(device=like.device).manual_seed(int(generator))
+        return (_seeded_noise if torch.compiler.is_compiling() else _seeded_noise_body)(like, int(generator))
     return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
 
 

@@ -498,6 +498,18 @@ def test_ops_compile_fullgraph(backend, device):
         assert_close(got, want.double(), torch.float32)
 
 
+def test_an_int_seed_compiles_fullgraph_and_a_generator_says_why_not(device):
+    """torch.compile(fullgraph=True) of a step drawing its noise from an int seed gives the eager draw (the
+    PyTorch path draws it through the fastssl::seeded_noise op); a torch.Generator, which dynamo cannot
+    trace, fails naming generator (issue 16 item 7: both failed with dynamo's "opaque object")."""
+    m, _, x, _ = _inputs(device)
+    step = torch.compile(lambda m, x: fastssl.ddpm_step(m, 500, x, SCHEDULE, generator=7), fullgraph=True)
+    assert_close(step(m, x), fastssl.ddpm_step(m, 500, x, SCHEDULE, generator=7))
+    gen = torch.Generator(device=device).manual_seed(0)
+    with pytest.raises(Exception, match="generator: a torch.Generator cannot be traced by torch.compile"):
+        torch.compile(lambda m, x: fastssl.ddpm_step(m, 500, x, SCHEDULE, generator=gen), fullgraph=True)(m, x)
+
+
 def test_step_nan_propagates_and_non_contiguous(backend, device):
     m, u, x, z = _inputs(device, shape=(2, 5, 6))
     m[1, 2, 3] = float("nan")
