@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import skip_dispatch, use_triton
+from .backend import first_order, skip_dispatch, use_triton
 from .checks import accumulation_dtype, check_float, check_guidance, check_same, check_same_shape
 from .diffusion_step import add_scaled_, apply_step, as_dtype, step_spec
 from .schedules import NoiseSchedule, check_schedule, timestep_tensor
@@ -207,6 +207,7 @@ def _cfg_combine_setup(ctx, inputs, output):
     ctx.save_for_backward(guidance, cond if needs_grad else None, uncond if needs_grad else None)
 
 
+@first_order("fastssl.cfg_combine")
 def _cfg_combine_backward(ctx, grad):
     guidance, cond, uncond = ctx.saved_tensors
     grad_cond, grad_uncond = _cfg_combine_backward_op(grad, guidance)
@@ -338,6 +339,7 @@ def _q_sample_setup(ctx, inputs, output):
     ctx.save_for_backward(t, q_coefficients)
 
 
+@first_order("fastssl.q_sample")
 def _q_sample_backward(ctx, grad, grad_v):
     t, q_coefficients = ctx.saved_tensors
     grad_x0, grad_noise = _q_sample_backward_op(grad, grad_v if ctx.return_v else None, t, q_coefficients)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backend import skip_dispatch, use_triton
+from .backend import first_order, skip_dispatch, use_triton
 from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_guidance, check_int,
                      check_number, check_positive, check_same, check_same_shape)
 from .schedules import NoiseSchedule, check_schedule, gather_alphas_cumprod, timestep_tensor
@@ -385,6 +385,7 @@ def _step_setup(ctx, inputs, output):
                           t, prev_t, guidance, alphas_cumprod)
 
 
+@first_order("fastssl's diffusion step (ddpm_step, ddim_step)")
 def _step_backward(ctx, grad, grad_pred_x0):
     model_output, uncond_output, x_t, t, prev_t, guidance, alphas_cumprod = ctx.saved_tensors
     like = grad if model_output is None else model_output  # any tensor of the right shape when not re-read

@@ -510,6 +510,19 @@ def test_an_int_seed_compiles_fullgraph_and_a_generator_says_why_not(device):
         torch.compile(lambda m, x: fastssl.ddpm_step(m, 500, x, SCHEDULE, generator=gen), fullgraph=True)(m, x)
 
 
+def test_double_backward_is_refused_naming_the_op(backend, device):
+    """create_graph=True through an op's fused backward: a RuntimeError naming the op (issue 16 item 7: it
+    was PyTorch's generic "no autograd formula was registered")."""
+    m, u, x, z = (v.requires_grad_() for v in _inputs(device))
+    for call, name in ((lambda: fastssl.q_sample(x, 5, z, SCHEDULE), "fastssl.q_sample"),
+                       (lambda: fastssl.cfg_combine(m, u, 2.0), "fastssl.cfg_combine"),
+                       (lambda: fastssl.ddpm_step(m, 5, x, SCHEDULE, noise=z), "ddpm_step")):
+        with pytest.raises(RuntimeError, match=f"{name}.* has no double backward|{name} has no double backward"):
+            torch.autograd.grad(call().square().sum(), x if name != "fastssl.cfg_combine" else m, create_graph=True)
+        (grad,) = torch.autograd.grad(call().square().sum(), x if name != "fastssl.cfg_combine" else m)
+        assert grad.isfinite().all()  # the first derivative as before
+
+
 def test_step_nan_propagates_and_non_contiguous(backend, device):
     m, u, x, z = _inputs(device, shape=(2, 5, 6))
     m[1, 2, 3] = float("nan")
