@@ -71,7 +71,7 @@ def _bench(args, parser) -> int:
     if args.quick and args.preset not in (None, "quick"):
         raise SystemExit(f"fastssl bench: --quick is --preset quick; it cannot go with --preset {args.preset}")
     preset = "quick" if args.quick else args.preset or "full"
-    check_before_work(parser, out=None if args.plan else args.out, device=args.device)
+    check_before_work(parser, out=None if args.plan else args.out, device=None if args.plan else args.device)
     try:
         if args.plan:
             print(harness.plan(preset, args.device or harness.default_device(), args.only, args.skip_preset))
