@@ -501,3 +501,14 @@ def test_ddpm_pipeline_with_learned_range_and_thresholding(monkeypatch):
     theirs = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**config))
     a, b = _run(ours), _run(theirs)
     assert a.shape == (2, 8, 8, 3) and abs(a - b).max() < 1e-4
+
+
+def test_readme_drop_in_example_runs(tmp_path, monkeypatch):
+    """The README's drop-in scheduler example is real code: a pipeline takes our scheduler, samples, saves
+    and loads back with it."""
+    readme = (os.path.dirname(__file__) + "/../README.md")
+    text = open(readme).read()
+    block = next(b for b in text.split("```python\n")[1:] if "fastssl.schedulers" in b.split("```")[0])
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.split("```")[0], "README.md", "exec"), {})
+    assert (tmp_path / "my-pipe" / "scheduler" / "scheduler_config.json").is_file()
