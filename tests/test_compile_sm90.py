@@ -111,8 +111,9 @@ def test_elementwise_kernels_move_every_element_128_bits_wide(compiled, arch):
         reads = _ELEMENT_READS[r["kernel"]] + (r["constexprs"].get("NOISE") == "1") + \
             (r["constexprs"].get("LEARNED") == "True")
         where = (r["kernel"], element, r["constexprs"], r["num_warps"], r["sass"]["global_loads"])
-        assert vectors >= 1 and r["sass"]["global_loads"].get(128, 0) == reads * vectors, where
-        assert r["sass"]["global_stores"] == {128: _ELEMENT_WRITES[r["kernel"]] * vectors}, where
+        loads, stores = ({int(bits): n for bits, n in r["sass"][k].items()} for k in ("global_loads", "global_stores"))
+        assert vectors >= 1 and loads.get(128, 0) == reads * vectors, where  # JSON keys are strings: as ints
+        assert stores == {128: _ELEMENT_WRITES[r["kernel"]] * vectors}, where
 
 
 # SASS instructions per element that in-kernel noise adds to the step (NOISE=2 against NOISE=0, same config):
