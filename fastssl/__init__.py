@@ -14,7 +14,17 @@ from . import losses  # noqa: E402,F401
 from .schedules import NoiseSchedule  # noqa: E402,F401
 from .diffusion import cfg_combine, ddim_step, ddpm_step, q_sample  # noqa: E402,F401
 from .sampling import sample  # noqa: E402,F401
-from . import schedulers  # noqa: E402,F401
+
 
 # propagation slice
 from .propagation import color_propagate, colorization_loss, propagate_labels  # noqa: E402,F401
+
+
+def __getattr__(name):
+    """``fastssl.schedulers`` loads on first use: with diffusers installed it imports diffusers' configuration
+    layer (seconds), which ``import fastssl`` should not pay."""
+    if name == "schedulers":
+        import importlib
+
+        return importlib.import_module(".schedulers", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

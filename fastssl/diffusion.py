@@ -431,7 +431,8 @@ def ddpm_step(model_output: Tensor, t, x_t: Tensor, schedule: NoiseSchedule, *, 
         generator: None, an int seed or a ``torch.Generator``; not with ``noise``.
         uncond_output: the unconditional model output for classifier-free guidance.
         guidance: w, a float or a per-sample tensor (0-dim or ``(B,)``); nonzero needs ``uncond_output``.
-        variance_type: ``"fixed_small"`` or ``"fixed_large"``.
+        variance_type: ``"fixed_small"`` or ``"fixed_large"`` (also diffusers' ``"learned"`` / ``"learned_range"``
+            with a ``(B, 2C, ...)`` model_output, sampling only: :mod:`fastssl.diffusion_step`).
         prediction_type: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
         clip_sample: clamp the predicted x0 to ``[-clip_range, clip_range]``.
         clip_range: a float > 0.

@@ -12,14 +12,19 @@ computed once per program, gathered by the sample's timestep read from a device 
 synchronisation anywhere): q_sample reads sqrt(abar_t) and sqrt(1 - abar_t) from the schedule's table in
 the math dtype (NoiseSchedule.q_table), the step derives its coefficients from the float32 abar table.
 Every step, whatever the sampler, prediction and variance type, is the same affine update with six
-per-sample coefficients::
+per-sample coefficients (seven with learned_range)::
 
     e   = m + w * (m - u)                   (guided model output; e = m without uncond)
-    x0  = clip(c1 * x + c2 * e)             (predicted x_0, clamped when clip_sample)
-    out = ca * x0 + cx * x + ce * e + cz * z   (z only where t > 0)
+    x0  = clip(c1 * x + c2 * e)             (predicted x_0, clamped when clip_sample; with thresholding
+                                             clamp(x0, -s, s) / s, s a per-sample table the caller computed)
+    out = ca * x0 + cx * x + ce * e + cz * f(v) * z   (z only where t > 0)
 
 DDPM: ca, cx are the posterior-mean coefficients of formula (7), and no e term; DDIM: ca = sqrt(abar_prev),
 cx/ce come from the predicted epsilon, which is itself affine in x and e (no x term for an epsilon model).
+f(v) = 1, but for DDPM's learned variances: the model output has 2C channels (rows ``model_stride`` = 2 *
+inner apart), m and u are read from the first C, v from the last C of the model output, and f(v) = sqrt(v)
+(learned) or exp((v + 1) / 2 * ck) (learned_range; a seventh per-sample coefficient): one more read, in the
+same pass, only where noise is added.
 A term a step does not have is left out, not added as 0 * it. Noise z is read from a tensor or
 drawn in the kernel: four normals from each Philox4x32-10 call (two Box-Muller pairs) keyed by the
 element's index, so it does not depend on BLOCK or the grid (``_philox_normals``); the seed is an int64
@@ -189,8 +194,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 # takes the accurate functions (the same values to ~2**-21)
 _MUFU = tl.constexpr(not interpreting())
 # The step kernel's int codes of the step's string options (sampler, variance_type, prediction_type).
-CHOICE_CODES = {"ddpm": 0, "ddim": 1, "fixed_small": 0, "fixed_large": 1, "epsilon": 0, "sample": 1,
-                "v_prediction": 2}
+CHOICE_CODES = {"ddpm": 0, "ddim": 1, "fixed_small": 0, "fixed_large": 1, "learned": 2, "learned_range": 3,
+                "epsilon": 0, "sample": 1, "v_prediction": 2}
 
 
 @device_function
@@ -266,15 +271,20 @@ def _gather_q(q_ptr, t, num_t, ACC: tl.constexpr):
 @device_function
 @triton.jit
 def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sampler, variance_type, prediction_type,
-                       use_clipped_model_output, ACC: tl.constexpr):
-    """The six per-sample scalars (c1, c2, ca, cx, ce, cz) of the affine step (module docstring), in ACC.
+                       use_clipped_model_output, diffusers_rounding, ACC: tl.constexpr):
+    """The seven per-sample scalars (c1, c2, ca, cx, ce, cz, ck) of the affine step (module docstring), in
+    ACC (ck: learned_range's rate, fastssl.diffusion_step._derive).
     Differences of nearby abar are formed as (abar_prev - abar_t) / abar_prev (exact subtraction) rather
-    than 1 - abar_t / abar_prev, which loses ~3 digits in float32 at small t."""
+    than 1 - abar_t / abar_prev, which loses ~3 digits in float32 at small t; ``diffusers_rounding``
+    reproduces that loss as diffusers' schedulers have it, 1 - fl32(abar_t / abar_prev) (the ratio divided
+    in float64 and rounded once, as IEEE float32 division rounds it)."""
     abar_t = _gather_abar(abar_ptr, t, num_t, float("nan")).to(ACC)
     abar_p = _gather_abar(abar_ptr, prev_t, num_t, final_alpha_cumprod).to(ACC)
     beta_t = 1.0 - abar_t
     beta_p = 1.0 - abar_p
-    beta_cur = _div(abar_p - abar_t, abar_p, ACC)  # 1 - alpha_t (the current step's beta, strided)
+    ratio32 = _div(abar_t.to(tl.float64), abar_p.to(tl.float64), tl.float64).to(tl.float32).to(ACC)
+    # 1 - alpha_t (the current step's beta, strided)
+    beta_cur = tl.where(diffusers_rounding != 0, 1.0 - ratio32, _div(abar_p - abar_t, abar_p, ACC))
     # DDPM to a later timestep has no posterior: NaN (as the host path), not a number
     beta_cur = tl.where((sampler == 0) & (beta_cur < 0), float("nan"), beta_cur)
     sa = _sqrt(abar_t, ACC)
@@ -286,13 +296,16 @@ def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sam
     c2 = tl.where(prediction_type == 0, -sb * inv_sa, tl.where(prediction_type == 1, 1.0, -sb))
     d1 = tl.where(prediction_type == 0, 0.0, tl.where(prediction_type == 1, inv_sb, sb))
     d2 = tl.where(prediction_type == 0, 1.0, tl.where(prediction_type == 1, -sa * inv_sb, sa))
-    # DDPM: posterior mean of formula (7); sigma^2 = fixed_small (clamped at 1e-20) or fixed_large
+    # DDPM: posterior mean of formula (7); sigma^2 = fixed_small (clamped at 1e-20) or fixed_large; the learned
+    # variances scale a per-element f(v): learned cz = 1, learned_range cz = sqrt(var) and ck = log(beta / var) / 2
     inv_bt = _div(1.0 + 0.0 * beta_t, beta_t, ACC)
     sqrt_p = _sqrt(abar_p, ACC)
     ddpm_a = sqrt_p * beta_cur * inv_bt
     ddpm_x = _sqrt(1.0 - beta_cur, ACC) * beta_p * inv_bt  # sqrt(alpha_t) = sqrt(abar_t / abar_prev)
     var = beta_p * inv_bt * beta_cur
-    ddpm_z = _sqrt(tl.where(variance_type == 0, tl.maximum(var, 1e-20), beta_cur), ACC)
+    var_c = tl.maximum(var, 1e-20)
+    ddpm_z = tl.where(variance_type == 2, 1.0, _sqrt(tl.where(variance_type == 1, beta_cur, var_c), ACC))
+    ck = 0.5 * tl.log(_div(beta_cur, var_c, ACC))
     # DDIM (formula 12): std = eta * sqrt(beta_p / beta_t * beta_cur); direction weight sqrt(beta_p - std^2)
     # eta = 0 has no variance term at all: a step to a later timestep (inversion, var < 0) stays defined
     std = tl.where(eta == 0.0, 0.0, eta * _sqrt(var, ACC))
@@ -309,7 +322,7 @@ def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sam
     cx = tl.where(is_ddpm, ddpm_x, ddim_x)
     ce = tl.where(is_ddpm, 0.0, ddim_e)
     cz = tl.where(t > 0, tl.where(is_ddpm, ddpm_z, std), 0.0)  # never noise where t == 0
-    return c1, c2, ca, cx, ce, cz
+    return c1, c2, ca, cx, ce, cz, ck
 
 
 @device_function
@@ -394,26 +407,32 @@ def _q_sample_backward_kernel(grad_ptr, grad_v_ptr, t_ptr, q_ptr, grad_x0_ptr, g
 @autotune(STEP_CONFIGS, key=["n_bucket", "inner_bucket"])
 @triton.jit
 def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, prev_t_ptr, guidance_ptr,
-                           abar_ptr, out_ptr, pred_x0_ptr, inner, t_stride, prev_t_stride, prev_offset,
-                           guidance_stride, num_t, sampler, variance_type, prediction_type, has_uncond, clip_sample,
-                           use_clipped_model_output, return_pred_x0, final_alpha_cumprod, final_alpha_cumprod_lo,
+                           threshold_ptr, abar_ptr, out_ptr, pred_x0_ptr, inner, model_stride, t_stride, prev_t_stride,
+                           prev_offset, guidance_stride, threshold_stride, num_t, sampler, variance_type,
+                           prediction_type, has_uncond, clip_sample, thresholding, use_clipped_model_output,
+                           diffusers_rounding, return_pred_x0, final_alpha_cumprod, final_alpha_cumprod_lo,
                            eta, eta_lo, clip_range, clip_range_lo, n_bucket, inner_bucket,
-                           ACC: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr):
+                           ACC: tl.constexpr, NOISE: tl.constexpr, LEARNED: tl.constexpr, BLOCK: tl.constexpr):
     row, col0, mask, offs = _row_block(inner, BLOCK)
+    # model/uncond rows are model_stride apart: inner, or 2 * inner with a learned variance in the last C channels
+    m_offs = row * model_stride + col0 + tl.arange(0, BLOCK)
     t = tl.load(t_ptr + row * t_stride)
     prev_t = tl.load(prev_t_ptr + row * prev_t_stride) + prev_offset
-    c1, c2, ca, cx, ce, cz = _step_coefficients(
+    c1, c2, ca, cx, ce, cz, ck = _step_coefficients(
         abar_ptr, t, prev_t, num_t, _scalar(final_alpha_cumprod, final_alpha_cumprod_lo, ACC), _scalar(eta, eta_lo, ACC),
-        sampler, variance_type, prediction_type, use_clipped_model_output, ACC)
+        sampler, variance_type, prediction_type, use_clipped_model_output, diffusers_rounding, ACC)
     w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
-    e = tl.load(model_ptr + offs, mask=mask).to(ACC)
-    u = tl.load(uncond_ptr + offs, mask=_gate(mask, has_uncond), other=0.0).to(ACC)
+    e = tl.load(model_ptr + m_offs, mask=mask).to(ACC)
+    u = tl.load(uncond_ptr + m_offs, mask=_gate(mask, has_uncond), other=0.0).to(ACC)
     e = tl.where(has_uncond != 0, e + w * (e - u), e)  # classifier-free guidance, fused
     x0 = c1 * x + c2 * e
-    r = _scalar(clip_range, clip_range_lo, ACC)
+    # clip_sample clamps to +-clip_range; thresholding to +-s (this sample's dynamic threshold), then divides by s
+    s = tl.load(threshold_ptr + row * threshold_stride).to(ACC)
+    r = tl.where(thresholding != 0, s, _scalar(clip_range, clip_range_lo, ACC))
     clamped = tl.minimum(tl.maximum(x0, -r, propagate_nan=tl.PropagateNan.ALL), r, propagate_nan=tl.PropagateNan.ALL)
-    x0 = tl.where(clip_sample != 0, clamped, x0)
+    clamped = tl.where(thresholding != 0, clamped * _div(1.0 + 0.0 * r, r, ACC), clamped)
+    x0 = tl.where((clip_sample != 0) | (thresholding != 0), clamped, x0)
     # the terms the step has (StepSpec.terms): an absent one is left out, not added as 0 * x (an inf there
     # stays what the literal formula makes of it). With x0 neither clamped nor returned the x0 stage folds
     # into the coefficients, out = (ca c1 + cx) x + (ca c2 + ce) e, as on the host: both backends compute
@@ -422,13 +441,17 @@ def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_
     has_e = (sampler == 1) & (use_clipped_model_output == 0)
     staged = ca * x0 + tl.where(has_x, cx * x, 0.0) + tl.where(has_e, ce * e, 0.0)
     folded = (ca * c1 + cx) * x + (ca * c2 + ce) * e
-    out = tl.where((clip_sample == 0) & (return_pred_x0 == 0), folded, staged)
-    if NOISE == 1:
-        z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
-        out = tl.where(t > 0, out + cz * z, out)
-    if NOISE == 2:
-        z = _philox_normals(tl.load(seed_ptr), row, col0, inner, out_ptr.dtype.element_ty, BLOCK).to(ACC)
-        out = tl.where(t > 0, out + cz * z, out)
+    out = tl.where((clip_sample == 0) & (thresholding == 0) & (return_pred_x0 == 0), folded, staged)
+    if NOISE != 0:
+        if NOISE == 1:
+            z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
+        else:
+            z = _philox_normals(tl.load(seed_ptr), row, col0, inner, out_ptr.dtype.element_ty, BLOCK).to(ACC)
+        noise = cz * z
+        if LEARNED:  # a learned variance: sigma per element from the model's last C channels
+            v = tl.load(model_ptr + m_offs + inner, mask=mask, other=0.0).to(ACC)
+            noise = noise * tl.where(variance_type == 2, _sqrt(v, ACC), tl.exp((v + 1.0) * (0.5 * ck)))
+        out = tl.where(t > 0, out + noise, out)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(pred_x0_ptr + offs, x0.to(pred_x0_ptr.dtype.element_ty), mask=_gate(mask, return_pred_x0))
 
@@ -439,15 +462,16 @@ def _diffusion_step_backward_kernel(grad_ptr, grad_pred_x0_ptr, model_ptr, uncon
                                     guidance_ptr, abar_ptr, grad_model_ptr, grad_uncond_ptr, grad_x_ptr,
                                     grad_noise_ptr, inner, t_stride, prev_t_stride, prev_offset, guidance_stride,
                                     num_t, sampler, variance_type, prediction_type, has_uncond, clip_sample,
-                                    use_clipped_model_output, has_grad_pred_x0, want_grad_noise, final_alpha_cumprod,
+                                    use_clipped_model_output, diffusers_rounding, has_grad_pred_x0, want_grad_noise,
+                                    final_alpha_cumprod,
                                     final_alpha_cumprod_lo, eta, eta_lo, clip_range, clip_range_lo, n_bucket,
                                     inner_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
     row, _, mask, offs = _row_block(inner, BLOCK)
     t = tl.load(t_ptr + row * t_stride)
     prev_t = tl.load(prev_t_ptr + row * prev_t_stride) + prev_offset
-    c1, c2, ca, cx, ce, cz = _step_coefficients(
+    c1, c2, ca, cx, ce, cz, _ = _step_coefficients(
         abar_ptr, t, prev_t, num_t, _scalar(final_alpha_cumprod, final_alpha_cumprod_lo, ACC), _scalar(eta, eta_lo, ACC),
-        sampler, variance_type, prediction_type, use_clipped_model_output, ACC)
+        sampler, variance_type, prediction_type, use_clipped_model_output, diffusers_rounding, ACC)
     w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)
     g = tl.load(grad_ptr + offs, mask=mask).to(ACC)
     g_x0 = ca * g + tl.load(grad_pred_x0_ptr + offs, mask=_gate(mask, has_grad_pred_x0), other=0.0).to(ACC)
@@ -482,15 +506,20 @@ register(_q_sample_backward_kernel, configs=STEP_CONFIGS,
                                  ints=_Q_INTS + ["has_grad_v"], ints16=_SIZES16, tables=["q_ptr"],
                                  i64_tensors=["t_ptr"]))
 _STEP_INTS = ["t_stride", "prev_t_stride", "prev_offset", "guidance_stride", "num_t", "sampler", "variance_type",
-              "prediction_type", "has_uncond", "clip_sample", "use_clipped_model_output"]
+              "prediction_type", "has_uncond", "clip_sample", "use_clipped_model_output", "diffusers_rounding"]
 _STEP_FLOATS = ["final_alpha_cumprod", "final_alpha_cumprod_lo", "eta", "eta_lo", "clip_range", "clip_range_lo"]
+# LEARNED (a learned variance, compiled only where a step adds noise: the per-element sigma is code the other
+# steps do not carry)
 register(_diffusion_step_kernel, configs=STEP_CONFIGS,
-         variants=[v for noise in (NOISE_NONE, NOISE_READ, NOISE_PHILOX)
+         variants=[v for noise, learned in ((NOISE_NONE, False), (NOISE_READ, False), (NOISE_PHILOX, False),
+                                            (NOISE_READ, True), (NOISE_PHILOX, True))
                    for v in dtype_variants(["model_ptr", "uncond_ptr", "x_ptr", "noise_ptr", "out_ptr", "pred_x0_ptr"],
-                                           ["guidance_ptr"], _STEP_INTS + ["return_pred_x0"], ints16=_SIZES16,
+                                           ["guidance_ptr", "threshold_ptr"],
+                                           _STEP_INTS + ["return_pred_x0", "threshold_stride", "thresholding"],
+                                           ints16=_SIZES16 + ["model_stride"],
                                            f32_tables=["abar_ptr"],
                                            i64_tensors=["seed_ptr", "t_ptr", "prev_t_ptr"], floats=_STEP_FLOATS,
-                                           NOISE=noise)])
+                                           NOISE=noise, LEARNED=learned)])
 register(_diffusion_step_backward_kernel, configs=STEP_CONFIGS,
          variants=dtype_variants(["grad_ptr", "grad_pred_x0_ptr", "model_ptr", "uncond_ptr", "x_ptr", "grad_model_ptr",
                                   "grad_uncond_ptr", "grad_x_ptr", "grad_noise_ptr"], ["guidance_ptr"],
@@ -549,7 +578,7 @@ def _zero_weight(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 def _step_arguments(like, t, prev_t, guidance, alphas_cumprod, has_uncond, *, sampler, prediction_type,
                     variance_type, clip_sample, clip_range, eta, final_alpha_cumprod, use_clipped_model_output,
-                    prev_offset):
+                    prev_offset, diffusers_rounding):
     """The keyword arguments the forward and backward step kernels share, from the step's options."""
     n = like.numel()
     inner = n // like.shape[0]
@@ -565,21 +594,26 @@ def _step_arguments(like, t, prev_t, guidance, alphas_cumprod, has_uncond, *, sa
                 guidance_stride=guidance_stride, num_t=alphas_cumprod.numel(), sampler=CHOICE_CODES[sampler],
                 variance_type=CHOICE_CODES[variance_type], prediction_type=CHOICE_CODES[prediction_type],
                 has_uncond=int(has_uncond), clip_sample=int(clip_sample),
-                use_clipped_model_output=int(use_clipped_model_output), final_alpha_cumprod=final_hi,
+                use_clipped_model_output=int(use_clipped_model_output),
+                diffusers_rounding=int(diffusers_rounding), final_alpha_cumprod=final_hi,
                 final_alpha_cumprod_lo=final_lo, eta=eta_hi, eta_lo=eta_lo, clip_range=range_hi,
                 clip_range_lo=range_lo, n_bucket=bucket(n), inner_bucket=bucket(inner), ACC=acc_type(like.dtype))
 
 
 def diffusion_step_forward(*, model_output, uncond_output, x_t, noise, seed, t, prev_t, guidance, alphas_cumprod,
-                           return_pred_x0, block=None, **options):
+                           return_pred_x0, threshold=None, thresholding=False, dynamic_thresholding_ratio=None,
+                           sample_max_value=None, block=None, **options):
     """Launch ``_diffusion_step_kernel``: (x_prev, pred_x0 or an empty tensor).
 
     ``t``/``prev_t``: int64 (1,) or (B,) device tensors (prev_t is read as ``prev_t + prev_offset``);
     ``guidance``: one weight or one per sample (a tensor; None without ``uncond_output``); ``noise``: a
-    tensor to read, else ``seed`` (int64 (1,) device tensor) for in-kernel Philox noise, else no noise.
-    ``options``: the step's sampler, prediction_type, variance_type, clip_sample, clip_range, eta,
-    final_alpha_cumprod, use_clipped_model_output and prev_offset (fastssl.diffusion_step.StepSpec).
-    Inputs are made contiguous once (a copy only when they are not)."""
+    tensor to read, else ``seed`` (int64 (1,) device tensor) for in-kernel Philox noise, else no noise;
+    ``threshold``: with ``thresholding``, the (B,) dynamic thresholds s in the math dtype (computed by the
+    caller: the quantile is theirs, the ratio and bound come along unused). ``model_output`` (and
+    ``uncond_output``) have 2C channels for a learned variance_type. ``options``: the step's sampler,
+    prediction_type, variance_type, clip_sample, clip_range, eta, final_alpha_cumprod,
+    use_clipped_model_output, prev_offset and diffusers_rounding (fastssl.diffusion_step.StepSpec). Inputs are
+    made contiguous once (a copy only when they are not)."""
     model_output, x_t = model_output.contiguous(), x_t.contiguous()
     uncond_output = uncond_output.contiguous() if uncond_output is not None else None
     noise = noise.contiguous() if noise is not None else None
@@ -589,10 +623,14 @@ def diffusion_step_forward(*, model_output, uncond_output, x_t, noise, seed, t, 
         return out, pred_x0
     mode = NOISE_READ if noise is not None else NOISE_PHILOX if seed is not None else NOISE_NONE
     shared = _step_arguments(x_t, t, prev_t, guidance, alphas_cumprod, uncond_output is not None, **options)
-    _launch(_diffusion_step_kernel, x_t.shape[0], shared["inner"], block, **shared, model_ptr=model_output,
+    table, stride = (threshold, _stride(threshold)) if thresholding else (shared["guidance_ptr"], 0)
+    _launch(_diffusion_step_kernel, x_t.shape[0], shared["inner"], block, **shared, threshold_ptr=table,
+            threshold_stride=stride, thresholding=int(thresholding), model_stride=model_output.numel() // x_t.shape[0],
+            model_ptr=model_output,
             uncond_ptr=model_output if uncond_output is None else uncond_output, x_ptr=x_t,
             noise_ptr=x_t if noise is None else noise, seed_ptr=t if seed is None else seed, out_ptr=out,
-            pred_x0_ptr=pred_x0 if return_pred_x0 else out, return_pred_x0=int(return_pred_x0), NOISE=mode)
+            pred_x0_ptr=pred_x0 if return_pred_x0 else out, return_pred_x0=int(return_pred_x0), NOISE=mode,
+            LEARNED=mode != NOISE_NONE and options["variance_type"] in ("learned", "learned_range"))
     return out, pred_x0
 
 

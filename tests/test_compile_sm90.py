@@ -89,7 +89,8 @@ def test_contrastive_kernels_are_pipelined_with_wide_loads(compiled):
 
 # The element tensors each diffusion kernel reads and writes (a run-time flag may gate one off; its access
 # stays in the code); the kernels' other loads are per-program scalars (timesteps, seeds, weights, the
-# schedule's coefficients). The step kernel reads a noise tensor too with NOISE=1.
+# schedule's coefficients). The step kernel reads a noise tensor too with NOISE=1, and the model output's variance
+# half with LEARNED=True.
 _ELEMENT_READS = {"_cfg_combine_kernel": 2, "_cfg_combine_backward_kernel": 1, "_q_sample_kernel": 2,
                   "_q_sample_backward_kernel": 2, "_diffusion_step_kernel": 3, "_diffusion_step_backward_kernel": 5}
 _ELEMENT_WRITES = {"_cfg_combine_kernel": 1, "_cfg_combine_backward_kernel": 2, "_q_sample_kernel": 2,
@@ -107,11 +108,12 @@ def test_elementwise_kernels_move_every_element_128_bits_wide(compiled, arch):
     for r in rows:
         element = next(t for t in r["signature"].values() if t.startswith("*"))
         vectors = r["per_thread"] * _ITEMSIZE[element] // 16
-        reads = _ELEMENT_READS[r["kernel"]] + (r["constexprs"].get("NOISE") == "1")
+        reads = _ELEMENT_READS[r["kernel"]] + (r["constexprs"].get("NOISE") == "1") + \
+            (r["constexprs"].get("LEARNED") == "True")
         where = (r["kernel"], element, r["constexprs"], r["num_warps"], r["sass"]["global_loads"])
-        # (the widths are JSON object keys: strings)
-        assert vectors >= 1 and r["sass"]["global_loads"].get("128", 0) == reads * vectors, where
-        assert r["sass"]["global_stores"] == {"128": _ELEMENT_WRITES[r["kernel"]] * vectors}, where
+        loads, stores = ({int(bits): n for bits, n in r["sass"][k].items()} for k in ("global_loads", "global_stores"))
+        assert vectors >= 1 and loads.get(128, 0) == reads * vectors, where  # JSON keys are strings: as ints
+        assert stores == {128: _ELEMENT_WRITES[r["kernel"]] * vectors}, where
 
 
 # SASS instructions per element that in-kernel noise adds to the step (NOISE=2 against NOISE=0, same config):
@@ -124,14 +126,34 @@ def test_in_kernel_noise_costs_few_instructions_per_element(compiled):
     """Issue [4/7]: the step's Philox noise (four normals a call, fast transforms where the dtype allows)
     within its budget of SASS instructions per element on sm_90, in every config."""
     rc, lines, stderr = compiled[90]
-    rows = [r for r in lines[1:] if r["kernel"] == "_diffusion_step_kernel"]
-    per_element = {(r["signature"]["out_ptr"], r["num_warps"], r["constexprs"]["BLOCK"], r["constexprs"]["NOISE"]):
-                   r["instructions_per_element"] for r in rows}
-    noisy = [key for key in per_element if key[3] == "2"]
+    per_element = _step_instructions_per_element(lines)
+    noisy = [key for key in per_element if key[3] == "2" and key[4] == "False"]
     assert noisy, stderr
-    for out, warps, block, _ in noisy:
-        extra = per_element[out, warps, block, "2"] - per_element[out, warps, block, "0"]
+    for out, warps, block, _, _ in noisy:
+        extra = per_element[out, warps, block, "2", "False"] - per_element[out, warps, block, "0", "False"]
         assert extra <= _NOISE_BUDGET[out], (out, warps, block, extra)
+
+
+def _step_instructions_per_element(lines) -> dict:
+    """The step kernel's SASS instructions per element by (out dtype, warps, BLOCK, NOISE, LEARNED)."""
+    rows = [r for r in lines[1:] if r["kernel"] == "_diffusion_step_kernel"]
+    return {(r["signature"]["out_ptr"], r["num_warps"], r["constexprs"]["BLOCK"], r["constexprs"]["NOISE"],
+             r["constexprs"]["LEARNED"]): r["instructions_per_element"] for r in rows}
+
+
+# What a learned variance's per-element sigma (the variance half's load, then sqrt or exp) adds to a noisy step
+# (LEARNED=True against False, same NOISE and config), sm_90, triton 3.8 (2026-12): 16-22 (16-bit and fp32),
+# 62-74 (fp64: libdevice's exp).
+_LEARNED_BUDGET = {"*fp16": 24, "*bf16": 24, "*fp32": 24, "*fp64": 80}
+
+
+def test_learned_variance_costs_few_instructions_per_element(compiled):
+    per_element = _step_instructions_per_element(compiled[90][1])
+    learned = [key for key in per_element if key[4] == "True"]
+    assert {key[3] for key in learned} == {"1", "2"}, "LEARNED variants exist for the noisy steps only"
+    for out, warps, block, noise, _ in learned:
+        extra = per_element[out, warps, block, noise, "True"] - per_element[out, warps, block, noise, "False"]
+        assert extra <= _LEARNED_BUDGET[out], (out, warps, block, noise, extra)
 
 
 def test_declared_multiples_of_16_reach_the_compiler():

@@ -629,7 +629,8 @@ def _call(fn, d, **override):
     (lambda d: _call(fastssl.ddpm_step, d, guidance=2.0), ValueError, "needs uncond_output"),
     (lambda d: _call(fastssl.ddpm_step, d, guidance="2", uncond_output=torch.ones(2, 3, device=d)), TypeError, "guidance must be a float"),
     (lambda d: _call(fastssl.ddpm_step, d, guidance=torch.ones(3, device=d), uncond_output=torch.ones(2, 3, device=d)), ValueError, r"\(2,\) tensor"),
-    (lambda d: _call(fastssl.ddpm_step, d, variance_type="learned_range"), ValueError, "variance_type must be one of"),
+    (lambda d: _call(fastssl.ddpm_step, d, variance_type="fixed_large_log"), ValueError, "variance_type must be one of"),
+    (lambda d: _call(fastssl.ddpm_step, d, variance_type="learned_range"), ValueError, r"needs model_output of shape \(B, 2C"),
     (lambda d: _call(fastssl.ddpm_step, d, prediction_type="eps"), ValueError, "prediction_type must be one of"),
     (lambda d: _call(fastssl.ddpm_step, d, clip_range=0.0), ValueError, "clip_range must be a finite number > 0"),
     (lambda d: _call(fastssl.ddpm_step, d, generator=1, noise=torch.ones(2, 3, device=d)), ValueError, "either noise or generator"),
@@ -768,3 +769,105 @@ def test_cuda_steps_do_not_sync_and_a_sampling_loop_captures_in_a_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(static_out, eager, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dynamic thresholding and learned variances (the drop-in schedulers' options), against float64 references
+# ----------------------------------------------------------------------------------------------------
+
+def _abar_pair(t, prev, like):
+    table = SCHEDULE.alphas_cumprod.double().to(like.device)
+    col = lambda v: v.reshape(-1, *([1] * (like.dim() - 1)))  # noqa: E731
+    return col(table[t]), col(torch.where(prev >= 0, table[prev.clamp(min=0)], torch.ones_like(table[t])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_step_dynamic_thresholding_matches_reference(backend, device, dtype, prediction_type, sampler):
+    """x0 = clamp(x0, -s, s) / s with s = clamp(quantile(|x0|, ratio), 1, max) per sample (Saharia et al. 2022),
+    then the step as usual; guided, per-sample timesteps, explicit noise; one sample stays within 1 (s = 1)."""
+    m, u, x, z = (3 * v for v in _inputs(device, dtype, shape=(3, 4, 9)))
+    m[0], x[0] = m[0] / 100, x[0] / 100  # sample 0: |x0| < 1 where x0 is not scaled up by the schedule
+    t = torch.tensor([0, 40, 700], device=device)
+    prev = t - 20
+    w = _guidance("per_sample", device, dtype)
+    spec = StepSpec(sampler, prediction_type=prediction_type, thresholding=True, dynamic_thresholding_ratio=0.9,
+                    sample_max_value=2.5, eta=0.5 if sampler == "ddim" else 0.0, return_pred_x0=True)
+    out, x0 = apply_step(spec, m, t, x, SCHEDULE, prev_t=prev, noise=z, uncond_output=u, guidance=w)
+    a_t, a_p = _abar_pair(t, prev, x)
+    e = ((1 + w.double()[:, None, None]) * m.double() - w.double()[:, None, None] * u.double())
+    xd = x.double()
+    ref_x0, eps = {"epsilon": ((xd - (1 - a_t).sqrt() * e) / a_t.sqrt(), e),
+                   "sample": (e, (xd - a_t.sqrt() * e) / (1 - a_t).sqrt()),
+                   "v_prediction": (a_t.sqrt() * xd - (1 - a_t).sqrt() * e, a_t.sqrt() * e + (1 - a_t).sqrt() * xd)}[prediction_type]
+    s = torch.quantile(ref_x0.abs().reshape(3, -1), 0.9, dim=1).clamp(1, 2.5).reshape(3, 1, 1)
+    ref_x0 = torch.minimum(torch.maximum(ref_x0, -s), s) / s
+    beta = 1 - a_t / a_p
+    var = (1 - a_p) / (1 - a_t) * beta
+    noisy = (t > 0).reshape(3, 1, 1)
+    if sampler == "ddpm":
+        ref = a_p.sqrt() * beta / (1 - a_t) * ref_x0 + (1 - beta).sqrt() * (1 - a_p) / (1 - a_t) * xd \
+            + torch.where(noisy, var.clamp(min=1e-20).sqrt(), 0) * z.double()
+    else:
+        std = 0.5 * var.sqrt()
+        ref = a_p.sqrt() * ref_x0 + (1 - a_p - std ** 2).sqrt() * eps + torch.where(noisy, std, 0) * z.double()
+    assert (s[1:] > 1).all() and s[0] == 1  # the threshold is active where it should be
+    _check(x0, ref_x0, None, dtype)
+    _check(out, ref, None, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_step_learned_variance_matches_reference(backend, device, dtype, variance_type, guided):
+    """A (B, 2C, ...) model output: the mean from its first C channels (guided), each element's sigma from its
+    last C: sqrt(v) (learned) or exp(((1 - f) log var + f log beta) / 2), f = (v + 1) / 2 (learned_range), as
+    diffusers splits and computes them; no noise where t == 0."""
+    x, z = (torch.randn(3, 3, 7, device=device, dtype=dtype) for _ in range(2))
+    m, u = torch.randn(3, 6, 7, device=device, dtype=dtype), torch.randn(3, 6, 7, device=device, dtype=dtype)
+    v = torch.rand(3, 3, 7, device=device, dtype=dtype) * (0.02 if variance_type == "learned" else 2) \
+        - (0 if variance_type == "learned" else 1)
+    m[:, 3:] = v
+    t = torch.tensor([0, 5, 600], device=device)
+    opts = dict(uncond_output=u, guidance=2.0) if guided else {}
+    spec = StepSpec("ddpm", variance_type=variance_type, clip_sample=True, return_pred_x0=True, prev_offset=-1)
+    out, x0 = apply_step(spec, m, t, x, SCHEDULE, noise=z, **opts)
+    mean, ref_x0 = ddpm_step_reference(m[:, :3], t, x, SCHEDULE, uncond_output=u[:, :3] if guided else None,
+                                       guidance=2.0 if guided else 0.0, clip_sample=True)
+    a_t, a_p = _abar_pair(t, t - 1, x)
+    beta = 1 - a_t / a_p
+    var = ((1 - a_p) / (1 - a_t) * beta).clamp(min=1e-20)
+    vd = v.double()
+    frac = (vd + 1) / 2
+    sigma = vd.sqrt() if variance_type == "learned" else torch.exp(0.5 * (frac * beta.log() + (1 - frac) * var.log()))
+    ref = mean + torch.where((t > 0).reshape(3, 1, 1), sigma * z.double(), 0)
+    _check(x0, ref_x0, None, dtype)
+    _check(out, ref, None, dtype)
+    if backend == "triton":  # in-kernel noise: the same Philox draw as a fixed_small step's, scaled per element
+        fixed = StepSpec("ddpm", clip_sample=True, prev_offset=-1)
+        plain, _ = apply_step(fixed, m[:, :3].contiguous(), t, x, SCHEDULE, generator=7, **({} if not guided else dict(
+            uncond_output=u[:, :3].contiguous(), guidance=2.0)))
+        drawn = (plain.double() - mean) / torch.where(var > 1e-20, var.sqrt(), 1)
+        learned, _ = apply_step(spec, m, t, x, SCHEDULE, generator=7, **opts)
+        expected = mean + torch.where((t > 0).reshape(3, 1, 1), sigma * drawn, 0)
+        torch.testing.assert_close(learned.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_thresholding_and_learned_variance_validate_and_have_no_backward(device):
+    x = torch.randn(2, 3, 4, device=device)
+    with pytest.raises(ValueError, match=r"needs model_output of shape \(B, 2C, ...\) = \(2, 6, 4\)"):
+        apply_step(StepSpec("ddpm", variance_type="learned"), x, 5, x, SCHEDULE, noise=x)
+    with pytest.raises(ValueError, match="variance_type='learned' is a DDPM option"):
+        StepSpec("ddim", variance_type="learned")
+    with pytest.raises(ValueError, match="dynamic_thresholding_ratio must be a finite number in"):
+        StepSpec("ddpm", thresholding=True, dynamic_thresholding_ratio=1.5)
+    with pytest.raises(ValueError, match="sample_max_value must be a finite number > 0"):
+        StepSpec("ddpm", thresholding=True, sample_max_value=0.0)
+    m = torch.randn(2, 6, 4, device=device, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="no backward"):
+        apply_step(StepSpec("ddpm", variance_type="learned_range"), m, 5, x, SCHEDULE, noise=x)
+    with pytest.raises(NotImplementedError, match="thresholding has no backward"):
+        apply_step(StepSpec("ddpm", thresholding=True), x.requires_grad_(), 5, x.detach(), SCHEDULE, noise=x.detach())
+    with torch.no_grad():
+        assert apply_step(StepSpec("ddpm", variance_type="learned_range"), m, 5, x, SCHEDULE, noise=x)[0].shape == x.shape
