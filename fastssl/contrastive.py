@@ -102,9 +102,14 @@ def _keeps_scores(n: int, m: int, *tensors: Tensor) -> bool:
     to compute, n * m <= KEEP_ELEMENTS, and the PyTorch path (``use_triton``'s answer for CPU tensors under
     ``auto`` and for ``FASTSSL_BACKEND=torch``, read here so torch.compile guards on it; a kept block must
     be the path's)."""
+    return torch.is_grad_enabled() and any([t.requires_grad for t in tensors]) and _small_on_torch_path(n, m, tensors[0])
+
+
+def _small_on_torch_path(n: int, m: int, like: Tensor) -> bool:
+    """n * m <= KEEP_ELEMENTS on the PyTorch path (``use_triton``'s answer for CPU tensors under ``auto`` and
+    for ``FASTSSL_BACKEND=torch``, read here so torch.compile guards on it): one matmul may hold the scores."""
     backend = requested_backend()
-    return (torch.is_grad_enabled() and any([t.requires_grad for t in tensors]) and n * m <= KEEP_ELEMENTS
-            and (backend == "torch" or (backend == "auto" and not tensors[0].is_cuda)))
+    return n * m <= KEEP_ELEMENTS and (backend == "torch" or (backend == "auto" and not like.is_cuda))
 
 
 def _scaled(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor]):
@@ -395,6 +400,19 @@ def _check_features(names, tensors, *, dim_name="D"):
             raise ValueError(f"{name} has no features (shape {tuple(t.shape)}); expected D >= 1")
 
 
+def _check_views(z1: Tensor, z2: Tensor) -> None:
+    """nt_xent's two views: float (N, D) each, one shape."""
+    _check_features(("z1", "z2"), (z1, z2))
+    if z1.shape != z2.shape:
+        raise ValueError(f"z2 has shape {tuple(z2.shape)} but z1 has {tuple(z1.shape)}; they must match")
+
+
+def _check_moco(query: Tensor, key: Tensor, queue: Tensor) -> None:
+    _check_features(("query", "key", "queue"), (query, key, queue))
+    if key.shape != query.shape:
+        raise ValueError(f"key has shape {tuple(key.shape)} but query has {tuple(query.shape)}; they must match")
+
+
 def _check_options(normalize, reduction, gather_distributed=False):
     check_bool("normalize", normalize)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -410,9 +428,16 @@ def _normalized(x: Tensor, normalize: bool) -> Tensor:
     return F.normalize(x, dim=1) if normalize else x
 
 
-def _row_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """sum_d a_id b_id in the math dtype."""
-    return (a.to(acc) * b.to(acc)).sum(1)
+def _softplus(x: Tensor) -> Tensor:
+    """log(1 + exp(x)) without F.softplus's linear cut-off (exact to the rounding at every x, NaN in NaN out)."""
+    return torch.logaddexp(x, x.new_zeros(()))
+
+
+def _positive(q: Tensor, k: Tensor, scale: Tensor) -> Tensor:
+    """The positives' logits ``scale * q_i . k_i``, the scale folded into q first as the PyTorch path folds
+    it into its scores (``_scaled``), so a positive agrees with its entry of the LSE to the rounding."""
+    acc = scale.dtype
+    return ((q.to(acc) * scale) * k.to(acc)).sum(1)
 
 
 def _reduce(per_row: Tensor, reduction: str) -> Tensor:
@@ -421,6 +446,15 @@ def _reduce(per_row: Tensor, reduction: str) -> Tensor:
     if reduction == "sum":
         return per_row.sum()
     return per_row
+
+
+def _gathers(gather_distributed: bool) -> bool:
+    """Whether ``gather_distributed=True`` gathers: with an initialized process group of more than one
+    rank. Without one (or at world size 1) the loss is the single-process loss, as in lightly: code written
+    for DDP runs unchanged on one device (API.md)."""
+    from . import distributed
+
+    return gather_distributed and distributed.world_size() > 1
 
 
 def _gather(x: Tensor):
@@ -449,7 +483,8 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per row, shape (N,)).
         gather_distributed: all-gather ``key`` over the initialized process group (with gradient); each
             rank scores its own queries against all keys, ``targets`` index this rank's keys and are
-            offset by ``rank * M``; the loss is the mean over this rank's rows.
+            offset by ``rank * M``; the loss is the mean over this rank's rows. Without a process group of
+            more than one rank it is the single-process loss (code written for DDP runs on one device).
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
@@ -459,7 +494,6 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
         ValueError: not 2-D, feature sizes or devices that differ, an empty batch, temperature <= 0,
             targets of the wrong shape or (on CPU) out of range, M < N with default targets, an unknown
             reduction.
-        RuntimeError: ``gather_distributed=True`` without an initialized process group.
 
     >>> import torch, fastssl
     >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -489,11 +523,11 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
                              f"[{int(targets.min())}, {int(targets.max())}]")
     scale = _scale_from_temperature(temperature, query)
     q, k = _normalized(query, normalize), _normalized(key, normalize)
-    if gather_distributed:
+    if _gathers(gather_distributed):
         k, rank = _gather(k)
         targets = targets + rank * m
     lse, _ = _lse(q, k, scale)
-    pos = _row_dot(q, k.index_select(0, targets), scale.dtype) * scale
+    pos = _positive(q, k.index_select(0, targets), scale)
     return _reduce(lse - pos, reduction)
 
 
@@ -513,6 +547,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per row, shape (2N,): z1's rows then z2's).
         gather_distributed: all-gather both views over the initialized process group (with gradient);
             each rank's rows are scored against all 2N * world_size rows; the mean over this rank's rows.
+            Without a process group of more than one rank it is the single-process loss (lightly's meaning).
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or (2N,) for ``reduction="none"``.
@@ -521,24 +556,29 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
         TypeError: non-tensor or integer features, mixed dtypes, a non-float temperature.
         ValueError: not 2-D, shapes or devices that differ, an empty batch, temperature <= 0, an unknown
             reduction.
-        RuntimeError: ``gather_distributed=True`` without an initialized process group.
 
     >>> import torch, fastssl
     >>> z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     >>> round(fastssl.nt_xent(z, z, temperature=1.0).item(), 4)  # log(e + 2) - 1 on each row
     0.5514
     """
-    _check_features(("z1", "z2"), (z1, z2))
-    if z1.shape != z2.shape:
-        raise ValueError(f"z2 has shape {tuple(z2.shape)} but z1 has {tuple(z1.shape)}; they must match")
+    _check_views(z1, z2)
     _check_options(normalize, reduction, gather_distributed)
-    scale = _scale_from_temperature(temperature, z1)
+    return _nt_xent(z1, z2, _scale_from_temperature(temperature, z1), normalize, reduction,
+                    _gathers(gather_distributed))
+
+
+def _nt_xent(z1: Tensor, z2: Tensor, scale: Tensor, normalize: bool, reduction: str, gather: bool) -> Tensor:
+    """nt_xent on validated inputs with the multiplier ``scale`` (1,) (``NTXentLoss`` takes lightly's
+    negative temperatures through it)."""
     rows = 2 * z1.shape[0]
-    if not (gather_distributed or torch.compiler.is_compiling()) and _keeps_scores(rows, rows, z1, z2):
+    if not (gather or torch.compiler.is_compiling()) and _small_on_torch_path(rows, rows, z1):
+        # one matmul: the positives are read from the same scores as the LSE (a row whose only other entry
+        # is its positive gives exactly 0, as lightly's cross-entropy does); kept for the backward if needed
         return _reduce(_KeptNTXent.apply(z1, z2, scale, normalize), reduction)
     a, b = _normalized(z1, normalize), _normalized(z2, normalize)
     z = torch.cat((a, b))
-    if gather_distributed:
+    if gather:
         # Keys: every rank's cat(z1, z2) block in rank order (a permutation of the global batch, which
         # leaves each row's softmax unchanged); this rank's rows sit at rank * 2N, so its own column is
         # row + rank * 2N.
@@ -546,8 +586,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
         lse, _ = _lse(z, keys, scale, diag_off=rank * z.shape[0])
     else:
         lse, _ = _lse(z, z, scale, diag_off=0, symmetric=True)
-    pos = _row_dot(a, b, scale.dtype) * scale
-    return _reduce(lse - torch.cat((pos, pos)), reduction)
+    return _reduce(lse - torch.cat((_positive(a, b, scale), _positive(b, a, scale))), reduction)
 
 
 def moco_loss(query: Tensor, key: Tensor, queue: Tensor, *, temperature: float = 0.07, normalize: bool = True,
@@ -578,21 +617,25 @@ def moco_loss(query: Tensor, key: Tensor, queue: Tensor, *, temperature: float =
     >>> round(fastssl.moco_loss(q, q, torch.tensor([[0.0, 1.0]]), temperature=1.0).item(), 4)
     0.3133
     """
-    _check_features(("query", "key", "queue"), (query, key, queue))
-    if key.shape != query.shape:
-        raise ValueError(f"key has shape {tuple(key.shape)} but query has {tuple(query.shape)}; they must match")
+    _check_moco(query, key, queue)
     _check_options(normalize, reduction)
-    scale = _scale_from_temperature(temperature, query)
+    return _moco(query, key, queue, _scale_from_temperature(temperature, query), normalize, reduction)
+
+
+def _moco(query: Tensor, key: Tensor, queue: Tensor, scale: Tensor, normalize: bool, reduction: str, *,
+          queue_normalized: bool = False) -> Tensor:
+    """moco_loss on validated inputs with the multiplier ``scale`` (1,); ``queue_normalized``: the queue's
+    rows are unit already (``NTXentLoss``'s bank, as lightly's) and are used as they are."""
     acc = scale.dtype
     q = _normalized(query, normalize)
     k = _normalized(key.detach(), normalize)
     queue = queue.detach()
     kscale = None
-    if normalize:  # F.normalize's 1 / max(||x||, eps), applied per key inside the kernels
+    if normalize and not queue_normalized:  # F.normalize's 1 / max(||x||, eps), per key inside the kernels
         kscale = torch.linalg.vector_norm(queue, dim=1, dtype=acc).clamp_min(1e-12).reciprocal()
     neg, _ = _lse(q, queue, scale, kscale=kscale)
-    pos = _row_dot(q, k, acc) * scale
-    return _reduce(torch.logaddexp(pos, neg) - pos, reduction)
+    # log(1 + exp(neg - pos)): one rounding at the logits' magnitude fewer than logaddexp(pos, neg) - pos
+    return _reduce(_softplus(neg - _positive(q, k, scale)), reduction)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, normalize: bool = True,
@@ -613,7 +656,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
             shape (N,)).
         gather_distributed: all-gather both modalities over the initialized process group (with gradient);
             each rank scores its own images against all texts and its own texts against all images
-            (positives offset by ``rank * N``); the mean over this rank's rows.
+            (positives offset by ``rank * N``); the mean over this rank's rows. Without a process group of
+            more than one rank it is the single-process loss.
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
@@ -623,7 +667,6 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
             logit_scale that is neither a number nor a tensor.
         ValueError: not 2-D, shapes or devices that differ, an empty batch, a float logit_scale <= 0, a
             logit_scale tensor that is not 0-dim, an unknown reduction.
-        RuntimeError: ``gather_distributed=True`` without an initialized process group.
 
     >>> import torch, fastssl
     >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -649,8 +692,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
         scale = torch.full((1,), check_positive("logit_scale", logit_scale, accepted="a float or a 0-dim tensor"),
                            dtype=acc, device=image_features.device)
     img, txt = _normalized(image_features, normalize), _normalized(text_features, normalize)
-    pos = _row_dot(img, txt, acc) * scale
-    if gather_distributed:
+    pos = _positive(img, txt, scale)
+    if _gathers(gather_distributed):
         all_txt, _ = _gather(txt)
         all_img, _ = _gather(img)  # the positives are this rank's own pairs (rank * N + i): pos above
         lse_img, _ = _lse(img, all_txt, scale)

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .checks import check_bool, check_choice, check_float, check_int, check_ndim, check_positive, check_same
-from .contrastive import REDUCTIONS, clip_loss, info_nce, moco_loss, nt_xent
+from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_int, check_ndim, check_number,
+                     check_positive, check_same)
+from .contrastive import (REDUCTIONS, _check_moco, _check_views, _gathers, _moco, _nt_xent, clip_loss, info_nce,
+                          moco_loss, nt_xent)
 
 __all__ = ["NTXentLoss", "InfoNCELoss", "MoCoQueue", "CLIPLoss", "CPCLoss"]
 
@@ -77,7 +79,8 @@ class MoCoQueue(nn.Module):
         dim: feature dimension of a key (D), an int >= 1.
         gather_distributed: if True, :meth:`enqueue` all-gathers the keys of every rank first, so the
             queue receives the global batch (rank 0's keys first) and stays identical on every rank.
-            Needs an initialized ``torch.distributed`` process group at enqueue time.
+            Without a process group of more than one rank it enqueues this process's keys (lightly's
+            single-process meaning).
         dtype: dtype of the buffer (default: ``torch.get_default_dtype()``).
         device: device of the buffer.
 
@@ -125,7 +128,6 @@ class MoCoQueue(nn.Module):
         Raises:
             TypeError: ``keys`` is not a floating-point tensor.
             ValueError: ``keys`` is not 2-D with ``dim`` columns, or lives on another device than the queue.
-            RuntimeError: ``gather_distributed`` without an initialized process group.
         """
         check_float("keys", keys)
         check_ndim("keys", keys, 2, f"(batch, dim={self.dim})")
@@ -135,7 +137,7 @@ class MoCoQueue(nn.Module):
             )
         check_same(("queue", "keys"), (self.queue, keys), dtype=False)
         keys = keys.detach()
-        if self.gather_distributed:
+        if _gathers(self.gather_distributed):
             keys = distributed.all_gather_with_grad(keys)
         total = keys.shape[0]
         n = min(total, self.size)
@@ -182,24 +184,24 @@ class NTXentLoss(nn.Module):
     elements, as lightly and MoCo do) so that enqueueing in place cannot corrupt this step's backward.
 
     Args:
-        temperature: softmax temperature t > 0 (default 0.5).
+        temperature: softmax temperature t (default 0.5); as in lightly any ``|t| >= 1e-8`` is taken (a
+            negative t flips the logits' sign; :func:`fastssl.nt_xent` itself takes t > 0 only).
         memory_bank_size: 0 (default) for SimCLR; ``K > 0`` or a ``(K, D)`` pair for MoCo. With a bare
             ``K`` the feature dimension, dtype and device of the bank are taken from the first batch
             (prefer ``(K, D)`` so the bank exists, and is in ``state_dict``, from the start).
         gather_distributed: SimCLR: all-gather the features of every rank (with gradient) and use them as
             negatives (API.md's convention: average the ranks' losses to get the global-batch loss).
-            MoCo: enqueue the global batch of keys. Needs an initialized ``torch.distributed`` process
-            group at call time.
+            MoCo: enqueue the global batch of keys. Without a process group of more than one rank it is
+            the single-process loss (lightly's meaning).
 
     Shapes:
         out0, out1: ``(N, D)`` each. Output: a 0-dim float32 tensor (float64 for float64 inputs).
 
     Raises:
         TypeError: an argument of the wrong type.
-        ValueError: ``temperature <= 0``, a negative or malformed ``memory_bank_size``,
+        ValueError: ``|temperature| < 1e-8``, a negative or malformed ``memory_bank_size``,
             ``gather_distributed=True`` without ``torch.distributed``. At call time, the input checks of
-            :func:`fastssl.nt_xent` / :func:`fastssl.moco_loss` (and a ``RuntimeError`` for
-            ``gather_distributed`` without an initialized process group).
+            :func:`fastssl.nt_xent` / :func:`fastssl.moco_loss`.
 
     >>> import torch
     >>> loss_fn = NTXentLoss(temperature=0.5)
@@ -216,7 +218,10 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
                  gather_distributed: bool = False) -> None:
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = check_number("temperature", temperature)
+        if abs(self.temperature) < 1e-8:
+            raise ValueError(f"temperature must be a finite number with |temperature| >= 1e-8 (lightly's rule; "
+                             f"0 would divide by zero), got {self.temperature}")
         self.gather_distributed = check_bool("gather_distributed", gather_distributed)
         _check_gather_available(gather_distributed)
         size, dim = self._parse_bank(memory_bank_size)
@@ -240,8 +245,11 @@ class NTXentLoss(nn.Module):
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         """Loss of the two views ``out0`` and ``out1`` (``(N, D)`` each); see the class docstring."""
         if self.memory_bank_size == 0:
-            return nt_xent(out0, out1, temperature=self.temperature, normalize=True,
-                           gather_distributed=self.gather_distributed)
+            if self.temperature > 0:
+                return nt_xent(out0, out1, temperature=self.temperature, normalize=True,
+                               gather_distributed=self.gather_distributed)
+            _check_views(out0, out1)
+            return _nt_xent(out0, out1, self._scale(out0), True, "mean", _gathers(self.gather_distributed))
         check_float("out0", out0)
         check_float("out1", out1)
         check_ndim("out1", out1, 2, "(batch, dim)")
@@ -258,10 +266,15 @@ class NTXentLoss(nn.Module):
         negatives = bank.negatives()
         if update or negatives.dtype != out0.dtype:
             negatives = negatives.to(dtype=out0.dtype, copy=True)
-        loss = moco_loss(out0, out1, negatives, temperature=self.temperature, normalize=True)
+        _check_moco(out0, out1, negatives)  # the bank holds unit keys (as lightly's): used as they are
+        loss = _moco(out0, out1, negatives, self._scale(out0), True, "mean", queue_normalized=True)
         if update:
             bank.enqueue(F.normalize(out1.detach(), dim=1))
         return loss
+
+    def _scale(self, like: Tensor) -> Tensor:
+        """1 / temperature as the ops' (1,) multiplier (a negative temperature included)."""
+        return torch.full((1,), 1.0 / self.temperature, dtype=accumulation_dtype(like.dtype), device=like.device)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "

@@ -457,16 +457,38 @@ def test_rejects_bad_input(device, call, error, match):
         call(device)
 
 
-@pytest.mark.parametrize("call", [
-    lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(4, 3, device=d), gather_distributed=True),
-    lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(4, 3, device=d), gather_distributed=True),
-    lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, gather_distributed=True),
-])
-def test_gather_distributed_without_process_group(device, call):
-    if importlib.util.find_spec("fastssl.distributed") is None:
-        pytest.fail("fastssl/distributed.py (the other engineer's module) is missing")
-    with pytest.raises(RuntimeError, match="process group"):
-        call(device)
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip_loss"])
+def test_gather_distributed_without_process_group_is_the_single_process_loss(backend, device, loss):
+    """API.md (lightly's meaning): without an initialized process group gather_distributed=True is the
+    single-process loss, value and gradients, so code written for DDP runs unchanged on one device."""
+    import fastssl.distributed
+
+    assert not fastssl.distributed.is_initialized()
+    fn = {"nt_xent": fastssl.nt_xent, "info_nce": fastssl.info_nce,
+          "clip_loss": lambda a, b, **kw: fastssl.clip_loss(a, b, 3.0, **kw)}[loss]
+    a, b = _feats(6, 5, device=device), _feats(6, 5, device=device)
+    gathered, single = fn(a, b, gather_distributed=True), fn(a, b)
+    assert torch.equal(gathered, single)
+    for g, r in zip(_grads(gathered, (a, b)), _grads(single, (a, b))):
+        assert torch.equal(g, r)
+
+
+def test_nt_xent_positive_read_like_the_lse(device, monkeypatch):
+    """lightly's test_with_correlated_embedding (one pair, both views pointing the same way: its cross-entropy
+    over a single logit is exactly 0): our positive agrees with its LSE entry to the bit on the PyTorch path,
+    with and without a gradient to compute and at sizes past the kept budget (positive folded like the
+    scores)."""
+    import fastssl.contrastive as fc
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    for keep in (True, False):
+        monkeypatch.setattr(fc, "KEEP_ELEMENTS", 4 if keep else 3)
+        for t in (0.1, 1.0, 7.0):
+            for _ in range(20):
+                x, y = torch.rand(1, 1, device=device), torch.rand(1, 1, device=device)
+                z1, z2 = torch.cat((x, 2 * x), 1), torch.cat((y, 2 * y), 1)
+                assert fastssl.nt_xent(z1, z2, temperature=t).item() == 0.0
+                assert fastssl.nt_xent(z1.requires_grad_(), z2, temperature=t).item() == 0.0
 
 
 @pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip_loss"])
@@ -493,6 +515,7 @@ def test_gather_distributed_convention(backend, device, monkeypatch, loss):
         recorded[-1].append(x)
         return x, 0
 
+    monkeypatch.setattr(fc, "_gathers", lambda gather_distributed: gather_distributed)  # as with 2 ranks
     monkeypatch.setattr(fc, "_gather", recording)
     for r in range(world):
         recorded.append([])
@@ -625,9 +648,11 @@ def test_kept_scores_only_within_budget(device, monkeypatch):
         assert biggest == (4 * n * n if keeps else 2 * n * 4)
     kept = _spy_kept(monkeypatch)
     with torch.no_grad():
-        fastssl.nt_xent(z1[:4], z2[:4])
-    fastssl.nt_xent(z1[:4].detach(), z2[:4].detach())
+        fastssl.info_nce(z1[:4], z2[:4])
+    fastssl.clip_loss(z1[:4].detach(), z2[:4].detach(), 2.0)
     assert kept == [(0,), (0,)]
+    out = fastssl.nt_xent(z1[:4].detach(), z2[:4].detach())  # one matmul, nothing saved: no graph
+    assert out.grad_fn is None
 
 
 @pytest.mark.parametrize("normalize", [True, False])

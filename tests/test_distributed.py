@@ -106,7 +106,7 @@ def run_rank(r: int, g: dict) -> dict:
     out["queue"] = (queue.negatives().clone(), queue.ptr)
 
     bank = NTXentLoss(temperature=0.2, memory_bank_size=(QUEUE, D), gather_distributed=True).double()
-    bank.memory_bank.queue.copy_(g["queue_init"])
+    bank.memory_bank.queue.copy_(torch.nn.functional.normalize(g["queue_init"], dim=1))  # a bank holds unit keys
     q = leaf(local(g["bank_q"], r))
     loss = bank(q, local(g["bank_k"], r))
     loss.backward()
@@ -243,7 +243,7 @@ def test_ntxent_memory_bank_local_loss_global_enqueue(spawned, backend):
     receives the global batch of normalized keys."""
     g, results = spawned
     expected = MoCoQueue(QUEUE, D, dtype=F64)
-    expected.queue.copy_(g["queue_init"])
+    expected.queue.copy_(torch.nn.functional.normalize(g["queue_init"], dim=1))
     expected.enqueue(torch.nn.functional.normalize(g["bank_k"], dim=1))  # 10 keys into 7 rows
     for r, res in enumerate(results[backend]):
         local_loss, (grad_q,) = single_process(
@@ -261,22 +261,33 @@ def test_ntxent_memory_bank_local_loss_global_enqueue(spawned, backend):
 NO_GROUP = "process group"
 
 
-@pytest.mark.parametrize("case", ["all_gather_with_grad", "info_nce", "nt_xent", "clip_loss", "NTXentLoss",
-                                  "CLIPLoss", "MoCoQueue"])
-def test_gather_distributed_without_process_group_raises(case):
+def test_all_gather_with_grad_without_process_group_raises():
     assert not is_initialized() and rank() == 0 and world_size() == 1
-    a, b = torch.randn(4, 3), torch.randn(4, 3)
-    calls = {
-        "all_gather_with_grad": lambda: all_gather_with_grad(a),
-        "info_nce": lambda: C.info_nce(a, b, gather_distributed=True),
-        "nt_xent": lambda: C.nt_xent(a, b, gather_distributed=True),
-        "clip_loss": lambda: C.clip_loss(a, b, 10.0, gather_distributed=True),
-        "NTXentLoss": lambda: NTXentLoss(gather_distributed=True)(a, b),
-        "CLIPLoss": lambda: CLIPLoss(gather_distributed=True)(a, b),
-        "MoCoQueue": lambda: MoCoQueue(8, 3, gather_distributed=True).enqueue(a),
-    }
     with pytest.raises(RuntimeError, match=NO_GROUP):
-        calls[case]()
+        all_gather_with_grad(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("case", ["info_nce", "nt_xent", "clip_loss", "NTXentLoss", "CLIPLoss", "MoCoQueue"])
+def test_gather_distributed_without_process_group_is_single_process(case):
+    """API.md: without a process group gather_distributed=True is the single-process loss (lightly's meaning);
+    MoCoQueue enqueues this process's keys."""
+    assert not is_initialized() and rank() == 0 and world_size() == 1
+    a, b = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    calls = {
+        "info_nce": lambda g: C.info_nce(a, b, gather_distributed=g),
+        "nt_xent": lambda g: C.nt_xent(a, b, gather_distributed=g),
+        "clip_loss": lambda g: C.clip_loss(a, b, 10.0, gather_distributed=g),
+        "NTXentLoss": lambda g: NTXentLoss(gather_distributed=g)(a, b),
+        "CLIPLoss": lambda g: CLIPLoss(gather_distributed=g).double()(a, b),
+    }
+    if case == "MoCoQueue":
+        queues = [MoCoQueue(8, 3, gather_distributed=g, dtype=F64) for g in (True, False)]
+        queues[0].queue.copy_(queues[1].queue)
+        for q in queues:
+            q.enqueue(a)
+        assert torch.equal(queues[0].negatives(), queues[1].negatives()) and queues[0].ptr == 4
+        return
+    assert torch.equal(calls[case](True), calls[case](False))
 
 
 def test_all_gather_with_grad_rejects_non_tensors():

@@ -41,10 +41,11 @@ def ref_nt_xent(z1, z2, temperature=0.5):
     return F.cross_entropy(logits, targets)
 
 
-def ref_moco(query, key, queue, temperature=0.07):
+def ref_moco(query, key, queue, temperature=0.07, normalize_queue=True):
     q = F.normalize(query.double(), dim=1)
     k = F.normalize(key.detach().double(), dim=1)
-    m = F.normalize(queue.detach().double(), dim=1)
+    m = queue.detach().double()
+    m = F.normalize(m, dim=1) if normalize_queue else m
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ m.T], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
@@ -94,6 +95,24 @@ def test_ntxent_matches_reference_value_and_gradient(backend, device):
         assert_close(g, r)
 
 
+@pytest.mark.parametrize("bank", [0, 6])
+def test_ntxent_negative_temperature_as_lightly(bank):
+    """lightly takes any |temperature| >= 1e-8 (its test_forward_pass_neg_temp): the logits' sign flips."""
+    z1, z2 = leaf(5, 4), leaf(5, 4)
+    loss = NTXentLoss(temperature=-0.7, memory_bank_size=(bank, 4) if bank else 0)
+    if bank:
+        queue = loss.memory_bank.negatives().clone()
+        q, k = (F.normalize(t.double(), dim=1) for t in (z1, z2))
+        m = queue.double()  # the bank's unit keys as they are (lightly's meaning)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ m.T], 1) / -0.7
+        ref = F.cross_entropy(logits, torch.zeros(5, dtype=torch.long))
+    else:
+        ref = ref_nt_xent(z1, z2, -0.7)
+    out = loss(z1, z2)
+    assert_close(out, ref)
+    assert_close(grads(out, z1)[0], grads(ref, z1)[0])
+
+
 def test_ntxent_float32_returns_float32():
     z1, z2 = torch.randn(6, 9), torch.randn(6, 9)
     loss = NTXentLoss()(z1, z2)
@@ -124,7 +143,7 @@ def test_ntxent_memory_bank_is_moco_against_the_bank_before_the_update(device):
         before = bank.negatives().clone()
         assert torch.equal(before, expected)
         loss = loss_fn(q, k)
-        ref = ref_moco(q, k, before, 0.2)
+        ref = ref_moco(q, k, before, 0.2, normalize_queue=False)  # the bank's unit keys as they are (lightly)
         assert_close(loss, ref)
         # The backward runs after the enqueue and still sees this step's negatives.
         assert_close(grads(loss, q)[0], grads(ref, q)[0])
@@ -165,8 +184,9 @@ def test_ntxent_memory_bank_gradient_only_to_queries():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
-    (dict(temperature=-0.5), ValueError, "temperature"),
+    (dict(temperature=0.0), ValueError, r"temperature must be a finite number with \|temperature\| >= 1e-8"),
+    (dict(temperature=1e-9), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(temperature="0.5"), TypeError, "temperature"),
     (dict(memory_bank_size=-1), ValueError, "memory_bank_size"),
     (dict(memory_bank_size=1.5), TypeError, "memory_bank_size"),
