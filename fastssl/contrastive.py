@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import requested_backend, use_triton
-from .checks import accumulation_dtype, check_bool, check_choice, check_float, check_ndim, check_positive, check_same
+from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_ndim, check_number, check_positive,
+                     check_same)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -87,6 +88,20 @@ def clip_loss_reference(image_features, text_features, logit_scale, *, normalize
     targets = torch.arange(img.shape[0], device=img.device)
     return (F.cross_entropy(logits, targets, reduction=reduction)
             + F.cross_entropy(logits.t(), targets, reduction=reduction)) / 2
+
+
+def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias, *, normalize=False,
+                          reduction="mean", diag_off=0, upcast: bool = True) -> Tensor:
+    """SigLIP's ``-sum_j log sigmoid(z_ij (logit_scale * x_i . y_j + logit_bias))`` per image on the
+    materialized logits (z = +1 at j == i + diag_off, else -1), reduced over images as open_clip does
+    (mean: divided by the number of images)."""
+    x, y = _ref_prep(image_features, normalize, upcast), _ref_prep(text_features, normalize, upcast)
+    scale, bias = ((p.double() if isinstance(p, Tensor) and upcast else p) for p in (logit_scale, logit_bias))
+    logits = scale * x @ y.t() + bias
+    z = -torch.ones_like(logits)
+    z.diagonal(diag_off).fill_(1.0)
+    per_row = -F.logsigmoid(z * logits).sum(1)
+    return {"mean": per_row.mean, "sum": per_row.sum, "none": lambda: per_row}[reduction]()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -413,6 +428,32 @@ def _check_moco(query: Tensor, key: Tensor, queue: Tensor) -> None:
         raise ValueError(f"key has shape {tuple(key.shape)} but query has {tuple(query.shape)}; they must match")
 
 
+def _check_pairs(image_features: Tensor, text_features: Tensor) -> None:
+    """CLIP's and SigLIP's paired features: float (N, D) each, one shape."""
+    _check_features(("image_features", "text_features"), (image_features, text_features))
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"text_features has shape {tuple(text_features.shape)} but image_features has "
+                         f"{tuple(image_features.shape)}; they must match")
+
+
+def _scalar(name: str, value, like: Tensor, *, positive: bool) -> Tensor:
+    """A logit scale or bias as the ops' (1,) tensor in the math dtype: a Python number (> 0 where
+    ``positive``), or a 0-dim tensor in ``like``'s dtype or float32 on its device, read on the device (no
+    host sync) and differentiable."""
+    acc = accumulation_dtype(like.dtype)
+    if isinstance(value, Tensor):
+        check_float(name, value)
+        if value.dtype not in (like.dtype, torch.float32):
+            raise TypeError(f"{name} has dtype {value.dtype} but the features have {like.dtype}; it must match "
+                            "them or be float32")
+        check_same(("image_features", name), (like, value), dtype=False)
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        return value.to(acc).reshape(1)
+    check = check_positive if positive else check_number
+    return torch.full((1,), check(name, value, accepted="a float or a 0-dim tensor"), dtype=acc, device=like.device)
+
+
 def _check_options(normalize, reduction, gather_distributed=False):
     check_bool("normalize", normalize)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -673,24 +714,9 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
     >>> round(fastssl.clip_loss(x, x, 1.0).item(), 4)
     0.3133
     """
-    _check_features(("image_features", "text_features"), (image_features, text_features))
-    if image_features.shape != text_features.shape:
-        raise ValueError(f"text_features has shape {tuple(text_features.shape)} but image_features has "
-                         f"{tuple(image_features.shape)}; they must match")
+    _check_pairs(image_features, text_features)
     _check_options(normalize, reduction, gather_distributed)
-    acc = accumulation_dtype(image_features.dtype)
-    if isinstance(logit_scale, Tensor):
-        check_float("logit_scale", logit_scale)
-        if logit_scale.dtype not in (image_features.dtype, torch.float32):
-            raise TypeError(f"logit_scale has dtype {logit_scale.dtype} but the features have "
-                            f"{image_features.dtype}; it must match them or be float32")
-        check_same(("image_features", "logit_scale"), (image_features, logit_scale), dtype=False)
-        if logit_scale.dim() != 0:
-            raise ValueError(f"logit_scale must be a float or a 0-dim tensor, got shape {tuple(logit_scale.shape)}")
-        scale = logit_scale.to(acc).reshape(1)
-    else:
-        scale = torch.full((1,), check_positive("logit_scale", logit_scale, accepted="a float or a 0-dim tensor"),
-                           dtype=acc, device=image_features.device)
+    scale = _scalar("logit_scale", logit_scale, image_features, positive=True)
     img, txt = _normalized(image_features, normalize), _normalized(text_features, normalize)
     pos = _positive(img, txt, scale)
     if _gathers(gather_distributed):
@@ -701,3 +727,205 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
     else:
         lse_img, lse_txt = _lse(img, txt, scale, two_sided=True)
     return _reduce(0.5 * ((lse_img - pos) + (lse_txt - pos)), reduction)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ops beyond the LSE: each a custom op with its backward a custom op, and in eager mode an autograd.Function
+# over the same bodies (as ``_lse``)
+# ----------------------------------------------------------------------------------------------------
+
+def _op_with_backward(name: str, impl, fake, setup, backward, backward_impl, backward_fake):
+    """``fastssl::<name>`` and ``fastssl::<name>_backward`` (torch.compile traces them, fullgraph) and the
+    callable the losses use: the op when compiling, else an autograd.Function over the same bodies (the
+    ops' dispatch costs ~100 us a call, more than a small loss's math). ``backward(ctx, *grads, run)`` gets
+    the backward body to run: the backward op, or its plain function in eager mode."""
+    backward_op = torch.library.custom_op(f"fastssl::{name}_backward", backward_impl, mutates_args=())
+    backward_op.register_fake(backward_fake)
+    op = torch.library.custom_op(f"fastssl::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    op.register_autograd(lambda ctx, *grads: backward(ctx, *grads, run=backward_op), setup_context=setup)
+    eager = type(f"_{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(impl), "setup_context": staticmethod(setup),
+        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads, run=backward_impl))})
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else eager.apply(*args)
+    return call
+
+
+# -- SigLIP: row sums of softplus(-z_ij l_ij), l = scale * x_i . y_j + bias --------------------------------
+
+def _sig_block(xs: Tensor, ya: Tensor, bias: Tensor, a: int, b: int, diag_off: int) -> Tensor:
+    """Rows a:b of t = -z * l: l = xs @ ya.T + bias (xs carries the scale), the positives' sign flipped."""
+    t = torch.addmm(bias, xs[a:b], ya.t())
+    t.diagonal(a + diag_off).neg_()
+    return t
+
+
+def _sig_gradient(t: Tensor, a: int, diag_off: int) -> Tensor:
+    """d softplus(t)/dl in place of t (rows a:..): sigmoid(t) off the positives, -sigmoid(t) on them."""
+    g = t.sigmoid_()
+    g.diagonal(a + diag_off).neg_()
+    return g
+
+
+def _siglip_torch(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, diag_off: int, keep: bool):
+    """(row sums, the (N, M) gradient matrix kept for the backward or empty): one matmul when ``keep``, else
+    blocks of rows (memory O(chunk * M))."""
+    acc = scale.dtype
+    xs, ya = x.to(acc) * scale, y.to(acc)
+    n, m = x.shape[0], y.shape[0]
+    step = n if keep else _chunk_rows(m)
+    rows, kept = xs.new_empty(n), scale.new_empty(0)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        t = _sig_block(xs, ya, bias, a, b, diag_off)
+        rows[a:b] = _softplus(t).sum(1)
+        if keep:
+            kept = _sig_gradient(t, a, diag_off)
+    return rows, kept
+
+
+def _siglip_impl(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, diag_off: int,
+                 keep: bool) -> tuple[Tensor, Tensor]:
+    """(per-image sums over the texts (N,) in the math dtype, kept gradient matrix or empty)."""
+    if not keep and use_triton(x, y, scale):
+        from .kernels.contrastive import sigmoid_forward
+
+        return sigmoid_forward(x, y, scale, bias, diag_off), scale.new_empty(0)
+    return _siglip_torch(x, y, scale, bias, diag_off, keep)
+
+
+def _siglip_fake(x, y, scale, bias, diag_off, keep):
+    return x.new_empty(x.shape[0], dtype=scale.dtype), x.new_empty((x.shape[0], y.shape[0]) if keep else (0,),
+                                                                   dtype=scale.dtype)
+
+
+def _siglip_backward_torch(w, x, y, scale, bias, kept, diag_off, need_dx, need_dy, need_dparams):
+    acc = scale.dtype
+    n, m = x.shape[0], y.shape[0]
+    xa, ya = x.to(acc), y.to(acc)
+    keep = kept.numel() > 0
+    xs = None if keep else xa * scale
+    step = n if keep else _chunk_rows(m)
+    rows_needed = need_dx or need_dparams
+    dx = torch.empty(n, x.shape[1], dtype=acc, device=x.device) if rows_needed else None
+    dy = torch.zeros(m, y.shape[1], dtype=acc, device=y.device) if need_dy else None
+    dbias = torch.zeros(1, dtype=acc, device=x.device)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        g = kept if keep else _sig_gradient(_sig_block(xs, ya, bias, a, b, diag_off), a, diag_off)
+        ds = torch.mul(g, w[a:b, None]) if keep else g.mul_(w[a:b, None])
+        if rows_needed:
+            torch.mm(ds, ya, out=dx[a:b])
+        if need_dy:
+            dy.addmm_(ds.t(), xa[a:b])
+        if need_dparams:
+            dbias += ds.sum()
+    # sum_ij dS_ij x_i . y_j = sum_i x_i . (dS @ y)_i, before the scale
+    dscale = (xa * dx).sum().reshape(1) if need_dparams else scale.new_empty(0)
+    out_x = dx.mul_(scale).to(x.dtype) if need_dx else x.new_empty(0)
+    out_y = dy.mul_(scale).to(y.dtype) if need_dy else y.new_empty(0)
+    return out_x, out_y, dscale, (dbias if need_dparams else scale.new_empty(0))
+
+
+def _siglip_backward_impl(w: Tensor, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, kept: Tensor, diag_off: int,
+                          need_dx: bool, need_dy: bool, need_dparams: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx or empty, dy or empty, dscale (1,) or empty, dbias (1,) or empty) for the per-row weights ``w``."""
+    if kept.numel() or not use_triton(x, y, scale):
+        return _siglip_backward_torch(w, x, y, scale, bias, kept, diag_off, need_dx, need_dy, need_dparams)
+    from .kernels.contrastive import sigmoid_backward_rows
+
+    dx, dy, dscale, dbias = x.new_empty(0), y.new_empty(0), scale.new_empty(0), scale.new_empty(0)
+    if need_dx or need_dparams:
+        dx, ds, db = sigmoid_backward_rows(x, y, scale, bias, w, diag_off=diag_off, need_dparams=need_dparams)
+        if need_dparams:
+            dscale, dbias = ds.reshape(1), db.reshape(1)
+        if not need_dx:
+            dx = x.new_empty(0)
+    if need_dy:  # the same kernel with the roles swapped: the weights are the columns' (images')
+        dy, _, _ = sigmoid_backward_rows(y, x, scale, bias, w, diag_off=-diag_off, col_weights=True)
+    return dx, dy, dscale, dbias
+
+
+def _siglip_backward_fake(w, x, y, scale, bias, kept, diag_off, need_dx, need_dy, need_dparams):
+    return (x.new_empty(x.shape if need_dx else (0,)), y.new_empty(y.shape if need_dy else (0,)),
+            scale.new_empty(1 if need_dparams else 0), scale.new_empty(1 if need_dparams else 0))
+
+
+def _siglip_setup(ctx, inputs, output):
+    x, y, scale, bias, diag_off, keep = inputs
+    ctx.diag_off = diag_off
+    ctx.needs = (x.requires_grad, y.requires_grad, scale.requires_grad, bias.requires_grad)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, y, scale, bias, output[1])
+
+
+def _siglip_backward(ctx, g_rows, g_kept, run):
+    x, y, scale, bias, kept = ctx.saved_tensors
+    need_dx, need_dy, need_ds, need_db = ctx.needs
+    if g_rows is None or not any(ctx.needs):
+        return (None,) * 6
+    dx, dy, dscale, dbias = run(g_rows.to(scale.dtype).contiguous(), x, y, scale, bias, kept, ctx.diag_off,
+                                need_dx, need_dy, need_ds or need_db)
+    return (dx if need_dx else None, dy if need_dy else None, dscale if need_ds else None,
+            dbias if need_db else None, None, None)
+
+
+_siglip = _op_with_backward("siglip", _siglip_impl, _siglip_fake, _siglip_setup, _siglip_backward,
+                            _siglip_backward_impl, _siglip_backward_fake)
+
+
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *, normalize: bool = False,
+                reduction: str = "mean", gather_distributed: bool = False) -> Tensor:
+    """SigLIP's sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training"): every
+    (image, text) pair is a binary classification, the positives on the diagonal::
+
+        l_ij = logit_scale * x_i . y_j + logit_bias,   z_ij = 1 if j == i else -1
+        loss = -(1/N) sum_{i,j} log sigmoid(z_ij l_ij) = (1/N) sum_{i,j} softplus(-z_ij l_ij)
+
+    Fused: the (N, N) logits are never stored (Triton: tiled like the LSE kernels, the backward by
+    recomputation with the parameters' gradients summed per row in a fixed order: deterministic). Equals
+    open_clip's ``SigLipLoss()(img, txt, logit_scale, logit_bias)``.
+
+    Args:
+        image_features: (N, D) float32, float16, bfloat16 or float64.
+        text_features: (N, D), same dtype and device.
+        logit_scale: the multiplier: a Python float > 0, or a 0-dim tensor (e.g. ``model.logit_scale.exp()``)
+            in the features' dtype or float32; it receives a gradient when it requires one.
+        logit_bias: the bias (SigLIP initializes it to -10): a Python float or a 0-dim tensor, as
+            ``logit_scale``; it receives a gradient when it requires one.
+        normalize: L2-normalize the rows first (default False: open_clip's models hand normalized features).
+        reduction: ``"mean"`` (over images, open_clip's) | ``"sum"`` | ``"none"`` (per image: its sum over
+            the texts, shape (N,)).
+        gather_distributed: all-gather the texts over the initialized process group (with gradient): each
+            rank's images meet every rank's texts, its positives at ``rank * N + i``; the mean over this
+            rank's images (the ranks' average is the single-process loss on the global batch, gradients as
+            for :func:`clip_loss`). Without a process group of more than one rank, the single-process loss.
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
+
+    Raises:
+        TypeError: non-tensor or integer features, mixed dtypes (a float32 logit_scale / logit_bias is
+            allowed), a logit_scale or logit_bias that is neither a number nor a tensor.
+        ValueError: not 2-D, shapes or devices that differ, an empty batch, a float logit_scale <= 0, a
+            parameter tensor that is not 0-dim, an unknown reduction.
+
+    >>> import torch, fastssl
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> round(fastssl.siglip_loss(x, x, 10.0, -10.0).item(), 4)  # softplus(0) + softplus(-10) per image
+    0.6932
+    """
+    _check_pairs(image_features, text_features)
+    _check_options(normalize, reduction, gather_distributed)
+    scale = _scalar("logit_scale", logit_scale, image_features, positive=True)
+    bias = _scalar("logit_bias", logit_bias, image_features, positive=False)
+    x, y = _normalized(image_features, normalize), _normalized(text_features, normalize)
+    diag_off = 0
+    if _gathers(gather_distributed):
+        y, rank = _gather(y)
+        diag_off = rank * x.shape[0]
+    keep = _keeps_scores(x.shape[0], y.shape[0], x, y, scale, bias)
+    rows, _ = _siglip(x, y, scale, bias, diag_off, keep)
+    return _reduce(rows, reduction)

@@ -10,6 +10,8 @@ the N x M similarity matrix (CPCLoss adds only its O(B * T * code_dim) linear pr
 - :class:`MoCoQueue`: a ring buffer of negative keys.
 - :class:`CLIPLoss`: CLIP's symmetric loss with a learnable (clamped) logit scale.
 - :class:`CPCLoss`: Contrastive Predictive Coding's bilinear InfoNCE over future steps.
+- :class:`ClipLoss`, :class:`SigLipLoss`: open_clip's classes (constructor, call, distributed meaning), so
+  open_clip's training code can import them in place of its own.
 
 >>> import torch
 >>> from fastssl.losses import NTXentLoss
@@ -29,10 +31,10 @@ from torch import Tensor, nn
 from . import distributed
 from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_int, check_ndim, check_number,
                      check_positive, check_same)
-from .contrastive import (REDUCTIONS, _check_moco, _check_views, _gathers, _moco, _nt_xent, clip_loss, info_nce,
-                          moco_loss, nt_xent)
+from .contrastive import (REDUCTIONS, _check_moco, _check_pairs, _check_views, _gathers, _lse, _moco, _nt_xent,
+                          _positive, _scalar, clip_loss, info_nce, moco_loss, nt_xent, siglip_loss)
 
-__all__ = ["NTXentLoss", "InfoNCELoss", "MoCoQueue", "CLIPLoss", "CPCLoss"]
+__all__ = ["NTXentLoss", "InfoNCELoss", "MoCoQueue", "CLIPLoss", "CPCLoss", "ClipLoss", "SigLipLoss"]
 
 
 def _check_gather_available(gather_distributed: bool) -> None:
@@ -500,3 +502,174 @@ class CPCLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"context_dim={self.context_dim}, code_dim={self.code_dim}, prediction_steps={self.prediction_steps}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# open_clip's ClipLoss and SigLipLoss
+# ----------------------------------------------------------------------------------------------------
+
+def _check_world(module: nn.Module, rank, world_size) -> None:
+    module.rank = check_int("rank", rank, low=0)
+    module.world_size = check_int("world_size", world_size, low=1)
+    if module.rank >= module.world_size:
+        raise ValueError(f"rank must be in [0, world_size={module.world_size}), got {module.rank}")
+
+
+def _require_group(module: nn.Module) -> None:
+    """A module built with world_size > 1 runs in that process group (open_clip's rank and world_size are
+    its args.rank and args.world_size)."""
+    name = type(module).__name__
+    distributed.require_initialized(f"{name}(world_size={module.world_size})")
+    if (distributed.rank(), distributed.world_size()) != (module.rank, module.world_size):
+        raise ValueError(f"{name} was built with rank={module.rank}, world_size={module.world_size} but this "
+                         f"process is rank {distributed.rank()} of {distributed.world_size()}")
+
+
+def _loss_output(loss: Tensor, output_dict: bool):
+    check_bool("output_dict", output_dict)
+    return {"contrastive_loss": loss} if output_dict else loss
+
+
+class ClipLoss(nn.Module):
+    """open_clip's ``ClipLoss``: the same constructor, call and meaning, computed by the fused
+    :func:`fastssl.clip_loss` (the (N, N) logits are never stored)::
+
+        logits = logit_scale * image_features @ text_features.T
+        loss = (CE(logits, arange(N)) + CE(logits.T, arange(N))) / 2
+
+    The features are used as given (open_clip's models normalize them). ``logit_bias`` is added to every
+    logit as open_clip does, which leaves both cross-entropies unchanged: it gets a zero gradient (NaN in,
+    NaN out), never a term of the loss.
+
+    Distributed (``world_size > 1``, in an initialized process group of that size; open_clip's meaning):
+
+    - ``local_loss=False``: every rank computes the loss of the global batch (the features of all ranks
+      gathered); ``gather_with_grad=True`` sends gradients back to the ranks the features came from, else
+      only this rank's own features carry a gradient.
+    - ``local_loss=True``: each rank scores its own images against all texts and its own texts against all
+      images, positives at ``rank * N + i``; with ``gather_with_grad`` the gathered features carry gradients
+      back (:func:`fastssl.clip_loss` with ``gather_distributed=True``), else they are constants.
+
+    Args:
+        local_loss: see above (default False).
+        gather_with_grad: see above (default False).
+        cache_labels: accepted for open_clip's signature; there are no label tensors to cache.
+        rank: this process's rank (open_clip's ``args.rank``).
+        world_size: the number of processes (open_clip's ``args.world_size``); 1: single process.
+        use_horovod: Horovod is not supported (``NotImplementedError``).
+
+    Raises:
+        TypeError: arguments of the wrong type.
+        ValueError: ``rank`` outside ``[0, world_size)``; at call time the input checks of
+            :func:`fastssl.clip_loss`, or a process group whose rank or size differ from the module's.
+        NotImplementedError: ``use_horovod=True``.
+        RuntimeError: at call time, ``world_size > 1`` without an initialized process group.
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> img, txt = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(4, 8), dim=1)
+    >>> out = ClipLoss()(img, txt, torch.tensor(14.3), output_dict=True)
+    >>> sorted(out), out["contrastive_loss"].shape
+    (['contrastive_loss'], torch.Size([]))
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False) -> None:
+        super().__init__()
+        self.local_loss = check_bool("local_loss", local_loss)
+        self.gather_with_grad = check_bool("gather_with_grad", gather_with_grad)
+        self.cache_labels = check_bool("cache_labels", cache_labels)
+        _check_world(self, rank, world_size)
+        if check_bool("use_horovod", use_horovod):
+            raise NotImplementedError("ClipLoss(use_horovod=True): Horovod is not supported; use torch.distributed "
+                                      "(torchrun) with use_horovod=False")
+        self.use_horovod = False
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+                output_dict: bool = False):
+        """The loss (``{"contrastive_loss": loss}`` with ``output_dict``) of paired (N, D) features."""
+        if self.world_size == 1:
+            loss = clip_loss(image_features, text_features, logit_scale, normalize=False)
+        elif self.local_loss and self.gather_with_grad:
+            _require_group(self)
+            loss = clip_loss(image_features, text_features, logit_scale, normalize=False, gather_distributed=True)
+        elif self.local_loss:  # gathered features are constants, also this rank's own as keys
+            _require_group(self)
+            _check_pairs(image_features, text_features)
+            scale = _scalar("logit_scale", logit_scale, image_features, positive=True)
+            img, txt = image_features, text_features
+            all_img, all_txt = (distributed.all_gather_local_grad(t, local_grad=False) for t in (img, txt))
+            per_img = _lse(img, all_txt, scale)[0] - _positive(img, txt.detach(), scale)
+            per_txt = _lse(txt, all_img, scale)[0] - _positive(txt, img.detach(), scale)
+            loss = 0.5 * (per_img.mean() + per_txt.mean())
+        else:  # the global batch's loss on every rank
+            _require_group(self)
+            gather = distributed.all_gather_with_grad if self.gather_with_grad else distributed.all_gather_local_grad
+            loss = clip_loss(gather(image_features), gather(text_features), logit_scale, normalize=False)
+        if isinstance(logit_bias, Tensor):  # a constant shift of every logit: a zero gradient
+            loss = loss + (logit_bias * 0).to(loss.dtype).sum()
+        return _loss_output(loss, output_dict)
+
+    def extra_repr(self) -> str:
+        return (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, rank={self.rank}, "
+                f"world_size={self.world_size}")
+
+
+class SigLipLoss(nn.Module):
+    """open_clip's ``SigLipLoss`` (Zhai et al., 2023, "Sigmoid Loss for Language Image Pre-Training"): the
+    same constructor, call and meaning, computed by the fused :func:`fastssl.siglip_loss` (open_clip builds
+    the (N, N) logits, and the labels beside them, for every exchange)::
+
+        loss = -(1/N) sum_{i,j} log sigmoid(z_ij (logit_scale * x_i . y_j + logit_bias)),  z = 2 I - 1
+
+    With ``world_size > 1`` (in an initialized process group of that size) each rank's images meet every
+    rank's texts, which is what each of open_clip's ``dist_impl`` exchanges ("bidir", "shift", "reduce",
+    "gather") computes; here always by one all-gather of the texts with gradient. Each rank returns its
+    images' loss divided by its batch size, as open_clip.
+
+    Args:
+        cache_labels: accepted for open_clip's signature; there are no label tensors to cache.
+        rank: this process's rank.
+        world_size: the number of processes; 1: single process.
+        dist_impl: None or one of open_clip's "bidir", "shift", "reduce", "gather" (all the same result).
+        chunk_size: accepted for open_clip's signature (its row chunking); the fused loss never builds the
+            logits, so any value >= 0 computes the same loss.
+
+    Raises:
+        TypeError: arguments of the wrong type.
+        ValueError: an unknown ``dist_impl``, ``rank`` outside ``[0, world_size)``, a negative ``chunk_size``;
+            at call time the checks of :func:`fastssl.siglip_loss` or a process group that does not match.
+        RuntimeError: at call time, ``world_size > 1`` without an initialized process group.
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> img, txt = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(4, 8), dim=1)
+    >>> SigLipLoss()(img, txt, torch.tensor(10.0), torch.tensor(-10.0)).shape
+    torch.Size([])
+    """
+
+    DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, chunk_size: int = 0) -> None:
+        super().__init__()
+        self.cache_labels = check_bool("cache_labels", cache_labels)
+        _check_world(self, rank, world_size)
+        if dist_impl is not None:
+            check_choice("dist_impl", dist_impl, self.DIST_IMPLS)
+        self.dist_impl = dist_impl or "bidir"
+        self.chunk_size = check_int("chunk_size", chunk_size, low=0)
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
+                output_dict: bool = False):
+        """The loss (``{"contrastive_loss": loss}`` with ``output_dict``) of paired (N, D) features;
+        ``logit_bias`` None is a bias of 0 (open_clip adds none then)."""
+        gather = self.world_size > 1
+        if gather:
+            _require_group(self)
+        loss = siglip_loss(image_features, text_features, logit_scale, 0.0 if logit_bias is None else logit_bias,
+                           gather_distributed=gather)
+        return _loss_output(loss, output_dict)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}"

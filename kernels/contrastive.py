@@ -367,14 +367,17 @@ _BWD_ARGS = _FWD_ARGS + ["row_term", "col_term", "need_dscale"]
 
 def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), kscales=(False, True), **flags):
     """One variant per (dtype, dot precision) in ``kinds`` and per KSCALE in ``kscales`` (a per-key scale:
-    MoCo's queue); ``ints`` named ``"name:16"`` are declared multiples of 16."""
+    MoCo's queue; None: a kernel without the option); ``ints`` named ``"name:16"`` are declared multiples
+    of 16, ``"name:i64"`` are int64 pointers (labels)."""
     out = []
-    for (dtype, prec), kscale in itertools.product(kinds, kscales):
+    for (dtype, prec), kscale in itertools.product(kinds, kscales or (None,)):
         ty, acc = TL_DTYPE[dtype], ("fp64" if dtype == torch.float64 else "fp32")
-        signature = {**{a: f"*{ty}" for a in ptrs}, **{a: f"*{acc}" for a in acc_ptrs},
+        signature = {**{a: f"*{ty}" for a in ptrs},
+                     **{a.partition(":")[0]: ("*i64" if a.endswith(":i64") else f"*{acc}") for a in acc_ptrs},
                      **{a.partition(":")[0]: "i32" + (":16" if a.endswith(":16") else "") for a in ints}}
+        options = {} if kscale is None else {"KSCALE": kscale}
         out.append(variant(signature, archs=archs, ACC=acc_type(dtype), DOT_PREC=prec, BLOCK_D=block,
-                           KSCALE=kscale, **flags))
+                           **options, **flags))
     return out
 
 
@@ -493,8 +496,222 @@ def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off
            diag_off=off, row_term=int(row_term), col_term=int(col_term), need_dscale=int(need_dscale),
            n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype),
            BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None)
+    return _unlayout(dq, n, d, bd), (partials.sum() if need_dscale else None)
+
+
+def _unlayout(x: torch.Tensor, n: int, d: int, bd: int) -> torch.Tensor:
+    """(n, d) rows of a (C, n, bd) chunk-major buffer (``_layout``'s inverse; a view when it is one chunk)."""
+    chunks = x.shape[0]
     if chunks > 1 or bd != d:
-        dq = dq.transpose(0, 1).reshape(n, chunks * bd)[:, :d].contiguous()
-    else:
-        dq = dq.view(n, d)
-    return dq, (partials.sum() if need_dscale else None)
+        return x.transpose(0, 1).reshape(n, chunks * bd)[:, :d].contiguous()
+    return x.view(n, d)
+
+
+# -- the sigmoid loss (SigLIP) -------------------------------------------------------------------------------
+# sum_j softplus(-z_ij l_ij) per row, l_ij = scale * q_i . k_j + bias, z_ij = +1 on the positive column
+# j == i + diag_off and -1 elsewhere (Zhai et al. 2023), tiled like the LSE kernels: the same resident query
+# block or feature chunks (``_scores``), the same split of whole key tiles (every pair a negative: no compare)
+# from the band and edge tiles (``_band``: there the positive's sign flips and the keys past M drop out).
+# Base 2 as there: l2 = log2(e) l, softplus(t) = ln(2) * log2(1 + 2^t2), one exp2 and one log2 a pair.
+# The backward by recomputation: dS_ij = w * d softplus(-z l)/dl = -z_ij sigmoid(-z_ij l_ij) w (w: the
+# anchor's weight, an image row's in the row pass, a column's in the column pass that gives the texts'
+# gradient with the roles swapped), dq = scale dS @ k; the parameters' gradients per row (dscale from the
+# accumulator as the LSE backward does, dbias = sum_j dS_ij), summed afterwards in a fixed order.
+
+@device_function
+@triton.jit
+def _softplus2(t2):
+    """log2(1 + 2^t2), exact at both ends (max(t2, 0) + log2(1 + 2^-|t2|)); NaN in, NaN out."""
+    return tl.maximum(t2, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(t2)))
+
+
+@device_function
+@triton.jit
+def _sig_tiles(acc, q, q_ptr, k_ptr, scale2, bias2, row0, row_mask, positive, N, M, n_chunks, n_tiles, lo, hi,
+               full, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """acc_i += sum_j softplus2(-z_ij l2_ij) over ``n_tiles`` key tiles of one kind (``_tile_start``)."""
+    for t in range(0, n_tiles):
+        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < M
+        s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                    BLOCK_M, BLOCK_N, BLOCK_D, D_LOOP, MASKED)
+        t2 = s * scale2 + bias2  # a negative's -z l = l
+        if MASKED:
+            t2 = tl.where(cols[None, :] == positive[:, None], -t2, t2)
+            acc += tl.sum(tl.where(col_mask[None, :], _softplus2(t2), 0.0), 1)
+        else:
+            acc += tl.sum(_softplus2(t2), 1)
+    return acc
+
+
+@triton.jit
+def _sig_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, out_ptr, N, M, n_chunks, diag_off, n_bucket, m_bucket,
+                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
+    if not D_LOOP:
+        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, tl.arange(0, BLOCK_M), row_mask, BLOCK_D, True)
+    scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
+    bias2 = tl.load(bias_ptr).to(ACC) * LOG2E
+    acc = tl.zeros((BLOCK_M,), dtype=ACC)
+    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    positive = rows + diag_off
+    acc = _sig_tiles(acc, q, q_ptr, k_ptr, scale2, bias2, row0, row_mask, positive, N, M, n_chunks, n_plain, lo,
+                     hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, False)
+    acc = _sig_tiles(acc, q, q_ptr, k_ptr, scale2, bias2, row0, row_mask, positive, N, M, n_chunks, n_masked, lo,
+                     hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, True)
+    tl.store(out_ptr + rows, acc * LN2, mask=row_mask)
+
+
+@device_function
+@triton.jit
+def _sig_bwd_tiles(acc, db, q, q_ptr, k_ptr, w_ptr, scale2, bias2, w_r, row0, row_mask, positive, chunk, N, M,
+                   n_chunks, n_tiles, lo, hi, full, col_weights, need_dparams, ACC: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """acc += dS @ k (and db_i += sum_j dS_ij) over ``n_tiles`` key tiles of one kind: dS from the recomputed
+    scores, sigmoid(l) w off the positive, -sigmoid(-l) w on it."""
+    cols_l = tl.arange(0, BLOCK_N)
+    for t in range(0, n_tiles):
+        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
+        cols = col0 + cols_l
+        col_mask = cols < M
+        kt = _rows(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
+        if D_LOOP:
+            s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                        BLOCK_M, BLOCK_N, BLOCK_D, True, MASKED)
+        else:
+            s = dot_acc(q, tl.trans(kt), ACC, DOT_PREC)
+        t2 = s * scale2 + bias2
+        if MASKED:
+            pos = cols[None, :] == positive[:, None]
+            g = 1.0 / (1.0 + tl.exp2(tl.where(pos, t2, -t2)))
+            g = tl.where(pos, -g, g)
+        else:
+            g = 1.0 / (1.0 + tl.exp2(-t2))
+        if col_weights != 0:
+            if MASKED:
+                ds = g * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+            else:
+                ds = g * tl.load(w_ptr + cols).to(ACC)[None, :]
+        else:
+            ds = g * w_r[:, None]
+            if MASKED:
+                ds = tl.where(col_mask[None, :], ds, 0.0)
+        if need_dparams != 0:
+            db += tl.sum(ds, 1)
+        acc += dot_acc(ds.to(kt.dtype), kt, ACC, DOT_PREC)
+    return acc, db
+
+
+@triton.jit
+def _sig_bwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, w_ptr, dq_ptr, dscale_ptr, dbias_ptr, N, M, n_chunks,
+                    diag_off, col_weights, need_dparams, n_bucket, m_bucket, ACC: tl.constexpr,
+                    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    # As _lse_bwd_kernel: one (BLOCK_M, BLOCK_D) fp32 accumulator of dq per program (feature chunk
+    # program_id(1)); the weights w per row (col_weights == 0) or per key (the column pass).
+    row0 = tl.program_id(0) * BLOCK_M
+    rows_l = tl.arange(0, BLOCK_M)
+    rows = row0 + rows_l
+    row_mask = rows < N
+    chunk = tl.program_id(1).to(tl.int64)
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
+    if not D_LOOP:
+        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
+    scale = tl.load(scale_ptr).to(ACC)
+    scale2 = scale * LOG2E
+    bias2 = tl.load(bias_ptr).to(ACC) * LOG2E
+    w_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    if col_weights == 0:
+        w_r = tl.load(w_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    db = tl.zeros((BLOCK_M,), dtype=ACC)
+    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    positive = rows + diag_off
+    acc, db = _sig_bwd_tiles(acc, db, q, q_ptr, k_ptr, w_ptr, scale2, bias2, w_r, row0, row_mask, positive, chunk,
+                             N, M, n_chunks, n_plain, lo, hi, full, col_weights, need_dparams, ACC, DOT_PREC,
+                             BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, False)
+    acc, db = _sig_bwd_tiles(acc, db, q, q_ptr, k_ptr, w_ptr, scale2, bias2, w_r, row0, row_mask, positive, chunk,
+                             N, M, n_chunks, n_masked, lo, hi, full, col_weights, need_dparams, ACC, DOT_PREC,
+                             BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, True)
+    tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
+             (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
+    if need_dparams != 0:
+        if D_LOOP:
+            q = _rows(q_ptr + (chunk * N + row0) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
+        tl.store(dscale_ptr + chunk * N + rows, tl.sum(q.to(ACC) * acc, 1), mask=row_mask)
+        if chunk == 0:
+            tl.store(dbias_ptr + rows, db, mask=row_mask)
+
+
+# One config per chip family and kind (the compile check's cost stays small): the LSE kernels' shapes.
+SIG_FWD_CONFIGS = {128: _configs([(64, 64, 4, 3)], AMPERE) + _configs([(128, 64, 8, 3)], HOPPER),
+                   256: _configs([(64, 64, 4, 2)], AMPERE) + _configs([(128, 64, 8, 2)], HOPPER),
+                   "loop": _configs([(64, 64, 8, 2)]), "exact": _configs([(64, 32, 8, 2)])}
+SIG_BWD_CONFIGS = {128: _configs([(64, 64, 4, 2)], HOPPER), 256: _configs([(64, 32, 8, 2)], HOPPER),
+                   "loop": _configs([(32, 32, 8, 2)], AMPERE) + _configs([(64, 32, 8, 2)], HOPPER),
+                   "exact": _configs([(32, 32, 8, 1)])}
+_SIG_FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "bias_ptr", "out_ptr"])
+_SIG_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "bias_ptr", "w_ptr", "dscale_ptr", "dbias_ptr"])
+_SIG_BWD_ARGS = _FWD_ARGS + ["col_weights", "need_dparams"]
+_sig_fwd_kernels, _sig_bwd_kernels = {}, {}
+for _key, _bd, _kinds, _archs, _ in _KINDS:
+    _sig_fwd_kernels[_key] = register(
+        autotune(SIG_FWD_CONFIGS[_key], key=KEY)(_sig_fwd_kernel), configs=SIG_FWD_CONFIGS[_key], uses_dot=True,
+        variants=_variants(*_SIG_FWD_PTRS, _FWD_ARGS, _bd, _kinds, _archs, None, D_LOOP=_key in ("loop", "exact")))
+for _key, _bd, _kinds, _archs, _ in _BWD_KINDS:
+    _sig_bwd_kernels[_key] = register(
+        autotune(SIG_BWD_CONFIGS[_key], key=KEY)(_sig_bwd_kernel), configs=SIG_BWD_CONFIGS[_key], uses_dot=True,
+        variants=_variants(*_SIG_BWD_PTRS, _SIG_BWD_ARGS, _bd, _kinds, _archs, None,
+                           D_LOOP=_key in ("loop", "exact")))
+
+
+def sigmoid_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                    diag_off: int) -> torch.Tensor:
+    """Launch ``_sig_fwd_kernel``: row sums ``sum_j softplus(-z_ij (scale q_i . k_j + bias))`` with z = +1 at
+    ``j == i + diag_off``. ``q`` (N, D), ``k`` (M, D); ``scale`` and ``bias`` 1-element tensors in the math
+    dtype. Returns (N,) in the math dtype."""
+    n, m = q.shape[0], k.shape[0]
+    key, bd, loop = _pick(q)
+    ql = _layout(q, bd)
+    kl = _layout(k, bd)
+    out = torch.empty(n, dtype=scale.dtype, device=q.device)
+    launch(_sig_fwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), config=INTERPRET_CONFIG,
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, bias_ptr=bias, out_ptr=out, N=n, M=m, n_chunks=ql.shape[0],
+           diag_off=diag_off, n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS),
+           ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop)
+    return out
+
+
+def sigmoid_backward_rows(q, k, scale, bias, w, *, diag_off: int, col_weights: bool = False,
+                          need_dparams: bool = False):
+    """Launch ``_sig_bwd_kernel`` over the rows of ``q``: (dq (N, D) in q's dtype, dscale, dbias) with
+    ``dS_ij = -z_ij sigmoid(-z_ij l_ij) w`` and ``w`` (float, the math dtype) per row of ``q``, or per row of
+    ``k`` with ``col_weights`` (the texts' gradient: q the texts, k the images, ``diag_off`` transposed); the
+    parameters' gradients (1-element sums, fixed order) with ``need_dparams``, else None."""
+    n, d = q.shape
+    m = k.shape[0]
+    key, bd, loop = _pick_backward(q)
+    ql = _layout(q, bd)
+    kl = _layout(k, bd)
+    chunks = ql.shape[0]
+    dq = torch.empty_like(ql)
+    dscale = torch.empty(chunks, n, dtype=scale.dtype, device=q.device) if need_dparams else scale
+    dbias = torch.empty(n, dtype=scale.dtype, device=q.device) if need_dparams else scale
+    launch(_sig_bwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks), config=INTERPRET_CONFIG,
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, bias_ptr=bias, w_ptr=w, dq_ptr=dq, dscale_ptr=dscale,
+           dbias_ptr=dbias, N=n, M=m, n_chunks=chunks, diag_off=diag_off, col_weights=int(col_weights),
+           need_dparams=int(need_dparams), n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS),
+           ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop)
+    dq = _unlayout(dq, n, d, bd)
+    if not need_dparams:
+        return dq, None, None
+    return dq, dscale.sum(), dbias.sum()

@@ -365,12 +365,12 @@ def test_compiles_fullgraph(backend, device):
 
     def losses(a, b, s):
         return (fastssl.nt_xent(a, b) + fastssl.info_nce(a, b) + fastssl.clip_loss(a, b, s.exp())
-                + fastssl.moco_loss(a, b, b))
+                + fastssl.moco_loss(a, b, b) + fastssl.siglip_loss(a, b, s.exp(), -s))
 
     compiled = torch.compile(losses, fullgraph=True)
     out = compiled(z1, z2, scale)
     ref = (nt_xent_reference(z1, z2) + info_nce_reference(z1, z2) + clip_loss_reference(z1, z2, scale.double().exp())
-           + moco_loss_reference(z1, z2, z2))
+           + moco_loss_reference(z1, z2, z2) + siglip_loss_reference(z1, z2, scale.double().exp(), -scale.double()))
     assert_close(out, ref, torch.float32, scale=10)
     for g, r in zip(_grads(out, (z1, z2, scale)), _grads(ref, (z1, z2, scale))):
         assert_close(g, r, torch.float32, scale=10)
@@ -448,6 +448,14 @@ BAD = [
     (lambda d: fastssl.clip_loss(_t(4, 3, dtype=torch.bfloat16, device=d), _t(4, 3, dtype=torch.bfloat16, device=d), torch.tensor(1.0, dtype=torch.float16)), TypeError, "logit_scale has dtype torch.float16"),
     (lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(4, 3, device=d), torch.tensor(1, device=d)), TypeError, "logit_scale must be a floating-point"),
     (lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(3, 3, device=d), 1.0), ValueError, r"text_features has shape \(3, 3\)"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(3, 3, device=d), 1.0, 0.0), ValueError, r"text_features has shape \(3, 3\)"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), -1.0, 0.0), ValueError, "logit_scale must be a finite number > 0"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, "0"), TypeError, "logit_bias must be a float or a 0-dim tensor"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, float("inf")), ValueError, "logit_bias must be a finite number"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, torch.zeros(1, device=d)), ValueError, r"logit_bias must be a float or a 0-dim tensor, got shape \(1,\)"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, dtype=torch.bfloat16, device=d), _t(4, 3, dtype=torch.bfloat16, device=d), 1.0, torch.tensor(0.0, dtype=torch.float64)), TypeError, "logit_bias has dtype torch.float64"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, 0.0, reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, 0.0, gather_distributed=1), TypeError, "gather_distributed must be True or False"),
 ]
 
 
@@ -457,7 +465,7 @@ def test_rejects_bad_input(device, call, error, match):
         call(device)
 
 
-@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip_loss"])
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip_loss", "siglip_loss"])
 def test_gather_distributed_without_process_group_is_the_single_process_loss(backend, device, loss):
     """API.md (lightly's meaning): without an initialized process group gather_distributed=True is the
     single-process loss, value and gradients, so code written for DDP runs unchanged on one device."""
@@ -465,7 +473,8 @@ def test_gather_distributed_without_process_group_is_the_single_process_loss(bac
 
     assert not fastssl.distributed.is_initialized()
     fn = {"nt_xent": fastssl.nt_xent, "info_nce": fastssl.info_nce,
-          "clip_loss": lambda a, b, **kw: fastssl.clip_loss(a, b, 3.0, **kw)}[loss]
+          "clip_loss": lambda a, b, **kw: fastssl.clip_loss(a, b, 3.0, **kw),
+          "siglip_loss": lambda a, b, **kw: fastssl.siglip_loss(a, b, 3.0, -1.0, **kw)}[loss]
     a, b = _feats(6, 5, device=device), _feats(6, 5, device=device)
     gathered, single = fn(a, b, gather_distributed=True), fn(a, b)
     assert torch.equal(gathered, single)
@@ -491,7 +500,7 @@ def test_nt_xent_positive_read_like_the_lse(device, monkeypatch):
                 assert fastssl.nt_xent(z1.requires_grad_(), z2, temperature=t).item() == 0.0
 
 
-@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip_loss"])
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip_loss", "siglip_loss"])
 def test_gather_distributed_convention(backend, device, monkeypatch, loss):
     """API.md's convention with two ranks simulated in one process: the gather is a cat of every rank's
     tensor in rank order with gradient to each, so the gradient of the sum of the ranks' losses for a
@@ -505,7 +514,8 @@ def test_gather_distributed_convention(backend, device, monkeypatch, loss):
     g1, g2 = _feats(world * n, 20, device=device), _feats(world * n, 20, device=device)
     fn = {"nt_xent": lambda a, b, **kw: fastssl.nt_xent(a, b, temperature=0.3, **kw),
           "info_nce": lambda a, b, **kw: fastssl.info_nce(a, b, temperature=0.2, **kw),
-          "clip_loss": lambda a, b, **kw: fastssl.clip_loss(a, b, 9.0, **kw)}[loss]
+          "clip_loss": lambda a, b, **kw: fastssl.clip_loss(a, b, 9.0, **kw),
+          "siglip_loss": lambda a, b, **kw: fastssl.siglip_loss(a, b, 4.0, -2.0, normalize=True, **kw)}[loss]
     single = fn(g1, g2)
     single_grads = _grads(single, (g1, g2))
     local = [(g1[r * n:(r + 1) * n], g2[r * n:(r + 1) * n]) for r in range(world)]
@@ -693,3 +703,175 @@ def test_torch_path_symmetric_scale_gradient(device, monkeypatch, keep):
     scale = torch.tensor([1.3], dtype=torch.float64, device=device, requires_grad=True)
     assert fc._keeps_scores(8, 8, z, scale) == keep
     assert torch.autograd.gradcheck(lambda a, s: fc._lse(a, a, s, diag_off=0, symmetric=True)[0], (z, scale))
+
+
+# ----------------------------------------------------------------------------------------------------
+# SigLIP's sigmoid loss
+# ----------------------------------------------------------------------------------------------------
+
+from fastssl.contrastive import siglip_loss_reference  # noqa: E402
+
+
+def _sig_params(kind, dtype, device):
+    """(logit_scale, logit_bias, the tensors among them): Python floats, or 0-dim tensors (a learnable
+    log-scale's exp, as open_clip passes it) in the features' dtype or float32."""
+    if kind == "float":
+        return 3.5, -1.5, []
+    pdtype = dtype if kind == "tensor" else torch.float32
+    log_scale = torch.tensor(1.2, dtype=pdtype, device=device, requires_grad=True)
+    bias = torch.tensor(-1.5, dtype=pdtype, device=device, requires_grad=True)
+    return log_scale, bias, [log_scale, bias]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["float", "tensor", "fp32_tensor"])
+def test_siglip_loss_matches_reference(backend, device, dtype, reduction, kind):
+    img, txt = _feats(37, 20, dtype=dtype, device=device), _feats(37, 20, dtype=dtype, device=device)
+    log_scale, bias, params = _sig_params(kind, dtype, device)
+    exp = (lambda s: s.exp()) if params else (lambda s: s)
+    inputs = [img, txt, *params]
+
+    def ours(a, b, *p):
+        return fastssl.siglip_loss(a, b, exp(p[0]) if p else log_scale, p[1] if p else bias, normalize=True,
+                                   reduction=reduction)
+
+    def ref(a, b, *p):  # the same multiplier value (a float32 one stays float32-rounded)
+        return siglip_loss_reference(a, b, exp(p[0]).double() if p else log_scale, p[1].double() if p else bias,
+                                     normalize=True, reduction=reduction)
+
+    out, expected = ours(*inputs), ref(*inputs)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and out.shape == expected.shape
+    assert_close(out, expected, dtype, scale=10)
+    grad_out = torch.rand_like(expected) + 0.5 if reduction == "none" else None
+    for g, r in zip(_grads(out, inputs, None if grad_out is None else grad_out.to(out.dtype)),
+                    _grads(expected, inputs, grad_out)):
+        assert_close(g, r, g.dtype, scale=10)  # a float32 parameter gets a float32 gradient
+
+
+def _sig_formulas(q, k, scale, bias, diag_off, w, col_weights):
+    """float64 row sums of softplus(-z l) and the kernels' gradient: dS = -z sigmoid(-z l) w (w per row of q,
+    or per row of k), dq = scale dS @ k, dscale = sum dS * (q . k), dbias = sum dS."""
+    q, k = q.double(), k.double()
+    raw = q @ k.t()
+    l = scale * raw + bias
+    z = -torch.ones_like(l)
+    i = torch.arange(q.shape[0])
+    inside = (i + diag_off >= 0) & (i + diag_off < k.shape[0])
+    z[i[inside], (i + diag_off)[inside]] = 1.0
+    rows = F.softplus(-z * l).sum(1)
+    ds = -z * torch.sigmoid(-z * l) * (w[None, :] if col_weights else w[:, None])
+    return rows, scale * ds @ k, (ds * raw).sum(), ds.sum()
+
+
+@pytest.mark.parametrize("n,m,diag_off", MASK_CASES)
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "bfloat16-chunked", "columns"])
+def test_sig_kernels_mask_only_band_and_edge_tiles(device, monkeypatch, n, m, diag_off, kind):
+    """The sigmoid kernels flip the positive's sign and drop the keys past M only in the band's and the
+    last partial tile (interpreter tiles of 16): row sums, dq, dscale and dbias (weights per row, or per key
+    as the column pass that gives the texts' gradient) equal the float64 formulas wherever the band falls."""
+    if device != "cpu" or not kc.interpreting():
+        pytest.skip("calls the launchers on CPU tensors: the interpreter's tiles")
+    dtype = torch.bfloat16 if kind.startswith("bfloat16") else torch.float32
+    if kind == "bfloat16-chunked":
+        monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    gen = torch.Generator().manual_seed(n * 1000 + m + diag_off)
+    q = (torch.randn(n, 20, generator=gen) / 3).to(dtype)
+    k = (torch.randn(m, 20, generator=gen) / 3).to(dtype)
+    cols = kind == "columns"
+    w = torch.rand(m if cols else n, generator=gen, dtype=torch.float64) + 0.5
+    scale, bias = torch.tensor([1.7]), torch.tensor([-0.6])
+    rows, dq, dscale, dbias = _sig_formulas(q, k, 1.7, -0.6, diag_off, w, cols)
+    torch.testing.assert_close(kc.sigmoid_forward(q, k, scale, bias, diag_off).double(), rows, rtol=1e-5, atol=1e-5)
+    got_dq, got_ds, got_db = kc.sigmoid_backward_rows(q, k, scale, bias, w.float(), diag_off=diag_off,
+                                                      col_weights=cols, need_dparams=True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got_dq.double(), dq, rtol=tol, atol=tol)
+    if not cols:  # the column pass' parameter sums are the row pass' (not used)
+        torch.testing.assert_close(got_ds.double(), dscale, rtol=tol, atol=tol)
+        torch.testing.assert_close(got_db.double(), dbias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["kept", "one_block", "blocks"])
+def test_siglip_torch_path_schemes(device, monkeypatch, scheme):
+    """The PyTorch path: the gradient matrix kept from the forward, or recomputed in one block or in blocks
+    of 5 rows; float64 against the reference, gradients to both features and both parameters."""
+    import fastssl.contrastive as fc
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    n = 21
+    monkeypatch.setattr(fc, "KEEP_ELEMENTS", n * n - (scheme != "kept"))
+    if scheme == "blocks":
+        monkeypatch.setattr(fc, "CHUNK_ELEMENTS", 5 * n)
+    d = dict(dtype=torch.float64, device=device)
+    inputs = (_feats(n, 12, **d), _feats(n, 12, **d), torch.tensor(0.8, **d, requires_grad=True),
+              torch.tensor(-2.0, **d, requires_grad=True))
+    _check(lambda a, b, s, c: fastssl.siglip_loss(a, b, s.exp(), c),
+           lambda a, b, s, c: siglip_loss_reference(a, b, s.exp(), c), inputs, torch.float64)
+
+
+def test_siglip_gradcheck(backend, device):
+    d = dict(dtype=torch.float64, device=device)
+    x, y = torch.randn(5, 6, **d, requires_grad=True), torch.randn(5, 6, **d, requires_grad=True)
+    scale, bias = torch.tensor(1.7, **d, requires_grad=True), torch.tensor(-0.4, **d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, s, c: fastssl.siglip_loss(a, b, s, c, reduction="none"),
+                                    (x, y, scale, bias))
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.siglip_loss(a, b, 2.0, 1.0, normalize=True), (x, y))
+
+
+@pytest.mark.parametrize("path", ["resident", "chunked"])
+def test_siglip_gradcheck_through_the_fast_backward(device, monkeypatch, path):
+    """gradcheck (float64) through the tensor-core kernels' code (as the LSE's): resident or chunked."""
+    if device != "cpu" or not kc.interpreting():
+        pytest.skip("forces the launchers' path choice on the interpreter")
+    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
+    monkeypatch.setattr(kc, "_exact", lambda dtype: False)
+    if path == "chunked":
+        monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    d = dict(dtype=torch.float64, device=device)
+    x, y = torch.randn(21, 18, **d, requires_grad=True), torch.randn(21, 18, **d, requires_grad=True)
+    scale, bias = torch.tensor(1.3, **d, requires_grad=True), torch.tensor(-0.5, **d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, s, c: fastssl.siglip_loss(a, b, s, c, reduction="none"),
+                                    (x, y, scale, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_siglip_low_precision_within_twice_pytorch_error(backend, device, dtype):
+    img, txt = _unit_rows(37, 20, dtype, device).requires_grad_(), _unit_rows(37, 20, dtype, device).requires_grad_()
+    scale, bias = torch.tensor(10.0, device=device), torch.tensor(-5.0, device=device)
+    out = fastssl.siglip_loss(img, txt, scale, bias)
+    assert out.dtype == torch.float32
+    f64 = [t.detach().double().requires_grad_() for t in (img, txt)]
+    ref = siglip_loss_reference(*f64, scale, bias)
+    lp = [t.detach().requires_grad_() for t in (img, txt)]
+    lowp = siglip_loss_reference(*lp, scale.to(dtype), bias.to(dtype), upcast=False)
+    assert_close_lowp(out, ref, lowp)
+    for g, r, p in zip(_grads(out, (img, txt)), _grads(ref, f64), _grads(lowp, lp)):
+        assert g.dtype == dtype
+        assert_close_lowp(g, r, p)
+
+
+def test_siglip_extreme_logits_and_nan(backend, device):
+    x, y = _feats(17, 20, device=device), _feats(17, 20, device=device)
+    out = fastssl.siglip_loss(x, y, 1000.0, -50.0)  # logits in the thousands: softplus stays finite
+    ref = siglip_loss_reference(x, y, 1000.0, -50.0)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-3)
+    assert all(torch.isfinite(g).all() for g in _grads(out, (x, y)))
+    bad = x.detach().clone()
+    bad[3, 1] = float("nan")
+    per_row = fastssl.siglip_loss(bad, y.detach(), 2.0, 0.0, reduction="none")
+    assert per_row[3].isnan() and not per_row[[0, 1, 2, 4]].isnan().any()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip is not installed")
+def test_siglip_loss_equals_open_clip(device):
+    from open_clip.loss import SigLipLoss
+
+    img, txt = (F.normalize(torch.randn(23, 16, device=device), dim=1).requires_grad_() for _ in range(2))
+    scale = torch.tensor(2.3, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    ours = fastssl.siglip_loss(img, txt, scale.exp(), bias)
+    theirs = SigLipLoss()(img, txt, scale.exp(), bias)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for g, r in zip(_grads(ours, (img, txt, scale, bias)), _grads(theirs, (img, txt, scale, bias))):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

@@ -25,7 +25,7 @@ import torch
 
 import fastssl.contrastive as C
 from fastssl.distributed import all_gather_with_grad, is_initialized, rank, world_size
-from fastssl.losses import CLIPLoss, MoCoQueue, NTXentLoss
+from fastssl.losses import CLIPLoss, ClipLoss, MoCoQueue, NTXentLoss, SigLipLoss
 
 WORLD = 2
 N, D = 5, 7  # rows per rank, feature width (odd on purpose)
@@ -47,6 +47,7 @@ def make_inputs(seed: int) -> dict:
 
     g = {name: randn(WORLD * N, D) for name in ("x", "w", "q", "k", "z1", "z2", "img", "txt", "bank_q", "bank_k")}
     g["scale"] = torch.tensor(7.3, dtype=F64)
+    g["bias"] = torch.tensor(-2.1, dtype=F64)
     g["queue_init"] = randn(QUEUE, D)
     g["queue_keys"] = randn(QUEUE_STEPS, WORLD * QUEUE_BATCH, D)
     return g
@@ -87,6 +88,24 @@ def run_rank(r: int, g: dict) -> dict:
     loss = C.clip_loss(img, txt, scale, gather_distributed=True)
     loss.backward()
     out["clip_loss"] = (loss.detach(), img.grad, txt.grad, scale.grad)
+
+    img, txt, scale, bias = leaf(local(g["img"], r)), leaf(local(g["txt"], r)), leaf(g["scale"]), leaf(g["bias"])
+    loss = C.siglip_loss(img, txt, scale, bias, normalize=True, gather_distributed=True)
+    loss.backward()
+    out["siglip_loss"] = (loss.detach(), img.grad, txt.grad, scale.grad, bias.grad)
+
+    img, txt, scale, bias = leaf(local(g["img"], r)), leaf(local(g["txt"], r)), leaf(g["scale"]), leaf(g["bias"])
+    loss = SigLipLoss(rank=r, world_size=WORLD)(img, txt, scale, bias)
+    loss.backward()
+    out["SigLipLoss"] = (loss.detach(), img.grad, txt.grad, scale.grad, bias.grad)
+
+    for local_loss in (False, True):
+        for with_grad in (False, True):
+            img, txt, scale = leaf(local(g["img"], r)), leaf(local(g["txt"], r)), leaf(g["scale"])
+            loss = ClipLoss(local_loss, with_grad, rank=r, world_size=WORLD)(img, txt, scale, output_dict=True)
+            loss["contrastive_loss"].backward()
+            out[f"ClipLoss-{local_loss}-{with_grad}"] = (loss["contrastive_loss"].detach(), img.grad, txt.grad,
+                                                        scale.grad)
 
     module = CLIPLoss(gather_distributed=True).double()
     img, txt = leaf(local(g["img"], r)), leaf(local(g["txt"], r))
@@ -224,6 +243,65 @@ def test_two_processes_equal_one_process_on_the_global_batch(spawned, backend, c
         log_scale = CLIPLoss().double().logit_scale.detach().clone()
         loss, grads = single_process(lambda i, t, s: C.clip_loss(i, t, s.exp()), g["img"], g["txt"], log_scale)
         check_convention(case, results[backend], loss, grads, 2, shared=(2,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["siglip_loss", "SigLipLoss"])
+def test_siglip_two_processes_equal_one_process_on_the_global_batch(spawned, backend, case):
+    """Each rank's images against every rank's texts: the ranks' average is the global loss, the local
+    features' gradients world_size x the global ones, the parameters' averaged over ranks the global ones."""
+    g, results = spawned
+    normalize = case == "siglip_loss"
+    loss, grads = single_process(lambda i, t, s, b: C.siglip_loss(i, t, s, b, normalize=normalize), g["img"], g["txt"],
+                                 g["scale"], g["bias"])
+    check_convention(case, results[backend], loss, grads, 2, shared=(2, 3))
+
+
+def open_clip_reference(g, r, local_loss, with_grad):
+    """open_clip's ClipLoss on rank r, simulated in one process: the features all-gathered with gradient
+    (gather_with_grad), or as constants but for this rank's own (not local_loss) or all of them (local_loss);
+    logits materialized as open_clip builds them."""
+    img, txt = g["img"], g["txt"]
+    scale = g["scale"]
+
+    def gathered(x):
+        if with_grad:
+            return x
+        parts = [local(x, q).detach() for q in range(WORLD)]
+        if not local_loss:
+            parts[r] = local(x, r)
+        return torch.cat(parts)
+
+    all_img, all_txt = gathered(img), gathered(txt)
+    if local_loss:
+        per_image = scale * local(img, r) @ all_txt.T
+        per_text = scale * local(txt, r) @ all_img.T
+        labels = torch.arange(N) + r * N
+    else:
+        per_image = scale * all_img @ all_txt.T
+        per_text = per_image.T
+        labels = torch.arange(WORLD * N)
+    ce = torch.nn.functional.cross_entropy
+    return (ce(per_image, labels) + ce(per_text, labels)) / 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("local_loss", [False, True])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_cliploss_open_clip_distributed_meaning(spawned, backend, local_loss, with_grad):
+    """ClipLoss(local_loss, gather_with_grad, rank, world_size) on two gloo processes against open_clip's
+    computation simulated in one process: each rank's loss, its local features' gradients (the gradients
+    every rank's loss sends back to them) and its logit scale's gradient."""
+    g, results = spawned
+    leaves = {name: leaf(g[name]) for name in ("img", "txt", "scale")}
+    losses = [open_clip_reference(dict(g, **leaves), r, local_loss, with_grad) for r in range(WORLD)]
+    grad_img, grad_txt = torch.autograd.grad(sum(losses), (leaves["img"], leaves["txt"]), retain_graph=True)
+    for r, res in enumerate(results[backend]):
+        got = res[f"ClipLoss-{local_loss}-{with_grad}"]
+        close(got[0], losses[r].detach(), f"loss on rank {r}")
+        close(got[1], local(grad_img, r), f"image gradient on rank {r}")
+        close(got[2], local(grad_txt, r), f"text gradient on rank {r}")
+        close(got[3], torch.autograd.grad(losses[r], leaves["scale"], retain_graph=True)[0], f"scale gradient {r}")
 
 
 def test_moco_queue_enqueues_the_global_batch(spawned):

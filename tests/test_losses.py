@@ -435,7 +435,7 @@ def test_cpc_validation_types():
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, compiler", [("ntxent", "aot_eager"), ("infonce", "aot_eager"), ("clip", "aot_eager"),
-                                            ("cpc", "aot_eager"), ("clip", "inductor")])
+                                            ("cpc", "aot_eager"), ("clip", "inductor"), ("siglip", "aot_eager")])
 def test_modules_compile_fullgraph(name, compiler):
     """fullgraph=True: no graph break through the custom ops; aot_eager checks the fake kernels and the
     autograd registration at little cost, one inductor case (~13 s on 2 cores) the whole compiler."""
@@ -449,6 +449,11 @@ def test_modules_compile_fullgraph(name, compiler):
     elif name == "clip":
         module, inputs = CLIPLoss(), (leaf(5, 6, dtype=torch.float32), leaf(5, 6, dtype=torch.float32))
         ref = ref_clip(*inputs, module.logit_scale.detach().double().exp())
+    elif name == "siglip":
+        sig = SigLipLoss()
+        module = lambda a, b: sig(a, b, torch.tensor(3.0), torch.tensor(-2.0))  # noqa: E731
+        inputs = (leaf(5, 6, dtype=torch.float32), leaf(5, 6, dtype=torch.float32))
+        ref = ref_siglip(*inputs, 3.0, -2.0)
     else:
         module, inputs = CPCLoss(4, 3, 2), (leaf(2, 5, 4, dtype=torch.float32), leaf(2, 5, 3, dtype=torch.float32))
         ref = ref_cpc(*inputs, [p.weight for p in module.predictors])
@@ -482,3 +487,88 @@ def test_nan_propagates(name):
     else:
         loss = CPCLoss(3, 3, 1)(a.reshape(2, 2, 3), b.reshape(2, 2, 3))
     assert torch.isnan(loss)
+
+
+# ----------------------------------------------------------------------------------------------------
+# open_clip's ClipLoss and SigLipLoss
+# ----------------------------------------------------------------------------------------------------
+
+from fastssl.losses import ClipLoss, SigLipLoss  # noqa: E402
+
+HAVE_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
+
+
+def ref_siglip(img, txt, scale, bias):
+    logits = scale * img.double() @ txt.double().T + bias
+    z = 2 * torch.eye(img.shape[0], dtype=F64, device=img.device) - 1
+    return -F.logsigmoid(z * logits).sum() / img.shape[0]
+
+
+def test_cliploss_open_clip_call_and_meaning(backend, device):
+    """open_clip's call: features used as given (no normalization), a 0-dim logit_scale with a gradient,
+    output_dict; logit_bias shifts every logit (no change to the loss) and gets a zero gradient."""
+    img, txt = leaf(7, 5, device=device), leaf(7, 5, device=device)
+    log_scale = torch.tensor(1.1, dtype=F64, device=device, requires_grad=True)
+    bias = torch.tensor(-3.0, dtype=F64, device=device, requires_grad=True)
+    loss_fn = ClipLoss()
+    out = loss_fn(img, txt, log_scale.exp(), output_dict=True)
+    logits = log_scale.exp() * img @ txt.T
+    targets = torch.arange(7, device=device)
+    ref = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    assert list(out) == ["contrastive_loss"]
+    assert_close(out["contrastive_loss"], ref)
+    for g, r in zip(grads(out["contrastive_loss"], img, txt, log_scale), grads(ref, img, txt, log_scale)):
+        assert_close(g, r)
+    with_bias = loss_fn(img, txt, log_scale.exp(), bias)
+    assert_close(with_bias, ref)
+    assert grads(with_bias, bias)[0].item() == 0.0
+    assert torch.isnan(loss_fn(img, txt, log_scale.exp(), torch.tensor(float("nan"), dtype=F64, device=device)))
+
+
+def test_sigliploss_open_clip_call_and_meaning(backend, device):
+    img, txt = leaf(9, 6, device=device), leaf(9, 6, device=device)
+    scale = torch.tensor(2.0, dtype=F64, device=device, requires_grad=True)
+    bias = torch.tensor(-4.0, dtype=F64, device=device, requires_grad=True)
+    out = SigLipLoss(dist_impl="gather", chunk_size=4)(img, txt, scale.exp(), bias, output_dict=True)
+    ref = ref_siglip(img, txt, scale.exp(), bias)
+    assert list(out) == ["contrastive_loss"]
+    assert_close(out["contrastive_loss"], ref)
+    for g, r in zip(grads(out["contrastive_loss"], img, txt, scale, bias), grads(ref, img, txt, scale, bias)):
+        assert_close(g, r)
+    assert_close(SigLipLoss()(img, txt, scale.exp(), None), ref_siglip(img, txt, scale.exp(), 0.0))
+
+
+@pytest.mark.parametrize("cls, kwargs, error, match", [
+    (ClipLoss, dict(use_horovod=True), NotImplementedError, "Horovod is not supported"),
+    (ClipLoss, dict(local_loss=1), TypeError, "local_loss must be True or False"),
+    (ClipLoss, dict(rank=2, world_size=2), ValueError, r"rank must be in \[0, world_size=2\)"),
+    (ClipLoss, dict(world_size=0), ValueError, "world_size must be an int >= 1"),
+    (SigLipLoss, dict(dist_impl="ring"), ValueError, "dist_impl must be one of"),
+    (SigLipLoss, dict(chunk_size=-1), ValueError, "chunk_size must be an int >= 0"),
+    (SigLipLoss, dict(rank=-1), ValueError, "rank must be an int >= 0"),
+])
+def test_open_clip_modules_validation(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [ClipLoss, SigLipLoss])
+def test_open_clip_modules_world_size_without_process_group(cls):
+    args = (torch.randn(4, 3), torch.randn(4, 3), torch.tensor(2.0), torch.tensor(0.0))
+    with pytest.raises(RuntimeError, match=r"\(world_size=2\) needs an initialized torch.distributed process group"):
+        cls(rank=1, world_size=2)(*args)
+
+
+@pytest.mark.skipif(not HAVE_OPEN_CLIP, reason="open_clip is not installed")
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss"])
+def test_open_clip_modules_equal_open_clip(name):
+    import open_clip.loss as oc
+
+    img, txt = (F.normalize(torch.randn(19, 12), dim=1).requires_grad_() for _ in range(2))
+    scale = torch.tensor(2.6, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    ours = {"ClipLoss": ClipLoss, "SigLipLoss": SigLipLoss}[name]()(img, txt, scale.exp(), bias, output_dict=True)
+    theirs = getattr(oc, name)()(img, txt, scale.exp(), bias, output_dict=True)
+    torch.testing.assert_close(ours["contrastive_loss"], theirs["contrastive_loss"], rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads(ours["contrastive_loss"], img, txt, scale), grads(theirs["contrastive_loss"], img, txt, scale)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
