@@ -572,3 +572,48 @@ def test_open_clip_modules_equal_open_clip(name):
     torch.testing.assert_close(ours["contrastive_loss"], theirs["contrastive_loss"], rtol=1e-5, atol=1e-5)
     for g, r in zip(grads(ours["contrastive_loss"], img, txt, scale), grads(theirs["contrastive_loss"], img, txt, scale)):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAVE_OPEN_CLIP, reason="open_clip is not installed")
+@pytest.mark.parametrize("siglip", [False, True])
+def test_open_clip_training_loop_runs_with_our_losses(monkeypatch, siglip):
+    """open_clip's own training code (open_clip_train.train.train_one_epoch, the loss built by
+    open_clip.factory.create_loss) with our ClipLoss / SigLipLoss in place of its own: three steps of a tiny
+    CLIP (or SigLIP, with its logit bias) end at the parameters its own loss reaches."""
+    import argparse
+
+    import open_clip
+    import open_clip.factory as factory
+    from open_clip_train import train as oc_train
+
+    import fastssl.losses as ours
+
+    def run(loss_classes):
+        monkeypatch.setattr(factory, "ClipLoss", loss_classes[0])
+        monkeypatch.setattr(factory, "SigLipLoss", loss_classes[1])
+        torch.manual_seed(0)
+        model = open_clip.model.CLIP(
+            embed_dim=16, vision_cfg=dict(image_size=16, patch_size=8, width=64, layers=1, head_width=32),
+            text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1),
+            init_logit_bias=-10.0 if siglip else None, output_dict=True)
+        args = argparse.Namespace(device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=True,
+                                  horovod=False, grad_clip_norm=None, log_every_n_steps=1, batch_size=8,
+                                  world_size=1, rank=0, local_rank=0, wandb=False, siglip=siglip, local_loss=False,
+                                  gather_with_grad=False, loss_dist_impl=None, model="tiny", save_logs=False,
+                                  cache_labels=False)
+        loss = factory.create_loss(args)
+
+        class Loader(list):
+            num_batches, num_samples = 3, 24
+
+        batches = Loader([(torch.randn(8, 3, 16, 16), torch.randint(0, 50, (8, 8))) for _ in range(3)])
+        data = {"train": argparse.Namespace(dataloader=batches, set_epoch=lambda epoch: None)}
+        oc_train.train_one_epoch(model, data, loss, 0, torch.optim.SGD(model.parameters(), lr=0.1), None, None,
+                                 None, args)
+        return loss, [p.detach() for p in model.parameters()]
+
+    theirs_loss, theirs = run((factory.ClipLoss, factory.SigLipLoss))
+    our_loss, mine = run((ours.ClipLoss, ours.SigLipLoss))
+    assert type(our_loss) is (ours.SigLipLoss if siglip else ours.ClipLoss)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
