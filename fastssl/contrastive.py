@@ -104,6 +104,44 @@ def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias
     return {"mean": per_row.mean, "sum": per_row.sum, "none": lambda: per_row}[reduction]()
 
 
+def supervised_nt_xent_reference(embeddings, labels, *, temperature=0.07, ref_embeddings=None, ref_labels=None,
+                                 normalize=True, upcast: bool = True) -> Tensor:
+    """pytorch-metric-learning's NTXentLoss literally: every positive pair (a, p)'s
+    -log(e^s_ap / (e^s_ap + sum_{n: label_n != label_a} e^s_an)) on the materialized (N, M) similarities,
+    the mean over the pairs (0 without one)."""
+    x = _ref_prep(embeddings, normalize, upcast)
+    r = x if ref_embeddings is None else _ref_prep(ref_embeddings, normalize, upcast)
+    rl = labels if ref_labels is None else ref_labels
+    s = x @ r.t() / temperature
+    same = labels[:, None] == rl[None, :]
+    pos = same.clone()
+    if ref_embeddings is None:
+        pos.fill_diagonal_(False)
+    neg = torch.logsumexp(s.masked_fill(same, float("-inf")), 1, keepdim=True)
+    pair = torch.logaddexp(s, neg) - s
+    return pair[pos].sum() / max(int(pos.sum()), 1)
+
+
+def supcon_loss_reference(features, labels, *, temperature=0.1, normalize=True, reduction="mean",
+                          upcast: bool = True) -> Tensor:
+    """Khosla et al.'s L_out on the materialized similarities: row i's lse_{a != i} s_ia - mean over its
+    positives of s_ip; rows without a positive left out of the mean (their "none" entry is 0)."""
+    if features.dim() == 3:
+        features, labels = features.transpose(0, 1).reshape(-1, features.shape[-1]), labels.repeat(features.shape[1])
+    x = _ref_prep(features, normalize, upcast)
+    n = x.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    s = (x @ x.t() / temperature).masked_fill(eye, float("-inf"))
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    count = pos.sum(1)
+    per_row = torch.logsumexp(s, 1) - s.masked_fill(~pos, 0).sum(1) / count.clamp_min(1)
+    per_row = per_row.masked_fill(count == 0, 0)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total / (count > 0).sum().clamp_min(1) if reduction == "mean" else total
+
+
 # ----------------------------------------------------------------------------------------------------
 # The PyTorch path: the whole score matrix kept for the backward when small, else blocks of rows recomputed
 # ----------------------------------------------------------------------------------------------------
@@ -929,3 +967,280 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     keep = _keeps_scores(x.shape[0], y.shape[0], x, y, scale, bias)
     rows, _ = _siglip(x, y, scale, bias, diag_off, keep)
     return _reduce(rows, reduction)
+
+
+# -- supervised NT-Xent (pytorch-metric-learning's NTXentLoss): negatives masked by label ------------------
+
+def _sup_block(qs: Tensor, ka: Tensor, lq: Tensor, lk: Tensor, a: int, b: int, symmetric: bool):
+    """(s, same, pos) for rows a:b: the scores, the equal-label mask, the positives (``symmetric``: a row's
+    own column is neither a positive nor, having its label, a negative)."""
+    s = torch.mm(qs[a:b], ka.t())
+    same = lq[a:b, None] == lk[None, :]
+    pos = same.clone()
+    if symmetric:
+        pos.diagonal(a).fill_(False)
+    return s, same, pos
+
+
+def _sup_stats(s: Tensor, same: Tensor, pos: Tensor):
+    """(negatives' LSE, x = neg - s) of a block."""
+    neg = torch.logsumexp(s.masked_fill(same, float("-inf")), 1)
+    return neg, neg[:, None] - s
+
+
+def _sup_gradient(s: Tensor, same: Tensor, pos: Tensor, neg: Tensor, x: Tensor, wsum: Tensor) -> Tensor:
+    """dloss_a/ds_aj: -sigmoid(neg_a - s_aj) on a positive, wsum_a exp(s_aj - neg_a) on a negative, 0 else."""
+    negatives = torch.exp(s - neg[:, None]).mul_(wsum[:, None]).masked_fill_(same, 0.0)
+    return torch.where(pos, -torch.sigmoid(x), negatives)
+
+
+def _sup_torch(q, k, lq, lk, scale, symmetric, keep):
+    acc = scale.dtype
+    qs, ka = q.to(acc) * scale, k.to(acc)
+    n, m = q.shape[0], k.shape[0]
+    step = n if keep else _chunk_rows(m)
+    loss, neg, wsum, kept = qs.new_empty(n), qs.new_empty(n), qs.new_empty(n), scale.new_empty(0)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        s, same, pos = _sup_block(qs, ka, lq, lk, a, b, symmetric)
+        neg[a:b], x = _sup_stats(s, same, pos)
+        loss[a:b] = torch.where(pos, _softplus(x), 0.0).sum(1)
+        wsum[a:b] = torch.where(pos, torch.sigmoid(x), 0.0).sum(1)
+        if keep:
+            kept = _sup_gradient(s, same, pos, neg, x, wsum)
+    return loss, neg, wsum, kept
+
+
+def _sup_impl(q: Tensor, k: Tensor, lq: Tensor, lk: Tensor, scale: Tensor, symmetric: bool,
+              keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per anchor row of q: (sum of its positives' losses, negatives' LSE, sum of its positives'
+    sigmoid(neg - s), the (N, M) gradient matrix kept for the backward or empty), math dtype."""
+    if not keep and use_triton(q, k, scale):
+        from .kernels.contrastive import supervised_forward
+
+        return (*supervised_forward(q, k, lq, lk, scale, symmetric), scale.new_empty(0))
+    return _sup_torch(q, k, lq, lk, scale, symmetric, keep)
+
+
+def _sup_fake(q, k, lq, lk, scale, symmetric, keep):
+    n = q.shape[0]
+    return (*(q.new_empty(n, dtype=scale.dtype) for _ in range(3)),
+            q.new_empty((n, k.shape[0]) if keep else (0,), dtype=scale.dtype))
+
+
+def _sup_backward_torch(g, q, k, lq, lk, scale, neg, wsum, kept, symmetric, need_dq, need_dk):
+    acc = scale.dtype
+    n, m = q.shape[0], k.shape[0]
+    qa, ka = q.to(acc), k.to(acc)
+    keep = kept.numel() > 0
+    qs = None if keep else qa * scale
+    step = n if keep else _chunk_rows(m)
+    want_dk = need_dk or symmetric
+    dq = torch.empty(n, q.shape[1], dtype=acc, device=q.device)
+    dk = torch.zeros(m, k.shape[1], dtype=acc, device=k.device) if want_dk else None
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        if keep:
+            ds = kept * g[:, None]
+        else:
+            s, same, pos = _sup_block(qs, ka, lq, lk, a, b, symmetric)
+            ds = _sup_gradient(s, same, pos, neg[a:b], neg[a:b, None] - s, wsum[a:b]).mul_(g[a:b, None])
+        torch.mm(ds, ka, out=dq[a:b])
+        if want_dk:
+            dk.addmm_(ds.t(), qa[a:b])
+    dq.mul_(scale)
+    if dk is not None:
+        dk.mul_(scale)
+        if symmetric:
+            dq.add_(dk)
+    return (dq.to(q.dtype) if need_dq else q.new_empty(0),
+            dk.to(k.dtype) if (need_dk and not symmetric) else k.new_empty(0))
+
+
+def _sup_backward_impl(g: Tensor, q: Tensor, k: Tensor, lq: Tensor, lk: Tensor, scale: Tensor, neg: Tensor,
+                       wsum: Tensor, kept: Tensor, symmetric: bool, need_dq: bool,
+                       need_dk: bool) -> tuple[Tensor, Tensor]:
+    """(dq or empty, dk or empty) of sum_a g_a loss_a; ``symmetric``: dq is the whole gradient (k is q)."""
+    if kept.numel() or not use_triton(q, k, scale):
+        return _sup_backward_torch(g, q, k, lq, lk, scale, neg, wsum, kept, symmetric, need_dq, need_dk)
+    from .kernels.contrastive import supervised_backward_rows
+
+    stats = (neg, wsum, g)
+    if symmetric:  # dZ_i = scale sum_j (dS_ij + dS_ji) z_j: the anchor on the rows and on the columns, one pass
+        return supervised_backward_rows(q, q, lq, lq, scale, stats, stats, self_excluded=True), k.new_empty(0)
+    dq = supervised_backward_rows(q, k, lq, lk, scale, stats, None, self_excluded=False) if need_dq else q.new_empty(0)
+    dk = supervised_backward_rows(k, q, lk, lq, scale, None, stats, self_excluded=False) if need_dk else k.new_empty(0)
+    return dq, dk
+
+
+def _sup_backward_fake(g, q, k, lq, lk, scale, neg, wsum, kept, symmetric, need_dq, need_dk):
+    return q.new_empty(q.shape if need_dq else (0,)), k.new_empty(k.shape if (need_dk and not symmetric) else (0,))
+
+
+def _sup_setup(ctx, inputs, output):
+    q, k, lq, lk, scale, symmetric, keep = inputs
+    ctx.symmetric = symmetric
+    ctx.needs = (q.requires_grad or (symmetric and k.requires_grad), k.requires_grad and not symmetric)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, lq, lk, scale, *output[1:])
+
+
+def _sup_backward(ctx, g_loss, g_neg, g_wsum, g_kept, run):
+    q, k, lq, lk, scale, neg, wsum, kept = ctx.saved_tensors
+    need_dq, need_dk = ctx.needs
+    if g_loss is None or not (need_dq or need_dk):
+        return (None,) * 7
+    dq, dk = run(g_loss.to(scale.dtype).contiguous(), q, k, lq, lk, scale, neg, wsum, kept, ctx.symmetric,
+                 need_dq, need_dk)
+    return dq if need_dq else None, dk if need_dk else None, None, None, None, None, None
+
+
+_supervised = _op_with_backward("supervised_nt_xent", _sup_impl, _sup_fake, _sup_setup, _sup_backward,
+                                _sup_backward_impl, _sup_backward_fake)
+
+
+def _check_labels(name: str, labels, like: Tensor, like_name: str) -> Tensor:
+    n = like.shape[0]
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a LongTensor of shape ({n},), got {type(labels).__name__}")
+    if labels.dtype != torch.long:
+        raise TypeError(f"{name} must be a LongTensor (torch.int64), got {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) (one label per row of {like_name}), got {tuple(labels.shape)}")
+    if labels.device != like.device:
+        raise ValueError(f"{name} is on {labels.device} but {like_name} is on {like.device}; move them to one device")
+    return labels
+
+
+def _same_label_counts(labels: Tensor, keys: Tensor, symmetric: bool) -> Tensor:
+    """Per row, the keys with its label (less itself when ``symmetric``): rows sorted, two binary searches
+    (no host sync, no (N, M) mask)."""
+    sorted_keys = torch.sort(keys).values
+    count = torch.searchsorted(sorted_keys, labels, right=True) - torch.searchsorted(sorted_keys, labels)
+    return count - 1 if symmetric else count
+
+
+def supervised_nt_xent(embeddings: Tensor, labels: Tensor, *, temperature: float = 0.07,
+                       ref_embeddings: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None,
+                       normalize: bool = True) -> Tensor:
+    """pytorch-metric-learning's ``NTXentLoss`` (its default cosine similarity and mean reduction): every
+    ordered pair (a, p), a != p, with equal labels is a positive, and the negatives of an anchor are the
+    candidates with another label::
+
+        s_ij = cos(x_i, x_j) / temperature
+        loss_ap = -log(exp(s_ap) / (exp(s_ap) + sum_{n: label_n != label_a} exp(s_an)))
+                = softplus(neg_a - s_ap),   neg_a = log sum_{n: label_n != label_a} exp(s_an)
+        loss = mean over all positive pairs (0, with a zero gradient, when there is none)
+
+    Fused: the (N, M) similarities and masks are never stored and the number of positive pairs (up to N^2 /
+    classes) costs nothing extra in memory. Triton: one masked LSE pass over the keys for neg_a (the LSE
+    kernels' loop reading the labels), then a pass over each row block's positives only (rows and keys sorted
+    by label: their positives are one run of keys), the backward by recomputation; PyTorch: blocks of rows.
+
+    Args:
+        embeddings: (N, D) float32, float16, bfloat16 or float64: the anchors.
+        labels: LongTensor (N,).
+        temperature: a Python float > 0.
+        ref_embeddings: (M, D) candidates (pml's ``ref_emb``), same dtype and device; default: the
+            embeddings themselves (then a == p is left out). With references a == p is allowed.
+        ref_labels: LongTensor (M,), given exactly when ``ref_embeddings`` is.
+        normalize: cosine similarity (default, pml's ``CosineSimilarity``); False: raw dot products.
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs).
+
+    Where pml differs: it adds finfo.tiny inside its log (a pair whose probability is below ~1e-38 counts
+    -log(tiny) ~ 87.3 there, its true loss here), and with a single positive pair and at most one negative
+    pair in the whole batch it returns 0.
+
+    Raises:
+        TypeError: non-tensor or integer embeddings, mixed dtypes, non-long labels, a non-float temperature.
+        ValueError: not 2-D, sizes or devices that differ, an empty batch, labels of the wrong shape, only one
+            of ref_embeddings / ref_labels, temperature <= 0.
+
+    >>> import torch, fastssl
+    >>> x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> round(fastssl.supervised_nt_xent(x, torch.tensor([0, 0, 1]), temperature=1.0).item(), 4)
+    0.3133
+    """
+    if (ref_embeddings is None) != (ref_labels is None):
+        raise ValueError("ref_embeddings and ref_labels go together: pass both (pml's ref_emb, ref_labels) or neither")
+    symmetric = ref_embeddings is None
+    refs = embeddings if symmetric else ref_embeddings
+    _check_features(("embeddings", "ref_embeddings"), (embeddings, refs))
+    _check_labels("labels", labels, embeddings, "embeddings")
+    ref_labels = labels if symmetric else _check_labels("ref_labels", ref_labels, refs, "ref_embeddings")
+    _check_options(normalize, "mean")
+    scale = _scale_from_temperature(temperature, embeddings)
+    x = _normalized(embeddings, normalize)
+    r = x if symmetric else _normalized(refs, normalize)
+    keep = _keeps_scores(x.shape[0], r.shape[0], x, r)
+    per_row, _, _, _ = _supervised(x, r, labels, ref_labels, scale, symmetric, keep)
+    pairs = _same_label_counts(labels, ref_labels, symmetric).sum().clamp_min(1)
+    return per_row.sum() / pairs.to(scale.dtype)
+
+
+# -- supervised contrastive loss (SupCon): the NT-Xent LSE, the positives through per-class sums -------------
+
+def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float = 0.1, normalize: bool = True,
+                reduction: str = "mean") -> Tensor:
+    """The supervised contrastive loss (Khosla et al. 2020, "Supervised Contrastive Learning", L_out): with
+    s_ij = cos(f_i, f_j) / temperature,
+
+        loss_i = log sum_{a != i} exp(s_ia) - mean_{p != i, label_p = label_i} s_ip
+
+    and the mean over the rows that have a positive. The LSE is NT-Xent's (the fused op: the (N, N) matrix
+    is never stored); the positive term is O(N * D): s_i . (class sum of f_i's label - f_i) / count, the
+    class sums from the rows sorted by label (a float64 running sum, differences at the class bounds: no
+    host sync, no atomics).
+
+    Args:
+        features: (N, D), or (N, V, D) with V views per sample (flattened view-major, as the paper's code:
+            all first views, then all second views; the labels repeat per view). float32, float16, bfloat16
+            or float64.
+        labels: LongTensor (N,).
+        temperature: a Python float > 0.
+        normalize: L2-normalize first (the paper's features are unit vectors).
+        reduction: ``"mean"`` (over rows with a positive) | ``"sum"`` | ``"none"`` (per row, (N * V,), 0 for a
+            row without a positive).
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or the per-row losses; 0 with a zero gradient when no
+        row has a positive.
+
+    Raises:
+        TypeError: non-tensor or integer features, non-long labels, a non-float temperature.
+        ValueError: features not 2-D or 3-D, an empty batch, labels of the wrong shape or device,
+            temperature <= 0, an unknown reduction.
+
+    >>> import torch, fastssl
+    >>> f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> round(fastssl.supcon_loss(f, torch.tensor([0, 0, 1]), temperature=1.0).item(), 4)  # log(e + 1) - 1; row 2 left out
+    0.3133
+    """
+    check_float("features", features)
+    if features.dim() not in (2, 3):
+        raise ValueError(f"features must be 2-D (N, D) or 3-D (N, views, D), got shape {tuple(features.shape)}")
+    _check_labels("labels", labels, features, "features")
+    if features.dim() == 3:
+        views = features.shape[1]
+        features, labels = features.transpose(0, 1).reshape(-1, features.shape[2]), labels.repeat(views)
+    _check_features(("features",), (features,))
+    _check_options(normalize, reduction)
+    scale = _scale_from_temperature(temperature, features)
+    acc = scale.dtype
+    u = _normalized(features, normalize)
+    lse, _ = _lse(u, u, scale, diag_off=0, symmetric=True)
+    order = torch.argsort(labels, stable=True)
+    ordered = labels.index_select(0, order)
+    start, end = torch.searchsorted(ordered, labels), torch.searchsorted(ordered, labels, right=True)
+    running = F.pad(torch.cumsum(u.to(torch.float64).index_select(0, order), 0), (0, 0, 1, 0))
+    others = (running.index_select(0, end) - running.index_select(0, start)).to(acc) - u.to(acc)
+    count = end - start - 1
+    pos = _positive(u, others, scale) / count.clamp_min(1).to(acc)
+    has = count > 0
+    per_row = torch.where(has, lse - pos, 0.0)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total / has.sum().clamp_min(1).to(acc) if reduction == "mean" else total

@@ -12,6 +12,7 @@ the N x M similarity matrix (CPCLoss adds only its O(B * T * code_dim) linear pr
 - :class:`CPCLoss`: Contrastive Predictive Coding's bilinear InfoNCE over future steps.
 - :class:`ClipLoss`, :class:`SigLipLoss`: open_clip's classes (constructor, call, distributed meaning), so
   open_clip's training code can import them in place of its own.
+- :class:`SupervisedNTXentLoss`: pytorch-metric-learning's ``NTXentLoss`` with labels; :class:`SupConLoss`.
 
 >>> import torch
 >>> from fastssl.losses import NTXentLoss
@@ -32,9 +33,11 @@ from . import distributed
 from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_int, check_ndim, check_number,
                      check_positive, check_same)
 from .contrastive import (REDUCTIONS, _check_moco, _check_pairs, _check_views, _gathers, _lse, _moco, _nt_xent,
-                          _positive, _scalar, clip_loss, info_nce, moco_loss, nt_xent, siglip_loss)
+                          _positive, _scalar, clip_loss, info_nce, moco_loss, nt_xent, siglip_loss, supcon_loss,
+                          supervised_nt_xent)
 
-__all__ = ["NTXentLoss", "InfoNCELoss", "MoCoQueue", "CLIPLoss", "CPCLoss", "ClipLoss", "SigLipLoss"]
+__all__ = ["NTXentLoss", "InfoNCELoss", "MoCoQueue", "CLIPLoss", "CPCLoss", "ClipLoss", "SigLipLoss",
+           "SupervisedNTXentLoss", "SupConLoss"]
 
 
 def _check_gather_available(gather_distributed: bool) -> None:
@@ -673,3 +676,75 @@ class SigLipLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Supervised losses: pytorch-metric-learning's NTXentLoss, SupCon
+# ----------------------------------------------------------------------------------------------------
+
+class SupervisedNTXentLoss(nn.Module):
+    """pytorch-metric-learning's ``NTXentLoss`` on its default cosine similarity and mean reduction, fused
+    (:func:`fastssl.supervised_nt_xent`): every same-label pair (a, p) is a positive, the anchor's
+    other-label candidates its negatives, the mean over all positive pairs::
+
+        loss_ap = -log(exp(s_ap) / (exp(s_ap) + sum_{n: label_n != label_a} exp(s_an))),  s = cos / temperature
+
+    The call is pml's: ``loss_fn(embeddings, labels, ref_emb=None, ref_labels=None)``; the result has the
+    embeddings' dtype, as pml's (computed in float32, float64 for float64). pml's ``distance``, ``reducer``,
+    ``indices_tuple`` and regularizers are not taken.
+
+    Args:
+        temperature: t > 0 (default 0.07, pml's).
+
+    Raises:
+        TypeError, ValueError: a bad temperature; at call time the checks of :func:`fastssl.supervised_nt_xent`.
+
+    >>> import torch
+    >>> loss_fn = SupervisedNTXentLoss(temperature=0.1)
+    >>> loss_fn(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])).shape
+    torch.Size([])
+    """
+
+    def __init__(self, temperature: float = 0.07) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None) -> Tensor:
+        """The mean loss over the positive pairs of ``embeddings`` (N, D) with ``labels`` (N,) (against
+        ``ref_emb`` (M, D) with ``ref_labels`` (M,) when given)."""
+        loss = supervised_nt_xent(embeddings, labels, temperature=self.temperature, ref_embeddings=ref_emb,
+                                  ref_labels=ref_labels)
+        return loss.to(embeddings.dtype)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+class SupConLoss(nn.Module):
+    """The supervised contrastive loss (Khosla et al., 2020, "Supervised Contrastive Learning", L_out), fused
+    (:func:`fastssl.supcon_loss`)::
+
+        loss_i = log sum_{a != i} exp(s_ia) - mean_{p != i, label_p = label_i} s_ip,  s = cos / temperature
+
+    the mean over the rows with a positive. ``features`` (N, D) or (N, views, D) (view-major flattening, as
+    the paper's code), ``labels`` (N,).
+
+    Args:
+        temperature: t > 0 (default 0.1).
+
+    >>> import torch
+    >>> SupConLoss()(torch.randn(4, 2, 8), torch.tensor([0, 1, 0, 1])).shape
+    torch.Size([])
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        """The loss of ``features`` (N, D) or (N, V, D) with ``labels`` (N,)."""
+        return supcon_loss(features, labels, temperature=self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"

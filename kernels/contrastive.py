@@ -173,10 +173,12 @@ def _tile_counts(lo, hi, full, M, BLOCK_N: tl.constexpr):
 @device_function
 @triton.jit
 def _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks, n_tiles,
-               lo, hi, full, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+               lo, hi, full, lq, lk_ptr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                D_LOOP: tl.constexpr, KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr):
-    """The online log-sum-exp (base 2) over ``n_tiles`` key tiles of one kind (``_tile_start``)."""
+               MASKED: tl.constexpr, LABELS: tl.constexpr):
+    """The online log-sum-exp (base 2) over ``n_tiles`` key tiles of one kind (``_tile_start``); with
+    ``LABELS`` over the keys whose label (at ``lk_ptr``) differs from the row's (``lq``) only: the
+    negatives of the supervised NT-Xent."""
     for t in range(0, n_tiles):
         col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
         cols = col0 + tl.arange(0, BLOCK_N)
@@ -187,6 +189,12 @@ def _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, exclud
             s = s * (scale2 * _key_scale(ks_ptr, cols, col_mask, ACC, MASKED))[None, :]
         else:
             s = s * scale2
+        if LABELS:
+            if MASKED:
+                lk = tl.load(lk_ptr + cols, mask=col_mask, other=0)
+            else:
+                lk = tl.load(lk_ptr + cols)
+            s = tl.where(lk[None, :] != lq[:, None], s, float("-inf"))
         if MASKED:
             s = tl.where(col_mask[None, :] & (cols[None, :] != excluded[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -217,9 +225,11 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_ptr, N, M, n_chunks, di
     lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
     n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
     m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
-                          n_plain, lo, hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, False)
+                          n_plain, lo, hi, full, rows, ks_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
+                          BLOCK_N, False, False)
     m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
-                          n_masked, lo, hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, True)
+                          n_masked, lo, hi, full, rows, ks_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
+                          BLOCK_N, True, False)
     tl.store(lse_ptr + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_mask)
 
 
@@ -715,3 +725,222 @@ def sigmoid_backward_rows(q, k, scale, bias, w, *, diag_off: int, col_weights: b
     if not need_dparams:
         return dq, None, None
     return dq, dscale.sum(), dbias.sum()
+
+
+# -- the supervised NT-Xent (pytorch-metric-learning's NTXentLoss): negatives masked by label -----------------
+# Every ordered pair (a, p) with equal labels (a != p unless the keys are references) is a positive with loss
+# softplus(neg_a - s_ap), neg_a = log sum_{n: label_n != label_a} exp(s_an) (pml's -log(e^s_ap / (e^s_ap +
+# sum_n e^s_an))). The forward: first the masked online LSE over the negatives (``_fwd_tiles`` with LABELS,
+# the LSE kernels' loop), then a second pass over the keys where the row block's positives can be (the
+# launcher sorts rows and keys by label, so a row's positives are one contiguous run of keys and the pass costs
+# O(sum_c n_c^2 D), not O(N M D)) summing T_a = sum_p softplus(neg_a - s_ap) and W_a = sum_p sigmoid(neg_a -
+# s_ap). The backward by recomputation: dS_aj = g_a (W_a exp(s_aj - neg_a) on negatives, -sigmoid(neg_a - s_aj)
+# on positives), the row term with the anchor on the rows, the column term with the anchor on the columns
+# (the symmetric case's one pass, or the references' gradient with the roles swapped), as _lse_bwd_kernel.
+
+@triton.jit
+def _sup_fwd_kernel(q_ptr, k_ptr, scale_ptr, lq_ptr, lk_ptr, plo_ptr, phi_ptr, neg_ptr, loss_ptr, wsum_ptr, N, M,
+                    n_chunks, diag_off, n_bucket, m_bucket, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    excluded = rows + diag_off  # a row's own column (diag_off >= M: references, nothing excluded)
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
+    if not D_LOOP:
+        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, tl.arange(0, BLOCK_M), row_mask, BLOCK_D, True)
+    scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
+    lq = tl.load(lq_ptr + rows, mask=row_mask, other=0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, scale_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
+                          n_plain, lo, hi, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, False, BLOCK_M,
+                          BLOCK_N, False, True)
+    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, scale_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
+                          n_masked, lo, hi, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, False, BLOCK_M,
+                          BLOCK_N, True, True)
+    neg2 = m_i + tl.log2(l_i)  # -inf: no negative
+    # the positives: the keys [plo, phi) of the block's rows (sorted by label: one run of keys)
+    first = tl.min(tl.load(plo_ptr + rows, mask=row_mask, other=M), 0)
+    last = tl.max(tl.load(phi_ptr + rows, mask=row_mask, other=0), 0)
+    t_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    w_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    for col0 in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < M
+        s2 = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                     BLOCK_M, BLOCK_N, BLOCK_D, D_LOOP, True) * scale2
+        lk = tl.load(lk_ptr + cols, mask=col_mask, other=0)
+        pos = col_mask[None, :] & (lk[None, :] == lq[:, None]) & (cols[None, :] != excluded[:, None])
+        x2 = neg2[:, None] - s2  # softplus(neg - s), sigmoid(neg - s) in base 2
+        t_i += tl.sum(tl.where(pos, _softplus2(x2), 0.0), 1)
+        w_i += tl.sum(tl.where(pos, 1.0 / (1.0 + tl.exp2(-x2)), 0.0), 1)
+    tl.store(neg_ptr + rows, neg2 * LN2, mask=row_mask)
+    tl.store(loss_ptr + rows, t_i * LN2, mask=row_mask)
+    tl.store(wsum_ptr + rows, w_i, mask=row_mask)
+
+
+@device_function
+@triton.jit
+def _sup_ds(s2, same, neg2, w, g):
+    """The pair's dS for the anchor whose negatives' LSE (base 2) is ``neg2``, positives' sigmoid sum ``w``
+    and weight ``g`` (broadcast along the anchor's axis): g w exp(s - neg) on a negative, -g sigmoid(neg - s)
+    on a positive."""
+    return tl.where(same, -g / (1.0 + tl.exp2(s2 - neg2)), (g * w) * tl.exp2(s2 - neg2))
+
+
+@device_function
+@triton.jit
+def _sup_bwd_tiles(acc, q, q_ptr, k_ptr, lk_ptr, neg_c_ptr, w_c_ptr, g_c_ptr, scale2, lq, neg_r, w_r, g_r, row0,
+                   row_mask, excluded, chunk, N, M, n_chunks, n_tiles, lo, hi, full, row_term, col_term,
+                   ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """acc += dS @ k over ``n_tiles`` key tiles of one kind (``_bwd_tiles``' loop with the labels' dS)."""
+    cols_l = tl.arange(0, BLOCK_N)
+    for t in range(0, n_tiles):
+        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
+        cols = col0 + cols_l
+        col_mask = cols < M
+        kt = _rows(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
+        if D_LOOP:
+            s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                        BLOCK_M, BLOCK_N, BLOCK_D, True, MASKED)
+        else:
+            s = dot_acc(q, tl.trans(kt), ACC, DOT_PREC)
+        s2 = s * scale2
+        if MASKED:
+            lk = tl.load(lk_ptr + cols, mask=col_mask, other=0)
+        else:
+            lk = tl.load(lk_ptr + cols)
+        same = lk[None, :] == lq[:, None]
+        ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        if row_term != 0:
+            ds += _sup_ds(s2, same, neg_r[:, None], w_r[:, None], g_r[:, None])
+        if col_term != 0:
+            if MASKED:
+                neg_c = tl.load(neg_c_ptr + cols, mask=col_mask, other=0.0).to(ACC) * LOG2E
+                w_c = tl.load(w_c_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+                g_c = tl.load(g_c_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+            else:
+                neg_c = tl.load(neg_c_ptr + cols).to(ACC) * LOG2E
+                w_c = tl.load(w_c_ptr + cols).to(ACC)
+                g_c = tl.load(g_c_ptr + cols).to(ACC)
+            ds += _sup_ds(s2, same, neg_c[None, :], w_c[None, :], g_c[None, :])
+        if MASKED:
+            ds = tl.where(row_mask[:, None] & col_mask[None, :] & (cols[None, :] != excluded[:, None]), ds, 0.0)
+        acc += dot_acc(ds.to(kt.dtype), kt, ACC, DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _sup_bwd_kernel(q_ptr, k_ptr, scale_ptr, lq_ptr, lk_ptr, neg_r_ptr, w_r_ptr, g_r_ptr, neg_c_ptr, w_c_ptr,
+                    g_c_ptr, dq_ptr, N, M, n_chunks, diag_off, row_term, col_term, n_bucket, m_bucket,
+                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    row0 = tl.program_id(0) * BLOCK_M
+    rows_l = tl.arange(0, BLOCK_M)
+    rows = row0 + rows_l
+    row_mask = rows < N
+    excluded = rows + diag_off
+    chunk = tl.program_id(1).to(tl.int64)
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
+    if not D_LOOP:
+        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
+    scale = tl.load(scale_ptr).to(ACC)
+    lq = tl.load(lq_ptr + rows, mask=row_mask, other=0)
+    neg_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    w_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    g_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    if row_term != 0:
+        neg_r = tl.load(neg_r_ptr + rows, mask=row_mask, other=0.0).to(ACC) * LOG2E
+        w_r = tl.load(w_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+        g_r = tl.load(g_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    acc = _sup_bwd_tiles(acc, q, q_ptr, k_ptr, lk_ptr, neg_c_ptr, w_c_ptr, g_c_ptr, scale * LOG2E, lq, neg_r, w_r,
+                         g_r, row0, row_mask, excluded, chunk, N, M, n_chunks, n_plain, lo, hi, full, row_term,
+                         col_term, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, False)
+    acc = _sup_bwd_tiles(acc, q, q_ptr, k_ptr, lk_ptr, neg_c_ptr, w_c_ptr, g_c_ptr, scale * LOG2E, lq, neg_r, w_r,
+                         g_r, row0, row_mask, excluded, chunk, N, M, n_chunks, n_masked, lo, hi, full, row_term,
+                         col_term, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, True)
+    tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
+             (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+_SUP_FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "lq_ptr:i64", "lk_ptr:i64", "plo_ptr:i64", "phi_ptr:i64", "neg_ptr",
+                                     "loss_ptr", "wsum_ptr"])
+_SUP_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "lq_ptr:i64", "lk_ptr:i64", "neg_r_ptr", "w_r_ptr",
+                                                "g_r_ptr", "neg_c_ptr", "w_c_ptr", "g_c_ptr"])
+_SUP_BWD_ARGS = _FWD_ARGS + ["row_term", "col_term"]
+_sup_fwd_kernels, _sup_bwd_kernels = {}, {}
+for _key, _bd, _kinds, _archs, _ in _KINDS:  # the sigmoid kernels' configs (one per chip family and kind)
+    _sup_fwd_kernels[_key] = register(
+        autotune(SIG_FWD_CONFIGS[_key], key=KEY)(_sup_fwd_kernel), configs=SIG_FWD_CONFIGS[_key], uses_dot=True,
+        variants=_variants(*_SUP_FWD_PTRS, _FWD_ARGS, _bd, _kinds, _archs, None, D_LOOP=_key in ("loop", "exact")))
+for _key, _bd, _kinds, _archs, _ in _BWD_KINDS:
+    _sup_bwd_kernels[_key] = register(
+        autotune(SIG_BWD_CONFIGS[_key], key=KEY)(_sup_bwd_kernel), configs=SIG_BWD_CONFIGS[_key], uses_dot=True,
+        variants=_variants(*_SUP_BWD_PTRS, _SUP_BWD_ARGS, _bd, _kinds, _archs, None,
+                           D_LOOP=_key in ("loop", "exact")))
+
+
+def _by_label(x: torch.Tensor, labels: torch.Tensor):
+    """(order, x[order], labels[order]): rows sorted by label (stable)."""
+    order = torch.argsort(labels, stable=True)
+    return order, x.index_select(0, order), labels.index_select(0, order)
+
+
+def _unsort(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """values[i] back at row order[i] (each index once: deterministic)."""
+    out = torch.empty_like(values)
+    out[order] = values
+    return out
+
+
+def supervised_forward(q, k, lq, lk, scale, symmetric: bool):
+    """Launch ``_sup_fwd_kernel`` over rows and keys sorted by label: per row of ``q`` (N, D) against the keys
+    ``k`` (M, D) (``symmetric``: k is q and a row's own column is left out), the negatives' LSE, the sum of its
+    positives' softplus(neg - s) and of their sigmoid(neg - s), in the math dtype and q's row order; ``lq``
+    (N,), ``lk`` (M,) int64 labels, ``scale`` a 1-element tensor in the math dtype."""
+    n, m = q.shape[0], k.shape[0]
+    key, bd, loop = _pick(q)
+    oq, qs, lqs = _by_label(q, lq)
+    ks, lks = (qs, lqs) if symmetric else _by_label(k, lk)[1:]
+    ql = _layout(qs, bd)
+    kl = ql if symmetric else _layout(ks, bd)
+    plo, phi = torch.searchsorted(lks, lqs), torch.searchsorted(lks, lqs, right=True)
+    neg, loss, wsum = (torch.empty(n, dtype=scale.dtype, device=q.device) for _ in range(3))
+    launch(_sup_fwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), config=INTERPRET_CONFIG,
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, lq_ptr=lqs, lk_ptr=lks, plo_ptr=plo, phi_ptr=phi, neg_ptr=neg,
+           loss_ptr=loss, wsum_ptr=wsum, N=n, M=m, n_chunks=ql.shape[0], diag_off=0 if symmetric else m,
+           n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype),
+           DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop)
+    return _unsort(loss, oq), _unsort(neg, oq), _unsort(wsum, oq)
+
+
+def supervised_backward_rows(q, k, lq, lk, scale, row_stats, col_stats, *, self_excluded: bool):
+    """Launch ``_sup_bwd_kernel`` over the rows of ``q``: dq (N, D) in q's dtype of sum_a g_a * loss_a with the
+    anchors on the rows (``row_stats`` = (neg, wsum, g) per row of q, or None) and/or on the columns
+    (``col_stats`` per row of k); ``self_excluded``: q and k are one set (row i leaves out column i). The
+    rows are taken in label order and the result put back."""
+    n, d = q.shape
+    m = k.shape[0]
+    key, bd, loop = _pick_backward(q)
+    oq, qs, lqs = _by_label(q, lq)
+    ok, ks, lks = _by_label(k, lk)
+    ql, kl = _layout(qs, bd), _layout(ks, bd)
+    chunks = ql.shape[0]
+    dq = torch.empty_like(ql)
+    dummy = scale
+    rs = [dummy] * 3 if row_stats is None else [t.index_select(0, oq) for t in row_stats]
+    cs = [dummy] * 3 if col_stats is None else [t.index_select(0, ok) for t in col_stats]
+    launch(_sup_bwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks), config=INTERPRET_CONFIG,
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, lq_ptr=lqs, lk_ptr=lks, neg_r_ptr=rs[0], w_r_ptr=rs[1],
+           g_r_ptr=rs[2], neg_c_ptr=cs[0], w_c_ptr=cs[1], g_c_ptr=cs[2], dq_ptr=dq, N=n, M=m, n_chunks=chunks,
+           diag_off=0 if self_excluded else m, row_term=int(row_stats is not None),
+           col_term=int(col_stats is not None), n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS),
+           ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop)
+    return _unsort(_unlayout(dq, n, d, bd), oq)

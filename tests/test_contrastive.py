@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import fastssl
 import fastssl.kernels.contrastive as kc
 from conftest import assert_close, assert_close_lowp
-from fastssl.contrastive import (clip_loss_reference, info_nce_reference, moco_loss_reference,
-                                 nt_xent_reference)
+from fastssl.contrastive import (clip_loss_reference, info_nce_reference, moco_loss_reference, nt_xent_reference,
+                                 siglip_loss_reference, supcon_loss_reference, supervised_nt_xent_reference)
 
 LOWP = [torch.float16, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -361,16 +361,21 @@ def test_nan_propagates(backend, device):
 
 def test_compiles_fullgraph(backend, device):
     z1, z2 = _feats(13, 20, device=device), _feats(13, 20, device=device)
+    labels = torch.randint(0, 3, (13,), device=device)
     scale = torch.tensor(2.0, device=device, requires_grad=True)
 
     def losses(a, b, s):
         return (fastssl.nt_xent(a, b) + fastssl.info_nce(a, b) + fastssl.clip_loss(a, b, s.exp())
-                + fastssl.moco_loss(a, b, b) + fastssl.siglip_loss(a, b, s.exp(), -s))
+                + fastssl.moco_loss(a, b, b) + fastssl.siglip_loss(a, b, s.exp(), -s)
+                + fastssl.supervised_nt_xent(a, labels, ref_embeddings=b, ref_labels=labels)
+                + fastssl.supcon_loss(torch.stack((a, b), 1), labels))
 
     compiled = torch.compile(losses, fullgraph=True)
     out = compiled(z1, z2, scale)
     ref = (nt_xent_reference(z1, z2) + info_nce_reference(z1, z2) + clip_loss_reference(z1, z2, scale.double().exp())
-           + moco_loss_reference(z1, z2, z2) + siglip_loss_reference(z1, z2, scale.double().exp(), -scale.double()))
+           + moco_loss_reference(z1, z2, z2) + siglip_loss_reference(z1, z2, scale.double().exp(), -scale.double())
+           + supervised_nt_xent_reference(z1, labels, ref_embeddings=z2, ref_labels=labels)
+           + supcon_loss_reference(torch.stack((z1, z2), 1), labels))
     assert_close(out, ref, torch.float32, scale=10)
     for g, r in zip(_grads(out, (z1, z2, scale)), _grads(ref, (z1, z2, scale))):
         assert_close(g, r, torch.float32, scale=10)
@@ -456,6 +461,17 @@ BAD = [
     (lambda d: fastssl.siglip_loss(_t(4, 3, dtype=torch.bfloat16, device=d), _t(4, 3, dtype=torch.bfloat16, device=d), 1.0, torch.tensor(0.0, dtype=torch.float64)), TypeError, "logit_bias has dtype torch.float64"),
     (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, 0.0, reduction="avg"), ValueError, "reduction must be one of"),
     (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, 0.0, gather_distributed=1), TypeError, "gather_distributed must be True or False"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(4, device=d)), TypeError, r"labels must be a LongTensor \(torch.int64\)"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(3, dtype=torch.long, device=d)), ValueError, r"labels must have shape \(4,\)"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(4, dtype=torch.long, device=d), ref_embeddings=_t(5, 3, device=d)), ValueError, "ref_embeddings and ref_labels go together"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(4, dtype=torch.long, device=d), ref_embeddings=_t(5, 2, device=d), ref_labels=torch.zeros(5, dtype=torch.long, device=d)), ValueError, "ref_embeddings has feature size 2"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(4, dtype=torch.long, device=d), ref_embeddings=_t(5, 3, device=d), ref_labels=torch.zeros(4, dtype=torch.long, device=d)), ValueError, r"ref_labels must have shape \(5,\)"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(4, dtype=torch.long, device=d), temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+    (lambda d: fastssl.supervised_nt_xent(_t(0, 3, device=d), torch.zeros(0, dtype=torch.long, device=d)), ValueError, "embeddings is an empty batch"),
+    (lambda d: fastssl.supcon_loss(_t(4, device=d), torch.zeros(4, dtype=torch.long, device=d)), ValueError, r"features must be 2-D \(N, D\) or 3-D"),
+    (lambda d: fastssl.supcon_loss(_t(4, 2, 3, device=d), torch.zeros(2, dtype=torch.long, device=d)), ValueError, r"labels must have shape \(4,\)"),
+    (lambda d: fastssl.supcon_loss(_t(4, 3, device=d), [0, 1, 2, 3]), TypeError, "labels must be a LongTensor"),
+    (lambda d: fastssl.supcon_loss(_t(4, 3, device=d), torch.zeros(4, dtype=torch.long, device=d), reduction="avg"), ValueError, "reduction must be one of"),
 ]
 
 
@@ -709,9 +725,6 @@ def test_torch_path_symmetric_scale_gradient(device, monkeypatch, keep):
 # SigLIP's sigmoid loss
 # ----------------------------------------------------------------------------------------------------
 
-from fastssl.contrastive import siglip_loss_reference  # noqa: E402
-
-
 def _sig_params(kind, dtype, device):
     """(logit_scale, logit_bias, the tensors among them): Python floats, or 0-dim tensors (a learnable
     log-scale's exp, as open_clip passes it) in the features' dtype or float32."""
@@ -875,3 +888,224 @@ def test_siglip_loss_equals_open_clip(device):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     for g, r in zip(_grads(ours, (img, txt, scale, bias)), _grads(theirs, (img, txt, scale, bias))):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# supervised NT-Xent (pytorch-metric-learning's NTXentLoss) and SupCon
+# ----------------------------------------------------------------------------------------------------
+
+HAVE_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
+
+
+def _labels(n, classes, device):
+    return torch.randint(0, classes, (n,), device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("refs", [False, True])
+@pytest.mark.parametrize("classes", [3, 30])
+def test_supervised_nt_xent_matches_reference(backend, device, dtype, refs, classes):
+    x = _feats(37, 20, dtype=dtype, device=device)
+    labels = _labels(37, classes, device)
+    inputs, kw = (x,), {}
+    if refs:
+        r = _feats(29, 20, dtype=dtype, device=device)
+        kw = dict(ref_embeddings=r, ref_labels=_labels(29, classes, device))
+        inputs = (x, r)
+
+    def ours(*t):
+        return fastssl.supervised_nt_xent(t[0], labels, temperature=0.2, **dict(kw, **({"ref_embeddings": t[1]} if refs else {})))
+
+    def ref(*t):
+        return supervised_nt_xent_reference(t[0], labels, temperature=0.2, **dict(kw, **({"ref_embeddings": t[1]} if refs else {})))
+
+    _check(ours, ref, inputs, dtype)
+
+
+def test_supervised_nt_xent_without_normalize_and_edge_cases(backend, device):
+    x = _feats(11, 24, device=device)
+    labels = _labels(11, 3, device)
+    _check(lambda a: fastssl.supervised_nt_xent(a, labels, temperature=2.0, normalize=False),
+           lambda a: supervised_nt_xent_reference(a, labels, temperature=2.0, normalize=False), (x,), torch.float32)
+    # pml's test_with_no_valid_pairs: one row, one class (no negatives: every pair's loss is exactly 0), all
+    # different (no positive pair): 0 with a zero gradient
+    for n, labels in ((1, [0]), (3, [0, 0, 0]), (3, [1, 2, 3])):
+        x = _feats(n, 2, device=device)
+        out = fastssl.supervised_nt_xent(x, torch.tensor(labels, device=device), temperature=0.1)
+        (grad,) = _grads(out, (x,))
+        assert out.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    bad = torch.randn(6, 4, device=device)
+    bad[2, 1] = float("nan")
+    assert fastssl.supervised_nt_xent(bad, torch.tensor([0, 0, 1, 1, 2, 2], device=device)).isnan()
+
+
+def _sup_formulas(q, k, lq, lk, scale, symmetric, g_rows):
+    """float64 per-row (loss sum, negatives' LSE, sigmoid sum) and the gradient of sum_a g_a loss_a for q
+    (with the column side too when symmetric) and for k."""
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    kk = q64 if symmetric else k64
+    s = scale * q64 @ kk.t()
+    same = lq[:, None] == lk[None, :]
+    pos = same.clone()
+    if symmetric:
+        pos.fill_diagonal_(False)
+    neg = torch.logsumexp(s.masked_fill(same, float("-inf")), 1)
+    x = neg[:, None] - s
+    loss = torch.where(pos, F.softplus(x), 0.0).sum(1)
+    wsum = torch.where(pos, torch.sigmoid(x), 0.0).sum(1)
+    grads = torch.autograd.grad((loss * g_rows).sum(), (q64, k64), allow_unused=True)
+    return loss.detach(), neg.detach(), wsum.detach(), grads
+
+
+@pytest.mark.parametrize("n,m", [(37, 37), (48, 48), (33, 50), (20, 61)])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "bfloat16-chunked", "refs"])
+def test_sup_kernels_against_float64(device, monkeypatch, n, m, kind):
+    """The label-masked kernels on the interpreter's 16 x 16 tiles (whole, band and partial tiles; the
+    positives' pass over the sorted runs of keys): per-row loss sums, the negatives' LSE and sigmoid sums,
+    and dq (anchors on the rows and on the columns: the symmetric one-pass gradient, or the references')."""
+    if device != "cpu" or not kc.interpreting():
+        pytest.skip("calls the launchers on CPU tensors: the interpreter's tiles")
+    dtype = torch.bfloat16 if kind.startswith("bfloat16") else torch.float32
+    if kind == "bfloat16-chunked":
+        monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    symmetric = kind != "refs"
+    m = n if symmetric else m
+    gen = torch.Generator().manual_seed(n * 1000 + m)
+    q = (torch.randn(n, 20, generator=gen) / 3).to(dtype)
+    k = q if symmetric else (torch.randn(m, 20, generator=gen) / 3).to(dtype)
+    lq = torch.randint(0, 4, (n,), generator=gen)
+    lk = lq if symmetric else torch.randint(0, 4, (m,), generator=gen)
+    g = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    scale = torch.tensor([2.5])
+    loss, neg, wsum, (dq, dk) = _sup_formulas(q, k, lq, lk, 2.5, symmetric, g)
+    got = kc.supervised_forward(q, k, lq, lk, scale, symmetric)
+    for a, b in zip(got, (loss, neg, wsum)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    stats = (neg.float(), wsum.float(), g.float())
+
+    def close(got, ref):  # bf16: dS is rounded to bf16 for the product (2^-8 of the largest term)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2 * ref.abs().max().item()
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+    close(kc.supervised_backward_rows(q, k, lq, lk, scale, stats, stats if symmetric else None,
+                                      self_excluded=symmetric), dq)
+    if not symmetric:
+        close(kc.supervised_backward_rows(k, q, lk, lq, scale, None, stats, self_excluded=False), dk)
+
+
+@pytest.mark.parametrize("scheme", ["kept", "one_block", "blocks"])
+@pytest.mark.parametrize("refs", [False, True])
+def test_supervised_torch_path_schemes(device, monkeypatch, scheme, refs):
+    import fastssl.contrastive as fc
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    n, m = 19, (23 if refs else 19)
+    monkeypatch.setattr(fc, "KEEP_ELEMENTS", n * m - (scheme != "kept"))
+    if scheme == "blocks":
+        monkeypatch.setattr(fc, "CHUNK_ELEMENTS", 5 * m)
+    d = dict(dtype=torch.float64, device=device)
+    labels, ref_labels = _labels(n, 4, device), _labels(m, 4, device)
+    if refs:
+        inputs = (_feats(n, 12, **d), _feats(m, 12, **d))
+        _check(lambda a, b: fastssl.supervised_nt_xent(a, labels, ref_embeddings=b, ref_labels=ref_labels),
+               lambda a, b: supervised_nt_xent_reference(a, labels, ref_embeddings=b, ref_labels=ref_labels), inputs,
+               torch.float64)
+    else:
+        _check(lambda a: fastssl.supervised_nt_xent(a, labels), lambda a: supervised_nt_xent_reference(a, labels),
+               (_feats(n, 12, **d),), torch.float64)
+
+
+def test_supervised_gradcheck(backend, device):
+    d = dict(dtype=torch.float64, device=device)
+    x, r = torch.randn(7, 6, **d, requires_grad=True), torch.randn(5, 6, **d, requires_grad=True)
+    labels, ref_labels = torch.tensor([0, 1, 0, 2, 1, 1, 0], device=device), torch.tensor([1, 0, 0, 2, 1], device=device)
+    assert torch.autograd.gradcheck(lambda a: fastssl.supervised_nt_xent(a, labels, temperature=0.5), (x,))
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.supervised_nt_xent(
+        a, labels, temperature=0.5, ref_embeddings=b, ref_labels=ref_labels), (x, r))
+    assert torch.autograd.gradcheck(lambda a: fastssl.supcon_loss(a, labels, temperature=0.5, reduction="none"), (x,))
+
+
+@pytest.mark.parametrize("path", ["resident", "chunked"])
+def test_supervised_gradcheck_through_the_fast_backward(device, monkeypatch, path):
+    if device != "cpu" or not kc.interpreting():
+        pytest.skip("forces the launchers' path choice on the interpreter")
+    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
+    monkeypatch.setattr(kc, "_exact", lambda dtype: False)
+    if path == "chunked":
+        monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    d = dict(dtype=torch.float64, device=device)
+    x, r = torch.randn(21, 18, **d, requires_grad=True), torch.randn(19, 18, **d, requires_grad=True)
+    labels, ref_labels = _labels(21, 3, device), _labels(19, 3, device)
+    assert torch.autograd.gradcheck(lambda a: fastssl.supervised_nt_xent(a, labels, temperature=0.5), (x,),
+                                    fast_mode=True)
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.supervised_nt_xent(
+        a, labels, temperature=0.5, ref_embeddings=b, ref_labels=ref_labels), (x, r), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_supervised_low_precision_within_twice_pytorch_error(backend, device, dtype):
+    x = _unit_rows(37, 20, dtype, device).requires_grad_()
+    labels = _labels(37, 4, device)
+    out = fastssl.supervised_nt_xent(x, labels, temperature=0.2, normalize=False)
+    x64 = x.detach().double().requires_grad_()
+    ref = supervised_nt_xent_reference(x64, labels, temperature=0.2, normalize=False)
+    xlp = x.detach().requires_grad_()
+    lowp = supervised_nt_xent_reference(xlp, labels, temperature=0.2, normalize=False, upcast=False)
+    assert_close_lowp(out, ref, lowp)
+    assert_close_lowp(_grads(out, (x,))[0], _grads(ref, (x64,))[0], _grads(lowp, (xlp,))[0])
+    out = fastssl.supcon_loss(x, labels, temperature=0.2, normalize=False)
+    ref = supcon_loss_reference(x64, labels, temperature=0.2, normalize=False)
+    lowp = supcon_loss_reference(xlp, labels, temperature=0.2, normalize=False, upcast=False)
+    assert_close_lowp(out, ref, lowp)
+    assert_close_lowp(_grads(out, (x,))[0], _grads(ref, (x64,))[0], _grads(lowp, (xlp,))[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("views", [0, 2])
+def test_supcon_loss_matches_reference(backend, device, dtype, reduction, views):
+    shape = (19, views, 20) if views else (37, 20)
+    x = _feats(*shape, dtype=dtype, device=device)
+    labels = _labels(shape[0], 6, device)  # some rows without a positive when views == 0
+    _check(lambda a: fastssl.supcon_loss(a, labels, temperature=0.3, reduction=reduction),
+           lambda a: supcon_loss_reference(a, labels, temperature=0.3, reduction=reduction), (x,), dtype,
+           reduction=reduction)
+
+
+def test_supcon_without_positives_is_zero(backend, device):
+    x = _feats(5, 3, device=device)
+    out = fastssl.supcon_loss(x, torch.arange(5, device=device))
+    assert out.item() == 0.0 and torch.equal(_grads(out, (x,))[0], torch.zeros_like(x))
+
+
+@pytest.mark.skipif(not HAVE_PML, reason="pytorch-metric-learning is not installed")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("refs", [False, True])
+def test_supervised_nt_xent_equals_pytorch_metric_learning(device, dtype, refs):
+    """pml's NTXentLoss (default CosineSimilarity, MeanReducer) with labels, and with ref_emb / ref_labels,
+    through our module in pml's call; its SupConLoss against supcon_loss (float32 and float64)."""
+    from pytorch_metric_learning.losses import NTXentLoss, SupConLoss
+
+    from fastssl.losses import SupervisedNTXentLoss
+
+    x = torch.randn(23, 16, device=device).to(dtype).requires_grad_()
+    labels = _labels(23, 5, device)
+    kw = {}
+    if refs:
+        kw = dict(ref_emb=torch.randn(17, 16, device=device).to(dtype), ref_labels=_labels(17, 5, device))
+    ours = SupervisedNTXentLoss(temperature=0.1)(x, labels, **kw)
+    theirs = NTXentLoss(temperature=0.1)(x, labels, **kw)
+    assert ours.dtype == theirs.dtype == dtype
+    if dtype == torch.float16:  # pml computes in float16: both against float64, ours within twice its error
+        x64 = x.detach().double().requires_grad_()
+        ref = supervised_nt_xent_reference(x64, labels, temperature=0.1, ref_embeddings=kw.get("ref_emb"),
+                                           ref_labels=kw.get("ref_labels"))
+        assert_close_lowp(ours, ref, theirs, atol=1e-3)
+        assert_close_lowp(_grads(ours, (x,))[0], _grads(ref, (x64,))[0], _grads(theirs, (x,))[0], atol=1e-3)
+        return
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_grads(ours, (x,))[0], _grads(theirs, (x,))[0], rtol=1e-4, atol=1e-6)
+    if dtype != torch.float16 and not refs:
+        ours, theirs = fastssl.supcon_loss(x, labels, temperature=0.1), SupConLoss(temperature=0.1)(x, labels)
+        torch.testing.assert_close(ours.to(dtype), theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_grads(ours, (x,))[0], _grads(theirs, (x,))[0], rtol=1e-4, atol=1e-6)
