@@ -617,3 +617,53 @@ def test_open_clip_training_loop_runs_with_our_losses(monkeypatch, siglip):
     assert type(our_loss) is (ours.SigLipLoss if siglip else ours.ClipLoss)
     for a, b in zip(mine, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SupervisedNTXentLoss, SupConLoss
+# ----------------------------------------------------------------------------------------------------
+
+from fastssl.contrastive import supcon_loss_reference, supervised_nt_xent_reference  # noqa: E402
+from fastssl.losses import SupConLoss, SupervisedNTXentLoss  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_supervised_ntxent_module_pml_call(backend, device, dtype):
+    """pml's call (embeddings, labels, ref_emb, ref_labels); the loss in the embeddings' dtype, as pml's."""
+    x = torch.randn(9, 5, device=device).to(dtype).requires_grad_()
+    refs = torch.randn(6, 5, device=device).to(dtype)
+    labels, ref_labels = torch.randint(0, 3, (9,), device=device), torch.randint(0, 3, (6,), device=device)
+    loss_fn = SupervisedNTXentLoss(temperature=0.2)
+    for kw in ({}, dict(ref_emb=refs, ref_labels=ref_labels)):
+        out = loss_fn(x, labels, **kw)
+        assert out.dtype == dtype
+        ref = supervised_nt_xent_reference(x, labels, temperature=0.2, ref_embeddings=kw.get("ref_emb"),
+                                           ref_labels=kw.get("ref_labels"))
+        assert_close(out, ref, dtype=dtype, scale=2)
+
+
+def test_supcon_module(backend, device):
+    x = leaf(6, 2, 5, device=device)
+    labels = torch.tensor([0, 1, 0, 2, 1, 2], device=device)
+    out = SupConLoss(temperature=0.3)(x, labels)
+    ref = supcon_loss_reference(x, labels, temperature=0.3)
+    assert_close(out, ref)
+    assert_close(grads(out, x)[0], grads(ref, x)[0])
+
+
+@pytest.mark.parametrize("cls", [SupervisedNTXentLoss, SupConLoss])
+def test_supervised_modules_validation(cls):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        cls(temperature=0.0)
+
+
+def test_supervised_modules_compile_fullgraph():
+    torch._dynamo.reset()
+    x = leaf(7, 4, dtype=torch.float32)
+    labels = torch.tensor([0, 1, 0, 2, 1, 2, 0])
+    sup, con = SupervisedNTXentLoss(0.3), SupConLoss(0.3)
+    compiled = torch.compile(lambda a, l: sup(a, l) + con(a, l), fullgraph=True, backend="aot_eager")
+    out = compiled(x, labels)
+    ref = supervised_nt_xent_reference(x, labels, temperature=0.3) + supcon_loss_reference(x, labels, temperature=0.3)
+    assert_close(out, ref, scale=10)
+    assert_close(grads(out, x)[0], grads(ref, x)[0], dtype=torch.float32, scale=10)
