@@ -1244,3 +1244,101 @@ def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float = 0.1, n
         return per_row
     total = per_row.sum()
     return total / has.sum().clamp_min(1).to(acc) if reduction == "mean" else total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gradient caching: batches whose encoder activations do not fit
+# ----------------------------------------------------------------------------------------------------
+
+def _rng_states(devices: list) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def grad_cache(encoder, inputs, loss_fn, *, chunk_size: int) -> Tensor:
+    """Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
+    Setup"; sentence-transformers' CachedMultipleNegativesRankingLoss): the contrastive loss of a batch
+    whose encoder activations do not fit at once, with the encoder's peak activation memory one chunk's.
+
+    1. Embed every input in chunks of ``chunk_size`` rows without a graph, recording each chunk's RNG state
+       (CPU and the inputs' CUDA devices).
+    2. ``loss = loss_fn(*embeddings)`` with the embeddings as leaves, and its backward: the gradient of each
+       embedding row is cached (the loss's own parameters, e.g. a logit scale, get theirs here). The fused
+       losses keep this step O(N * D) too.
+    3. Re-run the encoder chunk by chunk with a graph, its RNG state replayed (dropout and random
+       augmentation inside the encoder draw what step 1 drew), and back-propagate the cached gradients into
+       the parameters; each chunk's graph is freed before the next.
+
+    The parameters' gradients equal those of ``loss_fn(*[encoder(chunk) ...])`` with the chunks embedded in
+    that order (the plain ``loss_fn(*map(encoder, inputs)).backward()`` when the encoder draws no random
+    numbers, or its chunks draw them as the whole batch would), accumulated into ``.grad`` as a backward
+    does. The global RNG state afterwards is the one step 1 left (one forward's draws).
+
+    Args:
+        encoder: a callable (an ``nn.Module``) mapping a (rows, ...) tensor to (rows, D) embeddings.
+        inputs: a tensor, or a tuple/list of tensors (one per view or tower, each embedded by ``encoder``),
+            split along dim 0.
+        loss_fn: a callable of the embeddings (one per input, in order) returning a scalar loss.
+        chunk_size: rows per encoder call, an int >= 1.
+
+    Returns:
+        The loss, detached (the gradients are already in the parameters' ``.grad``).
+
+    Raises:
+        TypeError: ``encoder`` or ``loss_fn`` not callable, inputs that are not tensors, a non-int chunk_size,
+            an encoder output that is not a tensor.
+        ValueError: chunk_size < 1, no inputs, an input with no rows, a loss that is not a scalar tensor with a
+            gradient.
+
+    >>> import torch, fastssl
+    >>> encoder = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 4))
+    >>> x = torch.randn(32, 8)
+    >>> loss = fastssl.grad_cache(encoder, (x, x + 0.1), fastssl.nt_xent, chunk_size=8)
+    >>> loss.requires_grad, encoder[0].weight.grad.shape
+    (False, torch.Size([16, 8]))
+    """
+    from .checks import check_int
+
+    if not callable(encoder):
+        raise TypeError(f"encoder must be callable (an nn.Module), got {type(encoder).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    chunk_size = check_int("chunk_size", chunk_size, low=1)
+    views = [inputs] if isinstance(inputs, Tensor) else list(inputs) if isinstance(inputs, (tuple, list)) else None
+    if views is None:
+        raise TypeError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+    if not views:
+        raise ValueError("inputs is empty; pass a tensor or a tuple of tensors (one per view)")
+    for i, v in enumerate(views):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"inputs[{i}] must be a torch.Tensor, got {type(v).__name__}")
+        if v.dim() == 0 or v.shape[0] == 0:
+            raise ValueError(f"inputs[{i}] has no rows to split (shape {tuple(v.shape)})")
+    devices = sorted({v.device.index or 0 for v in views if v.is_cuda})
+    chunks = [list(v.split(chunk_size)) for v in views]
+    states, embedded = [], []
+    with torch.no_grad():
+        for view in chunks:
+            states.append([])
+            parts = []
+            for c in view:
+                states[-1].append(_rng_states(devices))
+                out = encoder(c)
+                if not isinstance(out, Tensor):
+                    raise TypeError(f"encoder must return a tensor, got {type(out).__name__}")
+                parts.append(out)
+            embedded.append(torch.cat(parts).requires_grad_())
+    with torch.enable_grad():
+        loss = loss_fn(*embedded)
+        if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
+            raise ValueError("loss_fn must return a scalar tensor that depends on the embeddings (a loss with a "
+                             f"gradient), got {loss!r:.80}")
+        loss.backward()
+        for view, view_states, emb in zip(chunks, states, embedded):
+            cached = emb.grad.split(chunk_size)
+            for c, (cpu, cuda), grad in zip(view, view_states, cached):
+                with torch.random.fork_rng(devices=devices):
+                    torch.set_rng_state(cpu)
+                    for d, state in zip(devices, cuda):
+                        torch.cuda.set_rng_state(state, d)
+                    torch.autograd.backward(encoder(c), grad)
+    return loss.detach()

@@ -1109,3 +1109,103 @@ def test_supervised_nt_xent_equals_pytorch_metric_learning(device, dtype, refs):
         ours, theirs = fastssl.supcon_loss(x, labels, temperature=0.1), SupConLoss(temperature=0.1)(x, labels)
         torch.testing.assert_close(ours.to(dtype), theirs, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(_grads(ours, (x,))[0], _grads(theirs, (x,))[0], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# grad_cache
+# ----------------------------------------------------------------------------------------------------
+
+def _encoder(dropout=0.2, width=64):
+    torch.manual_seed(1234)
+    return torch.nn.Sequential(torch.nn.Linear(12, width), torch.nn.ReLU(), torch.nn.Dropout(dropout),
+                               torch.nn.Linear(width, width), torch.nn.Dropout(dropout), torch.nn.Linear(width, 8))
+
+
+def _param_grads(module):
+    out = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    return out
+
+
+def _clip_with_scale(scale):
+    return lambda a, b: fastssl.clip_loss(a, b, scale.exp())
+
+
+def test_grad_cache_equals_the_plain_backward_with_dropout():
+    """Dropout inside the encoder: grad_cache's parameter (and loss-parameter) gradients equal the plain
+    backward through the same chunks in the same order (the RNG state of each chunk replayed in the second
+    pass); the global RNG state afterwards is the plain forward's; the loss is the plain loss, detached."""
+    x1, x2 = torch.randn(37, 12), torch.randn(37, 12)
+    encoder = _encoder()
+    scale = torch.tensor(2.0, requires_grad=True)
+    torch.manual_seed(7)
+    plain = _clip_with_scale(scale)(*(torch.cat([encoder(c) for c in x.split(5)]) for x in (x1, x2)))
+    plain.backward()
+    expected, expected_scale, state = _param_grads(encoder), scale.grad.clone(), torch.get_rng_state()
+    scale.grad = None
+    torch.manual_seed(7)
+    loss = fastssl.grad_cache(encoder, (x1, x2), _clip_with_scale(scale), chunk_size=5)
+    assert not loss.requires_grad and torch.equal(loss, plain.detach())
+    assert torch.equal(torch.get_rng_state(), state)
+    for g, r in zip(_param_grads(encoder), expected):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(scale.grad, expected_scale)
+
+
+@pytest.mark.parametrize("dropout, chunk", [(0.0, 5), (0.3, 64)])
+def test_grad_cache_equals_the_full_batch_backward(dropout, chunk):
+    """Against loss_fn(*map(encoder, inputs)).backward() on the whole batch: exact where the encoder draws
+    no random numbers, or one chunk holds the batch (its draws are the whole batch's)."""
+    x1, x2 = torch.randn(37, 12), torch.randn(37, 12)
+    encoder = _encoder(dropout)
+    torch.manual_seed(3)
+    fastssl.nt_xent(encoder(x1), encoder(x2), temperature=0.3).backward()
+    expected = _param_grads(encoder)
+    torch.manual_seed(3)
+    fastssl.grad_cache(encoder, (x1, x2), lambda a, b: fastssl.nt_xent(a, b, temperature=0.3), chunk_size=chunk)
+    for g, r in zip(_param_grads(encoder), expected):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+def _peak_saved_bytes(fn):
+    """The most bytes autograd held saved for backward at once while ``fn`` ran (every saved tensor counted
+    from its pack until its graph is freed): the encoder's activation memory."""
+    import weakref
+
+    live, peak = [0], [0]
+
+    class Saved:
+        def __init__(self, t):
+            self.t, self.size = t, t.numel() * t.element_size()
+            live[0] += self.size
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(self, lambda n=self.size: live.__setitem__(0, live[0] - n))
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+        fn()
+    return peak[0]
+
+
+def test_grad_cache_peak_activation_memory_is_one_chunks():
+    """Measured: the bytes autograd saves at once with grad_cache in chunks of 64 rows of a 1536-row batch
+    (two views) are a small fraction of the plain backward's, which holds the whole batch's activations (the
+    fused loss itself saves O(N * D) at 2N = 3072, past the PyTorch path's kept-scores budget)."""
+    x = torch.randn(1536, 12)
+    encoder = _encoder(0.1, width=256)
+    loss_fn = lambda a, b: fastssl.nt_xent(a, b, temperature=0.2)  # noqa: E731
+    plain = _peak_saved_bytes(lambda: loss_fn(encoder(x), encoder(x + 0.1)).backward())
+    cached = _peak_saved_bytes(lambda: fastssl.grad_cache(encoder, (x, x + 0.1), loss_fn, chunk_size=64))
+    print(f"peak saved activations: plain {plain / 2**20:.2f} MiB, grad_cache(chunk 64) {cached / 2**20:.2f} MiB")
+    assert cached <= plain / 8
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: fastssl.grad_cache(None, torch.randn(4, 3), fastssl.nt_xent, chunk_size=2), TypeError, "encoder must be callable"),
+    (lambda: fastssl.grad_cache(torch.nn.Linear(3, 2), torch.randn(4, 3), fastssl.nt_xent, chunk_size=0), ValueError, "chunk_size must be an int >= 1"),
+    (lambda: fastssl.grad_cache(torch.nn.Linear(3, 2), [torch.randn(4, 3), [1.0]], fastssl.nt_xent, chunk_size=2), TypeError, r"inputs\[1\] must be a torch.Tensor"),
+    (lambda: fastssl.grad_cache(torch.nn.Linear(3, 2), (), fastssl.nt_xent, chunk_size=2), ValueError, "inputs is empty"),
+    (lambda: fastssl.grad_cache(torch.nn.Linear(3, 2), torch.randn(4, 3), lambda a: a, chunk_size=2), ValueError, "loss_fn must return a scalar tensor"),
+])
+def test_grad_cache_rejects_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
