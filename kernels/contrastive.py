@@ -876,9 +876,13 @@ _SUP_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "lq_ptr:i64", "lk_p
                                                 "g_r_ptr", "neg_c_ptr", "w_c_ptr", "g_c_ptr"])
 _SUP_BWD_ARGS = _FWD_ARGS + ["row_term", "col_term"]
 _sup_fwd_kernels, _sup_bwd_kernels = {}, {}
-for _key, _bd, _kinds, _archs, _ in _KINDS:  # the sigmoid kernels' configs (one per chip family and kind)
+# The sigmoid kernels' configs (one per chip family and kind) but for the resident forward on sm_80: its
+# three loops in 4 warps spill there (64 x 64 x 4 warps: STACK 64-72 B, triton 3.8); 8 warps are clean.
+SUP_FWD_CONFIGS = {**SIG_FWD_CONFIGS, **{d: _configs([(64, 64, 8, 2)], AMPERE) + SIG_FWD_CONFIGS[d][-1:]
+                                          for d in (128, 256)}}
+for _key, _bd, _kinds, _archs, _ in _KINDS:
     _sup_fwd_kernels[_key] = register(
-        autotune(SIG_FWD_CONFIGS[_key], key=KEY)(_sup_fwd_kernel), configs=SIG_FWD_CONFIGS[_key], uses_dot=True,
+        autotune(SUP_FWD_CONFIGS[_key], key=KEY)(_sup_fwd_kernel), configs=SUP_FWD_CONFIGS[_key], uses_dot=True,
         variants=_variants(*_SUP_FWD_PTRS, _FWD_ARGS, _bd, _kinds, _archs, None, D_LOOP=_key in ("loop", "exact")))
 for _key, _bd, _kinds, _archs, _ in _BWD_KINDS:
     _sup_bwd_kernels[_key] = register(
