@@ -106,6 +106,21 @@ def _rows(base, idx_l, mask, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
 
 @device_function
 @triton.jit
+def _query_block(q_ptr, N, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr):
+    """This program's block of rows (every kernel's head): (row0, local row indices, rows, rows < N, the
+    resident query block: loaded where it is all of D, zeros where the kernels loop over feature chunks)."""
+    row0 = tl.program_id(0) * BLOCK_M
+    rows_l = tl.arange(0, BLOCK_M)
+    rows = row0 + rows_l
+    row_mask = rows < N
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
+    if not D_LOOP:
+        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
+    return row0, rows_l, rows, row_mask, q
+
+
+@device_function
+@triton.jit
 def _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks,
             ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, MASKED: tl.constexpr):
@@ -204,6 +219,26 @@ def _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, exclud
     return m_i, l_i
 
 
+@device_function
+@triton.jit
+def _row_lse2(q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, diag_off, N, M, n_chunks, lq, lk_ptr,
+              ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+              KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LABELS: tl.constexpr):
+    """The rows' log-sum-exp in base 2 over all keys but each row's excluded column (and, with ``LABELS``,
+    the keys of its own label): the whole key tiles unmasked, then the band and edge tiles (``_band``)."""
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
+                          n_plain, lo, hi, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
+                          BLOCK_N, False, LABELS)
+    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
+                          n_masked, lo, hi, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
+                          BLOCK_N, True, LABELS)
+    return m_i + tl.log2(l_i)
+
+
 @triton.jit
 def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_ptr, N, M, n_chunks, diag_off, n_bucket, m_bucket,
                     ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
@@ -212,25 +247,33 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_ptr, N, M, n_chunks, di
     # GPU) with the scale folded into one multiply; lse = ln(2) * (m2 + log2(l)). Without KSCALE (every loss
     # but MoCo's in-kernel queue normalisation) no per-key scale is loaded. Whole key tiles off the excluded
     # diagonal run without masks; the few that meet it or the end of the keys run masked.
-    row0 = tl.program_id(0) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
     excluded = rows + diag_off  # the column each row leaves out (>= M: none)
-    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
-    if not D_LOOP:
-        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, tl.arange(0, BLOCK_M), row_mask, BLOCK_D, True)
     scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
-    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
-    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
-    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
-    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
-                          n_plain, lo, hi, full, rows, ks_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
-                          BLOCK_N, False, False)
-    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
-                          n_masked, lo, hi, full, rows, ks_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
-                          BLOCK_N, True, False)
-    tl.store(lse_ptr + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_mask)
+    lse2 = _row_lse2(q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, diag_off, N, M, n_chunks, rows,
+                     ks_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, False)
+    tl.store(lse_ptr + rows, lse2 * LN2, mask=row_mask)
+
+
+@device_function
+@triton.jit
+def _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full, ACC: tl.constexpr,
+              DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """The t-th key tile of one kind in a backward (every backward kernel's loop head): (its columns, their
+    mask, the key tile of this program's feature chunk, the scores q . k recomputed: from the resident query
+    block, where the key tile loaded once serves both products, or summed over the feature chunks)."""
+    cols_l = tl.arange(0, BLOCK_N)
+    col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
+    cols = col0 + cols_l
+    col_mask = cols < M
+    kt = _rows(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
+    if D_LOOP:
+        s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                    BLOCK_M, BLOCK_N, BLOCK_D, True, MASKED)
+    else:
+        s = dot_acc(q, tl.trans(kt), ACC, DOT_PREC)
+    return cols, col_mask, kt, s
 
 
 @device_function
@@ -241,17 +284,9 @@ def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, lse_c_ptr, g_c_ptr, scale2, lse_r, 
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """acc += dS @ k over ``n_tiles`` key tiles of one kind: the scores recomputed (from the resident query
     block: the key tile loaded once serves both products), dS formed in registers."""
-    cols_l = tl.arange(0, BLOCK_N)
     for t in range(0, n_tiles):
-        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
-        cols = col0 + cols_l
-        col_mask = cols < M
-        kt = _rows(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
-        if D_LOOP:
-            s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
-                        BLOCK_M, BLOCK_N, BLOCK_D, True, MASKED)
-        else:
-            s = dot_acc(q, tl.trans(kt), ACC, DOT_PREC)
+        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full,
+                                          ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
         if KSCALE:
             c = _key_scale(ks_ptr, cols, col_mask, ACC, MASKED)
             s = s * (scale2 * c)[None, :]
@@ -286,15 +321,9 @@ def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_r_ptr, g_r_ptr, lse_c_p
     # One (BLOCK_M, BLOCK_D) fp32 accumulator of dq per program: the feature chunk program_id(1) of the
     # gradient. Without D_LOOP the query block is all of D (one chunk), resident, and each key tile is
     # loaded once; with it the scores are summed over every chunk (q and k chunks streamed).
-    row0 = tl.program_id(0) * BLOCK_M
-    rows_l = tl.arange(0, BLOCK_M)
-    rows = row0 + rows_l
-    row_mask = rows < N
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
     excluded = rows + diag_off
     chunk = tl.program_id(1).to(tl.int64)
-    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
-    if not D_LOOP:
-        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
     scale = tl.load(scale_ptr).to(ACC)
     scale2 = scale * LOG2E  # base 2, as the forward: exp(s - lse) = exp2(s2 - log2(e) lse)
     lse_r = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -560,12 +589,7 @@ def _sig_tiles(acc, q, q_ptr, k_ptr, scale2, bias2, row0, row_mask, positive, N,
 def _sig_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, out_ptr, N, M, n_chunks, diag_off, n_bucket, m_bucket,
                     ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    row0 = tl.program_id(0) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
-    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
-    if not D_LOOP:
-        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, tl.arange(0, BLOCK_M), row_mask, BLOCK_D, True)
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
     scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
     bias2 = tl.load(bias_ptr).to(ACC) * LOG2E
     acc = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -587,17 +611,9 @@ def _sig_bwd_tiles(acc, db, q, q_ptr, k_ptr, w_ptr, scale2, bias2, w_r, row0, ro
                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """acc += dS @ k (and db_i += sum_j dS_ij) over ``n_tiles`` key tiles of one kind: dS from the recomputed
     scores, sigmoid(l) w off the positive, -sigmoid(-l) w on it."""
-    cols_l = tl.arange(0, BLOCK_N)
     for t in range(0, n_tiles):
-        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
-        cols = col0 + cols_l
-        col_mask = cols < M
-        kt = _rows(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
-        if D_LOOP:
-            s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
-                        BLOCK_M, BLOCK_N, BLOCK_D, True, MASKED)
-        else:
-            s = dot_acc(q, tl.trans(kt), ACC, DOT_PREC)
+        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full,
+                                          ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
         t2 = s * scale2 + bias2
         if MASKED:
             pos = cols[None, :] == positive[:, None]
@@ -627,14 +643,8 @@ def _sig_bwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, w_ptr, dq_ptr, dscale_ptr
                     BLOCK_N: tl.constexpr):
     # As _lse_bwd_kernel: one (BLOCK_M, BLOCK_D) fp32 accumulator of dq per program (feature chunk
     # program_id(1)); the weights w per row (col_weights == 0) or per key (the column pass).
-    row0 = tl.program_id(0) * BLOCK_M
-    rows_l = tl.arange(0, BLOCK_M)
-    rows = row0 + rows_l
-    row_mask = rows < N
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
     chunk = tl.program_id(1).to(tl.int64)
-    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
-    if not D_LOOP:
-        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
     scale = tl.load(scale_ptr).to(ACC)
     scale2 = scale * LOG2E
     bias2 = tl.load(bias_ptr).to(ACC) * LOG2E
@@ -672,16 +682,23 @@ SIG_BWD_CONFIGS = {128: _configs([(64, 64, 4, 2)], HOPPER), 256: _configs([(64, 
 _SIG_FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "bias_ptr", "out_ptr"])
 _SIG_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "bias_ptr", "w_ptr", "dscale_ptr", "dbias_ptr"])
 _SIG_BWD_ARGS = _FWD_ARGS + ["col_weights", "need_dparams"]
-_sig_fwd_kernels, _sig_bwd_kernels = {}, {}
-for _key, _bd, _kinds, _archs, _ in _KINDS:
-    _sig_fwd_kernels[_key] = register(
-        autotune(SIG_FWD_CONFIGS[_key], key=KEY)(_sig_fwd_kernel), configs=SIG_FWD_CONFIGS[_key], uses_dot=True,
-        variants=_variants(*_SIG_FWD_PTRS, _FWD_ARGS, _bd, _kinds, _archs, None, D_LOOP=_key in ("loop", "exact")))
-for _key, _bd, _kinds, _archs, _ in _BWD_KINDS:
-    _sig_bwd_kernels[_key] = register(
-        autotune(SIG_BWD_CONFIGS[_key], key=KEY)(_sig_bwd_kernel), configs=SIG_BWD_CONFIGS[_key], uses_dot=True,
-        variants=_variants(*_SIG_BWD_PTRS, _SIG_BWD_ARGS, _bd, _kinds, _archs, None,
-                           D_LOOP=_key in ("loop", "exact")))
+
+
+def _register_pair(fwd, bwd, fwd_configs, bwd_configs, fwd_ptrs, bwd_ptrs, bwd_args):
+    """Register a loss's forward and backward kernels over the LSE kernels' kinds (resident widths, chunked,
+    exact; no key scale): ``({kind: forward}, {kind: backward})``."""
+    out = ({}, {})
+    for kernel, configs, kinds, ptrs, ints, kernels in ((fwd, fwd_configs, _KINDS, fwd_ptrs, _FWD_ARGS, out[0]),
+                                                        (bwd, bwd_configs, _BWD_KINDS, bwd_ptrs, bwd_args, out[1])):
+        for key, bd, dtypes, archs, _ in kinds:
+            kernels[key] = register(autotune(configs[key], key=KEY)(kernel), configs=configs[key], uses_dot=True,
+                                    variants=_variants(*ptrs, ints, bd, dtypes, archs, None,
+                                                       D_LOOP=key in ("loop", "exact")))
+    return out
+
+
+_sig_fwd_kernels, _sig_bwd_kernels = _register_pair(_sig_fwd_kernel, _sig_bwd_kernel, SIG_FWD_CONFIGS, SIG_BWD_CONFIGS,
+                                                    _SIG_FWD_PTRS, _SIG_BWD_PTRS, _SIG_BWD_ARGS)
 
 
 def sigmoid_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
@@ -742,26 +759,12 @@ def sigmoid_backward_rows(q, k, scale, bias, w, *, diag_off: int, col_weights: b
 def _sup_fwd_kernel(q_ptr, k_ptr, scale_ptr, lq_ptr, lk_ptr, plo_ptr, phi_ptr, neg_ptr, loss_ptr, wsum_ptr, N, M,
                     n_chunks, diag_off, n_bucket, m_bucket, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    row0 = tl.program_id(0) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
     excluded = rows + diag_off  # a row's own column (diag_off >= M: references, nothing excluded)
-    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
-    if not D_LOOP:
-        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, tl.arange(0, BLOCK_M), row_mask, BLOCK_D, True)
     scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
     lq = tl.load(lq_ptr + rows, mask=row_mask, other=0)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
-    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
-    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
-    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
-    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, scale_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
-                          n_plain, lo, hi, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, False, BLOCK_M,
-                          BLOCK_N, False, True)
-    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, scale_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
-                          n_masked, lo, hi, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, False, BLOCK_M,
-                          BLOCK_N, True, True)
-    neg2 = m_i + tl.log2(l_i)  # -inf: no negative
+    neg2 = _row_lse2(q, q_ptr, k_ptr, scale_ptr, scale2, row0, row_mask, excluded, diag_off, N, M, n_chunks, lq,
+                     lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, False, BLOCK_M, BLOCK_N, True)  # -inf: no negative
     # the positives: the keys [plo, phi) of the block's rows (sorted by label: one run of keys)
     first = tl.min(tl.load(plo_ptr + rows, mask=row_mask, other=M), 0)
     last = tl.max(tl.load(phi_ptr + rows, mask=row_mask, other=0), 0)
@@ -798,17 +801,9 @@ def _sup_bwd_tiles(acc, q, q_ptr, k_ptr, lk_ptr, neg_c_ptr, w_c_ptr, g_c_ptr, sc
                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """acc += dS @ k over ``n_tiles`` key tiles of one kind (``_bwd_tiles``' loop with the labels' dS)."""
-    cols_l = tl.arange(0, BLOCK_N)
     for t in range(0, n_tiles):
-        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
-        cols = col0 + cols_l
-        col_mask = cols < M
-        kt = _rows(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
-        if D_LOOP:
-            s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
-                        BLOCK_M, BLOCK_N, BLOCK_D, True, MASKED)
-        else:
-            s = dot_acc(q, tl.trans(kt), ACC, DOT_PREC)
+        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full,
+                                          ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
         s2 = s * scale2
         if MASKED:
             lk = tl.load(lk_ptr + cols, mask=col_mask, other=0)
@@ -839,15 +834,9 @@ def _sup_bwd_kernel(q_ptr, k_ptr, scale_ptr, lq_ptr, lk_ptr, neg_r_ptr, w_r_ptr,
                     g_c_ptr, dq_ptr, N, M, n_chunks, diag_off, row_term, col_term, n_bucket, m_bucket,
                     ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    row0 = tl.program_id(0) * BLOCK_M
-    rows_l = tl.arange(0, BLOCK_M)
-    rows = row0 + rows_l
-    row_mask = rows < N
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
     excluded = rows + diag_off
     chunk = tl.program_id(1).to(tl.int64)
-    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
-    if not D_LOOP:
-        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
     scale = tl.load(scale_ptr).to(ACC)
     lq = tl.load(lq_ptr + rows, mask=row_mask, other=0)
     neg_r = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -875,20 +864,12 @@ _SUP_FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "lq_ptr:i64", "lk_ptr:i64", "
 _SUP_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "lq_ptr:i64", "lk_ptr:i64", "neg_r_ptr", "w_r_ptr",
                                                 "g_r_ptr", "neg_c_ptr", "w_c_ptr", "g_c_ptr"])
 _SUP_BWD_ARGS = _FWD_ARGS + ["row_term", "col_term"]
-_sup_fwd_kernels, _sup_bwd_kernels = {}, {}
 # The sigmoid kernels' configs (one per chip family and kind) but for the resident forward on sm_80: its
 # three loops in 4 warps spill there (64 x 64 x 4 warps: STACK 64-72 B, triton 3.8); 8 warps are clean.
 SUP_FWD_CONFIGS = {**SIG_FWD_CONFIGS, **{d: _configs([(64, 64, 8, 2)], AMPERE) + SIG_FWD_CONFIGS[d][-1:]
                                           for d in (128, 256)}}
-for _key, _bd, _kinds, _archs, _ in _KINDS:
-    _sup_fwd_kernels[_key] = register(
-        autotune(SUP_FWD_CONFIGS[_key], key=KEY)(_sup_fwd_kernel), configs=SUP_FWD_CONFIGS[_key], uses_dot=True,
-        variants=_variants(*_SUP_FWD_PTRS, _FWD_ARGS, _bd, _kinds, _archs, None, D_LOOP=_key in ("loop", "exact")))
-for _key, _bd, _kinds, _archs, _ in _BWD_KINDS:
-    _sup_bwd_kernels[_key] = register(
-        autotune(SIG_BWD_CONFIGS[_key], key=KEY)(_sup_bwd_kernel), configs=SIG_BWD_CONFIGS[_key], uses_dot=True,
-        variants=_variants(*_SUP_BWD_PTRS, _SUP_BWD_ARGS, _bd, _kinds, _archs, None,
-                           D_LOOP=_key in ("loop", "exact")))
+_sup_fwd_kernels, _sup_bwd_kernels = _register_pair(_sup_fwd_kernel, _sup_bwd_kernel, SUP_FWD_CONFIGS, SIG_BWD_CONFIGS,
+                                                    _SUP_FWD_PTRS, _SUP_BWD_PTRS, _SUP_BWD_ARGS)
 
 
 def _by_label(x: torch.Tensor, labels: torch.Tensor):

@@ -264,17 +264,23 @@ def test_backward_kernel_choice_on_a_gpu(monkeypatch, dtype, d, kscale, chip, ex
         assert bd == key and kc.BWD_CONFIGS[key]
 
 
-@pytest.mark.parametrize("path", ["resident", "chunked"])
-def test_gradcheck_through_the_fast_backward(device, monkeypatch, path):
-    """gradcheck (float64) through the tensor-core kernels' code: the forward's D loop and the backward's
-    resident query block or its chunked scores, which float64 otherwise never takes (it runs the exact
-    kernels); masked and unmasked tiles, the column term (CLIP), the key scale (MoCo), dscale."""
+def _fast_backward(device, monkeypatch, path):
+    """float64 through the tensor-core kernels' code path (``path``: the resident query block or the chunked
+    scores) on the interpreter, which float64 otherwise never takes (it runs the exact kernels)."""
     if device != "cpu" or not kc.interpreting():
         pytest.skip("forces the launchers' path choice on the interpreter")
     monkeypatch.setenv("FASTSSL_BACKEND", "triton")
     monkeypatch.setattr(kc, "_exact", lambda dtype: False)
     if path == "chunked":
         monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+
+
+@pytest.mark.parametrize("path", ["resident", "chunked"])
+def test_gradcheck_through_the_fast_backward(device, monkeypatch, path):
+    """gradcheck (float64) through the tensor-core kernels' code: the forward's D loop and the backward's
+    resident query block or its chunked scores; masked and unmasked tiles, the column term (CLIP), the key
+    scale (MoCo), dscale."""
+    _fast_backward(device, monkeypatch, path)
     assert kc._pick_backward(torch.zeros(3, 18, dtype=torch.float64))[2] == (path == "chunked")
     d = dict(dtype=torch.float64, device=device)
     z1, z2 = torch.randn(5, 18, **d, requires_grad=True), torch.randn(5, 18, **d, requires_grad=True)
@@ -835,12 +841,7 @@ def test_siglip_gradcheck(backend, device):
 @pytest.mark.parametrize("path", ["resident", "chunked"])
 def test_siglip_gradcheck_through_the_fast_backward(device, monkeypatch, path):
     """gradcheck (float64) through the tensor-core kernels' code (as the LSE's): resident or chunked."""
-    if device != "cpu" or not kc.interpreting():
-        pytest.skip("forces the launchers' path choice on the interpreter")
-    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
-    monkeypatch.setattr(kc, "_exact", lambda dtype: False)
-    if path == "chunked":
-        monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    _fast_backward(device, monkeypatch, path)
     d = dict(dtype=torch.float64, device=device)
     x, y = torch.randn(21, 18, **d, requires_grad=True), torch.randn(21, 18, **d, requires_grad=True)
     scale, bias = torch.tensor(1.3, **d, requires_grad=True), torch.tensor(-0.5, **d, requires_grad=True)
@@ -1027,12 +1028,7 @@ def test_supervised_gradcheck(backend, device):
 
 @pytest.mark.parametrize("path", ["resident", "chunked"])
 def test_supervised_gradcheck_through_the_fast_backward(device, monkeypatch, path):
-    if device != "cpu" or not kc.interpreting():
-        pytest.skip("forces the launchers' path choice on the interpreter")
-    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
-    monkeypatch.setattr(kc, "_exact", lambda dtype: False)
-    if path == "chunked":
-        monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    _fast_backward(device, monkeypatch, path)
     d = dict(dtype=torch.float64, device=device)
     x, r = torch.randn(21, 18, **d, requires_grad=True), torch.randn(19, 18, **d, requires_grad=True)
     labels, ref_labels = _labels(21, 3, device), _labels(19, 3, device)
