@@ -868,7 +868,10 @@ _SUP_BWD_ARGS = _FWD_ARGS + ["row_term", "col_term"]
 # three loops in 4 warps spill there (64 x 64 x 4 warps: STACK 64-72 B, triton 3.8); 8 warps are clean.
 SUP_FWD_CONFIGS = {**SIG_FWD_CONFIGS, **{d: _configs([(64, 64, 8, 2)], AMPERE) + SIG_FWD_CONFIGS[d][-1:]
                                           for d in (128, 256)}}
-_sup_fwd_kernels, _sup_bwd_kernels = _register_pair(_sup_fwd_kernel, _sup_bwd_kernel, SUP_FWD_CONFIGS, SIG_BWD_CONFIGS,
+# The backward's resident 128-wide block on sm_90 in 64 x 32 tiles of 8 warps: 64 x 64 x 4 warps (the sigmoid
+# kernel's) holds 253 registers under triton 3.8 and spills under 3.6 (STACK 40 B).
+SUP_BWD_CONFIGS = {**SIG_BWD_CONFIGS, 128: _configs([(64, 32, 8, 2)], HOPPER)}
+_sup_fwd_kernels, _sup_bwd_kernels = _register_pair(_sup_fwd_kernel, _sup_bwd_kernel, SUP_FWD_CONFIGS, SUP_BWD_CONFIGS,
                                                     _SUP_FWD_PTRS, _SUP_BWD_PTRS, _SUP_BWD_ARGS)
 
 
