@@ -7,7 +7,8 @@ The public API (shared/API.md) is re-exported here; each capability lives in one
 __version__ = "0.1.0"
 
 # contrastive slice
-from .contrastive import clip_loss, info_nce, moco_loss, nt_xent  # noqa: E402,F401
+from .contrastive import (clip_loss, grad_cache, info_nce, moco_loss, nt_xent, siglip_loss,  # noqa: E402,F401
+                          supcon_loss, supervised_nt_xent)
 from . import losses  # noqa: E402,F401
 
 # diffusion slice

@@ -3,7 +3,8 @@
 - ``fastssl bench [--quick | --preset P] [--only OP ...] [--out DIR] [--device D] [--peaks FILE]
   [--skip-preset P] [--plan]``: benchmarks (fastssl.benchmarks; presets in fastssl.benchmarks.harness).
 - ``fastssl train METHOD [--quick] [--epochs N] [--device cpu|cuda] [--out DIR] [--seed S]``, ``fastssl train
-  --list``: a method of ``fastssl.models`` on embedded data, with its baseline from the same run.
+  --list``: a method of ``fastssl.models`` on embedded data, with its baseline from the same run; ``fastssl train
+  clip --loss sigmoid`` trains CLIP with SigLIP's sigmoid loss.
 - ``fastssl train --all [--quick] [--readme README.md]``: every method, a summary table (``DIR/table.md``,
   and the README's results table when ``--readme`` is given).
 
@@ -94,7 +95,9 @@ def _train(args, parser) -> int:
     from fastssl.training import TrainConfig
 
     config = TrainConfig(quick=args.quick, epochs=args.epochs, device=args.device, out=args.out, seed=args.seed,
-                         progress=not args.quiet)
+                         progress=not args.quiet, loss=args.loss)
+    if args.loss and (args.all or args.method != "clip"):
+        raise SystemExit("fastssl train: --loss goes with the clip method (softmax or sigmoid)")
     if args.readme and not args.all:
         raise SystemExit("fastssl train: --readme goes with --all")
     if args.all or (args.method and not args.list):
@@ -115,8 +118,8 @@ def _train(args, parser) -> int:
         raise SystemExit(f"fastssl train: unknown method {args.method!r}; fastssl train --list shows them")
     metrics = run(args.method, config)
     better = "beats" if metrics["beats_baseline"] else "does NOT beat"
-    print(f"{args.method}: {metrics['metric']} = {metrics['value']:.4f}, baseline {metrics['baseline']:.4f} "
-          f"({better} it); outputs in {args.out}/{args.method}")
+    print(f"{metrics['method']}: {metrics['metric']} = {metrics['value']:.4f}, baseline {metrics['baseline']:.4f} "
+          f"({better} it); outputs in {args.out}/{metrics['method']}")
     return 0
 
 
@@ -145,6 +148,8 @@ def main(argv=None) -> int:
     train.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     train.add_argument("--out", default="train-out", metavar="DIR", help="metrics.json and figures go to DIR/METHOD")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--loss", choices=["softmax", "sigmoid"], default=None,
+                       help="clip: CLIP's softmax loss (default) or SigLIP's sigmoid loss")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     return _bench(args, bench) if args.command == "bench" else _train(args, train)

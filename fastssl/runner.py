@@ -23,8 +23,9 @@ def run(method: str, config: TrainConfig) -> dict:
     """Train ``method`` (a name from ``fastssl.models.METHODS``) and write its outputs."""
     torch.manual_seed(config.seed)
     start, cpu_start = time.time(), time.process_time()
-    result = load_method(method).train(config)
-    return write_outputs(result, os.path.join(config.out, method), time.time() - start, time.process_time() - cpu_start)
+    result = load_method(method).train(config)  # result.method: the method, or its variant ("clip-sigmoid")
+    return write_outputs(result, os.path.join(config.out, result.method), time.time() - start,
+                         time.process_time() - cpu_start)
 
 
 def run_all(methods, config: TrainConfig, readme: Optional[str] = None) -> list:

@@ -25,6 +25,7 @@ class TrainConfig:
     out: str = "train-out"
     seed: int = 0
     progress: bool = True
+    loss: Optional[str] = None  # a method's loss variant (clip: "softmax" or "sigmoid"); None: its default
 
     def epochs_or(self, quick: int, full: int) -> int:
         return self.epochs if self.epochs is not None else (quick if self.quick else full)

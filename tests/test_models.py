@@ -178,3 +178,21 @@ def test_train_all_writes_summary_and_replaces_the_readme_table(tmp_path, monkey
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == rows
     with pytest.raises(ValueError, match="train-table"):
         runner.replace_table("no markers", "x")
+
+
+def test_clip_trains_with_the_sigmoid_loss(tmp_path):
+    """``fastssl train clip --loss sigmoid``: SigLIP's loss (learnable scale and bias) reaches them; one epoch
+    of the recipe writes its metrics as clip-sigmoid (the quick preset beats its baseline: README's table);
+    --loss with another method is refused."""
+    from fastssl.cli import main
+    from fastssl.models import clip
+
+    model, args = clip.example(loss="sigmoid")
+    loss = model.loss(*args)
+    loss.backward()
+    assert model.log_scale.grad is not None and model.logit_bias.grad is not None
+    assert main(["train", "clip", "--loss", "sigmoid", "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "clip-sigmoid" / "metrics.json").read_text())
+    assert metrics["method"] == "clip-sigmoid" and metrics["loss"] == "sigmoid" and metrics["logit_bias"] < 0
+    with pytest.raises(SystemExit, match="--loss goes with the clip method"):
+        main(["train", "simclr", "--loss", "sigmoid"])
