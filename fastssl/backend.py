@@ -78,10 +78,10 @@ def first_order(op_name: str):
     PyTorch's generic "no autograd formula" error; this names the op and what to do instead."""
     def wrap(backward):
         @functools.wraps(backward)
-        def checked(ctx, *grads):
+        def checked(ctx, *grads, **options):
             if torch.is_grad_enabled():
                 raise RuntimeError(f"{op_name} has no double backward (create_graph=True): its fused backward is not "
                                    "itself differentiable; for second derivatives use the *_reference formula")
-            return backward(ctx, *grads)
+            return backward(ctx, *grads, **options)
         return checked
     return wrap

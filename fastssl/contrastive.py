@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import requested_backend, use_triton
+from .backend import first_order, requested_backend, use_triton
 from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_ndim, check_number, check_positive,
                      check_same)
 
@@ -352,6 +352,7 @@ def _lse_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, scale, kscale, *output)
 
 
+@first_order("fastssl's contrastive LSE (info_nce, nt_xent, moco_loss, clip_loss, supcon_loss)")
 def _lse_backward(ctx, g_rows, g_cols, g_scores, backward_op=_lse_backward_op):
     """The scores are an implementation detail (no gradient flows through them)."""
     q, k, scale, kscale, lse_r, lse_c, scores = ctx.saved_tensors
@@ -418,6 +419,7 @@ class _KeptNTXent(torch.autograd.Function):
         return lse - torch.cat((s.diagonal(n), s.diagonal(-n)))
 
     @staticmethod
+    @first_order("fastssl.nt_xent")
     def backward(ctx, g: Tensor):
         u, norm, unclamped, scale, lse, s = ctx.saved_tensors
         n = u.shape[0] // 2
@@ -899,6 +901,7 @@ def _siglip_setup(ctx, inputs, output):
     ctx.save_for_backward(x, y, scale, bias, output[1])
 
 
+@first_order("fastssl.siglip_loss")
 def _siglip_backward(ctx, g_rows, g_kept, run):
     x, y, scale, bias, kept = ctx.saved_tensors
     need_dx, need_dy, need_ds, need_db = ctx.needs
@@ -1085,6 +1088,7 @@ def _sup_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, lq, lk, scale, *output[1:])
 
 
+@first_order("fastssl.supervised_nt_xent")
 def _sup_backward(ctx, g_loss, g_neg, g_wsum, g_kept, run):
     q, k, lq, lk, scale, neg, wsum, kept = ctx.saved_tensors
     need_dq, need_dk = ctx.needs

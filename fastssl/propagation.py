@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .backend import use_triton
+from .backend import first_order, use_triton
 from .checks import (accumulation_dtype, check_float, check_int, check_ndim, check_number, check_positive, check_same,
                      check_tensor)
 
@@ -426,6 +426,7 @@ def _propagate_setup(ctx, inputs, output):
     ctx.save_for_backward(q, kl, vl, kg, vg, scale, out, lse)
 
 
+@first_order("fastssl.color_propagate")
 def _propagate_backward(ctx, grad_out, grad_lse):
     q, kl, vl, kg, vg, scale, out, lse = ctx.saved_tensors
     if grad_out is None:
@@ -478,6 +479,7 @@ def _colorization_lse_setup(ctx, inputs, output):
     ctx.save_for_backward(q, kl, ll, kg, lg, y, scale, *output)
 
 
+@first_order("fastssl.colorization_loss")
 def _colorization_lse_backward(ctx, g, gy):
     q, kl, ll, kg, lg, y, scale, lse, lsey = ctx.saved_tensors
     g = torch.zeros_like(lse) if g is None else g

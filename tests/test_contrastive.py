@@ -1205,3 +1205,23 @@ def test_grad_cache_peak_activation_memory_is_one_chunks():
 def test_grad_cache_rejects_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_double_backward_is_refused_naming_the_op(backend, device):
+    """create_graph=True through a contrastive loss's fused backward: a RuntimeError naming the op (the
+    kernels' backward is not differentiable, and the small NT-Xent's hand-written backward would give a
+    silently wrong second derivative); the first derivative as before."""
+    x, y = (_feats(6, 8, dtype=torch.float64, device=device).requires_grad_() for _ in range(2))
+    labels = torch.tensor([0, 1, 0, 2, 1, 0], device=device)
+    scale, bias = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
+    for call, name in ((lambda: fastssl.nt_xent(x, y), "fastssl.nt_xent|contrastive LSE"),
+                       (lambda: fastssl.info_nce(x, y), "contrastive LSE"),
+                       (lambda: fastssl.clip_loss(x, y, scale), "contrastive LSE"),
+                       (lambda: fastssl.moco_loss(x, y, y.detach()), "contrastive LSE"),
+                       (lambda: fastssl.siglip_loss(x, y, scale, bias), "fastssl.siglip_loss"),
+                       (lambda: fastssl.supervised_nt_xent(x, labels), "fastssl.supervised_nt_xent"),
+                       (lambda: fastssl.supcon_loss(x, labels), "contrastive LSE")):
+        with pytest.raises(RuntimeError, match=f"({name}).* has no double backward"):
+            torch.autograd.grad(call(), x, create_graph=True)
+        (grad,) = torch.autograd.grad(call(), x)
+        assert grad.isfinite().all() and grad.abs().sum() > 0

@@ -365,3 +365,17 @@ def test_rejects_mixed_devices_meta():
         CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"], _t(2, 5, 7, dtype=torch.long, device="meta"), 3)
     with pytest.raises(ValueError, match="first_labels is on meta"):
         PL(_t(4, 3, 5, 6), _t(2, 5, 6, device="meta"))
+
+
+def test_double_backward_is_refused_naming_the_op(backend, device):
+    """create_graph=True through color propagation's fused backward: a RuntimeError naming the op, where
+    PyTorch said only that the backward op has no autograd formula; the first derivative as before."""
+    t, r, v = inputs(device)
+    labels = torch.randint(0, 3, (2, 2, 5, 7), device=device)
+    target = torch.randint(0, 3, (2, 5, 7), device=device)
+    for call, name in ((lambda: fastssl.color_propagate(t, r, v).square().sum(), "fastssl.color_propagate"),
+                       (lambda: fastssl.colorization_loss(t, r, labels, target, 3), "fastssl.colorization_loss")):
+        with pytest.raises(RuntimeError, match=f"{name} has no double backward"):
+            torch.autograd.grad(call(), t, create_graph=True)
+        (grad,) = torch.autograd.grad(call(), t)
+        assert grad.isfinite().all() and grad.abs().sum() > 0
