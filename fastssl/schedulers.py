@@ -187,16 +187,30 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
 
     def _timestep(self, timestep, sample: Tensor):
         """An int for host values (Python ints, CPU tensors of one element: no device sync), else the
-        device tensor itself."""
+        device tensor itself. Host values must lie in [0, num_train_timesteps) (checked: diffusers' table
+        lookup raises there too); device tensors are not read (no sync): a timestep past the table steps to
+        NaN. A float timestep is refused, as diffusers' lookup refuses it (999.6 is no timestep)."""
         if isinstance(timestep, Tensor):
-            if timestep.device.type == "cpu" and timestep.numel() == 1:
-                return int(timestep.reshape(()).item())
+            if timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool:
+                raise TypeError(f"timestep must be an int or an integer tensor (diffusers indexes its tables by "
+                                f"it), got a {timestep.dtype} tensor")
+            if timestep.device.type == "cpu":
+                self._check_range(timestep.numpy())
+                if timestep.numel() == 1:
+                    return int(timestep.reshape(()).item())
             if timestep.device != sample.device:
                 timestep = timestep.to(sample.device)
             return timestep.reshape(()) if timestep.numel() == 1 and sample.shape[0] != 1 else timestep
-        if isinstance(timestep, numbers.Integral):
+        if isinstance(timestep, numbers.Integral) and not isinstance(timestep, bool):
+            self._check_range(np.asarray(int(timestep)))
             return int(timestep)
         raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
+
+    def _check_range(self, timesteps: np.ndarray) -> None:
+        T = self.config.num_train_timesteps
+        if timesteps.size and (timesteps.min() < 0 or timesteps.max() >= T):
+            raise ValueError(f"timestep must be in [0, {T}) (num_train_timesteps={T}), got "
+                             f"{timesteps.tolist()}")
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
         """``sqrt(abar_t) * original_samples + sqrt(1 - abar_t) * noise`` (:func:`fastssl.q_sample`, one fused
@@ -315,9 +329,10 @@ class DDPMScheduler(_FusedScheduler):
 
     def previous_timestep(self, timestep):
         """The timestep the step from ``timestep`` goes to (-1 after the last)."""
-        if isinstance(timestep, Tensor):
+        if isinstance(timestep, Tensor):  # clamped: a device timestep past the table must not read past it
             table = self._prev_on(timestep.device)
-            return table.index_select(0, timestep.reshape(-1).long()).reshape(timestep.shape)
+            index = timestep.reshape(-1).long().clamp(0, table.numel() - 1)
+            return table.index_select(0, index).reshape(timestep.shape)
         return int(self._prev_host[int(timestep)])
 
     def _prev_on(self, device) -> Tensor:

@@ -341,6 +341,8 @@ LBL = dict(ref_labels=_t(2, 2, 5, 7, dtype=torch.long), target_labels=_t(2, 5, 7
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), context=0), ValueError, "context must be an int >= 1"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=(4,)), ValueError, r"long_memory indices must be in \[0, 4\)"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=("a",)), TypeError, "long_memory must be"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=(0.7,)), TypeError, "long_memory must be"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=(True,)), TypeError, "long_memory must be"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), temperature=0.0), ValueError, "temperature"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), radius=-2), ValueError, "radius must be"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), topk=61), ValueError, r"topk must be between 1 .*\(60\), got 61"),

@@ -418,6 +418,23 @@ def test_scheduler_errors():
                variance_noise=torch.zeros(1, 2))
 
 
+
+@pytest.mark.parametrize("make", [DDPMScheduler, DDIMScheduler])
+def test_step_timestep_outside_the_table_or_fractional_is_refused(make):
+    """A host timestep outside [0, num_train_timesteps) is a ValueError naming timestep and the range (it was
+    a bare IndexError from a table lookup before any check); a float timestep a TypeError (999.6 was
+    silently read as 999; diffusers' lookup refuses float indices too)."""
+    s = make()
+    s.set_timesteps(10)
+    x = torch.zeros(3, 2)
+    for bad in (1000, torch.tensor(1000), torch.tensor([5, 1000, 7]), torch.tensor([-1, 5, 7]), -1):
+        with pytest.raises(ValueError, match=r"timestep must be in \[0, 1000\)"):
+            s.step(torch.zeros(3, 2), bad, x)
+    for bad in (torch.tensor(999.6), torch.tensor([5.0, 7.0, 9.0]), 999.0, True):
+        with pytest.raises(TypeError, match="timestep must be an int or an integer tensor"):
+            s.step(torch.zeros(3, 2), bad, x)
+    assert s.step(torch.zeros(3, 2), torch.tensor([999, 0, 500]), x).prev_sample.isfinite().all()
+
 def test_diffusers_rounding_of_the_step_beta(backend, device):
     """StepSpec(diffusers_rounding=True): beta = 1 - fl32(abar_t / abar_prev), the rest exact, on both backends
     (per-sample and one-for-all timesteps); at t = 1 that rounding is ~3e-4 of beta, so the exact step differs."""
