@@ -279,15 +279,17 @@ def _transposed(diag_off: Optional[int]) -> Optional[int]:
 
 def _lse_impl(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_off: Optional[int],
             two_sided: bool, symmetric: bool, keep: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(row LSE (N,), column LSE (M,) or empty, the scores (N, M) when ``keep`` else empty) in the math
-    dtype; ``keep`` (see :func:`_keeps_scores`) takes the PyTorch path."""
+    """(row LSE (N,), column LSE (M,) or empty, what the backward needs) in the math dtype: the scores
+    (N, M) when ``keep`` (see :func:`_keeps_scores`: the PyTorch path), the kernels' (max, log-sum) pairs of
+    the rows then the columns ((N + M, 2) or (N, 2), ``lse_forward``) on the Triton path, else empty."""
     if not keep and use_triton(q, k, scale):
         from .kernels.contrastive import lse_forward
 
-        rows = lse_forward(q, k, scale, kscale=kscale, diag_off=diag_off)
-        cols = (lse_forward(k, q, scale, kscale=None, diag_off=_transposed(diag_off)) if two_sided
-                else scale.new_empty(0))
-        return rows, cols, scale.new_empty(0)
+        rows, split = lse_forward(q, k, scale, kscale=kscale, diag_off=diag_off)
+        if not two_sided:
+            return rows, scale.new_empty(0), split
+        cols, cols_split = lse_forward(k, q, scale, kscale=None, diag_off=_transposed(diag_off))
+        return rows, cols, torch.cat((split, cols_split))
     return _lse_torch(q, k, scale, kscale, diag_off, two_sided, keep)
 
 
@@ -297,22 +299,27 @@ _lse_op = torch.library.custom_op("fastssl::contrastive_lse", _lse_impl, mutates
 @_lse_op.register_fake
 def _(q, k, scale, kscale, diag_off, two_sided, symmetric, keep):
     n, m = q.shape[0], k.shape[0]
+    saved = (n, m) if keep else (n + (m if two_sided else 0), 2) if use_triton(q, k, scale) else (0,)
     return (q.new_empty(n, dtype=scale.dtype), q.new_empty(m if two_sided else 0, dtype=scale.dtype),
-            q.new_empty((n, m) if keep else (0,), dtype=scale.dtype))
+            q.new_empty(saved, dtype=scale.dtype))
 
 
 def _lse_backward_impl(g_r: Optional[Tensor], g_c: Optional[Tensor], q: Tensor, k: Tensor, scale: Tensor,
-                     kscale: Optional[Tensor], lse_r: Tensor, lse_c: Tensor, scores: Tensor, diag_off: Optional[int],
-                     symmetric: bool, need_dq: bool, need_dk: bool, need_dscale: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq or empty, dk or empty, dscale (1,) or empty); ``symmetric``: dq is the whole gradient; kept
-    ``scores`` (non-empty) take the PyTorch path."""
-    if scores.numel() or not use_triton(q, k, scale):
-        return _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, diag_off,
-                                   symmetric=symmetric, need_dq=need_dq, need_dk=need_dk, need_dscale=need_dscale)
+                     kscale: Optional[Tensor], lse_r: Tensor, lse_c: Tensor, saved: Tensor, diag_off: Optional[int],
+                     symmetric: bool, need_dq: bool, need_dk: bool, need_dscale: bool,
+                     keep: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq or empty, dk or empty, dscale (1,) or empty); ``symmetric``: dq is the whole gradient; ``saved``
+    is the forward's third output: kept scores (``keep``) take the PyTorch path, the (max, log-sum) pairs
+    the kernels."""
+    if keep or not use_triton(q, k, scale):
+        return _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, saved if keep else saved[:0],
+                                   diag_off, symmetric=symmetric, need_dq=need_dq, need_dk=need_dk,
+                                   need_dscale=need_dscale)
 
     from .kernels.contrastive import lse_backward_rows
 
     acc = scale.dtype
+    lse_r, lse_c = saved[:q.shape[0]], saved[q.shape[0]:]  # the rows' and columns' pairs
     dq, dk, dscale = q.new_empty(0), k.new_empty(0), scale.new_empty(0)
     if symmetric:  # S is symmetric: dZ_i = scale sum_j (g_i P_ij + g_j P_ji) z_j, one row-parallel pass
         if need_dq:
@@ -338,14 +345,14 @@ _lse_backward_op = torch.library.custom_op("fastssl::contrastive_lse_backward", 
 
 
 @_lse_backward_op.register_fake
-def _(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, diag_off, symmetric, need_dq, need_dk, need_dscale):
+def _(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, saved, diag_off, symmetric, need_dq, need_dk, need_dscale, keep):
     return (q.new_empty(q.shape if need_dq else (0,)), k.new_empty(k.shape if (need_dk and not symmetric) else (0,)),
             scale.new_empty(1 if need_dscale else 0))
 
 
 def _lse_setup(ctx, inputs, output):
     q, k, scale, kscale, diag_off, two_sided, symmetric, keep = inputs
-    ctx.diag_off, ctx.symmetric, ctx.two_sided = diag_off, symmetric, two_sided
+    ctx.diag_off, ctx.symmetric, ctx.two_sided, ctx.keep = diag_off, symmetric, two_sided, keep
     ctx.needs = (q.requires_grad or (symmetric and k.requires_grad),
                  k.requires_grad and not symmetric, scale.requires_grad)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros of its shape
@@ -355,7 +362,7 @@ def _lse_setup(ctx, inputs, output):
 @first_order("fastssl's contrastive LSE (info_nce, nt_xent, moco_loss, clip_loss, supcon_loss)")
 def _lse_backward(ctx, g_rows, g_cols, g_scores, backward_op=_lse_backward_op):
     """The scores are an implementation detail (no gradient flows through them)."""
-    q, k, scale, kscale, lse_r, lse_c, scores = ctx.saved_tensors
+    q, k, scale, kscale, lse_r, lse_c, saved = ctx.saved_tensors
     need_dq, need_dk, need_dscale = ctx.needs
     acc = scale.dtype
     g_r = None if g_rows is None else g_rows.to(acc).contiguous()
@@ -364,9 +371,9 @@ def _lse_backward(ctx, g_rows, g_cols, g_scores, backward_op=_lse_backward_op):
         return (None,) * 8
     if g_r is None:  # only the column LSE was used: its own row term is zero
         g_r = torch.zeros_like(lse_r)
-    dq, dk, dscale = backward_op(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, ctx.diag_off,
-                                      symmetric=ctx.symmetric, need_dq=need_dq, need_dk=need_dk,
-                                      need_dscale=need_dscale)
+    dq, dk, dscale = backward_op(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, saved, ctx.diag_off,
+                                 symmetric=ctx.symmetric, need_dq=need_dq, need_dk=need_dk,
+                                 need_dscale=need_dscale, keep=ctx.keep)
     return (dq if need_dq else None, dk if (need_dk and not ctx.symmetric) else None,
             dscale if need_dscale else None, None, None, None, None, None)
 

@@ -225,7 +225,10 @@ def _row_lse2(q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, diag_of
               ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
               KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LABELS: tl.constexpr):
     """The rows' log-sum-exp in base 2 over all keys but each row's excluded column (and, with ``LABELS``,
-    the keys of its own label): the whole key tiles unmasked, then the band and edge tiles (``_band``)."""
+    the keys of its own label), as its two parts (max_j s2_ij, log2 sum_j exp2(s2_ij - max)): the whole key
+    tiles unmasked, then the band and edge tiles (``_band``). Their fp32 sum loses the small part at extreme
+    scales (T = 1e-6: |s2| ~ 1.4e6, ulp 0.125, so exp2(s2 - lse2) is off by up to 9%); a backward that
+    subtracts the max first and then the log-sum recomputes each P_ij as the forward summed it."""
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)
     lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
@@ -236,11 +239,11 @@ def _row_lse2(q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, diag_of
     m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
                           n_masked, lo, hi, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
                           BLOCK_N, True, LABELS)
-    return m_i + tl.log2(l_i)
+    return m_i, tl.log2(l_i)
 
 
 @triton.jit
-def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_ptr, N, M, n_chunks, diag_off, n_bucket, m_bucket,
+def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_ptr, split_ptr, N, M, n_chunks, diag_off, n_bucket, m_bucket,
                     ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
                     KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # In base 2: s2 = log2(e) * scale * kscale_j * q.k, so every exponential is one exp2 (MUFU.EX2 on the
@@ -250,9 +253,11 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_ptr, N, M, n_chunks, di
     row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
     excluded = rows + diag_off  # the column each row leaves out (>= M: none)
     scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
-    lse2 = _row_lse2(q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, diag_off, N, M, n_chunks, rows,
-                     ks_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, False)
-    tl.store(lse_ptr + rows, lse2 * LN2, mask=row_mask)
+    hi2, lo2 = _row_lse2(q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, diag_off, N, M, n_chunks,
+                         rows, ks_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, False)
+    tl.store(lse_ptr + rows, (hi2 + lo2) * LN2, mask=row_mask)
+    tl.store(split_ptr + 2 * rows, hi2, mask=row_mask)  # the backward's (max, log-sum) pairs, base 2
+    tl.store(split_ptr + 2 * rows + 1, lo2, mask=row_mask)
 
 
 @device_function
@@ -278,12 +283,13 @@ def _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi,
 
 @device_function
 @triton.jit
-def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, lse_c_ptr, g_c_ptr, scale2, lse_r, g_r, row0, row_mask, excluded,
+def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, split_c_ptr, g_c_ptr, scale2, hi_r, lo_r, g_r, row0, row_mask, excluded,
                chunk, N, M, n_chunks, n_tiles, lo, hi, full, row_term, col_term, ACC: tl.constexpr,
                DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, KSCALE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """acc += dS @ k over ``n_tiles`` key tiles of one kind: the scores recomputed (from the resident query
-    block: the key tile loaded once serves both products), dS formed in registers."""
+    block: the key tile loaded once serves both products), dS formed in registers with P = exp2((s2 - max) -
+    log-sum) as the forward summed it (``_row_lse2``)."""
     for t in range(0, n_tiles):
         cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full,
                                           ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
@@ -296,17 +302,19 @@ def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, lse_c_ptr, g_c_ptr, scale2, lse_r, 
             s = tl.where(row_mask[:, None] & col_mask[None, :] & (cols[None, :] != excluded[:, None]), s,
                          float("-inf"))
         if row_term != 0:
-            ds = g_r[:, None] * tl.exp2(s - lse_r[:, None])
+            ds = g_r[:, None] * tl.exp2((s - hi_r[:, None]) - lo_r[:, None])
         else:
             ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         if col_term != 0:
             if MASKED:
-                lse_c = tl.load(lse_c_ptr + cols, mask=col_mask, other=0.0).to(ACC) * LOG2E
+                hi_c = tl.load(split_c_ptr + 2 * cols, mask=col_mask, other=0.0).to(ACC)
+                lo_c = tl.load(split_c_ptr + 2 * cols + 1, mask=col_mask, other=0.0).to(ACC)
                 g_c = tl.load(g_c_ptr + cols, mask=col_mask, other=0.0).to(ACC)
             else:
-                lse_c = tl.load(lse_c_ptr + cols).to(ACC) * LOG2E
+                hi_c = tl.load(split_c_ptr + 2 * cols).to(ACC)
+                lo_c = tl.load(split_c_ptr + 2 * cols + 1).to(ACC)
                 g_c = tl.load(g_c_ptr + cols).to(ACC)
-            ds += g_c[None, :] * tl.exp2(s - lse_c[None, :])
+            ds += g_c[None, :] * tl.exp2((s - hi_c[None, :]) - lo_c[None, :])
         if KSCALE:
             ds = ds * c[None, :]
         acc += dot_acc(ds.to(kt.dtype), kt, ACC, DOT_PREC)
@@ -314,7 +322,7 @@ def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, lse_c_ptr, g_c_ptr, scale2, lse_r, 
 
 
 @triton.jit
-def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_r_ptr, g_r_ptr, lse_c_ptr, g_c_ptr, dq_ptr, dscale_ptr,
+def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, split_r_ptr, g_r_ptr, split_c_ptr, g_c_ptr, dq_ptr, dscale_ptr,
                     N, M, n_chunks, diag_off, row_term, col_term, need_dscale, n_bucket, m_bucket,
                     ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
                     KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -325,19 +333,21 @@ def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_r_ptr, g_r_ptr, lse_c_p
     excluded = rows + diag_off
     chunk = tl.program_id(1).to(tl.int64)
     scale = tl.load(scale_ptr).to(ACC)
-    scale2 = scale * LOG2E  # base 2, as the forward: exp(s - lse) = exp2(s2 - log2(e) lse)
-    lse_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    scale2 = scale * LOG2E  # base 2, as the forward: exp(s - lse) = exp2((s2 - max) - log-sum)
+    hi_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    lo_r = tl.zeros((BLOCK_M,), dtype=ACC)
     g_r = tl.zeros((BLOCK_M,), dtype=ACC)
     if row_term != 0:
-        lse_r = tl.load(lse_r_ptr + rows, mask=row_mask, other=0.0).to(ACC) * LOG2E
+        hi_r = tl.load(split_r_ptr + 2 * rows, mask=row_mask, other=0.0).to(ACC)
+        lo_r = tl.load(split_r_ptr + 2 * rows + 1, mask=row_mask, other=0.0).to(ACC)
         g_r = tl.load(g_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
     n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
-    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, lse_c_ptr, g_c_ptr, scale2, lse_r, g_r, row0, row_mask,
+    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, split_c_ptr, g_c_ptr, scale2, hi_r, lo_r, g_r, row0, row_mask,
                      excluded, chunk, N, M, n_chunks, n_plain, lo, hi, full, row_term, col_term, ACC, DOT_PREC,
                      BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, False)
-    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, lse_c_ptr, g_c_ptr, scale2, lse_r, g_r, row0, row_mask,
+    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, split_c_ptr, g_c_ptr, scale2, hi_r, lo_r, g_r, row0, row_mask,
                      excluded, chunk, N, M, n_chunks, n_masked, lo, hi, full, row_term, col_term, ACC, DOT_PREC,
                      BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, True)
     tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
@@ -425,8 +435,8 @@ def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), kscales=(False, True
 _HALF = [(torch.float16, "ieee"), (torch.bfloat16, "ieee")]
 _TF32 = [(torch.float32, "tf32")]
 _EXACT = [(torch.float32, "ieee"), (torch.float64, "ieee")]
-_FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr"])
-_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "ks_ptr", "lse_r_ptr", "g_r_ptr", "lse_c_ptr", "g_c_ptr",
+_FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr", "split_ptr"])
+_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "ks_ptr", "split_r_ptr", "g_r_ptr", "split_c_ptr", "g_c_ptr",
                                              "dscale_ptr"])
 # (key, BLOCK_D, kinds, chip families, KSCALE values): the resident widths, then the chunked kernels
 _ANY = (False, True)
@@ -492,11 +502,14 @@ def _pick_backward(x: torch.Tensor, kscale: bool = False):
     return "loop", BWD_BLOCK_D["fast"], True
 
 
-def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=None, diag_off=None) -> torch.Tensor:
+def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=None,
+                diag_off=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch ``_lse_fwd_kernel``: ``lse_i = logsumexp_j scale * kscale_j * q_i . k_j`` over ``j != i + diag_off``.
 
     ``q`` (N, D) and ``k`` (M, D); ``scale`` a 1-element tensor in the math dtype; ``kscale`` None or (M,)
-    in the math dtype. Returns (N,) in the math dtype.
+    in the math dtype. Returns (lse (N,), split (N, 2)) in the math dtype: ``split`` holds each row's
+    (max_j s_ij, log2 sum_j exp2(s_ij - max)) in base 2 (s = log2(e) scale kscale q . k) for
+    :func:`lse_backward_rows`.
     """
     n, d = q.shape
     m = k.shape[0]
@@ -504,18 +517,26 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=No
     ql = _layout(q, bd)
     kl = ql if k is q else _layout(k, bd)
     lse = torch.empty(n, dtype=scale.dtype, device=q.device)
+    split = torch.empty(n, 2, dtype=scale.dtype, device=q.device)
     off = m if diag_off is None else diag_off  # j == i + m never holds: nothing excluded
     launch(_fwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), config=INTERPRET_CONFIG,
-           q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=scale if kscale is None else kscale, lse_ptr=lse, N=n, M=m,
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=scale if kscale is None else kscale, lse_ptr=lse, split_ptr=split,
+           N=n, M=m,
            n_chunks=ql.shape[0], diag_off=off, n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype),
            DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None)
-    return lse
+    return lse, split
 
 
-def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off=None, *, need_dscale=False):
+def lse_split(lse: torch.Tensor) -> torch.Tensor:
+    """A natural-log LSE (N,) as :func:`lse_forward`'s (N, 2) split (max = log2(e) lse, log-sum = 0): for
+    LSEs computed elsewhere, exact to the rounding of log2(e) lse."""
+    return torch.stack((lse * LOG2E.value, torch.zeros_like(lse)), 1)
+
+
+def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag_off=None, *, need_dscale=False):
     """Launch ``_lse_bwd_kernel`` over the rows of ``q``: returns (dq (N, D) in q's dtype, dscale or None).
-    ``lse_r``/``g_r`` (N,) give the row term and ``lse_c``/``g_c`` (M,) the column term; either pair may be
-    None."""
+    ``split_r`` (N, 2) (:func:`lse_forward`'s) and ``g_r`` (N,) give the row term, ``split_c`` (M, 2) and
+    ``g_c`` (M,) the column term; either pair may be None."""
     n, d = q.shape
     m = k.shape[0]
     key, bd, loop = _pick_backward(q, kscale is not None)
@@ -524,13 +545,13 @@ def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off
     chunks = ql.shape[0]
     dq = torch.empty_like(ql)
     off = m if diag_off is None else diag_off
-    row_term, col_term = lse_r is not None, lse_c is not None
+    row_term, col_term = split_r is not None, split_c is not None
     dummy = scale  # never read when its term is off
     partials = torch.empty(chunks, n, dtype=scale.dtype, device=q.device) if need_dscale else dummy
     launch(_bwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks), config=INTERPRET_CONFIG,
            q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=dummy if kscale is None else kscale,
-           lse_r_ptr=lse_r if row_term else dummy,
-           g_r_ptr=g_r if row_term else dummy, lse_c_ptr=lse_c if col_term else dummy,
+           split_r_ptr=split_r if row_term else dummy,
+           g_r_ptr=g_r if row_term else dummy, split_c_ptr=split_c if col_term else dummy,
            g_c_ptr=g_c if col_term else dummy, dq_ptr=dq, dscale_ptr=partials, N=n, M=m, n_chunks=chunks,
            diag_off=off, row_term=int(row_term), col_term=int(col_term), need_dscale=int(need_dscale),
            n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype),
@@ -675,7 +696,9 @@ def _sig_bwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, w_ptr, dq_ptr, dscale_ptr
 # One config per chip family and kind (the compile check's cost stays small): the LSE kernels' shapes.
 SIG_FWD_CONFIGS = {128: _configs([(64, 64, 4, 3)], AMPERE) + _configs([(128, 64, 8, 3)], HOPPER),
                    256: _configs([(64, 64, 4, 2)], AMPERE) + _configs([(128, 64, 8, 2)], HOPPER),
-                   "loop": _configs([(64, 64, 8, 2)]), "exact": _configs([(64, 32, 8, 2)])}
+                   "loop": _configs([(64, 64, 8, 2)]),
+                   # 64 x 32 on sm_80: an 8-byte stack frame in fp64 (both forwards, triton 3.6)
+                   "exact": _configs([(32, 32, 8, 2)], AMPERE) + _configs([(64, 32, 8, 2)], HOPPER)}
 SIG_BWD_CONFIGS = {128: _configs([(64, 64, 4, 2)], HOPPER), 256: _configs([(64, 32, 8, 2)], HOPPER),
                    "loop": _configs([(32, 32, 8, 2)], AMPERE) + _configs([(64, 32, 8, 2)], HOPPER),
                    "exact": _configs([(32, 32, 8, 1)])}
@@ -763,8 +786,9 @@ def _sup_fwd_kernel(q_ptr, k_ptr, scale_ptr, lq_ptr, lk_ptr, plo_ptr, phi_ptr, n
     excluded = rows + diag_off  # a row's own column (diag_off >= M: references, nothing excluded)
     scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
     lq = tl.load(lq_ptr + rows, mask=row_mask, other=0)
-    neg2 = _row_lse2(q, q_ptr, k_ptr, scale_ptr, scale2, row0, row_mask, excluded, diag_off, N, M, n_chunks, lq,
-                     lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, False, BLOCK_M, BLOCK_N, True)  # -inf: no negative
+    hi2, lo2 = _row_lse2(q, q_ptr, k_ptr, scale_ptr, scale2, row0, row_mask, excluded, diag_off, N, M, n_chunks,
+                         lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, False, BLOCK_M, BLOCK_N, True)
+    neg2 = hi2 + lo2  # -inf: no negative
     # the positives: the keys [plo, phi) of the block's rows (sorted by label: one run of keys)
     first = tl.min(tl.load(plo_ptr + rows, mask=row_mask, other=M), 0)
     last = tl.max(tl.load(phi_ptr + rows, mask=row_mask, other=0), 0)
