@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis) of the public ops on both backends: drawn memory layouts (contiguous,
+"""Property-based tests (hypothesis) of the public ops on both backends (the contrastive losses, SigLIP and
+the supervised ones included): drawn memory layouts (contiguous,
 transposed, row-sliced, expanded with stride 0, channels_last, a storage offset), dtypes, small odd shapes
 and extreme values, each checked against the float64 reference of the same input values: both backends
 agree with it (non-finite outputs where it has them), or both raise the same error type.
@@ -18,7 +19,8 @@ from hypothesis import strategies as st
 
 import fastssl
 from conftest import BACKENDS, TOLERANCES
-from fastssl.contrastive import clip_loss_reference, info_nce_reference, moco_loss_reference, nt_xent_reference
+from fastssl.contrastive import (clip_loss_reference, info_nce_reference, moco_loss_reference, nt_xent_reference,
+                                 siglip_loss_reference, supcon_loss_reference, supervised_nt_xent_reference)
 from fastssl.diffusion import cfg_combine_reference, ddim_step_reference, ddpm_step_reference, q_sample_reference
 from fastssl.propagation import color_propagate_reference
 
@@ -146,6 +148,31 @@ def test_moco_and_clip_properties(case, data):
     opts = {k_: case[k_] for k_ in ("normalize", "reduction")}
     check(on_both_backends(lambda: fastssl.clip_loss(q, k, scale, **opts)),
           lambda: clip_loss_reference(q, k, scale, **opts), dtype)
+
+
+@SETTINGS
+@given(case=contrastive_case(), data=st.data())
+def test_siglip_properties(case, data):
+    dtype, n, d = case["dtype"], case["n"], case["d"]
+    x, y = data.draw(tensors((n, d), dtype)), data.draw(tensors((n, d), dtype))
+    scale, bias = data.draw(st.sampled_from([1.0, 10.0, 100.0])), data.draw(st.sampled_from([-10.0, 0.0, 2.5]))
+    opts = {k: case[k] for k in ("normalize", "reduction")}
+    check(on_both_backends(lambda: fastssl.siglip_loss(x, y, scale, bias, **opts)),
+          lambda: siglip_loss_reference(x, y, scale, bias, **opts), dtype)
+
+
+@SETTINGS
+@given(case=contrastive_case(), data=st.data())
+def test_supervised_nt_xent_and_supcon_properties(case, data):
+    """Labels drawn from few classes (rows without a positive, or without a negative, occur)."""
+    dtype, n, d = case["dtype"], case["n"], case["d"]
+    x = data.draw(tensors((n, d), dtype))
+    labels = torch.tensor(data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)))
+    opts = {k: case[k] for k in ("temperature", "normalize")}
+    check(on_both_backends(lambda: fastssl.supervised_nt_xent(x, labels, **opts)),
+          lambda: supervised_nt_xent_reference(x, labels, **opts), dtype)
+    check(on_both_backends(lambda: fastssl.supcon_loss(x, labels, reduction=case["reduction"], **opts)),
+          lambda: supcon_loss_reference(x, labels, reduction=case["reduction"], **opts), dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
