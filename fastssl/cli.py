@@ -97,12 +97,12 @@ def _train(args, parser) -> int:
     config = TrainConfig(quick=args.quick, epochs=args.epochs, device=args.device, out=args.out, seed=args.seed,
                          progress=not args.quiet, loss=args.loss)
     if args.loss and (args.all or args.method != "clip"):
-        raise SystemExit("fastssl train: --loss goes with the clip method (softmax or sigmoid)")
+        parser.error("--loss goes with the clip method (softmax or sigmoid)")
     if args.readme and not args.all:
-        raise SystemExit("fastssl train: --readme goes with --all")
+        parser.error("--readme goes with --all")
     if args.all or (args.method and not args.list):
         if args.method and not args.all and args.method not in METHODS:
-            raise SystemExit(f"fastssl train: unknown method {args.method!r}; fastssl train --list shows them")
+            parser.error(f"unknown method {args.method!r}; fastssl train --list shows them")
         if args.readme and not os.access(args.readme, os.W_OK):
             parser.error(f"--readme {args.readme} is not a writable file")
         check_before_work(parser, out=args.out, device=args.device, extras=TRAIN_EXTRAS)
@@ -115,7 +115,7 @@ def _train(args, parser) -> int:
             print(f"{name:<10} {what}")
         return 0 if args.list else 2
     if args.method not in METHODS:
-        raise SystemExit(f"fastssl train: unknown method {args.method!r}; fastssl train --list shows them")
+        parser.error(f"unknown method {args.method!r}; fastssl train --list shows them")
     metrics = run(args.method, config)
     better = "beats" if metrics["beats_baseline"] else "does NOT beat"
     print(f"{metrics['method']}: {metrics['metric']} = {metrics['value']:.4f}, baseline {metrics['baseline']:.4f} "
