@@ -283,13 +283,13 @@ def _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi,
 
 @device_function
 @triton.jit
-def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, split_c_ptr, g_c_ptr, scale2, hi_r, lo_r, g_r, row0, row_mask, excluded,
+def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, scale2, max_r, g_r, row0, row_mask, excluded,
                chunk, N, M, n_chunks, n_tiles, lo, hi, full, row_term, col_term, ACC: tl.constexpr,
                DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, KSCALE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """acc += dS @ k over ``n_tiles`` key tiles of one kind: the scores recomputed (from the resident query
-    block: the key tile loaded once serves both products), dS formed in registers with P = exp2((s2 - max) -
-    log-sum) as the forward summed it (``_row_lse2``)."""
+    block: the key tile loaded once serves both products), dS formed in registers as g P = (g / l)
+    exp2(s2 - max), as the forward summed it (``_row_lse2``): the weights g come divided by l."""
     for t in range(0, n_tiles):
         cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full,
                                           ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
@@ -302,19 +302,17 @@ def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, split_c_ptr, g_c_ptr, scale2, hi_r,
             s = tl.where(row_mask[:, None] & col_mask[None, :] & (cols[None, :] != excluded[:, None]), s,
                          float("-inf"))
         if row_term != 0:
-            ds = g_r[:, None] * tl.exp2((s - hi_r[:, None]) - lo_r[:, None])
+            ds = g_r[:, None] * tl.exp2(s - max_r[:, None])
         else:
             ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         if col_term != 0:
             if MASKED:
-                hi_c = tl.load(split_c_ptr + 2 * cols, mask=col_mask, other=0.0).to(ACC)
-                lo_c = tl.load(split_c_ptr + 2 * cols + 1, mask=col_mask, other=0.0).to(ACC)
+                max_c = tl.load(max_c_ptr + cols, mask=col_mask, other=0.0).to(ACC)
                 g_c = tl.load(g_c_ptr + cols, mask=col_mask, other=0.0).to(ACC)
             else:
-                hi_c = tl.load(split_c_ptr + 2 * cols).to(ACC)
-                lo_c = tl.load(split_c_ptr + 2 * cols + 1).to(ACC)
+                max_c = tl.load(max_c_ptr + cols).to(ACC)
                 g_c = tl.load(g_c_ptr + cols).to(ACC)
-            ds += g_c[None, :] * tl.exp2((s - hi_c[None, :]) - lo_c[None, :])
+            ds += g_c[None, :] * tl.exp2(s - max_c[None, :])
         if KSCALE:
             ds = ds * c[None, :]
         acc += dot_acc(ds.to(kt.dtype), kt, ACC, DOT_PREC)
@@ -322,7 +320,7 @@ def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, split_c_ptr, g_c_ptr, scale2, hi_r,
 
 
 @triton.jit
-def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, split_r_ptr, g_r_ptr, split_c_ptr, g_c_ptr, dq_ptr, dscale_ptr,
+def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, max_r_ptr, g_r_ptr, max_c_ptr, g_c_ptr, dq_ptr, dscale_ptr,
                     N, M, n_chunks, diag_off, row_term, col_term, need_dscale, n_bucket, m_bucket,
                     ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
                     KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -333,21 +331,19 @@ def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, split_r_ptr, g_r_ptr, split
     excluded = rows + diag_off
     chunk = tl.program_id(1).to(tl.int64)
     scale = tl.load(scale_ptr).to(ACC)
-    scale2 = scale * LOG2E  # base 2, as the forward: exp(s - lse) = exp2((s2 - max) - log-sum)
-    hi_r = tl.zeros((BLOCK_M,), dtype=ACC)
-    lo_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    scale2 = scale * LOG2E  # base 2, as the forward: g exp(s - lse) = (g / l) exp2(s2 - max)
+    max_r = tl.zeros((BLOCK_M,), dtype=ACC)
     g_r = tl.zeros((BLOCK_M,), dtype=ACC)
     if row_term != 0:
-        hi_r = tl.load(split_r_ptr + 2 * rows, mask=row_mask, other=0.0).to(ACC)
-        lo_r = tl.load(split_r_ptr + 2 * rows + 1, mask=row_mask, other=0.0).to(ACC)
+        max_r = tl.load(max_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
         g_r = tl.load(g_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
     n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
-    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, split_c_ptr, g_c_ptr, scale2, hi_r, lo_r, g_r, row0, row_mask,
+    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, scale2, max_r, g_r, row0, row_mask,
                      excluded, chunk, N, M, n_chunks, n_plain, lo, hi, full, row_term, col_term, ACC, DOT_PREC,
                      BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, False)
-    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, split_c_ptr, g_c_ptr, scale2, hi_r, lo_r, g_r, row0, row_mask,
+    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, scale2, max_r, g_r, row0, row_mask,
                      excluded, chunk, N, M, n_chunks, n_masked, lo, hi, full, row_term, col_term, ACC, DOT_PREC,
                      BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, True)
     tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
@@ -436,7 +432,7 @@ _HALF = [(torch.float16, "ieee"), (torch.bfloat16, "ieee")]
 _TF32 = [(torch.float32, "tf32")]
 _EXACT = [(torch.float32, "ieee"), (torch.float64, "ieee")]
 _FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr", "split_ptr"])
-_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "ks_ptr", "split_r_ptr", "g_r_ptr", "split_c_ptr", "g_c_ptr",
+_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "ks_ptr", "max_r_ptr", "g_r_ptr", "max_c_ptr", "g_c_ptr",
                                              "dscale_ptr"])
 # (key, BLOCK_D, kinds, chip families, KSCALE values): the resident widths, then the chunked kernels
 _ANY = (False, True)
@@ -536,7 +532,8 @@ def lse_split(lse: torch.Tensor) -> torch.Tensor:
 def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag_off=None, *, need_dscale=False):
     """Launch ``_lse_bwd_kernel`` over the rows of ``q``: returns (dq (N, D) in q's dtype, dscale or None).
     ``split_r`` (N, 2) (:func:`lse_forward`'s) and ``g_r`` (N,) give the row term, ``split_c`` (M, 2) and
-    ``g_c`` (M,) the column term; either pair may be None."""
+    ``g_c`` (M,) the column term; either pair may be None. The kernel reads each max and g / l, l =
+    exp2(log-sum) (two small passes here, and no more registers in its loop than one LSE took)."""
     n, d = q.shape
     m = k.shape[0]
     key, bd, loop = _pick_backward(q, kscale is not None)
@@ -546,17 +543,24 @@ def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag
     dq = torch.empty_like(ql)
     off = m if diag_off is None else diag_off
     row_term, col_term = split_r is not None, split_c is not None
+    max_r, g_r = _max_and_weight(split_r, g_r) if row_term else (None, None)
+    max_c, g_c = _max_and_weight(split_c, g_c) if col_term else (None, None)
     dummy = scale  # never read when its term is off
     partials = torch.empty(chunks, n, dtype=scale.dtype, device=q.device) if need_dscale else dummy
     launch(_bwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks), config=INTERPRET_CONFIG,
            q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=dummy if kscale is None else kscale,
-           split_r_ptr=split_r if row_term else dummy,
-           g_r_ptr=g_r if row_term else dummy, split_c_ptr=split_c if col_term else dummy,
+           max_r_ptr=max_r if row_term else dummy,
+           g_r_ptr=g_r if row_term else dummy, max_c_ptr=max_c if col_term else dummy,
            g_c_ptr=g_c if col_term else dummy, dq_ptr=dq, dscale_ptr=partials, N=n, M=m, n_chunks=chunks,
            diag_off=off, row_term=int(row_term), col_term=int(col_term), need_dscale=int(need_dscale),
            n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype),
            BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None)
     return _unlayout(dq, n, d, bd), (partials.sum() if need_dscale else None)
+
+
+def _max_and_weight(split: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the rows' max, g / l) from a (max, log-sum) split and the LSE's gradient g, contiguous."""
+    return split[:, 0].contiguous(), (g * torch.exp2(-split[:, 1])).contiguous()
 
 
 def _unlayout(x: torch.Tensor, n: int, d: int, bd: int) -> torch.Tensor:
