@@ -68,8 +68,8 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
-from .registry import (TL_DTYPE, acc_type, device_function, dot_acc, dot_precision, dot_precisions, launch, register,
-                       variant)
+from .registry import (TL_DTYPE, acc_type, arch_family, device_arch, device_function, dot_acc, dot_precision,
+                       dot_precisions, for_archs, launch, register, variant)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(LOG2E * x)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(x) = LN2 * log2(x)
@@ -82,15 +82,23 @@ MAX_BLOCK_V = 16
 # accuracy, also where PyTorch allows TF32 (one compile variant per dtype).
 FP32_DOT = dict(exact="tf32x3", tf32=False)
 
-# Tiles per dtype family and kernel: (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages), and the channel
-# block: resident when C <= BLOCK_C, else chunks of BLOCK_C. 16-bit: one warpgroup per 64 query (dK/dV: key)
-# rows, so no product's N is split between warpgroups; C = 64 (the training shape) resident. fp32 runs its
-# products as tf32x3 (three tensor-core products, split operands: three times the operand registers).
-# fp64 (the gradient checks): 32 x 32, C in chunks of 16, one stage. Measured registers: see REGISTERS below.
+# Tiles per dtype family and kernel: (BLOCK_M queries, BLOCK_N keys, (num_warps, num_stages) on sm_90, on
+# sm_80), and the channel block: resident when C <= BLOCK_C, else chunks of BLOCK_C. 16-bit: on sm_90 one
+# warpgroup per 64 query (dK/dV: key) rows, so no product's N is split between warpgroups (the forward's
+# 128 x 32 x 8 warps: 6 wgmma a key tile, 72 registers); C = 64 (the training shape) resident. On sm_80
+# (mma.sync) the backward takes 8 warps: with 4, ptxas gives dQ (windowed) and dK/dV (LOSS) 8-byte stack
+# frames at 168 registers under triton 3.6. fp32 runs its products as tf32x3 (three tensor-core products,
+# split operands: three times the operand registers): 8 warps; dK/dV 16 queries a step (32 spills 32 B
+# at 255 registers on sm_90 under triton 3.9). fp64 (the gradient checks): C in chunks of 16, one stage;
+# the query-parallel kernels on 4 warps (8 give the forward 8 B of stack at 80 registers under 3.8, dQ
+# 16 B under 3.9). Measured under triton 3.6, 3.8, 3.9 with tests/test_compile_sm90.py, 2026-12-07.
 _TILES = {
-    "half": {"fwd": (128, 32, 8, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2)},
-    "fp32": {"fwd": (32, 32, 8, 2), "dq": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2)},
-    "fp64": {"fwd": (32, 32, 4, 1), "dq": (32, 32, 8, 1), "dkdv": (32, 32, 8, 1)},
+    "half": {"fwd": (128, 32, {90: (8, 2), 80: (8, 2)}), "dq": (64, 32, {90: (4, 2), 80: (8, 2)}),
+             "dkdv": (32, 64, {90: (4, 2), 80: (8, 2)})},
+    "fp32": {"fwd": (32, 32, {90: (8, 2), 80: (8, 2)}), "dq": (32, 32, {90: (8, 2), 80: (8, 2)}),
+             "dkdv": (16, 32, {90: (8, 2), 80: (8, 2)})},
+    "fp64": {"fwd": (32, 32, {90: (4, 1), 80: (4, 1)}), "dq": (32, 32, {90: (4, 1), 80: (4, 1)}),
+             "dkdv": (32, 32, {90: (8, 1), 80: (8, 1)})},
 }
 _BLOCK_C = {"half": 64, "fp32": 64, "fp64": 16}  # resident width
 
@@ -107,16 +115,18 @@ def family(dtype: torch.dtype) -> str:
     return "fp64" if dtype == torch.float64 else ("fp32" if dtype == torch.float32 else "half")
 
 
-def plan(kind: str, dtype: torch.dtype, C: int, RL: int) -> dict:
-    """The constexprs and launch options of kernel ``kind`` (fwd | dq | dkdv) for ``dtype``, ``C`` channels and
-    ``RL`` local frames: tiles, ``C_LOOP`` (C wider than the resident block, or float64) and ``WINDOWED`` (some
-    frame is local; the chunked kernels are compiled windowed only, which runs global frames densely too).
+def plan(kind: str, dtype: torch.dtype, C: int, RL: int, arch: int = 90) -> dict:
+    """The constexprs and launch options of kernel ``kind`` (fwd | dq | dkdv) for ``dtype``, ``C`` channels,
+    ``RL`` local frames and the chip family ``arch`` (90 or 80): tiles, ``C_LOOP`` (C wider than the resident
+    block, or float64) and ``WINDOWED`` (some frame is local; the chunked kernels are compiled windowed only,
+    which runs global frames densely too).
 
     >>> [(p["C_LOOP"], p["WINDOWED"]) for p in (plan("fwd", torch.bfloat16, 8, 0), plan("fwd", torch.float64, 8, 0))]
     [(False, False), (True, True)]
     """
     fam = family(dtype)
-    bm, bn, warps, stages = _TILES[fam][kind]
+    bm, bn, launches = _TILES[fam][kind]
+    warps, stages = launches[arch_family(arch)]
     resident = INTERPRET_BLOCK_C if interpreting() else _BLOCK_C[fam]
     c_loop = fam == "fp64" or C > resident
     block_c = INTERPRET_BLOCK_C if interpreting() else (_loop_c(fam, kind) if c_loop else _BLOCK_C[fam])
@@ -191,6 +201,25 @@ def _logits_loop(a_base, b_base, offs_a, a_ok, offs_b, b_ok, C, HW, ACC: tl.cons
 
 @device_function
 @triton.jit
+def _exp2(x):
+    """2^x: one MUFU.EX2 in fp32; in fp64 exp(x ln 2) (libdevice's fp64 exp2 gave the fp64 kernels 8-24 B
+    stack frames at 64-96 registers on sm_90 under triton 3.8 and 3.9, 2026-12-07)."""
+    if x.dtype == tl.float64:
+        return tl.exp(x * LN2)
+    return tl.exp2(x)
+
+
+@device_function
+@triton.jit
+def _log2(x):
+    """log2(x); in fp64 ln(x) / ln 2 (see :func:`_exp2`)."""
+    if x.dtype == tl.float64:
+        return tl.log(x) * LOG2E
+    return tl.log2(x)
+
+
+@device_function
+@triton.jit
 def _mask(s, offs_n, hi, ry, rx, W, rad2, WINDOW: tl.constexpr, MASKED: tl.constexpr):
     """Logits ``s`` (rows: pixels at (ry, rx); columns: pixels ``offs_n``), -inf where the column pixel is at or
     past ``hi`` (MASKED) or, with WINDOW, farther than sqrt(rad2) from the row's pixel."""
@@ -227,8 +256,8 @@ def _fwd_span(q, q_base, k_base, v_base, offs_m, m_ok, qy, qx, ylab, lo, hi, m_i
         s = _mask(s * qk2, offs_n, hi, qy, qx, W, rad2, WINDOW, MASKED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
+        alpha = _exp2(m_i - m_use)
+        p = _exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         if LOSS:
@@ -236,7 +265,7 @@ def _fwd_span(q, q_base, k_base, v_base, offs_m, m_ok, qy, qx, ylab, lo, hi, m_i
             sy = tl.where(ylab[:, None] == klab[None, :], s, float("-inf"))
             my_new = tl.maximum(my_i, tl.max(sy, 1))
             my_use = tl.where(my_new == float("-inf"), 0.0, my_new)
-            ly_i = ly_i * tl.exp2(my_i - my_use) + tl.sum(tl.exp2(sy - my_use[:, None]), 1)
+            ly_i = ly_i * _exp2(my_i - my_use) + tl.sum(_exp2(sy - my_use[:, None]), 1)
             my_i = my_new
         else:
             v = _rows(v_base, offs_n, n_ok, V, HW, 0, BLOCK_V, MASKED)
@@ -296,9 +325,9 @@ def _propagate_fwd_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, y_ptr, scale_pt
                                               m_i, l_i, acc, my_i, ly_i, C, V, W, HW, rad2, qk2, ACC, PREC, LOSS,
                                               C_LOOP, False, True, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_V)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # l_i = 0 only in padding rows
-    tl.store(lse_ptr + b * HW + offs_m, (m_i + tl.log2(l_safe)) * LN2, mask=m_ok)
+    tl.store(lse_ptr + b * HW + offs_m, (m_i + _log2(l_safe)) * LN2, mask=m_ok)
     if LOSS:
-        tl.store(lsey_ptr + b * HW + offs_m, (my_i + tl.log2(ly_i)) * LN2, mask=m_ok)
+        tl.store(lsey_ptr + b * HW + offs_m, (my_i + _log2(ly_i)) * LN2, mask=m_ok)
     else:
         offs_v = tl.arange(0, BLOCK_V)
         if ACC == tl.float64:  # fp64 division is a ptxas subroutine with a stack frame on sm_80: exp(-log l)
@@ -316,6 +345,25 @@ def _propagate_fwd_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, y_ptr, scale_pt
 
 @device_function
 @triton.jit
+def _scores_and_tile(a, a_base, b_base, offs_a, a_ok, offs_b, b_ok, C, HW, c_lo, qk2, ACC: tl.constexpr,
+                     PREC: tl.constexpr, C_LOOP: tl.constexpr, MASKED: tl.constexpr, BLOCK_A: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The backward's step: logits <a_i, b_j> * qk2 (BLOCK_A, BLOCK_B) of the program's resident tile ``a``
+    (or, with C_LOOP, over chunks of C) against pixels ``offs_b``, and their (BLOCK_B, BLOCK_C) tile for the
+    gradient product: all of C from the same load when resident, else channels [c_lo, c_lo + BLOCK_C)."""
+    if C_LOOP:
+        s = _logits_loop(a_base, b_base, offs_a, a_ok, offs_b, b_ok, C, HW, ACC, PREC, MASKED, BLOCK_A, BLOCK_B,
+                         BLOCK_C)
+        t = _rows(b_base, offs_b, b_ok, C, HW, c_lo, BLOCK_C, MASKED)
+    else:
+        bt = _cols(b_base, offs_b, b_ok, C, HW, 0, BLOCK_C, MASKED)
+        s = dot_acc(a, bt, ACC, PREC)
+        t = tl.trans(bt)
+    return s * qk2, t
+
+
+@device_function
+@triton.jit
 def _dq_span(q, q_base, k_base, v_base, offs_m, m_ok, qy, qx, ylab, do, lse2, delta, lsey2, gy, lo, hi, dq,
              C, V, W, HW, rad2, qk2, c_lo,
              ACC: tl.constexpr, PREC: tl.constexpr, LOSS: tl.constexpr, C_LOOP: tl.constexpr, WINDOW: tl.constexpr,
@@ -325,19 +373,13 @@ def _dq_span(q, q_base, k_base, v_base, offs_m, m_ok, qy, qx, ylab, do, lse2, de
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        if C_LOOP:
-            s = _logits_loop(q_base, k_base, offs_m, m_ok, offs_n, n_ok, C, HW, ACC, PREC, MASKED, BLOCK_M, BLOCK_N,
-                             BLOCK_C)
-            k = _rows(k_base, offs_n, n_ok, C, HW, c_lo, BLOCK_C, MASKED)
-        else:  # one key tile load for both products
-            kt = _cols(k_base, offs_n, n_ok, C, HW, 0, BLOCK_C, MASKED)
-            s = dot_acc(q, kt, ACC, PREC)
-            k = tl.trans(kt)
-        s = _mask(s * qk2, offs_n, hi, qy, qx, W, rad2, WINDOW, MASKED)
-        p = tl.exp2(s - lse2[:, None])
+        s, k = _scores_and_tile(q, q_base, k_base, offs_m, m_ok, offs_n, n_ok, C, HW, c_lo, qk2, ACC, PREC, C_LOOP,
+                                MASKED, BLOCK_M, BLOCK_N, BLOCK_C)
+        s = _mask(s, offs_n, hi, qy, qx, W, rad2, WINDOW, MASKED)
+        p = _exp2(s - lse2[:, None])
         if LOSS:
             klab = _labels(v_base, offs_n, n_ok, MASKED)
-            py = tl.where(ylab[:, None] == klab[None, :], tl.exp2(s - lsey2[:, None]), 0.0)
+            py = tl.where(ylab[:, None] == klab[None, :], _exp2(s - lsey2[:, None]), 0.0)
             ds = delta[:, None] * p + gy[:, None] * py
         else:
             vt = _cols(v_base, offs_n, n_ok, V, HW, 0, BLOCK_V, MASKED)
@@ -425,28 +467,22 @@ def _dkdv_span(k, v, klab, k_base, q_base, b, offs_n, n_ok, ky, kx, lo, hi, dk, 
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < hi
-        if C_LOOP:
-            st = _logits_loop(k_base, q_base, offs_n, n_ok, offs_m, m_ok, C, HW, ACC, PREC, MASKED, BLOCK_N, BLOCK_M,
-                              BLOCK_C)
-            q = _rows(q_base, offs_m, m_ok, C, HW, c_lo, BLOCK_C, MASKED)
-        else:  # one query tile load for both products
-            qt = _cols(q_base, offs_m, m_ok, C, HW, 0, BLOCK_C, MASKED)
-            st = dot_acc(k, qt, ACC, PREC)
-            q = tl.trans(qt)
-        st = _mask(st * qk2, offs_m, hi, ky, kx, W, rad2, WINDOW, MASKED)
+        st, q = _scores_and_tile(k, k_base, q_base, offs_n, n_ok, offs_m, m_ok, C, HW, c_lo, qk2, ACC, PREC, C_LOOP,
+                                 MASKED, BLOCK_N, BLOCK_M, BLOCK_C)
+        st = _mask(st, offs_m, hi, ky, kx, W, rad2, WINDOW, MASKED)
         if MASKED:
             lse2 = tl.load(lse_ptr + b * HW + offs_m, mask=m_ok, other=0.0) * LOG2E
             delta = tl.load(delta_ptr + b * HW + offs_m, mask=m_ok, other=0.0)
         else:
             lse2 = tl.load(lse_ptr + b * HW + offs_m) * LOG2E
             delta = tl.load(delta_ptr + b * HW + offs_m)
-        pt = tl.exp2(st - lse2[None, :])
+        pt = _exp2(st - lse2[None, :])
         if LOSS:
             ylab = tl.load(y_ptr + b * HW + offs_m, mask=m_ok, other=-2)
             lsey2 = tl.load(lsey_ptr + b * HW + offs_m, mask=m_ok, other=0.0) * LOG2E
             lsey2 = tl.where(lsey2 == float("-inf"), 0.0, lsey2)
             gy = tl.load(gy_ptr + b * HW + offs_m, mask=m_ok, other=0.0)
-            pyt = tl.where(klab[:, None] == ylab[None, :], tl.exp2(st - lsey2[None, :]), 0.0)
+            pyt = tl.where(klab[:, None] == ylab[None, :], _exp2(st - lsey2[None, :]), 0.0)
             dst = delta[None, :] * pt + gy[None, :] * pyt
         else:
             do = _rows(do_ptr + b * V * HW, offs_m, m_ok, V, HW, 0, BLOCK_V, MASKED)
@@ -681,7 +717,7 @@ def _variants(kind, fam, float_ptrs, acc_ptrs, value_ptrs, label_ptrs, unaligned
     chunked kernels (C > 64: no GUIDE §6 shape) are compiled in bf16, not fp16 too: the two compile to the
     same registers in every variant measured (sm_90/sm_80, triton 3.8, 2026-12-07), and each variant costs
     the compile test 2-5 s per chip."""
-    bm, bn, _, _ = _TILES[fam][kind]
+    bm, bn, _ = _TILES[fam][kind]
     kinds = [(True, True)] if fam == "fp64" else [(False, False), (True, False), (True, True)]
     out = []
     for dtype in _DTYPES[fam]:
@@ -716,9 +752,10 @@ _PTRS = {
 _KERNELS = {"fwd": _propagate_fwd_kernel, "dq": _propagate_bwd_dq_kernel, "dkdv": _propagate_bwd_dkdv_kernel}
 for _kind, _kernel in _KERNELS.items():
     for _fam, _kinds in _TILES.items():
-        _, _, _warps, _stages = _kinds[_kind]
-        register(_kernel, uses_dot=True, configs=[triton.Config({}, num_warps=_warps, num_stages=_stages)],
-                 variants=_variants(_kind, _fam, *_PTRS[_kind], unaligned=_kind == "fwd"))
+        _launches = _kinds[_kind][2]
+        register(_kernel, uses_dot=True, variants=_variants(_kind, _fam, *_PTRS[_kind], unaligned=_kind == "fwd"),
+                 configs=[c for arch, (w, st) in _launches.items()
+                          for c in for_archs([triton.Config({}, num_warps=w, num_stages=st)], [arch])])
 
 
 TOPK_MAX = 32
@@ -780,10 +817,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _arch(x: torch.Tensor) -> int:
+    """The chip family of ``x``'s device (90 off CUDA: the interpreter)."""
+    return arch_family(device_arch(x)) if x.is_cuda else 90
+
+
 def _backward_plan(q, geo):
     """Constexprs and grids of the dQ and dK/dV kernels: one program column per chunk of C when chunked."""
     B, HW = q.shape[0], geo["H"] * geo["W"]
-    bq, bk = plan("dq", q.dtype, geo["C"], geo["RL"]), plan("dkdv", q.dtype, geo["C"], geo["RL"])
+    bq, bk = (plan(kind, q.dtype, geo["C"], geo["RL"], _arch(q)) for kind in ("dq", "dkdv"))
     n_c = triton.cdiv(geo["C"], bq["BLOCK_C"]) if bq["C_LOOP"] else 1
     grid_q = (triton.cdiv(HW, bq["BLOCK_M"]), B, n_c)
     grid_k = (triton.cdiv(HW, bk["BLOCK_N"]), B * (geo["RL"] + geo["RG"]), n_c)
@@ -802,7 +844,7 @@ def propagate_forward(q, kl, vl, kg, vg, scale: torch.Tensor, radius):
     if B == 0 or H * W == 0:
         return out, lse
     kl_, kg_ = _dummy(kl, kg)
-    blocks = plan("fwd", q.dtype, geo["C"], geo["RL"])
+    blocks = plan("fwd", q.dtype, geo["C"], geo["RL"], _arch(q))
     grid = (triton.cdiv(H * W, blocks["BLOCK_M"]), B)
     for v0, v1 in _v_chunks(V):
         one = v1 - v0 == V
@@ -876,7 +918,7 @@ def colorization_lse_forward(q, kl, ll, kg, lg, y, scale: torch.Tensor, radius):
         return lse, lsey
     kl_, kg_ = _dummy(kl, kg)
     ll_, lg_ = _dummy(ll, lg)
-    blocks = plan("fwd", q.dtype, geo["C"], geo["RL"])
+    blocks = plan("fwd", q.dtype, geo["C"], geo["RL"], _arch(q))
     launch(_propagate_fwd_kernel, (triton.cdiv(H * W, blocks["BLOCK_M"]), B), q_ptr=q, kl_ptr=kl_, vl_ptr=ll_,
            kg_ptr=kg_, vg_ptr=lg_, y_ptr=y, scale_ptr=scale, out_ptr=q, lse_ptr=lse, lsey_ptr=lsey, V=1, **geo,
            **_math(q.dtype), LOSS=True, BLOCK_V=16, **blocks)
