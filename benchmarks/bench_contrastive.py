@@ -1,9 +1,11 @@
-"""Contrastive slice benchmarks: NT-Xent, CLIP and MoCo losses, forward and forward+backward.
+"""Contrastive slice benchmarks: NT-Xent, CLIP, MoCo, SigLIP and the supervised NT-Xent, forward and
+forward+backward.
 
 FLOPs are the similarity matmuls only (GUIDE §6): forward 2 * rows * keys * D, the backward three more of
 the same (recompute, dq, dk). ``torch`` is the eager formula (``*_reference(..., upcast=False)``: it
 materializes the logits), ``compile`` its torch.compile; peers where installed: pytorch-metric-learning and
-lightly (NT-Xent), open_clip (CLIP), inf_cl (CLIP, CUDA only).
+lightly (NT-Xent), open_clip (CLIP, SigLIP), pytorch-metric-learning's NTXentLoss with labels (the supervised
+NT-Xent), inf_cl (CLIP, CUDA only).
 """
 import torch
 import torch.nn.functional as F
@@ -134,6 +136,65 @@ def _moco_case(provider, mode, dtype, n, k, d):
     return Case("moco_loss", provider, mode, dtype, {"n": n, "k": k, "d": d}, make, size=k, flops=flops)
 
 
+# -- SigLIP ---------------------------------------------------------------------------------------------
+
+def _siglip_loss(provider):
+    import fastssl
+    from fastssl.contrastive import siglip_loss_reference
+
+    if provider == "fastssl":
+        return fastssl.siglip_loss
+    if provider == "torch":
+        return lambda a, b, s, c: siglip_loss_reference(a, b, s, c, upcast=False)
+    if provider == "compile":
+        return torch.compile(lambda a, b, s, c: siglip_loss_reference(a, b, s, c, upcast=False))
+    if provider == "open_clip":
+        from open_clip.loss import SigLipLoss
+
+        return SigLipLoss()
+    raise ValueError(provider)
+
+
+def _siglip_case(provider, mode, dtype, n, d):
+    backward = mode == "fwd+bwd"
+
+    def make(device):
+        img, txt = (F.normalize(_features(n, d, dtype, device, grad=False), dim=1).requires_grad_(backward)
+                    for _ in range(2))
+        scale = torch.tensor(10.0, device=device, requires_grad=backward)
+        bias = torch.tensor(-10.0, device=device, requires_grad=backward)
+        loss = _siglip_loss(provider)
+        return _step(lambda: loss(img, txt, scale, bias), (img, txt, scale, bias), backward)
+
+    flops = 2 * n * n * d * (4 if backward else 1)  # recompute, dx, dy
+    return Case("siglip_loss", provider, mode, dtype, {"n": n, "d": d}, make, size=n, flops=flops)
+
+
+# -- supervised NT-Xent (pytorch-metric-learning's NTXentLoss with labels) ------------------------------
+
+def _supervised_case(provider, mode, dtype, n, d, classes):
+    backward = mode == "fwd+bwd"
+
+    def make(device):
+        import fastssl
+        from fastssl.contrastive import supervised_nt_xent_reference
+
+        x = _features(n, d, dtype, device, grad=backward)
+        labels = torch.randint(0, classes, (n,), device=device)
+        if provider == "pml":
+            from pytorch_metric_learning.losses import NTXentLoss
+
+            fn = NTXentLoss(temperature=0.1)
+        else:
+            fn = {"fastssl": lambda a, b: fastssl.supervised_nt_xent(a, b, temperature=0.1),
+                  "torch": lambda a, b: supervised_nt_xent_reference(a, b, temperature=0.1, upcast=False)}[provider]
+        return _step(lambda: fn(x, labels), (x,), backward)
+
+    flops = 2 * n * n * d * (3 if backward else 1)  # one symmetric gradient pass
+    return Case("supervised_nt_xent", provider, mode, dtype, {"n": n, "d": d, "classes": classes}, make, size=n,
+                flops=flops)
+
+
 def cases(preset: str, device: str) -> list[Case]:
     providers = ["fastssl", "torch", "compile"]
     # pytorch-metric-learning's NT-Xent holds a (positive pairs x negative pairs) matrix, O(N^3): at
@@ -152,6 +213,10 @@ def cases(preset: str, device: str) -> list[Case]:
         out += [_nt_xent_case(p, "fwd+bwd", "float32", 4096, 128) for p in ("fastssl", "torch")]
         out += [_clip_case(p, "fwd+bwd", "float32", 2048, 128) for p in ["fastssl", "torch"] + clip_peers]
         out += [_moco_case(p, "fwd+bwd", "float32", 256, 16384, 128) for p in ("fastssl", "torch")]
+        # the sigmoid and the label-masked losses (pml's NTXentLoss with labels holds a (positive pairs x
+        # negative pairs) matrix: 6 s a call at n=128 on 2 cores, so it runs in the cpu preset only)
+        out += [_siglip_case(p, "fwd+bwd", "float32", 1024, 128) for p in ["fastssl", "torch"] + clip_peers]
+        out += [_supervised_case(p, "fwd+bwd", "float32", 1024, 128, 64) for p in ("fastssl", "torch")]
         return out
     if preset == "targets":
         if device != "cuda":  # GUIDE §6's CPU target: N=8192 per view, D=128, fwd+bwd
@@ -169,6 +234,9 @@ def cases(preset: str, device: str) -> list[Case]:
         out += [_nt_xent_case(p, "fwd+bwd", "float32", 128, 128) for p in ["fastssl", "torch"] + pml]
         out += [_clip_case(p, "fwd+bwd", "float32", 2048, 128) for p in ["fastssl", "torch"] + clip_peers]
         out += [_moco_case(p, "fwd+bwd", "float32", 256, 16384, 128) for p in ("fastssl", "torch")]
+        out += [_siglip_case(p, "fwd+bwd", "float32", 2048, 128) for p in ["fastssl", "torch"] + clip_peers]
+        out += [_supervised_case(p, "fwd+bwd", "float32", 128, 128, 8) for p in ["fastssl", "torch"] + pml]
+        out += [_supervised_case(p, "fwd+bwd", "float32", 2048, 128, 64) for p in ("fastssl", "torch")]
         out += [_nt_xent_case(p, "fwd+bwd", "float32", 8192, 128) for p in ("fastssl", "torch")]
         return out
     # full: GUIDE §6's GPU sizes in bf16 (2N from 1024 to 65536, D 128 and 256), float32 at one size; on
@@ -186,6 +254,12 @@ def cases(preset: str, device: str) -> list[Case]:
     if device == "cuda":
         out += [_nt_xent_case(p, "fwd+bwd", "float32", 8192, 128) for p in providers]
     out += [_moco_case(p, mode, dtype, 256, 65536, 128) for p in providers for mode in ("fwd", "fwd+bwd")]
+    # SigLIP against eager, its compile and open_clip's SigLipLoss; pml's NTXentLoss with labels at 2N=128 only
+    for n in sizes:
+        for mode in ("fwd", "fwd+bwd"):
+            out += [_siglip_case(p, mode, dtype, 2 * n, 256) for p in providers + clip_peers]
+            out += [_supervised_case(p, mode, dtype, 2 * n, 256, 1000) for p in ("fastssl", "torch")]
+    out += [_supervised_case(p, "fwd+bwd", dtype, 128, 256, 8) for p in ["fastssl", "torch"] + pml]
     return out
 
 

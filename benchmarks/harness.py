@@ -51,6 +51,8 @@ from typing import Callable, Optional
 
 import torch
 
+from fastssl.training import write_json
+
 PROVIDERS_NOTE = "fastssl: Triton kernels on CUDA, the PyTorch path on CPU; torch: the eager formula; compile: torch.compile of it"
 
 
@@ -248,17 +250,6 @@ def run_case_in_subprocess(index: int, preset: str, only, timeout: float = 600) 
     if run.returncode or not lines:
         raise RuntimeError(f"benchmark subprocess for case {index} failed:\n{run.stderr[-2000:]}")
     return {**json.loads(lines[-1]), "case_seconds": round(time.perf_counter() - start, 1)}
-
-
-def write_json(path: str, obj) -> None:
-    """Write ``obj`` to ``path`` atomically: a temporary file beside it, then a rename (a kill mid-write
-    leaves the previous complete file)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_or_measure_peaks(path: Optional[str], device: str) -> dict:

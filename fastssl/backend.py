@@ -14,6 +14,7 @@ False
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -46,10 +47,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         RuntimeError: ``FASTSSL_BACKEND=triton`` where the kernels cannot run: Triton is not installed,
             or the tensors are on the CPU without ``TRITON_INTERPRET=1``.
     """
-    on_cuda = all(t.is_cuda for t in tensors)
     choice = requested_backend()
     if choice == "torch":
         return False
+    on_cuda = all(t.is_cuda for t in tensors)
     if choice == "auto":
         return on_cuda and triton_available()
     if not triton_available():
@@ -69,3 +70,18 @@ def skip_dispatch(*tensors) -> bool:
     if torch.compiler.is_compiling():
         return False
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def first_order(op_name: str):
+    """An op's autograd backward, refusing double backward clearly: under ``create_graph=True`` the backward
+    runs in grad mode, and the fused backward (a custom op with no derivative of its own) would fail with
+    PyTorch's generic "no autograd formula" error; this names the op and what to do instead."""
+    def wrap(backward):
+        @functools.wraps(backward)
+        def checked(ctx, *grads, **options):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"{op_name} has no double backward (create_graph=True): its fused backward is not "
+                                   "itself differentiable; for second derivatives use the *_reference formula")
+            return backward(ctx, *grads, **options)
+        return checked
+    return wrap

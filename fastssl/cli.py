@@ -3,9 +3,14 @@
 - ``fastssl bench [--quick | --preset P] [--only OP ...] [--out DIR] [--device D] [--peaks FILE]
   [--skip-preset P] [--plan]``: benchmarks (fastssl.benchmarks; presets in fastssl.benchmarks.harness).
 - ``fastssl train METHOD [--quick] [--epochs N] [--device cpu|cuda] [--out DIR] [--seed S]``, ``fastssl train
-  --list``: a method of ``fastssl.models`` on embedded data, with its baseline from the same run.
+  --list``: a method of ``fastssl.models`` on embedded data, with its baseline from the same run; ``fastssl train
+  clip --loss sigmoid`` trains CLIP with SigLIP's sigmoid loss.
 - ``fastssl train --all [--quick] [--readme README.md]``: every method, a summary table (``DIR/table.md``,
   and the README's results table when ``--readme`` is given).
+
+Arguments are checked before any work (a positive ``--epochs``, a writable ``--out`` folder, an available
+``--device``, the extras ``train`` needs): a bad one exits 2 with one line. Result files are written
+atomically (a temporary file, then a rename): an interrupted run leaves a complete file or none.
 
 >>> main(["bench", "--only", "no_such_op", "--quiet"])
 Traceback (most recent call last):
@@ -15,17 +20,59 @@ SystemExit: fastssl bench: no benchmark case matches --only ['no_such_op']
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
+import tempfile
 import time
 
+# What ``fastssl train`` imports to load its data and write its figures (the ``train`` extra).
+TRAIN_EXTRAS = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "skimage": "scikit-image", "tqdm": "tqdm"}
 
-def _bench(args) -> int:
+
+def _positive_int(text: str) -> int:
+    """argparse type of --epochs: an int >= 1 (0 or a negative count would train nothing and still report)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
+def check_before_work(parser: argparse.ArgumentParser, *, out=None, device=None, extras=None) -> None:
+    """Everything a run needs, checked before any work (exits 2 with one line, as argparse does): ``out`` a
+    folder that exists or can be made and is writable; ``device`` available; the ``extras`` modules
+    installed (``{module: pip name}``)."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda but no CUDA device is available (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    missing = [pip for module, pip in (extras or {}).items() if importlib.util.find_spec(module) is None]
+    if missing:
+        parser.error(f"needs {', '.join(missing)}, not installed: pip install \"fastssl[train]\"")
+    if out is not None:
+        if os.path.exists(out) and not os.path.isdir(out):
+            parser.error(f"--out {out} is a file, not a folder")
+        try:
+            os.makedirs(out, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as exc:
+            parser.error(f"--out {out} is not a writable folder ({exc.strerror or exc})")
+
+
+def _bench(args, parser) -> int:
     started = time.perf_counter()  # the preset's wall time counts its imports
     from fastssl.benchmarks import harness
 
     if args.quick and args.preset not in (None, "quick"):
         raise SystemExit(f"fastssl bench: --quick is --preset quick; it cannot go with --preset {args.preset}")
     preset = "quick" if args.quick else args.preset or "full"
+    check_before_work(parser, out=None if args.plan else args.out, device=None if args.plan else args.device)
     try:
         if args.plan:
             print(harness.plan(preset, args.device or harness.default_device(), args.only, args.skip_preset))
@@ -42,15 +89,23 @@ def _bench(args) -> int:
     return 1 if any(r.get("error") and r["provider"] == "fastssl" for r in result["rows"]) else 0
 
 
-def _train(args) -> int:
+def _train(args, parser) -> int:
     from fastssl.models import METHODS
     from fastssl.runner import results_table, run, run_all
     from fastssl.training import TrainConfig
 
     config = TrainConfig(quick=args.quick, epochs=args.epochs, device=args.device, out=args.out, seed=args.seed,
-                         progress=not args.quiet)
+                         progress=not args.quiet, loss=args.loss)
+    if args.loss and (args.all or args.method != "clip"):
+        raise SystemExit("fastssl train: --loss goes with the clip method (softmax or sigmoid)")
     if args.readme and not args.all:
         raise SystemExit("fastssl train: --readme goes with --all")
+    if args.all or (args.method and not args.list):
+        if args.method and not args.all and args.method not in METHODS:
+            raise SystemExit(f"fastssl train: unknown method {args.method!r}; fastssl train --list shows them")
+        if args.readme and not os.access(args.readme, os.W_OK):
+            parser.error(f"--readme {args.readme} is not a writable file")
+        check_before_work(parser, out=args.out, device=args.device, extras=TRAIN_EXTRAS)
     if args.all:
         rows = run_all(list(METHODS), config, readme=args.readme)
         print(results_table(rows))
@@ -63,8 +118,8 @@ def _train(args) -> int:
         raise SystemExit(f"fastssl train: unknown method {args.method!r}; fastssl train --list shows them")
     metrics = run(args.method, config)
     better = "beats" if metrics["beats_baseline"] else "does NOT beat"
-    print(f"{args.method}: {metrics['metric']} = {metrics['value']:.4f}, baseline {metrics['baseline']:.4f} "
-          f"({better} it); outputs in {args.out}/{args.method}")
+    print(f"{metrics['method']}: {metrics['metric']} = {metrics['value']:.4f}, baseline {metrics['baseline']:.4f} "
+          f"({better} it); outputs in {args.out}/{metrics['method']}")
     return 0
 
 
@@ -89,13 +144,15 @@ def main(argv=None) -> int:
     train.add_argument("--all", action="store_true", help="train every method and write DIR/table.md")
     train.add_argument("--readme", metavar="FILE", help="with --all: replace FILE's results table (README.md)")
     train.add_argument("--quick", action="store_true", help="the short preset (minutes on 2 CPU cores)")
-    train.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    train.add_argument("--epochs", type=_positive_int, default=None, help="override the preset's epochs (>= 1)")
     train.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     train.add_argument("--out", default="train-out", metavar="DIR", help="metrics.json and figures go to DIR/METHOD")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--loss", choices=["softmax", "sigmoid"], default=None,
+                       help="clip: CLIP's softmax loss (default) or SigLIP's sigmoid loss")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    return _bench(args) if args.command == "bench" else _train(args)
+    return _bench(args, bench) if args.command == "bench" else _train(args, train)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import requested_backend, use_triton
-from .checks import accumulation_dtype, check_bool, check_choice, check_float, check_ndim, check_positive, check_same
+from .backend import first_order, requested_backend, use_triton
+from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_ndim, check_number, check_positive,
+                     check_same)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -89,6 +90,58 @@ def clip_loss_reference(image_features, text_features, logit_scale, *, normalize
             + F.cross_entropy(logits.t(), targets, reduction=reduction)) / 2
 
 
+def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias, *, normalize=False,
+                          reduction="mean", diag_off=0, upcast: bool = True) -> Tensor:
+    """SigLIP's ``-sum_j log sigmoid(z_ij (logit_scale * x_i . y_j + logit_bias))`` per image on the
+    materialized logits (z = +1 at j == i + diag_off, else -1), reduced over images as open_clip does
+    (mean: divided by the number of images)."""
+    x, y = _ref_prep(image_features, normalize, upcast), _ref_prep(text_features, normalize, upcast)
+    scale, bias = ((p.double() if isinstance(p, Tensor) and upcast else p) for p in (logit_scale, logit_bias))
+    logits = scale * x @ y.t() + bias
+    z = -torch.ones_like(logits)
+    z.diagonal(diag_off).fill_(1.0)
+    per_row = -F.logsigmoid(z * logits).sum(1)
+    return {"mean": per_row.mean, "sum": per_row.sum, "none": lambda: per_row}[reduction]()
+
+
+def supervised_nt_xent_reference(embeddings, labels, *, temperature=0.07, ref_embeddings=None, ref_labels=None,
+                                 normalize=True, upcast: bool = True) -> Tensor:
+    """pytorch-metric-learning's NTXentLoss literally: every positive pair (a, p)'s
+    -log(e^s_ap / (e^s_ap + sum_{n: label_n != label_a} e^s_an)) on the materialized (N, M) similarities,
+    the mean over the pairs (0 without one)."""
+    x = _ref_prep(embeddings, normalize, upcast)
+    r = x if ref_embeddings is None else _ref_prep(ref_embeddings, normalize, upcast)
+    rl = labels if ref_labels is None else ref_labels
+    s = x @ r.t() / temperature
+    same = labels[:, None] == rl[None, :]
+    pos = same.clone()
+    if ref_embeddings is None:
+        pos.fill_diagonal_(False)
+    neg = torch.logsumexp(s.masked_fill(same, float("-inf")), 1, keepdim=True)
+    pair = torch.logaddexp(s, neg) - s
+    return pair[pos].sum() / max(int(pos.sum()), 1)
+
+
+def supcon_loss_reference(features, labels, *, temperature=0.1, normalize=True, reduction="mean",
+                          upcast: bool = True) -> Tensor:
+    """Khosla et al.'s L_out on the materialized similarities: row i's lse_{a != i} s_ia - mean over its
+    positives of s_ip; rows without a positive left out of the mean (their "none" entry is 0)."""
+    if features.dim() == 3:
+        features, labels = features.transpose(0, 1).reshape(-1, features.shape[-1]), labels.repeat(features.shape[1])
+    x = _ref_prep(features, normalize, upcast)
+    n = x.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    s = (x @ x.t() / temperature).masked_fill(eye, float("-inf"))
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    count = pos.sum(1)
+    per_row = torch.logsumexp(s, 1) - s.masked_fill(~pos, 0).sum(1) / count.clamp_min(1)
+    per_row = per_row.masked_fill(count == 0, 0)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total / (count > 0).sum().clamp_min(1) if reduction == "mean" else total
+
+
 # ----------------------------------------------------------------------------------------------------
 # The PyTorch path: the whole score matrix kept for the backward when small, else blocks of rows recomputed
 # ----------------------------------------------------------------------------------------------------
@@ -102,9 +155,14 @@ def _keeps_scores(n: int, m: int, *tensors: Tensor) -> bool:
     to compute, n * m <= KEEP_ELEMENTS, and the PyTorch path (``use_triton``'s answer for CPU tensors under
     ``auto`` and for ``FASTSSL_BACKEND=torch``, read here so torch.compile guards on it; a kept block must
     be the path's)."""
+    return torch.is_grad_enabled() and any([t.requires_grad for t in tensors]) and _small_on_torch_path(n, m, tensors[0])
+
+
+def _small_on_torch_path(n: int, m: int, like: Tensor) -> bool:
+    """n * m <= KEEP_ELEMENTS on the PyTorch path (``use_triton``'s answer for CPU tensors under ``auto`` and
+    for ``FASTSSL_BACKEND=torch``, read here so torch.compile guards on it): one matmul may hold the scores."""
     backend = requested_backend()
-    return (torch.is_grad_enabled() and any([t.requires_grad for t in tensors]) and n * m <= KEEP_ELEMENTS
-            and (backend == "torch" or (backend == "auto" and not tensors[0].is_cuda)))
+    return n * m <= KEEP_ELEMENTS and (backend == "torch" or (backend == "auto" and not like.is_cuda))
 
 
 def _scaled(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor]):
@@ -294,6 +352,7 @@ def _lse_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, scale, kscale, *output)
 
 
+@first_order("fastssl's contrastive LSE (info_nce, nt_xent, moco_loss, clip_loss, supcon_loss)")
 def _lse_backward(ctx, g_rows, g_cols, g_scores, backward_op=_lse_backward_op):
     """The scores are an implementation detail (no gradient flows through them)."""
     q, k, scale, kscale, lse_r, lse_c, scores = ctx.saved_tensors
@@ -360,6 +419,7 @@ class _KeptNTXent(torch.autograd.Function):
         return lse - torch.cat((s.diagonal(n), s.diagonal(-n)))
 
     @staticmethod
+    @first_order("fastssl.nt_xent")
     def backward(ctx, g: Tensor):
         u, norm, unclamped, scale, lse, s = ctx.saved_tensors
         n = u.shape[0] // 2
@@ -395,6 +455,45 @@ def _check_features(names, tensors, *, dim_name="D"):
             raise ValueError(f"{name} has no features (shape {tuple(t.shape)}); expected D >= 1")
 
 
+def _check_views(z1: Tensor, z2: Tensor) -> None:
+    """nt_xent's two views: float (N, D) each, one shape."""
+    _check_features(("z1", "z2"), (z1, z2))
+    if z1.shape != z2.shape:
+        raise ValueError(f"z2 has shape {tuple(z2.shape)} but z1 has {tuple(z1.shape)}; they must match")
+
+
+def _check_moco(query: Tensor, key: Tensor, queue: Tensor) -> None:
+    _check_features(("query", "key", "queue"), (query, key, queue))
+    if key.shape != query.shape:
+        raise ValueError(f"key has shape {tuple(key.shape)} but query has {tuple(query.shape)}; they must match")
+
+
+def _check_pairs(image_features: Tensor, text_features: Tensor) -> None:
+    """CLIP's and SigLIP's paired features: float (N, D) each, one shape."""
+    _check_features(("image_features", "text_features"), (image_features, text_features))
+    if image_features.shape != text_features.shape:
+        raise ValueError(f"text_features has shape {tuple(text_features.shape)} but image_features has "
+                         f"{tuple(image_features.shape)}; they must match")
+
+
+def _scalar(name: str, value, like: Tensor, *, positive: bool) -> Tensor:
+    """A logit scale or bias as the ops' (1,) tensor in the math dtype: a Python number (> 0 where
+    ``positive``), or a 0-dim tensor in ``like``'s dtype or float32 on its device, read on the device (no
+    host sync) and differentiable."""
+    acc = accumulation_dtype(like.dtype)
+    if isinstance(value, Tensor):
+        check_float(name, value)
+        if value.dtype not in (like.dtype, torch.float32):
+            raise TypeError(f"{name} has dtype {value.dtype} but the features have {like.dtype}; it must match "
+                            "them or be float32")
+        check_same(("image_features", name), (like, value), dtype=False)
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        return value.to(acc).reshape(1)
+    check = check_positive if positive else check_number
+    return torch.full((1,), check(name, value, accepted="a float or a 0-dim tensor"), dtype=acc, device=like.device)
+
+
 def _check_options(normalize, reduction, gather_distributed=False):
     check_bool("normalize", normalize)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -410,9 +509,16 @@ def _normalized(x: Tensor, normalize: bool) -> Tensor:
     return F.normalize(x, dim=1) if normalize else x
 
 
-def _row_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """sum_d a_id b_id in the math dtype."""
-    return (a.to(acc) * b.to(acc)).sum(1)
+def _softplus(x: Tensor) -> Tensor:
+    """log(1 + exp(x)) without F.softplus's linear cut-off (exact to the rounding at every x, NaN in NaN out)."""
+    return torch.logaddexp(x, x.new_zeros(()))
+
+
+def _positive(q: Tensor, k: Tensor, scale: Tensor) -> Tensor:
+    """The positives' logits ``scale * q_i . k_i``, the scale folded into q first as the PyTorch path folds
+    it into its scores (``_scaled``), so a positive agrees with its entry of the LSE to the rounding."""
+    acc = scale.dtype
+    return ((q.to(acc) * scale) * k.to(acc)).sum(1)
 
 
 def _reduce(per_row: Tensor, reduction: str) -> Tensor:
@@ -421,6 +527,15 @@ def _reduce(per_row: Tensor, reduction: str) -> Tensor:
     if reduction == "sum":
         return per_row.sum()
     return per_row
+
+
+def _gathers(gather_distributed: bool) -> bool:
+    """Whether ``gather_distributed=True`` gathers: with an initialized process group of more than one
+    rank. Without one (or at world size 1) the loss is the single-process loss, as in lightly: code written
+    for DDP runs unchanged on one device (API.md)."""
+    from . import distributed
+
+    return gather_distributed and distributed.world_size() > 1
 
 
 def _gather(x: Tensor):
@@ -449,7 +564,8 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per row, shape (N,)).
         gather_distributed: all-gather ``key`` over the initialized process group (with gradient); each
             rank scores its own queries against all keys, ``targets`` index this rank's keys and are
-            offset by ``rank * M``; the loss is the mean over this rank's rows.
+            offset by ``rank * M``; the loss is the mean over this rank's rows. Without a process group of
+            more than one rank it is the single-process loss (code written for DDP runs on one device).
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
@@ -459,7 +575,6 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
         ValueError: not 2-D, feature sizes or devices that differ, an empty batch, temperature <= 0,
             targets of the wrong shape or (on CPU) out of range, M < N with default targets, an unknown
             reduction.
-        RuntimeError: ``gather_distributed=True`` without an initialized process group.
 
     >>> import torch, fastssl
     >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -489,11 +604,11 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
                              f"[{int(targets.min())}, {int(targets.max())}]")
     scale = _scale_from_temperature(temperature, query)
     q, k = _normalized(query, normalize), _normalized(key, normalize)
-    if gather_distributed:
+    if _gathers(gather_distributed):
         k, rank = _gather(k)
         targets = targets + rank * m
     lse, _ = _lse(q, k, scale)
-    pos = _row_dot(q, k.index_select(0, targets), scale.dtype) * scale
+    pos = _positive(q, k.index_select(0, targets), scale)
     return _reduce(lse - pos, reduction)
 
 
@@ -513,6 +628,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per row, shape (2N,): z1's rows then z2's).
         gather_distributed: all-gather both views over the initialized process group (with gradient);
             each rank's rows are scored against all 2N * world_size rows; the mean over this rank's rows.
+            Without a process group of more than one rank it is the single-process loss (lightly's meaning).
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or (2N,) for ``reduction="none"``.
@@ -521,24 +637,29 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
         TypeError: non-tensor or integer features, mixed dtypes, a non-float temperature.
         ValueError: not 2-D, shapes or devices that differ, an empty batch, temperature <= 0, an unknown
             reduction.
-        RuntimeError: ``gather_distributed=True`` without an initialized process group.
 
     >>> import torch, fastssl
     >>> z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     >>> round(fastssl.nt_xent(z, z, temperature=1.0).item(), 4)  # log(e + 2) - 1 on each row
     0.5514
     """
-    _check_features(("z1", "z2"), (z1, z2))
-    if z1.shape != z2.shape:
-        raise ValueError(f"z2 has shape {tuple(z2.shape)} but z1 has {tuple(z1.shape)}; they must match")
+    _check_views(z1, z2)
     _check_options(normalize, reduction, gather_distributed)
-    scale = _scale_from_temperature(temperature, z1)
+    return _nt_xent(z1, z2, _scale_from_temperature(temperature, z1), normalize, reduction,
+                    _gathers(gather_distributed))
+
+
+def _nt_xent(z1: Tensor, z2: Tensor, scale: Tensor, normalize: bool, reduction: str, gather: bool) -> Tensor:
+    """nt_xent on validated inputs with the multiplier ``scale`` (1,) (``NTXentLoss`` takes lightly's
+    negative temperatures through it)."""
     rows = 2 * z1.shape[0]
-    if not (gather_distributed or torch.compiler.is_compiling()) and _keeps_scores(rows, rows, z1, z2):
+    if not (gather or torch.compiler.is_compiling()) and _small_on_torch_path(rows, rows, z1):
+        # one matmul: the positives are read from the same scores as the LSE (a row whose only other entry
+        # is its positive gives exactly 0, as lightly's cross-entropy does); kept for the backward if needed
         return _reduce(_KeptNTXent.apply(z1, z2, scale, normalize), reduction)
     a, b = _normalized(z1, normalize), _normalized(z2, normalize)
     z = torch.cat((a, b))
-    if gather_distributed:
+    if gather:
         # Keys: every rank's cat(z1, z2) block in rank order (a permutation of the global batch, which
         # leaves each row's softmax unchanged); this rank's rows sit at rank * 2N, so its own column is
         # row + rank * 2N.
@@ -546,8 +667,7 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.5, normalize: bool
         lse, _ = _lse(z, keys, scale, diag_off=rank * z.shape[0])
     else:
         lse, _ = _lse(z, z, scale, diag_off=0, symmetric=True)
-    pos = _row_dot(a, b, scale.dtype) * scale
-    return _reduce(lse - torch.cat((pos, pos)), reduction)
+    return _reduce(lse - torch.cat((_positive(a, b, scale), _positive(b, a, scale))), reduction)
 
 
 def moco_loss(query: Tensor, key: Tensor, queue: Tensor, *, temperature: float = 0.07, normalize: bool = True,
@@ -578,21 +698,25 @@ def moco_loss(query: Tensor, key: Tensor, queue: Tensor, *, temperature: float =
     >>> round(fastssl.moco_loss(q, q, torch.tensor([[0.0, 1.0]]), temperature=1.0).item(), 4)
     0.3133
     """
-    _check_features(("query", "key", "queue"), (query, key, queue))
-    if key.shape != query.shape:
-        raise ValueError(f"key has shape {tuple(key.shape)} but query has {tuple(query.shape)}; they must match")
+    _check_moco(query, key, queue)
     _check_options(normalize, reduction)
-    scale = _scale_from_temperature(temperature, query)
+    return _moco(query, key, queue, _scale_from_temperature(temperature, query), normalize, reduction)
+
+
+def _moco(query: Tensor, key: Tensor, queue: Tensor, scale: Tensor, normalize: bool, reduction: str, *,
+          queue_normalized: bool = False) -> Tensor:
+    """moco_loss on validated inputs with the multiplier ``scale`` (1,); ``queue_normalized``: the queue's
+    rows are unit already (``NTXentLoss``'s bank, as lightly's) and are used as they are."""
     acc = scale.dtype
     q = _normalized(query, normalize)
     k = _normalized(key.detach(), normalize)
     queue = queue.detach()
     kscale = None
-    if normalize:  # F.normalize's 1 / max(||x||, eps), applied per key inside the kernels
+    if normalize and not queue_normalized:  # F.normalize's 1 / max(||x||, eps), per key inside the kernels
         kscale = torch.linalg.vector_norm(queue, dim=1, dtype=acc).clamp_min(1e-12).reciprocal()
     neg, _ = _lse(q, queue, scale, kscale=kscale)
-    pos = _row_dot(q, k, acc) * scale
-    return _reduce(torch.logaddexp(pos, neg) - pos, reduction)
+    # log(1 + exp(neg - pos)): one rounding at the logits' magnitude fewer than logaddexp(pos, neg) - pos
+    return _reduce(_softplus(neg - _positive(q, k, scale)), reduction)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, normalize: bool = True,
@@ -613,7 +737,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
             shape (N,)).
         gather_distributed: all-gather both modalities over the initialized process group (with gradient);
             each rank scores its own images against all texts and its own texts against all images
-            (positives offset by ``rank * N``); the mean over this rank's rows.
+            (positives offset by ``rank * N``); the mean over this rank's rows. Without a process group of
+            more than one rank it is the single-process loss.
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
@@ -623,34 +748,18 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
             logit_scale that is neither a number nor a tensor.
         ValueError: not 2-D, shapes or devices that differ, an empty batch, a float logit_scale <= 0, a
             logit_scale tensor that is not 0-dim, an unknown reduction.
-        RuntimeError: ``gather_distributed=True`` without an initialized process group.
 
     >>> import torch, fastssl
     >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     >>> round(fastssl.clip_loss(x, x, 1.0).item(), 4)
     0.3133
     """
-    _check_features(("image_features", "text_features"), (image_features, text_features))
-    if image_features.shape != text_features.shape:
-        raise ValueError(f"text_features has shape {tuple(text_features.shape)} but image_features has "
-                         f"{tuple(image_features.shape)}; they must match")
+    _check_pairs(image_features, text_features)
     _check_options(normalize, reduction, gather_distributed)
-    acc = accumulation_dtype(image_features.dtype)
-    if isinstance(logit_scale, Tensor):
-        check_float("logit_scale", logit_scale)
-        if logit_scale.dtype not in (image_features.dtype, torch.float32):
-            raise TypeError(f"logit_scale has dtype {logit_scale.dtype} but the features have "
-                            f"{image_features.dtype}; it must match them or be float32")
-        check_same(("image_features", "logit_scale"), (image_features, logit_scale), dtype=False)
-        if logit_scale.dim() != 0:
-            raise ValueError(f"logit_scale must be a float or a 0-dim tensor, got shape {tuple(logit_scale.shape)}")
-        scale = logit_scale.to(acc).reshape(1)
-    else:
-        scale = torch.full((1,), check_positive("logit_scale", logit_scale, accepted="a float or a 0-dim tensor"),
-                           dtype=acc, device=image_features.device)
+    scale = _scalar("logit_scale", logit_scale, image_features, positive=True)
     img, txt = _normalized(image_features, normalize), _normalized(text_features, normalize)
-    pos = _row_dot(img, txt, acc) * scale
-    if gather_distributed:
+    pos = _positive(img, txt, scale)
+    if _gathers(gather_distributed):
         all_txt, _ = _gather(txt)
         all_img, _ = _gather(img)  # the positives are this rank's own pairs (rank * N + i): pos above
         lse_img, _ = _lse(img, all_txt, scale)
@@ -658,3 +767,582 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
     else:
         lse_img, lse_txt = _lse(img, txt, scale, two_sided=True)
     return _reduce(0.5 * ((lse_img - pos) + (lse_txt - pos)), reduction)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ops beyond the LSE: each a custom op with its backward a custom op, and in eager mode an autograd.Function
+# over the same bodies (as ``_lse``)
+# ----------------------------------------------------------------------------------------------------
+
+def _op_with_backward(name: str, impl, fake, setup, backward, backward_impl, backward_fake):
+    """``fastssl::<name>`` and ``fastssl::<name>_backward`` (torch.compile traces them, fullgraph) and the
+    callable the losses use: the op when compiling, else an autograd.Function over the same bodies (the
+    ops' dispatch costs ~100 us a call, more than a small loss's math). ``backward(ctx, *grads, run)`` gets
+    the backward body to run: the backward op, or its plain function in eager mode."""
+    backward_op = torch.library.custom_op(f"fastssl::{name}_backward", backward_impl, mutates_args=())
+    backward_op.register_fake(backward_fake)
+    op = torch.library.custom_op(f"fastssl::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    op.register_autograd(lambda ctx, *grads: backward(ctx, *grads, run=backward_op), setup_context=setup)
+    eager = type(f"_{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(impl), "setup_context": staticmethod(setup),
+        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads, run=backward_impl))})
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else eager.apply(*args)
+    return call
+
+
+# -- SigLIP: row sums of softplus(-z_ij l_ij), l = scale * x_i . y_j + bias --------------------------------
+
+def _sig_block(xs: Tensor, ya: Tensor, bias: Tensor, a: int, b: int, diag_off: int) -> Tensor:
+    """Rows a:b of t = -z * l: l = xs @ ya.T + bias (xs carries the scale), the positives' sign flipped."""
+    t = torch.addmm(bias, xs[a:b], ya.t())
+    t.diagonal(a + diag_off).neg_()
+    return t
+
+
+def _sig_gradient(t: Tensor, a: int, diag_off: int) -> Tensor:
+    """d softplus(t)/dl in place of t (rows a:..): sigmoid(t) off the positives, -sigmoid(t) on them."""
+    g = t.sigmoid_()
+    g.diagonal(a + diag_off).neg_()
+    return g
+
+
+def _siglip_torch(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, diag_off: int, keep: bool):
+    """(row sums, the (N, M) gradient matrix kept for the backward or empty): one matmul when ``keep``, else
+    blocks of rows (memory O(chunk * M))."""
+    acc = scale.dtype
+    xs, ya = x.to(acc) * scale, y.to(acc)
+    n, m = x.shape[0], y.shape[0]
+    step = n if keep else _chunk_rows(m)
+    rows, kept = xs.new_empty(n), scale.new_empty(0)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        t = _sig_block(xs, ya, bias, a, b, diag_off)
+        rows[a:b] = _softplus(t).sum(1)
+        if keep:
+            kept = _sig_gradient(t, a, diag_off)
+    return rows, kept
+
+
+def _siglip_impl(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, diag_off: int,
+                 keep: bool) -> tuple[Tensor, Tensor]:
+    """(per-image sums over the texts (N,) in the math dtype, kept gradient matrix or empty)."""
+    if not keep and use_triton(x, y, scale):
+        from .kernels.contrastive import sigmoid_forward
+
+        return sigmoid_forward(x, y, scale, bias, diag_off), scale.new_empty(0)
+    return _siglip_torch(x, y, scale, bias, diag_off, keep)
+
+
+def _siglip_fake(x, y, scale, bias, diag_off, keep):
+    return x.new_empty(x.shape[0], dtype=scale.dtype), x.new_empty((x.shape[0], y.shape[0]) if keep else (0,),
+                                                                   dtype=scale.dtype)
+
+
+def _siglip_backward_torch(w, x, y, scale, bias, kept, diag_off, need_dx, need_dy, need_dparams):
+    acc = scale.dtype
+    n, m = x.shape[0], y.shape[0]
+    xa, ya = x.to(acc), y.to(acc)
+    keep = kept.numel() > 0
+    xs = None if keep else xa * scale
+    step = n if keep else _chunk_rows(m)
+    rows_needed = need_dx or need_dparams
+    dx = torch.empty(n, x.shape[1], dtype=acc, device=x.device) if rows_needed else None
+    dy = torch.zeros(m, y.shape[1], dtype=acc, device=y.device) if need_dy else None
+    dbias = torch.zeros(1, dtype=acc, device=x.device)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        g = kept if keep else _sig_gradient(_sig_block(xs, ya, bias, a, b, diag_off), a, diag_off)
+        ds = torch.mul(g, w[a:b, None]) if keep else g.mul_(w[a:b, None])
+        if rows_needed:
+            torch.mm(ds, ya, out=dx[a:b])
+        if need_dy:
+            dy.addmm_(ds.t(), xa[a:b])
+        if need_dparams:
+            dbias += ds.sum()
+    # sum_ij dS_ij x_i . y_j = sum_i x_i . (dS @ y)_i, before the scale
+    dscale = (xa * dx).sum().reshape(1) if need_dparams else scale.new_empty(0)
+    out_x = dx.mul_(scale).to(x.dtype) if need_dx else x.new_empty(0)
+    out_y = dy.mul_(scale).to(y.dtype) if need_dy else y.new_empty(0)
+    return out_x, out_y, dscale, (dbias if need_dparams else scale.new_empty(0))
+
+
+def _siglip_backward_impl(w: Tensor, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, kept: Tensor, diag_off: int,
+                          need_dx: bool, need_dy: bool, need_dparams: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx or empty, dy or empty, dscale (1,) or empty, dbias (1,) or empty) for the per-row weights ``w``."""
+    if kept.numel() or not use_triton(x, y, scale):
+        return _siglip_backward_torch(w, x, y, scale, bias, kept, diag_off, need_dx, need_dy, need_dparams)
+    from .kernels.contrastive import sigmoid_backward_rows
+
+    dx, dy, dscale, dbias = x.new_empty(0), y.new_empty(0), scale.new_empty(0), scale.new_empty(0)
+    if need_dx or need_dparams:
+        dx, ds, db = sigmoid_backward_rows(x, y, scale, bias, w, diag_off=diag_off, need_dparams=need_dparams)
+        if need_dparams:
+            dscale, dbias = ds.reshape(1), db.reshape(1)
+        if not need_dx:
+            dx = x.new_empty(0)
+    if need_dy:  # the same kernel with the roles swapped: the weights are the columns' (images')
+        dy, _, _ = sigmoid_backward_rows(y, x, scale, bias, w, diag_off=-diag_off, col_weights=True)
+    return dx, dy, dscale, dbias
+
+
+def _siglip_backward_fake(w, x, y, scale, bias, kept, diag_off, need_dx, need_dy, need_dparams):
+    return (x.new_empty(x.shape if need_dx else (0,)), y.new_empty(y.shape if need_dy else (0,)),
+            scale.new_empty(1 if need_dparams else 0), scale.new_empty(1 if need_dparams else 0))
+
+
+def _siglip_setup(ctx, inputs, output):
+    x, y, scale, bias, diag_off, keep = inputs
+    ctx.diag_off = diag_off
+    ctx.needs = (x.requires_grad, y.requires_grad, scale.requires_grad, bias.requires_grad)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, y, scale, bias, output[1])
+
+
+@first_order("fastssl.siglip_loss")
+def _siglip_backward(ctx, g_rows, g_kept, run):
+    x, y, scale, bias, kept = ctx.saved_tensors
+    need_dx, need_dy, need_ds, need_db = ctx.needs
+    if g_rows is None or not any(ctx.needs):
+        return (None,) * 6
+    dx, dy, dscale, dbias = run(g_rows.to(scale.dtype).contiguous(), x, y, scale, bias, kept, ctx.diag_off,
+                                need_dx, need_dy, need_ds or need_db)
+    return (dx if need_dx else None, dy if need_dy else None, dscale if need_ds else None,
+            dbias if need_db else None, None, None)
+
+
+_siglip = _op_with_backward("siglip", _siglip_impl, _siglip_fake, _siglip_setup, _siglip_backward,
+                            _siglip_backward_impl, _siglip_backward_fake)
+
+
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *, normalize: bool = False,
+                reduction: str = "mean", gather_distributed: bool = False) -> Tensor:
+    """SigLIP's sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training"): every
+    (image, text) pair is a binary classification, the positives on the diagonal::
+
+        l_ij = logit_scale * x_i . y_j + logit_bias,   z_ij = 1 if j == i else -1
+        loss = -(1/N) sum_{i,j} log sigmoid(z_ij l_ij) = (1/N) sum_{i,j} softplus(-z_ij l_ij)
+
+    Fused: the (N, N) logits are never stored (Triton: tiled like the LSE kernels, the backward by
+    recomputation with the parameters' gradients summed per row in a fixed order: deterministic). Equals
+    open_clip's ``SigLipLoss()(img, txt, logit_scale, logit_bias)``.
+
+    Args:
+        image_features: (N, D) float32, float16, bfloat16 or float64.
+        text_features: (N, D), same dtype and device.
+        logit_scale: the multiplier: a Python float > 0, or a 0-dim tensor (e.g. ``model.logit_scale.exp()``)
+            in the features' dtype or float32; it receives a gradient when it requires one.
+        logit_bias: the bias (SigLIP initializes it to -10): a Python float or a 0-dim tensor, as
+            ``logit_scale``; it receives a gradient when it requires one.
+        normalize: L2-normalize the rows first (default False: open_clip's models hand normalized features).
+        reduction: ``"mean"`` (over images, open_clip's) | ``"sum"`` | ``"none"`` (per image: its sum over
+            the texts, shape (N,)).
+        gather_distributed: all-gather the texts over the initialized process group (with gradient): each
+            rank's images meet every rank's texts, its positives at ``rank * N + i``; the mean over this
+            rank's images (the ranks' average is the single-process loss on the global batch, gradients as
+            for :func:`clip_loss`). Without a process group of more than one rank, the single-process loss.
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or (N,) for ``reduction="none"``.
+
+    Raises:
+        TypeError: non-tensor or integer features, mixed dtypes (a float32 logit_scale / logit_bias is
+            allowed), a logit_scale or logit_bias that is neither a number nor a tensor.
+        ValueError: not 2-D, shapes or devices that differ, an empty batch, a float logit_scale <= 0, a
+            parameter tensor that is not 0-dim, an unknown reduction.
+
+    >>> import torch, fastssl
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> round(fastssl.siglip_loss(x, x, 10.0, -10.0).item(), 4)  # softplus(0) + softplus(-10) per image
+    0.6932
+    """
+    _check_pairs(image_features, text_features)
+    _check_options(normalize, reduction, gather_distributed)
+    scale = _scalar("logit_scale", logit_scale, image_features, positive=True)
+    bias = _scalar("logit_bias", logit_bias, image_features, positive=False)
+    x, y = _normalized(image_features, normalize), _normalized(text_features, normalize)
+    diag_off = 0
+    if _gathers(gather_distributed):
+        y, rank = _gather(y)
+        diag_off = rank * x.shape[0]
+    keep = _keeps_scores(x.shape[0], y.shape[0], x, y, scale, bias)
+    rows, _ = _siglip(x, y, scale, bias, diag_off, keep)
+    return _reduce(rows, reduction)
+
+
+# -- supervised NT-Xent (pytorch-metric-learning's NTXentLoss): negatives masked by label ------------------
+
+def _sup_block(qs: Tensor, ka: Tensor, lq: Tensor, lk: Tensor, a: int, b: int, symmetric: bool):
+    """(s, same, pos) for rows a:b: the scores, the equal-label mask, the positives (``symmetric``: a row's
+    own column is neither a positive nor, having its label, a negative)."""
+    s = torch.mm(qs[a:b], ka.t())
+    same = lq[a:b, None] == lk[None, :]
+    pos = same.clone()
+    if symmetric:
+        pos.diagonal(a).fill_(False)
+    return s, same, pos
+
+
+def _sup_stats(s: Tensor, same: Tensor, pos: Tensor):
+    """(negatives' LSE, x = neg - s) of a block."""
+    neg = torch.logsumexp(s.masked_fill(same, float("-inf")), 1)
+    return neg, neg[:, None] - s
+
+
+def _sup_gradient(s: Tensor, same: Tensor, pos: Tensor, neg: Tensor, x: Tensor, wsum: Tensor) -> Tensor:
+    """dloss_a/ds_aj: -sigmoid(neg_a - s_aj) on a positive, wsum_a exp(s_aj - neg_a) on a negative, 0 else."""
+    negatives = torch.exp(s - neg[:, None]).mul_(wsum[:, None]).masked_fill_(same, 0.0)
+    return torch.where(pos, -torch.sigmoid(x), negatives)
+
+
+def _sup_torch(q, k, lq, lk, scale, symmetric, keep):
+    acc = scale.dtype
+    qs, ka = q.to(acc) * scale, k.to(acc)
+    n, m = q.shape[0], k.shape[0]
+    step = n if keep else _chunk_rows(m)
+    loss, neg, wsum, kept = qs.new_empty(n), qs.new_empty(n), qs.new_empty(n), scale.new_empty(0)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        s, same, pos = _sup_block(qs, ka, lq, lk, a, b, symmetric)
+        neg[a:b], x = _sup_stats(s, same, pos)
+        loss[a:b] = torch.where(pos, _softplus(x), 0.0).sum(1)
+        wsum[a:b] = torch.where(pos, torch.sigmoid(x), 0.0).sum(1)
+        if keep:
+            kept = _sup_gradient(s, same, pos, neg, x, wsum)
+    return loss, neg, wsum, kept
+
+
+def _sup_impl(q: Tensor, k: Tensor, lq: Tensor, lk: Tensor, scale: Tensor, symmetric: bool,
+              keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per anchor row of q: (sum of its positives' losses, negatives' LSE, sum of its positives'
+    sigmoid(neg - s), the (N, M) gradient matrix kept for the backward or empty), math dtype."""
+    if not keep and use_triton(q, k, scale):
+        from .kernels.contrastive import supervised_forward
+
+        return (*supervised_forward(q, k, lq, lk, scale, symmetric), scale.new_empty(0))
+    return _sup_torch(q, k, lq, lk, scale, symmetric, keep)
+
+
+def _sup_fake(q, k, lq, lk, scale, symmetric, keep):
+    n = q.shape[0]
+    return (*(q.new_empty(n, dtype=scale.dtype) for _ in range(3)),
+            q.new_empty((n, k.shape[0]) if keep else (0,), dtype=scale.dtype))
+
+
+def _sup_backward_torch(g, q, k, lq, lk, scale, neg, wsum, kept, symmetric, need_dq, need_dk):
+    acc = scale.dtype
+    n, m = q.shape[0], k.shape[0]
+    qa, ka = q.to(acc), k.to(acc)
+    keep = kept.numel() > 0
+    qs = None if keep else qa * scale
+    step = n if keep else _chunk_rows(m)
+    want_dk = need_dk or symmetric
+    dq = torch.empty(n, q.shape[1], dtype=acc, device=q.device)
+    dk = torch.zeros(m, k.shape[1], dtype=acc, device=k.device) if want_dk else None
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        if keep:
+            ds = kept * g[:, None]
+        else:
+            s, same, pos = _sup_block(qs, ka, lq, lk, a, b, symmetric)
+            ds = _sup_gradient(s, same, pos, neg[a:b], neg[a:b, None] - s, wsum[a:b]).mul_(g[a:b, None])
+        torch.mm(ds, ka, out=dq[a:b])
+        if want_dk:
+            dk.addmm_(ds.t(), qa[a:b])
+    dq.mul_(scale)
+    if dk is not None:
+        dk.mul_(scale)
+        if symmetric:
+            dq.add_(dk)
+    return (dq.to(q.dtype) if need_dq else q.new_empty(0),
+            dk.to(k.dtype) if (need_dk and not symmetric) else k.new_empty(0))
+
+
+def _sup_backward_impl(g: Tensor, q: Tensor, k: Tensor, lq: Tensor, lk: Tensor, scale: Tensor, neg: Tensor,
+                       wsum: Tensor, kept: Tensor, symmetric: bool, need_dq: bool,
+                       need_dk: bool) -> tuple[Tensor, Tensor]:
+    """(dq or empty, dk or empty) of sum_a g_a loss_a; ``symmetric``: dq is the whole gradient (k is q)."""
+    if kept.numel() or not use_triton(q, k, scale):
+        return _sup_backward_torch(g, q, k, lq, lk, scale, neg, wsum, kept, symmetric, need_dq, need_dk)
+    from .kernels.contrastive import supervised_backward_rows
+
+    stats = (neg, wsum, g)
+    if symmetric:  # dZ_i = scale sum_j (dS_ij + dS_ji) z_j: the anchor on the rows and on the columns, one pass
+        return supervised_backward_rows(q, q, lq, lq, scale, stats, stats, self_excluded=True), k.new_empty(0)
+    dq = supervised_backward_rows(q, k, lq, lk, scale, stats, None, self_excluded=False) if need_dq else q.new_empty(0)
+    dk = supervised_backward_rows(k, q, lk, lq, scale, None, stats, self_excluded=False) if need_dk else k.new_empty(0)
+    return dq, dk
+
+
+def _sup_backward_fake(g, q, k, lq, lk, scale, neg, wsum, kept, symmetric, need_dq, need_dk):
+    return q.new_empty(q.shape if need_dq else (0,)), k.new_empty(k.shape if (need_dk and not symmetric) else (0,))
+
+
+def _sup_setup(ctx, inputs, output):
+    q, k, lq, lk, scale, symmetric, keep = inputs
+    ctx.symmetric = symmetric
+    ctx.needs = (q.requires_grad or (symmetric and k.requires_grad), k.requires_grad and not symmetric)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, lq, lk, scale, *output[1:])
+
+
+@first_order("fastssl.supervised_nt_xent")
+def _sup_backward(ctx, g_loss, g_neg, g_wsum, g_kept, run):
+    q, k, lq, lk, scale, neg, wsum, kept = ctx.saved_tensors
+    need_dq, need_dk = ctx.needs
+    if g_loss is None or not (need_dq or need_dk):
+        return (None,) * 7
+    dq, dk = run(g_loss.to(scale.dtype).contiguous(), q, k, lq, lk, scale, neg, wsum, kept, ctx.symmetric,
+                 need_dq, need_dk)
+    return dq if need_dq else None, dk if need_dk else None, None, None, None, None, None
+
+
+_supervised = _op_with_backward("supervised_nt_xent", _sup_impl, _sup_fake, _sup_setup, _sup_backward,
+                                _sup_backward_impl, _sup_backward_fake)
+
+
+def _check_labels(name: str, labels, like: Tensor, like_name: str) -> Tensor:
+    n = like.shape[0]
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a LongTensor of shape ({n},), got {type(labels).__name__}")
+    if labels.dtype != torch.long:
+        raise TypeError(f"{name} must be a LongTensor (torch.int64), got {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) (one label per row of {like_name}), got {tuple(labels.shape)}")
+    if labels.device != like.device:
+        raise ValueError(f"{name} is on {labels.device} but {like_name} is on {like.device}; move them to one device")
+    return labels
+
+
+def _same_label_counts(labels: Tensor, keys: Tensor, symmetric: bool) -> Tensor:
+    """Per row, the keys with its label (less itself when ``symmetric``): rows sorted, two binary searches
+    (no host sync, no (N, M) mask)."""
+    sorted_keys = torch.sort(keys).values
+    count = torch.searchsorted(sorted_keys, labels, right=True) - torch.searchsorted(sorted_keys, labels)
+    return count - 1 if symmetric else count
+
+
+def supervised_nt_xent(embeddings: Tensor, labels: Tensor, *, temperature: float = 0.07,
+                       ref_embeddings: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None,
+                       normalize: bool = True) -> Tensor:
+    """pytorch-metric-learning's ``NTXentLoss`` (its default cosine similarity and mean reduction): every
+    ordered pair (a, p), a != p, with equal labels is a positive, and the negatives of an anchor are the
+    candidates with another label::
+
+        s_ij = cos(x_i, x_j) / temperature
+        loss_ap = -log(exp(s_ap) / (exp(s_ap) + sum_{n: label_n != label_a} exp(s_an)))
+                = softplus(neg_a - s_ap),   neg_a = log sum_{n: label_n != label_a} exp(s_an)
+        loss = mean over all positive pairs (0, with a zero gradient, when there is none)
+
+    Fused: the (N, M) similarities and masks are never stored and the number of positive pairs (up to N^2 /
+    classes) costs nothing extra in memory. Triton: one masked LSE pass over the keys for neg_a (the LSE
+    kernels' loop reading the labels), then a pass over each row block's positives only (rows and keys sorted
+    by label: their positives are one run of keys), the backward by recomputation; PyTorch: blocks of rows.
+
+    Args:
+        embeddings: (N, D) float32, float16, bfloat16 or float64: the anchors.
+        labels: LongTensor (N,).
+        temperature: a Python float > 0.
+        ref_embeddings: (M, D) candidates (pml's ``ref_emb``), same dtype and device; default: the
+            embeddings themselves (then a == p is left out). With references a == p is allowed.
+        ref_labels: LongTensor (M,), given exactly when ``ref_embeddings`` is.
+        normalize: cosine similarity (default, pml's ``CosineSimilarity``); False: raw dot products.
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs).
+
+    Where pml differs: it adds finfo.tiny inside its log (a pair whose probability is below ~1e-38 counts
+    -log(tiny) ~ 87.3 there, its true loss here), and with a single positive pair and at most one negative
+    pair in the whole batch it returns 0.
+
+    Raises:
+        TypeError: non-tensor or integer embeddings, mixed dtypes, non-long labels, a non-float temperature.
+        ValueError: not 2-D, sizes or devices that differ, an empty batch, labels of the wrong shape, only one
+            of ref_embeddings / ref_labels, temperature <= 0.
+
+    >>> import torch, fastssl
+    >>> x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> round(fastssl.supervised_nt_xent(x, torch.tensor([0, 0, 1]), temperature=1.0).item(), 4)
+    0.3133
+    """
+    if (ref_embeddings is None) != (ref_labels is None):
+        raise ValueError("ref_embeddings and ref_labels go together: pass both (pml's ref_emb, ref_labels) or neither")
+    symmetric = ref_embeddings is None
+    refs = embeddings if symmetric else ref_embeddings
+    _check_features(("embeddings", "ref_embeddings"), (embeddings, refs))
+    _check_labels("labels", labels, embeddings, "embeddings")
+    ref_labels = labels if symmetric else _check_labels("ref_labels", ref_labels, refs, "ref_embeddings")
+    _check_options(normalize, "mean")
+    scale = _scale_from_temperature(temperature, embeddings)
+    x = _normalized(embeddings, normalize)
+    r = x if symmetric else _normalized(refs, normalize)
+    keep = _keeps_scores(x.shape[0], r.shape[0], x, r)
+    per_row, _, _, _ = _supervised(x, r, labels, ref_labels, scale, symmetric, keep)
+    pairs = _same_label_counts(labels, ref_labels, symmetric).sum().clamp_min(1)
+    return per_row.sum() / pairs.to(scale.dtype)
+
+
+# -- supervised contrastive loss (SupCon): the NT-Xent LSE, the positives through per-class sums -------------
+
+def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float = 0.1, normalize: bool = True,
+                reduction: str = "mean") -> Tensor:
+    """The supervised contrastive loss (Khosla et al. 2020, "Supervised Contrastive Learning", L_out): with
+    s_ij = cos(f_i, f_j) / temperature,
+
+        loss_i = log sum_{a != i} exp(s_ia) - mean_{p != i, label_p = label_i} s_ip
+
+    and the mean over the rows that have a positive. The LSE is NT-Xent's (the fused op: the (N, N) matrix
+    is never stored); the positive term is O(N * D): s_i . (class sum of f_i's label - f_i) / count, the
+    class sums from the rows sorted by label (a float64 running sum, differences at the class bounds: no
+    host sync, no atomics).
+
+    Args:
+        features: (N, D), or (N, V, D) with V views per sample (flattened view-major, as the paper's code:
+            all first views, then all second views; the labels repeat per view). float32, float16, bfloat16
+            or float64.
+        labels: LongTensor (N,).
+        temperature: a Python float > 0.
+        normalize: L2-normalize first (the paper's features are unit vectors).
+        reduction: ``"mean"`` (over rows with a positive) | ``"sum"`` | ``"none"`` (per row, (N * V,), 0 for a
+            row without a positive).
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or the per-row losses; 0 with a zero gradient when no
+        row has a positive.
+
+    Raises:
+        TypeError: non-tensor or integer features, non-long labels, a non-float temperature.
+        ValueError: features not 2-D or 3-D, an empty batch, labels of the wrong shape or device,
+            temperature <= 0, an unknown reduction.
+
+    >>> import torch, fastssl
+    >>> f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> round(fastssl.supcon_loss(f, torch.tensor([0, 0, 1]), temperature=1.0).item(), 4)  # log(e + 1) - 1; row 2 left out
+    0.3133
+    """
+    check_float("features", features)
+    if features.dim() not in (2, 3):
+        raise ValueError(f"features must be 2-D (N, D) or 3-D (N, views, D), got shape {tuple(features.shape)}")
+    _check_labels("labels", labels, features, "features")
+    if features.dim() == 3:
+        views = features.shape[1]
+        features, labels = features.transpose(0, 1).reshape(-1, features.shape[2]), labels.repeat(views)
+    _check_features(("features",), (features,))
+    _check_options(normalize, reduction)
+    scale = _scale_from_temperature(temperature, features)
+    acc = scale.dtype
+    u = _normalized(features, normalize)
+    lse, _ = _lse(u, u, scale, diag_off=0, symmetric=True)
+    order = torch.argsort(labels, stable=True)
+    ordered = labels.index_select(0, order)
+    start, end = torch.searchsorted(ordered, labels), torch.searchsorted(ordered, labels, right=True)
+    running = F.pad(torch.cumsum(u.to(torch.float64).index_select(0, order), 0), (0, 0, 1, 0))
+    others = (running.index_select(0, end) - running.index_select(0, start)).to(acc) - u.to(acc)
+    count = end - start - 1
+    pos = _positive(u, others, scale) / count.clamp_min(1).to(acc)
+    has = count > 0
+    per_row = torch.where(has, lse - pos, 0.0)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total / has.sum().clamp_min(1).to(acc) if reduction == "mean" else total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gradient caching: batches whose encoder activations do not fit
+# ----------------------------------------------------------------------------------------------------
+
+def _rng_states(devices: list) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def grad_cache(encoder, inputs, loss_fn, *, chunk_size: int) -> Tensor:
+    """Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
+    Setup"; sentence-transformers' CachedMultipleNegativesRankingLoss): the contrastive loss of a batch
+    whose encoder activations do not fit at once, with the encoder's peak activation memory one chunk's.
+
+    1. Embed every input in chunks of ``chunk_size`` rows without a graph, recording each chunk's RNG state
+       (CPU and the inputs' CUDA devices).
+    2. ``loss = loss_fn(*embeddings)`` with the embeddings as leaves, and its backward: the gradient of each
+       embedding row is cached (the loss's own parameters, e.g. a logit scale, get theirs here). The fused
+       losses keep this step O(N * D) too.
+    3. Re-run the encoder chunk by chunk with a graph, its RNG state replayed (dropout and random
+       augmentation inside the encoder draw what step 1 drew), and back-propagate the cached gradients into
+       the parameters; each chunk's graph is freed before the next.
+
+    The parameters' gradients equal those of ``loss_fn(*[encoder(chunk) ...])`` with the chunks embedded in
+    that order (the plain ``loss_fn(*map(encoder, inputs)).backward()`` when the encoder draws no random
+    numbers, or its chunks draw them as the whole batch would), accumulated into ``.grad`` as a backward
+    does. The global RNG state afterwards is the one step 1 left (one forward's draws).
+
+    Args:
+        encoder: a callable (an ``nn.Module``) mapping a (rows, ...) tensor to (rows, D) embeddings.
+        inputs: a tensor, or a tuple/list of tensors (one per view or tower, each embedded by ``encoder``),
+            split along dim 0.
+        loss_fn: a callable of the embeddings (one per input, in order) returning a scalar loss.
+        chunk_size: rows per encoder call, an int >= 1.
+
+    Returns:
+        The loss, detached (the gradients are already in the parameters' ``.grad``).
+
+    Raises:
+        TypeError: ``encoder`` or ``loss_fn`` not callable, inputs that are not tensors, a non-int chunk_size,
+            an encoder output that is not a tensor.
+        ValueError: chunk_size < 1, no inputs, an input with no rows, a loss that is not a scalar tensor with a
+            gradient.
+
+    >>> import torch, fastssl
+    >>> encoder = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 4))
+    >>> x = torch.randn(32, 8)
+    >>> loss = fastssl.grad_cache(encoder, (x, x + 0.1), fastssl.nt_xent, chunk_size=8)
+    >>> loss.requires_grad, encoder[0].weight.grad.shape
+    (False, torch.Size([16, 8]))
+    """
+    from .checks import check_int
+
+    if not callable(encoder):
+        raise TypeError(f"encoder must be callable (an nn.Module), got {type(encoder).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    chunk_size = check_int("chunk_size", chunk_size, low=1)
+    views = [inputs] if isinstance(inputs, Tensor) else list(inputs) if isinstance(inputs, (tuple, list)) else None
+    if views is None:
+        raise TypeError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+    if not views:
+        raise ValueError("inputs is empty; pass a tensor or a tuple of tensors (one per view)")
+    for i, v in enumerate(views):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"inputs[{i}] must be a torch.Tensor, got {type(v).__name__}")
+        if v.dim() == 0 or v.shape[0] == 0:
+            raise ValueError(f"inputs[{i}] has no rows to split (shape {tuple(v.shape)})")
+    devices = sorted({v.device.index or 0 for v in views if v.is_cuda})
+    chunks = [list(v.split(chunk_size)) for v in views]
+    states, embedded = [], []
+    with torch.no_grad():
+        for view in chunks:
+            states.append([])
+            parts = []
+            for c in view:
+                states[-1].append(_rng_states(devices))
+                out = encoder(c)
+                if not isinstance(out, Tensor):
+                    raise TypeError(f"encoder must return a tensor, got {type(out).__name__}")
+                parts.append(out)
+            embedded.append(torch.cat(parts).requires_grad_())
+    with torch.enable_grad():
+        loss = loss_fn(*embedded)
+        if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
+            raise ValueError("loss_fn must return a scalar tensor that depends on the embeddings (a loss with a "
+                             f"gradient), got {loss!r:.80}")
+        loss.backward()
+        for view, view_states, emb in zip(chunks, states, embedded):
+            cached = emb.grad.split(chunk_size)
+            for c, (cpu, cuda), grad in zip(view, view_states, cached):
+                with torch.random.fork_rng(devices=devices):
+                    torch.set_rng_state(cpu)
+                    for d, state in zip(devices, cuda):
+                        torch.cuda.set_rng_state(state, d)
+                    torch.autograd.backward(encoder(c), grad)
+    return loss.detach()

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import skip_dispatch, use_triton
+from .backend import first_order, skip_dispatch, use_triton
 from .checks import accumulation_dtype, check_float, check_guidance, check_same, check_same_shape
 from .diffusion_step import add_scaled_, apply_step, as_dtype, step_spec
 from .schedules import NoiseSchedule, check_schedule, timestep_tensor
@@ -141,7 +141,7 @@ def ddim_step_reference(model_output, t, prev_t, x_t, schedule, *, eta=0.0, nois
     x, x0, eps, col = _ref_prediction(model_output, x_t, uncond_output, guidance, a_t, prediction_type, clip_sample,
                                       clip_range, dtype)
     var = (1 - a_p) / b_t * (1 - a_t / a_p)
-    std = eta * var.sqrt()
+    std = eta * var.sqrt() if eta else torch.zeros_like(var)  # eta = 0: no variance term (DDIMInverseScheduler)
     if use_clipped_model_output:
         eps = (x - col(a_t.sqrt()) * x0) / col(b_t.sqrt())
     out = col(a_p.sqrt()) * x0 + col((1 - a_p - std ** 2).clamp(min=0).sqrt()) * eps
@@ -154,8 +154,11 @@ def ddim_step_reference(model_output, t, prev_t, x_t, schedule, *, eta=0.0, nois
 # cfg_combine: (1 + w) * cond - w * uncond in one pass
 # ----------------------------------------------------------------------------------------------------
 
-def _cfg_combine_torch(cond: Tensor, uncond: Tensor, guidance: Tensor) -> Tensor:
-    if guidance.numel() == 1 and guidance.device.type == "cpu":  # one fused lerp (float32 math for half types)
+def _cfg_combine_torch(cond: Tensor, uncond: Tensor, guidance) -> Tensor:
+    """The PyTorch path; ``guidance`` a tensor, or a float where the public function calls it directly."""
+    if not isinstance(guidance, Tensor):  # one fused lerp (float32 math for half types)
+        return torch.lerp(uncond, cond, 1.0 + guidance).contiguous()
+    if guidance.numel() == 1 and guidance.device.type == "cpu":
         return torch.lerp(uncond, cond, 1.0 + float(guidance.reshape(()))).contiguous()
     # a device or per-sample weight: upcast copies of both inputs, 3 passes (weights stay in float32)
     acc = accumulation_dtype(cond.dtype)
@@ -204,6 +207,7 @@ def _cfg_combine_setup(ctx, inputs, output):
     ctx.save_for_backward(guidance, cond if needs_grad else None, uncond if needs_grad else None)
 
 
+@first_order("fastssl.cfg_combine")
 def _cfg_combine_backward(ctx, grad):
     guidance, cond, uncond = ctx.saved_tensors
     grad_cond, grad_uncond = _cfg_combine_backward_op(grad, guidance)
@@ -249,11 +253,12 @@ def cfg_combine(cond: Tensor, uncond: Tensor, guidance) -> Tensor:
     if cond.dim() == 0:
         raise ValueError("cond must have a batch dimension (B, ...), got a 0-dim tensor")
     guidance = check_guidance("guidance", guidance, cond, "cond")
+    direct = skip_dispatch(cond, uncond, guidance if isinstance(guidance, Tensor) else None)
+    if direct and not use_triton(cond):  # the PyTorch path takes a float weight as it is
+        return _cfg_combine_torch(cond, uncond, guidance)
     if not isinstance(guidance, Tensor):
         guidance = torch.full((1,), guidance, dtype=accumulation_dtype(cond.dtype), device=cond.device)
-    if skip_dispatch(cond, uncond, guidance):
-        return _cfg_combine_body(cond, uncond, guidance)
-    return _cfg_combine_op(cond, uncond, guidance)
+    return (_cfg_combine_body if direct else _cfg_combine_op)(cond, uncond, guidance)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,7 +274,7 @@ def _q_coefficients(q_coefficients: Tensor, t: Tensor, like: Tensor):
         if t.numel() == 1:
             a, b = q_coefficients.numpy()[:, int(t)].tolist()
             return a, b
-        both = q_coefficients.index_select(1, t)
+        both = torch.from_numpy(q_coefficients.numpy()[:, t.numpy()])  # numpy's gather: the cheapest here
     else:
         both = q_coefficients.index_select(1, t.clamp(0, T - 1))
         both = torch.where((t >= 0) & (t < T), both, torch.full_like(both, float("nan")))
@@ -334,6 +339,7 @@ def _q_sample_setup(ctx, inputs, output):
     ctx.save_for_backward(t, q_coefficients)
 
 
+@first_order("fastssl.q_sample")
 def _q_sample_backward(ctx, grad, grad_v):
     t, q_coefficients = ctx.saved_tensors
     grad_x0, grad_noise = _q_sample_backward_op(grad, grad_v if ctx.return_v else None, t, q_coefficients)
@@ -425,7 +431,8 @@ def ddpm_step(model_output: Tensor, t, x_t: Tensor, schedule: NoiseSchedule, *, 
         generator: None, an int seed or a ``torch.Generator``; not with ``noise``.
         uncond_output: the unconditional model output for classifier-free guidance.
         guidance: w, a float or a per-sample tensor (0-dim or ``(B,)``); nonzero needs ``uncond_output``.
-        variance_type: ``"fixed_small"`` or ``"fixed_large"``.
+        variance_type: ``"fixed_small"`` or ``"fixed_large"`` (also diffusers' ``"learned"`` / ``"learned_range"``
+            with a ``(B, 2C, ...)`` model_output, sampling only: :mod:`fastssl.diffusion_step`).
         prediction_type: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
         clip_sample: clamp the predicted x0 to ``[-clip_range, clip_range]``.
         clip_range: a float > 0.

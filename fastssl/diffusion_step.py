@@ -8,11 +8,19 @@ step's tensors, decides the backend once and prepares timesteps and noise for it
 runs the PyTorch path below. Every step, whatever the sampler, prediction and variance type::
 
     e   = m + w * (m - u)                      (guided model output; e = m without uncond)
-    x0  = clip(c1 * x + c2 * e)                (predicted x_0, clamped when clip_sample)
-    out = ca * x0 + cx * x + ce * e + cz * z   (z only where t > 0)
+    x0  = clip(c1 * x + c2 * e)                (predicted x_0, clamped when clip_sample, or
+                                                clamp(x0, -s, s) / s with thresholding)
+    out = ca * x0 + cx * x + ce * e + cz * f(v) * z   (z only where t > 0)
 
 with six per-sample coefficients of abar_t and abar_prev (:func:`step_coefficients`, shared by the host and
-the PyTorch path; the kernel derives the same in registers).
+the PyTorch path; the kernel derives the same in registers). f(v) = 1 but for DDPM's learned variances,
+where the model output has 2C channels, m and u are their first C, v the model's last C (diffusers' split),
+and f(v) = sqrt(v) (``learned``) or exp((v + 1) / 2 * ck) (``learned_range``, a seventh per-sample
+coefficient): a per-element sigma read and computed in the same pass. Dynamic thresholding's s (Saharia et
+al. 2022) is a per-sample quantile of |x0|, a reduction the elementwise pass cannot hold: :func:`apply_step`
+computes it first with torch ops on the device (one more read of x and the model output(s), and
+``torch.quantile``'s per-sample sort; no host sync), and the fused step reads s per sample. These two options
+are for sampling: they have no backward.
 
 >>> import torch, fastssl
 >>> spec = StepSpec("ddim", eta=0.0)
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Optional
@@ -33,13 +42,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backend import skip_dispatch, use_triton
+from .backend import first_order, skip_dispatch, use_triton
 from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_guidance, check_int,
                      check_number, check_positive, check_same, check_same_shape)
 from .schedules import NoiseSchedule, check_schedule, gather_alphas_cumprod, timestep_tensor
 
 SAMPLERS = ("ddpm", "ddim")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
+LEARNED_VARIANCES = ("learned", "learned_range")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
@@ -50,14 +60,23 @@ class StepSpec:
     Args:
         sampler: ``"ddpm"`` or ``"ddim"``.
         prediction_type: what the model predicts: ``"epsilon"``, ``"sample"`` (x0) or ``"v_prediction"``.
-        variance_type: DDPM's sigma^2, ``"fixed_small"`` (the posterior variance) or ``"fixed_large"`` (beta).
+        variance_type: DDPM's sigma^2, ``"fixed_small"`` (the posterior variance), ``"fixed_large"`` (beta), or
+            from the model's second C channels (diffusers' split of a 2C-channel output): ``"learned"`` (v is
+            sigma^2) or ``"learned_range"`` (v in [-1, 1] interpolates log sigma^2 between the two fixed ones).
         clip_sample, clip_range: clamp the predicted x0 to ``[-clip_range, clip_range]``.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding (in place of
+            clip_sample, as diffusers): s = clamp(quantile(|x0|, ratio), 1, sample_max_value) per sample, x0 =
+            clamp(x0, -s, s) / s.
         eta: DDIM's noise weight (0 for DDPM).
         final_alpha_cumprod: abar for a previous timestep below 0 (diffusers' ``set_alpha_to_one``: 1).
         use_clipped_model_output: DDIM re-derives epsilon from the clipped x0.
         prev_offset: the step goes to ``prev_t + prev_offset`` (prev_t defaults to t: DDPM's -1, the DDIM
             scheduler's ``-(T // num_inference_steps)``), computed in the kernel.
         return_pred_x0: the step also returns the (clamped) predicted x0.
+        diffusers_rounding: the step's beta as diffusers' schedulers round it, 1 - fl32(abar_t / abar_prev),
+            instead of the exact (abar_prev - abar_t) / abar_prev. fl32's rounding of the ratio (~6e-8) is a
+            relative error of ~6e-8 / beta in beta: 3e-4 at t = 1 of the linear schedule, which moves
+            diffusers' own test loops by up to ~5e-5 relative; the drop-in schedulers set it to reproduce them.
 
     Its ``key`` (a string of the fields, made once) is how the custom op carries it; :meth:`from_key` reads
     it back.
@@ -79,6 +98,10 @@ class StepSpec:
     use_clipped_model_output: bool = False
     prev_offset: int = 0
     return_pred_x0: bool = False
+    diffusers_rounding: bool = False
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
 
     def __post_init__(self):
         check_choice("sampler", self.sampler, SAMPLERS)
@@ -90,13 +113,21 @@ class StepSpec:
                   ("final_alpha_cumprod", check_number("final_alpha_cumprod", self.final_alpha_cumprod, low=0, high=1)),
                   ("use_clipped_model_output", check_bool("use_clipped_model_output", self.use_clipped_model_output)),
                   ("prev_offset", check_int("prev_offset", self.prev_offset)),
-                  ("return_pred_x0", check_bool("return_pred_x0", self.return_pred_x0)))
+                  ("return_pred_x0", check_bool("return_pred_x0", self.return_pred_x0)),
+                  ("diffusers_rounding", check_bool("diffusers_rounding", self.diffusers_rounding)),
+                  ("thresholding", check_bool("thresholding", self.thresholding)),
+                  ("dynamic_thresholding_ratio", check_number("dynamic_thresholding_ratio",
+                                                              self.dynamic_thresholding_ratio, low=0, high=1,
+                                                              low_open=True)),
+                  ("sample_max_value", check_positive("sample_max_value", self.sample_max_value)))
         for name, value in fields:  # store the checked Python value (an int eta becomes a float, ...)
             if type(value) is not type(getattr(self, name)):
                 object.__setattr__(self, name, value)
         if self.sampler == "ddpm" and self.eta != 0:
             raise ValueError(f"eta={self.eta} is a DDIM parameter; use sampler='ddim' (DDPM's noise is fixed by "
                              "variance_type)")
+        if self.sampler == "ddim" and self.variance_type != "fixed_small":
+            raise ValueError(f"variance_type={self.variance_type!r} is a DDPM option; DDIM's noise is set by eta")
         # the spec as a string, how the custom op carries it (from_key reads it back); made once
         object.__setattr__(self, "key", ";".join(str(getattr(self, name)) for name in _FIELD_TYPES))
 
@@ -104,6 +135,20 @@ class StepSpec:
     def draws_noise(self) -> bool:
         """Whether the step adds noise (DDPM always, DDIM when eta > 0)."""
         return self.sampler == "ddpm" or self.eta > 0
+
+    @property
+    def terms(self) -> tuple[bool, bool]:
+        """Whether ``out`` has its ``cx * x`` and its ``ce * e`` term: DDPM's mean has no e term, nor has DDIM
+        re-deriving eps from the clipped x0; DDIM with an epsilon model has no x term (x enters through x0
+        only). Both backends leave an absent term out rather than add 0 * it, so an inf there gives what the
+        literal formula gives."""
+        ddim, plain = self.sampler == "ddim", not self.use_clipped_model_output
+        return not (ddim and plain and self.prediction_type == "epsilon"), ddim and plain
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the model output carries the variance in its second C channels."""
+        return self.variance_type in LEARNED_VARIANCES
 
     def options(self) -> dict:
         """The fields by name: the keyword arguments of the kernel launchers."""
@@ -137,13 +182,17 @@ _FIELD_TYPES = {f.name: _PARSERS[f.type] for f in dataclasses.fields(StepSpec)} 
 # The coefficients, derived once for the host (numpy) and the PyTorch path (torch)
 # ----------------------------------------------------------------------------------------------------
 
-def _derive(spec: StepSpec, a_t, a_p, noisy, xp):
-    """(c1, c2, ca, cx, ce, cz) from abar_t and abar_prev in float64: numpy scalars or arrays (xp = np) or
-    tensors (xp = torch), with IEEE semantics (a degenerate schedule gives inf/NaN, as in the kernel).
-    Differences of nearby abar are formed as (abar_prev - abar_t) / abar_prev."""
-    at_least = np.maximum if xp is np else torch.clamp_min
+def _derive(spec: StepSpec, a_t, a_p, noisy, at_least, where):
+    """(c1, c2, ca, cx, ce, cz, ck) from abar_t and abar_prev in float64: Python floats, numpy scalars or
+    arrays, or tensors, with ``at_least`` (max) and ``where`` (select) for that kind. Differences of nearby
+    abar are formed as (abar_prev - abar_t) / abar_prev. A coefficient that is zero by construction (DDPM's
+    ce, cx of DDIM for an epsilon model) is exactly 0: both backends then leave its term out. ck is
+    learned_range's rate (0 otherwise): with var = max(fixed_small's sigma^2, 1e-20), sigma = sqrt(var) *
+    exp((v + 1) / 2 * ck), ck = log(beta / var) / 2, which is diffusers' exp(((1 - frac) log var + frac log
+    beta) / 2), frac = (v + 1) / 2; ``learned`` has cz = 1 and sigma = sqrt(v)."""
     b_t, b_p = 1 - a_t, 1 - a_p
-    beta = (a_p - a_t) / a_p  # the current (strided) step's beta
+    # the current (strided) step's beta
+    beta = 1 - _round32(a_t / a_p) if spec.diffusers_rounding else (a_p - a_t) / a_p
     sa, sb = a_t ** 0.5, b_t ** 0.5
     zero = 0 * sa
     # x0 = c1 * x + c2 * e and eps = d1 * x + d2 * e, by prediction type
@@ -154,37 +203,69 @@ def _derive(spec: StepSpec, a_t, a_p, noisy, xp):
     else:  # v_prediction
         c1, c2, d1, d2 = sa, -sb, sb, sa
     if spec.sampler == "ddpm":  # posterior mean of formula (7); sigma^2 fixed_small (clamped) or fixed_large
+        beta = where(beta < 0, math.nan, beta)  # a step to a later timestep has no posterior: NaN, not a number
         ca, cx, ce = a_p ** 0.5 * beta / b_t, (a_t / a_p) ** 0.5 * b_p / b_t, zero
-        cz = at_least(b_p / b_t * beta, 1e-20) ** 0.5 if spec.variance_type == "fixed_small" else beta ** 0.5
-    else:  # DDIM (formula 12)
-        cz = spec.eta * (b_p / b_t * beta) ** 0.5
+        var = at_least(b_p / b_t * beta, 1e-20)
+        cz = beta ** 0.5 if spec.variance_type == "fixed_large" else zero + 1 if spec.variance_type == "learned" \
+            else var ** 0.5
+        ck = 0.5 * _log(beta / var) if spec.variance_type == "learned_range" else zero
+    else:  # DDIM (formula 12); eta = 0 has no variance term (a step to a later timestep, inversion, has var < 0)
+        ck, cz = zero, spec.eta * (b_p / b_t * beta) ** 0.5 if spec.eta else zero
         direction = at_least(b_p - cz * cz, 0.0) ** 0.5
         if spec.use_clipped_model_output:  # eps re-derived from the clipped x0: (x - sa * x0) / sb
             ca, cx, ce = a_p ** 0.5 - direction * sa / sb, direction / sb, zero
         else:
             ca, cx, ce = a_p ** 0.5, direction * d1, direction * d2
-    return c1, c2, ca, cx, ce, xp.where(noisy, cz, zero)  # never noise where t == 0
+    return c1, c2, ca, cx, ce, where(noisy, cz, zero), ck  # never noise where t == 0
+
+
+def _round32(x):
+    """``x`` rounded to float32 and back, for each kind _derive takes (float, numpy, tensor)."""
+    if isinstance(x, Tensor):
+        return x.float().double()
+    return np.float32(x).astype(np.float64) if isinstance(x, np.ndarray) else float(np.float32(x))
+
+
+def _log(x):
+    """The natural log for each kind _derive takes (a float's math.log raises where numpy gives -inf/NaN)."""
+    return torch.log(x) if isinstance(x, Tensor) else np.log(x) if isinstance(x, (np.ndarray, np.floating)) else \
+        math.log(x)
+
+
+def _host_coefficients(spec: StepSpec, a_t: float, a_p: float, noisy: bool) -> tuple:
+    """The coefficients of one host timestep as Python floats: derived with float arithmetic (a tenth of
+    numpy scalars' cost, which dominated small CPU steps); where that raises or leaves the reals (a degenerate
+    schedule, DDIM with prev_t > t) numpy's IEEE semantics give the inf/NaN the kernel gives."""
+    try:
+        coeffs = _derive(spec, a_t, a_p, noisy, max, lambda c, a, b: a if c else b)
+        if not any(isinstance(c, complex) for c in coeffs):
+            return coeffs
+    except (ZeroDivisionError, ValueError):  # ValueError: math.log of a value <= 0
+        pass
+    with np.errstate(all="ignore"):
+        return tuple(map(float, _derive(spec, np.float64(a_t), np.float64(a_p), noisy, np.maximum, np.where)))
 
 
 def step_coefficients(spec: StepSpec, alphas_cumprod: Tensor, t: Tensor, prev_t: Tensor) -> tuple:
-    """The step's six per-sample coefficients for timesteps ``t`` and ``prev_t + spec.prev_offset``.
+    """The step's seven per-sample coefficients for timesteps ``t`` and ``prev_t + spec.prev_offset``.
 
-    On the host (CPU tensors, eager) they come from numpy: Python floats for one timestep, float64 (B,)
+    On the host (CPU tensors, eager) they come from Python floats for one timestep and float64 (B,) numpy
     arrays for per-sample timesteps; elsewhere six float64 device tensors (no host sync)."""
     below = spec.final_alpha_cumprod
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
         table = alphas_cumprod.numpy()
+        if t.numel() == 1 and prev_t.numel() == 1:
+            ti, pi = int(t), int(prev_t) + spec.prev_offset
+            a_t = float(table[ti]) if ti < len(table) else math.nan
+            a_p = below if pi < 0 else float(table[pi]) if pi < len(table) else math.nan
+            return _host_coefficients(spec, a_t, a_p, ti > 0)
         with np.errstate(all="ignore"):
-            if t.numel() == 1 and prev_t.numel() == 1:
-                ti, pi = int(t), int(prev_t) + spec.prev_offset
-                a_t = np.float64(table[ti] if ti < len(table) else np.nan)
-                a_p = np.float64(below if pi < 0 else table[pi] if pi < len(table) else np.nan)
-                return tuple(map(float, _derive(spec, a_t, a_p, ti > 0, np)))
             tn, pn = np.broadcast_arrays(t.numpy(), prev_t.numpy() + spec.prev_offset)
             return _derive(spec, gather_alphas_cumprod(table, tn, float("nan")),
-                           gather_alphas_cumprod(table, pn, below), tn > 0, np)
+                           gather_alphas_cumprod(table, pn, below), tn > 0, np.maximum, np.where)
     return _derive(spec, gather_alphas_cumprod(alphas_cumprod, t, float("nan")),
-                   gather_alphas_cumprod(alphas_cumprod, prev_t + spec.prev_offset, below), t > 0, torch)
+                   gather_alphas_cumprod(alphas_cumprod, prev_t + spec.prev_offset, below), t > 0,
+                   torch.clamp_min, torch.where)
 
 
 def _views(coeffs, like: Tensor) -> list:
@@ -222,6 +303,11 @@ def add_scaled_(out: Tensor, t: Tensor, c) -> Tensor:
 # The PyTorch path (forward and backward)
 # ----------------------------------------------------------------------------------------------------
 
+def _mean_half(output: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """A model output's mean part: its first C channels where it has 2C (a learned variance), else itself."""
+    return output if output is None or output.shape == like.shape else output[:, :like.shape[1]]
+
+
 def _guided(model_output, uncond_output, guidance, acc):
     e = as_dtype(model_output, acc)
     if uncond_output is None:
@@ -230,35 +316,81 @@ def _guided(model_output, uncond_output, guidance, acc):
     return torch.lerp(as_dtype(uncond_output, acc), e, 1.0 + w), w  # (1 + w) * m - w * u, one pass
 
 
-def _step_torch(spec: StepSpec, model_output, uncond_output, x_t, noise, t, prev_t, guidance, alphas_cumprod):
+def _noise_scale(spec: StepSpec, model_output: Tensor, like: Tensor, ck, acc):
+    """f(v) of a learned variance (module docstring), from the model output's last C channels; None else."""
+    if not spec.learned_variance:
+        return None
+    v = as_dtype(model_output[:, like.shape[1]:], acc)
+    return v.sqrt() if spec.variance_type == "learned" else torch.exp(torch.mul(v + 1, 0.5 * ck))
+
+
+def predicted_x0(spec: StepSpec, model_output, uncond_output, x_t, t, prev_t, guidance, alphas_cumprod) -> Tensor:
+    """The unclamped predicted x0, c1 * x + c2 * e, in the math dtype (a buffer of its own)."""
+    acc = accumulation_dtype(x_t.dtype)
+    c1, c2 = _views(step_coefficients(spec, alphas_cumprod, t, prev_t)[:2], x_t)
+    e, _ = _guided(_mean_half(model_output, x_t), _mean_half(uncond_output, x_t), guidance, acc)
+    return add_scaled_(torch.mul(as_dtype(x_t, acc), c1), e, c2)
+
+
+def dynamic_threshold(spec: StepSpec, x0: Tensor) -> Tensor:
+    """Imagen's dynamic threshold per sample as diffusers' ``_threshold_sample`` takes it: s =
+    clamp(quantile(|x0|, dynamic_thresholding_ratio), min=1, max=sample_max_value) over each sample's x0, (B,)."""
+    s = torch.quantile(x0.abs().reshape(x0.shape[0], -1), spec.dynamic_thresholding_ratio, dim=1)
+    return torch.clamp(s, min=1, max=spec.sample_max_value)
+
+
+def _step_torch(spec: StepSpec, model_output, uncond_output, x_t, noise, t, prev_t, guidance, threshold,
+                alphas_cumprod):
     """Per-sample coefficients, then in-place passes over fresh buffers. Without clipping (and without
     pred_x0 wanted) the x0 stage is folded into the coefficients: 3 passes (x, e, noise) plus the lerp."""
     acc = accumulation_dtype(x_t.dtype)
     coeffs = step_coefficients(spec, alphas_cumprod, t, prev_t)
-    x, (e, _) = as_dtype(x_t, acc), _guided(model_output, uncond_output, guidance, acc)
+    x = as_dtype(x_t, acc)
+    e, _ = _guided(_mean_half(model_output, x_t), _mean_half(uncond_output, x_t), guidance, acc)
     x0 = None
-    if not (spec.clip_sample or spec.return_pred_x0):  # out = (ca c1 + cx) x + (ca c2 + ce) e + cz z
-        c1, c2, ca, cx, ce, cz = coeffs
-        kx, ke, cz = _views((ca * c1 + cx, ca * c2 + ce, cz), x_t)
+    if not (spec.clip_sample or spec.thresholding or spec.return_pred_x0):
+        c1, c2, ca, cx, ce, cz, ck = coeffs  # out = (ca c1 + cx) x + (ca c2 + ce) e + cz f(v) z
+        kx, ke, cz, ck = _views((ca * c1 + cx, ca * c2 + ce, cz, ck), x_t)
         out = add_scaled_(torch.mul(x, kx), e, ke)
     else:
-        c1, c2, ca, cx, ce, cz = _views(coeffs, x_t)
+        c1, c2, ca, cx, ce, cz, ck = _views(coeffs, x_t)
         x0 = add_scaled_(torch.mul(x, c1), e, c2)
-        if spec.clip_sample:
+        if spec.thresholding:
+            s = threshold.to(acc).reshape(-1, *([1] * (x0.dim() - 1)))
+            x0.clamp_(-s, s).div_(s)
+        elif spec.clip_sample:
             x0.clamp_(-spec.clip_range, spec.clip_range)
-        out = add_scaled_(torch.mul(x0, ca), x, cx)
-        if spec.sampler == "ddim":
+        out = torch.mul(x0, ca) if spec.return_pred_x0 else x0.mul_(ca)  # x0's buffer when it is not returned
+        x_term, e_term = spec.terms
+        if x_term:
+            add_scaled_(out, x, cx)
+        if e_term:
             add_scaled_(out, e, ce)
-    if noise is not None:
-        add_scaled_(out, as_dtype(noise, acc), cz)
+    z = None if noise is None else _noise_where_stepping(as_dtype(noise, acc), t)
+    if z is not None:
+        scale = _noise_scale(spec, model_output, x_t, ck, acc)
+        add_scaled_(out, z if scale is None else scale.mul_(z), cz)
     out = as_dtype(out, x_t.dtype).contiguous()  # a copy only for non-contiguous inputs
     return out, (as_dtype(x0, x_t.dtype).contiguous() if spec.return_pred_x0 else x_t.new_empty(0))
+
+
+def _noise_where_stepping(z: Tensor, t: Tensor):
+    """``z`` with the samples at t == 0 zeroed (their coefficient is 0, and 0 * NaN would be NaN: noise is
+    never added there, a NaN or inf in it included, as in the kernel and diffusers): ``z`` itself when every
+    t > 0 (known on the host without a pass); None (no noise term) when the one timestep is 0."""
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        steps = t.numpy() > 0
+        if steps.all():
+            return z
+        if t.numel() == 1:
+            return None
+    return torch.where((t > 0).reshape(-1, *([1] * (z.dim() - 1))), z, 0.0)
 
 
 def _step_backward_torch(spec: StepSpec, grad, grad_pred_x0, model_output, uncond_output, x_t, t, prev_t, guidance,
                          alphas_cumprod, want_grad_noise):
     acc = accumulation_dtype(grad.dtype)
-    c1, c2, ca, cx, ce, cz = _views(step_coefficients(spec, alphas_cumprod, t, prev_t), grad)
+    c1, c2, ca, cx, ce, cz, _ = _views(step_coefficients(spec, alphas_cumprod, t, prev_t), grad)
     g = grad.to(acc)
     g_x0 = torch.mul(g, ca)
     if grad_pred_x0 is not None:
@@ -283,28 +415,33 @@ def _step_backward_torch(spec: StepSpec, grad, grad_pred_x0, model_output, uncon
 # ----------------------------------------------------------------------------------------------------
 
 def _step_body(model_output: Tensor, uncond_output: Optional[Tensor], x_t: Tensor, noise: Optional[Tensor],
-               seed: Optional[Tensor], t: Tensor, prev_t: Tensor, guidance: Optional[Tensor], alphas_cumprod: Tensor,
-               spec: str, triton: bool) -> tuple[Tensor, Tensor]:
-    """The forward op's body: the step on the backend apply_step chose (``spec``: a StepSpec key)."""
+               seed: Optional[Tensor], t: Tensor, prev_t: Tensor, guidance: Optional[Tensor],
+               threshold: Optional[Tensor], alphas_cumprod: Tensor, spec: str, triton: bool) -> tuple[Tensor, Tensor]:
+    """The forward op's body: the step on the backend apply_step chose (``spec``: a StepSpec key;
+    ``threshold``: the per-sample s of dynamic thresholding, else None)."""
     step = StepSpec.from_key(spec)
     if triton:
         from .kernels.diffusion import diffusion_step_forward
 
         return diffusion_step_forward(model_output=model_output, uncond_output=uncond_output, x_t=x_t, noise=noise,
-                                      seed=seed, t=t, prev_t=prev_t, guidance=guidance,
+                                      seed=seed, t=t, prev_t=prev_t, guidance=guidance, threshold=threshold,
                                       alphas_cumprod=alphas_cumprod, **step.options())
     if seed is not None:
         raise RuntimeError("fastssl::diffusion_step: a Philox seed needs the Triton kernels; the PyTorch path reads noise")
-    return _step_torch(step, model_output, uncond_output, x_t, noise, t, prev_t, guidance, alphas_cumprod)
+    return _step_torch(step, model_output, uncond_output, x_t, noise, t, prev_t, guidance, threshold, alphas_cumprod)
 
 
 _step_op = torch.library.custom_op("fastssl::diffusion_step", _step_body, mutates_args=())
 
 
 @_step_op.register_fake
-def _(model_output, uncond_output, x_t, noise, seed, t, prev_t, guidance, alphas_cumprod, spec, triton):
+def _(model_output, uncond_output, x_t, noise, seed, t, prev_t, guidance, threshold, alphas_cumprod, spec, triton):
     out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
     return out, (torch.empty_like(out) if StepSpec.from_key(spec).return_pred_x0 else x_t.new_empty(0))
+
+
+# Options only the forward kernel takes: the steps that use the last three have no backward (apply_step).
+_FORWARD_ONLY = ("return_pred_x0", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
 
 
 @torch.library.custom_op("fastssl::diffusion_step_backward", mutates_args=())
@@ -319,7 +456,7 @@ def _step_backward_op(grad: Tensor, grad_pred_x0: Optional[Tensor], model_output
     if triton:
         from .kernels.diffusion import diffusion_step_backward
 
-        return diffusion_step_backward(**tensors, **{k: v for k, v in step.options().items() if k != "return_pred_x0"})
+        return diffusion_step_backward(**tensors, **{k: v for k, v in step.options().items() if k not in _FORWARD_ONLY})
     return _step_backward_torch(step, **tensors)
 
 
@@ -333,7 +470,7 @@ def _(grad, grad_pred_x0, model_output, uncond_output, x_t, t, prev_t, guidance,
 
 
 def _step_setup(ctx, inputs, output):
-    model_output, uncond_output, x_t, noise, seed, t, prev_t, guidance, alphas_cumprod, spec, triton = inputs
+    model_output, uncond_output, x_t, noise, seed, t, prev_t, guidance, threshold, alphas_cumprod, spec, triton = inputs
     ctx.spec, ctx.triton = spec, triton
     ctx.has_uncond, ctx.has_noise = uncond_output is not None, noise is not None
     # The kernel re-reads model/uncond/x only when clipping (and the guidance gradient needs m - u).
@@ -342,6 +479,7 @@ def _step_setup(ctx, inputs, output):
                           t, prev_t, guidance, alphas_cumprod)
 
 
+@first_order("fastssl's diffusion step (ddpm_step, ddim_step)")
 def _step_backward(ctx, grad, grad_pred_x0):
     model_output, uncond_output, x_t, t, prev_t, guidance, alphas_cumprod = ctx.saved_tensors
     like = grad if model_output is None else model_output  # any tensor of the right shape when not re-read
@@ -359,7 +497,7 @@ def _step_backward(ctx, grad, grad_pred_x0):
         grad_guidance = prod.sum() if guidance.numel() == 1 else prod.reshape(prod.shape[0], -1).sum(1)
         grad_guidance = grad_guidance.reshape(guidance.shape).to(guidance.dtype)
     return (grad_model, grad_uncond if ctx.has_uncond else None, grad_x, grad_noise if want_noise else None, None,
-            None, None, grad_guidance, None, None, None)
+            None, None, grad_guidance, None, None, None, None)
 
 
 _step_op.register_autograd(_step_backward, setup_context=_step_setup)
@@ -377,6 +515,9 @@ def check_generator(generator, noise) -> None:
         raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
     if generator is not None and noise is not None:
         raise ValueError("pass either noise or generator, not both (noise is used as given)")
+    if isinstance(generator, torch.Generator) and torch.compiler.is_compiling():
+        raise ValueError("generator: a torch.Generator cannot be traced by torch.compile (an opaque object to "
+                         "dynamo); pass an int seed, or draw the noise outside and pass noise=")
 
 
 def philox_seeds(generator, count: int, device) -> Tensor:
@@ -391,13 +532,28 @@ def philox_seeds(generator, count: int, device) -> Tensor:
     return torch.full((count,), int(generator), dtype=torch.long, device=device)
 
 
+def _seeded_noise_body(like: Tensor, seed: int) -> Tensor:
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+# An int seed's noise as an op: a Generator made inside a compiled region is opaque to dynamo, an op is not.
+_seeded_noise = torch.library.custom_op("fastssl::seeded_noise", _seeded_noise_body, mutates_args=())
+
+
+@_seeded_noise.register_fake
+def _(like, seed):
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 def torch_noise(generator, like: Tensor) -> Tensor:
     """Standard normal noise like ``like`` drawn as diffusers' ``randn_tensor`` draws it (an int seeds a
-    fresh generator on like's device)."""
+    fresh generator on like's device; under torch.compile through ``fastssl::seeded_noise``, the same
+    draw)."""
     if generator is None:
         return torch.randn(like.shape, dtype=like.dtype, device=like.device)
     if not isinstance(generator, torch.Generator):
-        generator = torch.Generator(device=like.device).manual_seed(int(generator))
+        return (_seeded_noise if torch.compiler.is_compiling() else _seeded_noise_body)(like, int(generator))
     return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
 
 
@@ -427,18 +583,38 @@ def _weight(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
     return torch.full((1,), value, dtype=dtype, device=device)
 
 
-def _check_step_tensors(model_output, x_t, uncond_output, noise) -> None:
+def _check_step_tensors(spec: StepSpec, model_output, x_t, uncond_output, noise) -> None:
     check_float("model_output", model_output)
     check_float("x_t", x_t)
     check_same(("x_t", "model_output"), (x_t, model_output))
-    check_same_shape(("x_t", "model_output"), (x_t, model_output))
-    for name, value in (("uncond_output", uncond_output), ("noise", noise)):
+    if x_t.dim() == 0:
+        raise ValueError("x_t must have a batch dimension (B, ...), got a 0-dim tensor")
+    if spec.learned_variance:
+        need = (x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:]) if x_t.dim() >= 2 else None
+        if tuple(model_output.shape) != need:
+            raise ValueError(f"variance_type={spec.variance_type!r} needs model_output of shape (B, 2C, ...) = {need} "
+                             f"for x_t {tuple(x_t.shape)} (the mean's C channels, then the variance's), got "
+                             f"{tuple(model_output.shape)}")
+    else:
+        check_same_shape(("x_t", "model_output"), (x_t, model_output))
+    for name, value, like in (("uncond_output", uncond_output, model_output), ("noise", noise, x_t)):
         if value is not None:
             check_float(name, value)
             check_same(("x_t", name), (x_t, value))
-            check_same_shape(("x_t", name), (x_t, value))
-    if x_t.dim() == 0:
-        raise ValueError("x_t must have a batch dimension (B, ...), got a 0-dim tensor")
+            check_same_shape(("model_output" if like is model_output else "x_t", name), (like, value))
+
+
+def _check_direction(spec: StepSpec, t: Tensor, prev_t: Tensor) -> None:
+    """DDPM, and DDIM with eta > 0, step to an earlier timestep (prev_t + prev_offset <= t); only DDIM with
+    eta = 0 may step to a later one (inversion, as diffusers' DDIMInverseScheduler). Checked where the
+    timesteps are on the host; on CUDA (no sync) such a step comes out NaN."""
+    if (spec.sampler == "ddim" and spec.eta == 0) or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    later = prev_t.numpy() + spec.prev_offset > t.numpy()
+    if later.any():
+        what = "DDPM" if spec.sampler == "ddpm" else f"DDIM with eta={spec.eta}"
+        raise ValueError(f"prev_t must not be after t for {what} (a step goes to an earlier timestep; only DDIM "
+                         f"with eta=0 inverts), got t={t.tolist()} and prev_t={(prev_t + spec.prev_offset).tolist()}")
 
 
 def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: NoiseSchedule, *, prev_t=None,
@@ -451,13 +627,14 @@ def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: N
     else, when the spec draws noise, drawn from ``generator`` (Triton: a Philox seed, or ``seed``, a (1,)
     int64 device tensor prepared by the caller; PyTorch: :func:`torch_noise`, and none for a step that adds
     none, on the CPU, like diffusers)."""
-    _check_step_tensors(model_output, x_t, uncond_output, noise)
+    _check_step_tensors(spec, model_output, x_t, uncond_output, noise)
     check_schedule(schedule)
     check_generator(generator, noise)
     guidance = guidance_tensor(guidance, uncond_output, model_output)
     batch, device = x_t.shape[0], x_t.device
     t = timestep_tensor("t", t, schedule, batch, device)
     prev_t = t if prev_t is None else timestep_tensor("prev_t", prev_t, schedule, batch, device, allow_negative=True)
+    _check_direction(spec, t, prev_t)
     triton = use_triton(x_t)
     if not spec.draws_noise:
         noise = seed = None
@@ -468,7 +645,17 @@ def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: N
         noise, seed = torch_noise(generator, x_t), None
     else:
         seed = None
+    alphas_cumprod = schedule.on(device).alphas_cumprod
+    threshold = None
+    if spec.thresholding or spec.learned_variance:
+        if torch.is_grad_enabled() and any(isinstance(v, Tensor) and v.requires_grad
+                                           for v in (model_output, uncond_output, x_t, noise, guidance)):
+            raise NotImplementedError(f"the step with {'thresholding' if spec.thresholding else spec.variance_type} "
+                                      "has no backward (sampling only): run it under torch.no_grad()")
+        if spec.thresholding:  # a per-sample reduction first, on the device (module docstring)
+            threshold = dynamic_threshold(spec, predicted_x0(spec, model_output, uncond_output, x_t, t, prev_t,
+                                                             guidance, alphas_cumprod))
     tensors = dict(model_output=model_output, uncond_output=uncond_output, x_t=x_t, noise=noise, seed=seed, t=t,
-                   prev_t=prev_t, guidance=guidance, alphas_cumprod=schedule.on(device).alphas_cumprod)
+                   prev_t=prev_t, guidance=guidance, threshold=threshold, alphas_cumprod=alphas_cumprod)
     run = _step_body if skip_dispatch(model_output, uncond_output, x_t, noise, guidance) else _step_op
     return run(**tensors, spec=spec.key, triton=triton)

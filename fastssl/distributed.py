@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_with_grad", "is_initialized", "rank", "world_size", "require_initialized"]
+__all__ = ["all_gather_with_grad", "all_gather_local_grad", "is_initialized", "rank", "world_size",
+           "require_initialized"]
 
 
 def is_initialized() -> bool:
@@ -72,16 +73,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
-        ws, r = dist.get_world_size(), dist.get_rank()
-        ctx.rank, ctx.rows = r, x.shape[0]
-        x = x.contiguous()
-        out = x.new_empty((ws * x.shape[0], *x.shape[1:]))
-        if _uses_nccl():
-            dist.all_gather_into_tensor(out, x)
-        else:  # gloo and others: the list form (views into one buffer, no extra copy after the call)
-            n = x.shape[0]
-            dist.all_gather([out.narrow(0, i * n, n) for i in range(ws)], x)
-        return out
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return _all_gather(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
@@ -94,6 +87,19 @@ class _AllGatherWithGrad(torch.autograd.Function):
         total = grad.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total.narrow(0, ctx.rank * ctx.rows, ctx.rows).contiguous()
+
+
+def _all_gather(x: Tensor) -> Tensor:
+    """Every rank's ``x`` concatenated along dim 0 (no autograd)."""
+    ws = dist.get_world_size()
+    x = x.contiguous()
+    out = x.new_empty((ws * x.shape[0], *x.shape[1:]))
+    if _uses_nccl():
+        dist.all_gather_into_tensor(out, x)
+    else:  # gloo and others: the list form (views into one buffer, no extra copy after the call)
+        n = x.shape[0]
+        dist.all_gather([out.narrow(0, i * n, n) for i in range(ws)], x)
+    return out
 
 
 def all_gather_with_grad(x: Tensor) -> Tensor:
@@ -130,3 +136,24 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     if dist.get_world_size() == 1:
         return x
     return _AllGatherWithGrad.apply(x)
+
+
+def all_gather_local_grad(x: Tensor, *, local_grad: bool = True) -> Tensor:
+    """All-gather ``x`` (as :func:`all_gather_with_grad`) without communicating gradients: the other ranks'
+    rows are constants; with ``local_grad`` this rank's own rows are ``x`` itself (its gradient flows back
+    locally), else the whole result is detached. open_clip's ``gather_features`` without
+    ``gather_with_grad`` (``local_grad`` unless ``local_loss``).
+
+    Raises:
+        TypeError: ``x`` is not a tensor.
+        RuntimeError: no initialized ``torch.distributed`` process group.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    require_initialized("all_gather_local_grad")
+    with torch.no_grad():
+        gathered = _all_gather(x.detach())
+    if not local_grad:
+        return gathered
+    n, r = x.shape[0], dist.get_rank()
+    return torch.cat((gathered[:r * n], x, gathered[(r + 1) * n:]))

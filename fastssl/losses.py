@@ -10,6 +10,9 @@ the N x M similarity matrix (CPCLoss adds only its O(B * T * code_dim) linear pr
 - :class:`MoCoQueue`: a ring buffer of negative keys.
 - :class:`CLIPLoss`: CLIP's symmetric loss with a learnable (clamped) logit scale.
 - :class:`CPCLoss`: Contrastive Predictive Coding's bilinear InfoNCE over future steps.
+- :class:`ClipLoss`, :class:`SigLipLoss`: open_clip's classes (constructor, call, distributed meaning), so
+  open_clip's training code can import them in place of its own.
+- :class:`SupervisedNTXentLoss`: pytorch-metric-learning's ``NTXentLoss`` with labels; :class:`SupConLoss`.
 
 >>> import torch
 >>> from fastssl.losses import NTXentLoss
@@ -27,10 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .checks import check_bool, check_choice, check_float, check_int, check_ndim, check_positive, check_same
-from .contrastive import REDUCTIONS, clip_loss, info_nce, moco_loss, nt_xent
+from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_int, check_ndim, check_number,
+                     check_positive, check_same)
+from .contrastive import (REDUCTIONS, _check_moco, _check_pairs, _check_views, _gathers, _lse, _moco, _nt_xent,
+                          _positive, _scalar, clip_loss, info_nce, moco_loss, nt_xent, siglip_loss, supcon_loss,
+                          supervised_nt_xent)
 
-__all__ = ["NTXentLoss", "InfoNCELoss", "MoCoQueue", "CLIPLoss", "CPCLoss"]
+__all__ = ["NTXentLoss", "InfoNCELoss", "MoCoQueue", "CLIPLoss", "CPCLoss", "ClipLoss", "SigLipLoss",
+           "SupervisedNTXentLoss", "SupConLoss"]
 
 
 def _check_gather_available(gather_distributed: bool) -> None:
@@ -77,7 +84,8 @@ class MoCoQueue(nn.Module):
         dim: feature dimension of a key (D), an int >= 1.
         gather_distributed: if True, :meth:`enqueue` all-gathers the keys of every rank first, so the
             queue receives the global batch (rank 0's keys first) and stays identical on every rank.
-            Needs an initialized ``torch.distributed`` process group at enqueue time.
+            Without a process group of more than one rank it enqueues this process's keys (lightly's
+            single-process meaning).
         dtype: dtype of the buffer (default: ``torch.get_default_dtype()``).
         device: device of the buffer.
 
@@ -125,7 +133,6 @@ class MoCoQueue(nn.Module):
         Raises:
             TypeError: ``keys`` is not a floating-point tensor.
             ValueError: ``keys`` is not 2-D with ``dim`` columns, or lives on another device than the queue.
-            RuntimeError: ``gather_distributed`` without an initialized process group.
         """
         check_float("keys", keys)
         check_ndim("keys", keys, 2, f"(batch, dim={self.dim})")
@@ -135,7 +142,7 @@ class MoCoQueue(nn.Module):
             )
         check_same(("queue", "keys"), (self.queue, keys), dtype=False)
         keys = keys.detach()
-        if self.gather_distributed:
+        if _gathers(self.gather_distributed):
             keys = distributed.all_gather_with_grad(keys)
         total = keys.shape[0]
         n = min(total, self.size)
@@ -182,24 +189,24 @@ class NTXentLoss(nn.Module):
     elements, as lightly and MoCo do) so that enqueueing in place cannot corrupt this step's backward.
 
     Args:
-        temperature: softmax temperature t > 0 (default 0.5).
+        temperature: softmax temperature t (default 0.5); as in lightly any ``|t| >= 1e-8`` is taken (a
+            negative t flips the logits' sign; :func:`fastssl.nt_xent` itself takes t > 0 only).
         memory_bank_size: 0 (default) for SimCLR; ``K > 0`` or a ``(K, D)`` pair for MoCo. With a bare
             ``K`` the feature dimension, dtype and device of the bank are taken from the first batch
             (prefer ``(K, D)`` so the bank exists, and is in ``state_dict``, from the start).
         gather_distributed: SimCLR: all-gather the features of every rank (with gradient) and use them as
             negatives (API.md's convention: average the ranks' losses to get the global-batch loss).
-            MoCo: enqueue the global batch of keys. Needs an initialized ``torch.distributed`` process
-            group at call time.
+            MoCo: enqueue the global batch of keys. Without a process group of more than one rank it is
+            the single-process loss (lightly's meaning).
 
     Shapes:
         out0, out1: ``(N, D)`` each. Output: a 0-dim float32 tensor (float64 for float64 inputs).
 
     Raises:
         TypeError: an argument of the wrong type.
-        ValueError: ``temperature <= 0``, a negative or malformed ``memory_bank_size``,
+        ValueError: ``|temperature| < 1e-8``, a negative or malformed ``memory_bank_size``,
             ``gather_distributed=True`` without ``torch.distributed``. At call time, the input checks of
-            :func:`fastssl.nt_xent` / :func:`fastssl.moco_loss` (and a ``RuntimeError`` for
-            ``gather_distributed`` without an initialized process group).
+            :func:`fastssl.nt_xent` / :func:`fastssl.moco_loss`.
 
     >>> import torch
     >>> loss_fn = NTXentLoss(temperature=0.5)
@@ -216,7 +223,10 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
                  gather_distributed: bool = False) -> None:
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = check_number("temperature", temperature)
+        if abs(self.temperature) < 1e-8:
+            raise ValueError(f"temperature must be a finite number with |temperature| >= 1e-8 (lightly's rule; "
+                             f"0 would divide by zero), got {self.temperature}")
         self.gather_distributed = check_bool("gather_distributed", gather_distributed)
         _check_gather_available(gather_distributed)
         size, dim = self._parse_bank(memory_bank_size)
@@ -240,8 +250,11 @@ class NTXentLoss(nn.Module):
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         """Loss of the two views ``out0`` and ``out1`` (``(N, D)`` each); see the class docstring."""
         if self.memory_bank_size == 0:
-            return nt_xent(out0, out1, temperature=self.temperature, normalize=True,
-                           gather_distributed=self.gather_distributed)
+            if self.temperature > 0:
+                return nt_xent(out0, out1, temperature=self.temperature, normalize=True,
+                               gather_distributed=self.gather_distributed)
+            _check_views(out0, out1)
+            return _nt_xent(out0, out1, self._scale(out0), True, "mean", _gathers(self.gather_distributed))
         check_float("out0", out0)
         check_float("out1", out1)
         check_ndim("out1", out1, 2, "(batch, dim)")
@@ -258,10 +271,15 @@ class NTXentLoss(nn.Module):
         negatives = bank.negatives()
         if update or negatives.dtype != out0.dtype:
             negatives = negatives.to(dtype=out0.dtype, copy=True)
-        loss = moco_loss(out0, out1, negatives, temperature=self.temperature, normalize=True)
+        _check_moco(out0, out1, negatives)  # the bank holds unit keys (as lightly's): used as they are
+        loss = _moco(out0, out1, negatives, self._scale(out0), True, "mean", queue_normalized=True)
         if update:
             bank.enqueue(F.normalize(out1.detach(), dim=1))
         return loss
+
+    def _scale(self, like: Tensor) -> Tensor:
+        """1 / temperature as the ops' (1,) multiplier (a negative temperature included)."""
+        return torch.full((1,), 1.0 / self.temperature, dtype=accumulation_dtype(like.dtype), device=like.device)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "
@@ -487,3 +505,246 @@ class CPCLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"context_dim={self.context_dim}, code_dim={self.code_dim}, prediction_steps={self.prediction_steps}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# open_clip's ClipLoss and SigLipLoss
+# ----------------------------------------------------------------------------------------------------
+
+def _check_world(module: nn.Module, rank, world_size) -> None:
+    module.rank = check_int("rank", rank, low=0)
+    module.world_size = check_int("world_size", world_size, low=1)
+    if module.rank >= module.world_size:
+        raise ValueError(f"rank must be in [0, world_size={module.world_size}), got {module.rank}")
+
+
+def _require_group(module: nn.Module) -> None:
+    """A module built with world_size > 1 runs in that process group (open_clip's rank and world_size are
+    its args.rank and args.world_size)."""
+    name = type(module).__name__
+    distributed.require_initialized(f"{name}(world_size={module.world_size})")
+    if (distributed.rank(), distributed.world_size()) != (module.rank, module.world_size):
+        raise ValueError(f"{name} was built with rank={module.rank}, world_size={module.world_size} but this "
+                         f"process is rank {distributed.rank()} of {distributed.world_size()}")
+
+
+def _loss_output(loss: Tensor, output_dict: bool):
+    check_bool("output_dict", output_dict)
+    return {"contrastive_loss": loss} if output_dict else loss
+
+
+class ClipLoss(nn.Module):
+    """open_clip's ``ClipLoss``: the same constructor, call and meaning, computed by the fused
+    :func:`fastssl.clip_loss` (the (N, N) logits are never stored)::
+
+        logits = logit_scale * image_features @ text_features.T
+        loss = (CE(logits, arange(N)) + CE(logits.T, arange(N))) / 2
+
+    The features are used as given (open_clip's models normalize them). ``logit_bias`` is added to every
+    logit as open_clip does, which leaves both cross-entropies unchanged: it gets a zero gradient (NaN in,
+    NaN out), never a term of the loss.
+
+    Distributed (``world_size > 1``, in an initialized process group of that size; open_clip's meaning):
+
+    - ``local_loss=False``: every rank computes the loss of the global batch (the features of all ranks
+      gathered); ``gather_with_grad=True`` sends gradients back to the ranks the features came from, else
+      only this rank's own features carry a gradient.
+    - ``local_loss=True``: each rank scores its own images against all texts and its own texts against all
+      images, positives at ``rank * N + i``; with ``gather_with_grad`` the gathered features carry gradients
+      back (:func:`fastssl.clip_loss` with ``gather_distributed=True``), else they are constants.
+
+    Args:
+        local_loss: see above (default False).
+        gather_with_grad: see above (default False).
+        cache_labels: accepted for open_clip's signature; there are no label tensors to cache.
+        rank: this process's rank (open_clip's ``args.rank``).
+        world_size: the number of processes (open_clip's ``args.world_size``); 1: single process.
+        use_horovod: Horovod is not supported (``NotImplementedError``).
+
+    Raises:
+        TypeError: arguments of the wrong type.
+        ValueError: ``rank`` outside ``[0, world_size)``; at call time the input checks of
+            :func:`fastssl.clip_loss`, or a process group whose rank or size differ from the module's.
+        NotImplementedError: ``use_horovod=True``.
+        RuntimeError: at call time, ``world_size > 1`` without an initialized process group.
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> img, txt = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(4, 8), dim=1)
+    >>> out = ClipLoss()(img, txt, torch.tensor(14.3), output_dict=True)
+    >>> sorted(out), out["contrastive_loss"].shape
+    (['contrastive_loss'], torch.Size([]))
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False) -> None:
+        super().__init__()
+        self.local_loss = check_bool("local_loss", local_loss)
+        self.gather_with_grad = check_bool("gather_with_grad", gather_with_grad)
+        self.cache_labels = check_bool("cache_labels", cache_labels)
+        _check_world(self, rank, world_size)
+        if check_bool("use_horovod", use_horovod):
+            raise NotImplementedError("ClipLoss(use_horovod=True): Horovod is not supported; use torch.distributed "
+                                      "(torchrun) with use_horovod=False")
+        self.use_horovod = False
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+                output_dict: bool = False):
+        """The loss (``{"contrastive_loss": loss}`` with ``output_dict``) of paired (N, D) features."""
+        if self.world_size == 1:
+            loss = clip_loss(image_features, text_features, logit_scale, normalize=False)
+        elif self.local_loss and self.gather_with_grad:
+            _require_group(self)
+            loss = clip_loss(image_features, text_features, logit_scale, normalize=False, gather_distributed=True)
+        elif self.local_loss:  # gathered features are constants, also this rank's own as keys
+            _require_group(self)
+            _check_pairs(image_features, text_features)
+            scale = _scalar("logit_scale", logit_scale, image_features, positive=True)
+            img, txt = image_features, text_features
+            all_img, all_txt = (distributed.all_gather_local_grad(t, local_grad=False) for t in (img, txt))
+            per_img = _lse(img, all_txt, scale)[0] - _positive(img, txt.detach(), scale)
+            per_txt = _lse(txt, all_img, scale)[0] - _positive(txt, img.detach(), scale)
+            loss = 0.5 * (per_img.mean() + per_txt.mean())
+        else:  # the global batch's loss on every rank
+            _require_group(self)
+            gather = distributed.all_gather_with_grad if self.gather_with_grad else distributed.all_gather_local_grad
+            loss = clip_loss(gather(image_features), gather(text_features), logit_scale, normalize=False)
+        if isinstance(logit_bias, Tensor):  # a constant shift of every logit: a zero gradient
+            loss = loss + (logit_bias * 0).to(loss.dtype).sum()
+        return _loss_output(loss, output_dict)
+
+    def extra_repr(self) -> str:
+        return (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, rank={self.rank}, "
+                f"world_size={self.world_size}")
+
+
+class SigLipLoss(nn.Module):
+    """open_clip's ``SigLipLoss`` (Zhai et al., 2023, "Sigmoid Loss for Language Image Pre-Training"): the
+    same constructor, call and meaning, computed by the fused :func:`fastssl.siglip_loss` (open_clip builds
+    the (N, N) logits, and the labels beside them, for every exchange)::
+
+        loss = -(1/N) sum_{i,j} log sigmoid(z_ij (logit_scale * x_i . y_j + logit_bias)),  z = 2 I - 1
+
+    With ``world_size > 1`` (in an initialized process group of that size) each rank's images meet every
+    rank's texts, which is what each of open_clip's ``dist_impl`` exchanges ("bidir", "shift", "reduce",
+    "gather") computes; here always by one all-gather of the texts with gradient. Each rank returns its
+    images' loss divided by its batch size, as open_clip.
+
+    Args:
+        cache_labels: accepted for open_clip's signature; there are no label tensors to cache.
+        rank: this process's rank.
+        world_size: the number of processes; 1: single process.
+        dist_impl: None or one of open_clip's "bidir", "shift", "reduce", "gather" (all the same result).
+        chunk_size: accepted for open_clip's signature (its row chunking); the fused loss never builds the
+            logits, so any value >= 0 computes the same loss.
+
+    Raises:
+        TypeError: arguments of the wrong type.
+        ValueError: an unknown ``dist_impl``, ``rank`` outside ``[0, world_size)``, a negative ``chunk_size``;
+            at call time the checks of :func:`fastssl.siglip_loss` or a process group that does not match.
+        RuntimeError: at call time, ``world_size > 1`` without an initialized process group.
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> img, txt = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(4, 8), dim=1)
+    >>> SigLipLoss()(img, txt, torch.tensor(10.0), torch.tensor(-10.0)).shape
+    torch.Size([])
+    """
+
+    DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, chunk_size: int = 0) -> None:
+        super().__init__()
+        self.cache_labels = check_bool("cache_labels", cache_labels)
+        _check_world(self, rank, world_size)
+        if dist_impl is not None:
+            check_choice("dist_impl", dist_impl, self.DIST_IMPLS)
+        self.dist_impl = dist_impl or "bidir"
+        self.chunk_size = check_int("chunk_size", chunk_size, low=0)
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
+                output_dict: bool = False):
+        """The loss (``{"contrastive_loss": loss}`` with ``output_dict``) of paired (N, D) features;
+        ``logit_bias`` None is a bias of 0 (open_clip adds none then)."""
+        gather = self.world_size > 1
+        if gather:
+            _require_group(self)
+        loss = siglip_loss(image_features, text_features, logit_scale, 0.0 if logit_bias is None else logit_bias,
+                           gather_distributed=gather)
+        return _loss_output(loss, output_dict)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Supervised losses: pytorch-metric-learning's NTXentLoss, SupCon
+# ----------------------------------------------------------------------------------------------------
+
+class SupervisedNTXentLoss(nn.Module):
+    """pytorch-metric-learning's ``NTXentLoss`` on its default cosine similarity and mean reduction, fused
+    (:func:`fastssl.supervised_nt_xent`): every same-label pair (a, p) is a positive, the anchor's
+    other-label candidates its negatives, the mean over all positive pairs::
+
+        loss_ap = -log(exp(s_ap) / (exp(s_ap) + sum_{n: label_n != label_a} exp(s_an))),  s = cos / temperature
+
+    The call is pml's: ``loss_fn(embeddings, labels, ref_emb=None, ref_labels=None)``; the result has the
+    embeddings' dtype, as pml's (computed in float32, float64 for float64). pml's ``distance``, ``reducer``,
+    ``indices_tuple`` and regularizers are not taken.
+
+    Args:
+        temperature: t > 0 (default 0.07, pml's).
+
+    Raises:
+        TypeError, ValueError: a bad temperature; at call time the checks of :func:`fastssl.supervised_nt_xent`.
+
+    >>> import torch
+    >>> loss_fn = SupervisedNTXentLoss(temperature=0.1)
+    >>> loss_fn(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])).shape
+    torch.Size([])
+    """
+
+    def __init__(self, temperature: float = 0.07) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None) -> Tensor:
+        """The mean loss over the positive pairs of ``embeddings`` (N, D) with ``labels`` (N,) (against
+        ``ref_emb`` (M, D) with ``ref_labels`` (M,) when given)."""
+        loss = supervised_nt_xent(embeddings, labels, temperature=self.temperature, ref_embeddings=ref_emb,
+                                  ref_labels=ref_labels)
+        return loss.to(embeddings.dtype)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+class SupConLoss(nn.Module):
+    """The supervised contrastive loss (Khosla et al., 2020, "Supervised Contrastive Learning", L_out), fused
+    (:func:`fastssl.supcon_loss`)::
+
+        loss_i = log sum_{a != i} exp(s_ia) - mean_{p != i, label_p = label_i} s_ip,  s = cos / temperature
+
+    the mean over the rows with a positive. ``features`` (N, D) or (N, views, D) (view-major flattening, as
+    the paper's code), ``labels`` (N,).
+
+    Args:
+        temperature: t > 0 (default 0.1).
+
+    >>> import torch
+    >>> SupConLoss()(torch.randn(4, 2, 8), torch.tensor([0, 1, 0, 1])).shape
+    torch.Size([])
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        """The loss of ``features`` (N, D) or (N, V, D) with ``labels`` (N,)."""
+        return supcon_loss(features, labels, temperature=self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"

@@ -7,7 +7,6 @@ the README's results table between the train-table markers).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Optional
@@ -15,7 +14,7 @@ from typing import Optional
 import torch
 
 from .models import load_method
-from .training import TrainConfig, write_outputs
+from .training import TrainConfig, write_json, write_outputs
 
 TABLE_BEGIN, TABLE_END = "<!-- train-table:begin -->", "<!-- train-table:end -->"
 
@@ -24,8 +23,9 @@ def run(method: str, config: TrainConfig) -> dict:
     """Train ``method`` (a name from ``fastssl.models.METHODS``) and write its outputs."""
     torch.manual_seed(config.seed)
     start, cpu_start = time.time(), time.process_time()
-    result = load_method(method).train(config)
-    return write_outputs(result, os.path.join(config.out, method), time.time() - start, time.process_time() - cpu_start)
+    result = load_method(method).train(config)  # result.method: the method, or its variant ("clip-sigmoid")
+    return write_outputs(result, os.path.join(config.out, result.method), time.time() - start,
+                         time.process_time() - cpu_start)
 
 
 def run_all(methods, config: TrainConfig, readme: Optional[str] = None) -> list:
@@ -34,9 +34,9 @@ def run_all(methods, config: TrainConfig, readme: Optional[str] = None) -> list:
     rows = [run(name, config) for name in methods]
     table = results_table(rows)
     os.makedirs(config.out, exist_ok=True)
-    with open(os.path.join(config.out, "summary.json"), "w") as f:
-        json.dump({"quick": config.quick, "seed": config.seed, "device": config.device, "torch": torch.__version__,
-                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    write_json(os.path.join(config.out, "summary.json"),
+               {"quick": config.quick, "seed": config.seed, "device": config.device, "torch": torch.__version__,
+                "date": time.strftime("%Y-%m-%d"), "rows": rows})
     with open(os.path.join(config.out, "table.md"), "w") as f:
         f.write(table + "\n")
     if readme:

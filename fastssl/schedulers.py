@@ -1,20 +1,39 @@
 """Drop-in replacements for diffusers' ``DDPMScheduler`` and ``DDIMScheduler`` whose ``step`` is the fused
 kernel of :mod:`fastssl.diffusion` (one pass over memory, no host sync for tensor timesteps on the device).
 
-A diffusers pipeline accepts them in place of its own: the same constructor arguments and defaults,
-``.config`` (a frozen dict with attribute access, like diffusers' ``FrozenDict``), ``from_config`` (takes a
-diffusers scheduler config; unknown keys are ignored with a warning), ``set_timesteps``, ``.timesteps``,
-``.init_noise_sigma``, ``.order``, ``scale_model_input``, ``add_noise``, ``get_velocity`` and ``step``
-returning an output with ``.prev_sample`` and ``.pred_original_sample`` (a tuple with
-``return_dict=False``). diffusers itself is not needed.
+They are diffusers schedulers in every way a user or a pipeline touches: the same constructor arguments and
+defaults, ``.config``, ``register_to_config``, ``from_config`` (a diffusers scheduler's config converts both
+ways), ``save_config`` / ``save_pretrained`` / ``from_pretrained`` (``scheduler_config.json`` in a folder, or
+its ``subfolder=``), ``compatibles``, ``order``, ``set_timesteps`` (``timestep_spacing`` "leading",
+"trailing", "linspace", ``steps_offset``), ``.timesteps``, ``.init_noise_sigma``, ``scale_model_input``,
+``add_noise``, ``get_velocity``, ``previous_timestep``, ``_get_variance``, and ``step`` returning an output
+that behaves as diffusers' ``BaseOutput`` (``out.prev_sample``, ``out["prev_sample"]``, ``out[0]``) or a tuple
+with ``return_dict=False``. With diffusers installed they subclass its ``SchedulerMixin`` and ``ConfigMixin``
+(so a pipeline holding one saves it in ``model_index.json`` as ``["fastssl.schedulers", "DDPMScheduler"]`` and
+loads it back once ``fastssl.schedulers`` is imported); without it :mod:`fastssl.scheduler_config` stands in.
 
-Implemented options: beta_schedule ``linear | scaled_linear | squaredcos_cap_v2 | sigmoid`` or
-``trained_betas``; variance_type ``fixed_small | fixed_small_log | fixed_large`` (``fixed_small_log`` draws
-the same sigma as ``fixed_small``); prediction_type ``epsilon | sample | v_prediction``; clip_sample and
-clip_sample_range; timestep_spacing ``leading | linspace | trailing`` with steps_offset; DDIM's eta,
+Numbers: the tables are built as diffusers builds them (float32 betas, float32 cumulative product:
+:meth:`NoiseSchedule.float32_built`) and the step's beta is rounded as diffusers rounds it,
+1 - fl32(abar_t / abar_prev) (``StepSpec.diffusers_rounding``), so a loop reproduces diffusers' numbers
+within its own tests' tolerances. Both are less exact than :class:`fastssl.NoiseSchedule`'s float64-built
+tables and exact beta (:func:`fastssl.ddpm_step`): at t = 1 of the linear schedule diffusers' beta is 3e-4
+relative off, and its 1000-step test loops land up to ~5e-5 relative from a float64 reference where the
+exact path lands within ~1e-6. The remaining difference from diffusers is the rounding of the step's
+arithmetic (coefficients in float64 on the host, float32 in the kernel, against diffusers' float32 tensor
+ops): ~1e-6 relative over diffusers' test loops.
+
+Options: beta_schedule ``linear | scaled_linear | squaredcos_cap_v2 | sigmoid`` or ``trained_betas``, with
+``rescale_betas_zero_snr`` (Lin et al. 2024, Algorithm 1); variance_type ``fixed_small | fixed_small_log |
+fixed_large | learned | learned_range`` (``fixed_small_log`` draws the same sigma as ``fixed_small``; the
+learned ones take a model output of 2C channels, split as diffusers splits it, and compute each element's
+sigma in the fused step; another name steps as ``fixed_small``, as diffusers does, with a warning);
+prediction_type ``epsilon | sample | v_prediction``; clip_sample and clip_sample_range, or dynamic
+``thresholding`` (``dynamic_thresholding_ratio``, ``sample_max_value``; its per-sample quantile is a torch
+reduction on the device before the fused step, see :mod:`fastssl.diffusion_step`); DDIM's eta,
 set_alpha_to_one and use_clipped_model_output; DDPM's custom ``timesteps``. Not implemented, raising
-``NotImplementedError`` that names the option: ``thresholding=True``, ``rescale_betas_zero_snr=True``,
-variance_type ``fixed_large_log | learned | learned_range``, other beta schedules.
+``NotImplementedError`` that names the option: variance_type ``fixed_large_log`` (diffusers' step gives NaN
+with it), beta schedules other than the above. Steps with thresholding or a learned variance have no backward
+(sampling only, as in a pipeline under ``torch.no_grad``).
 
 Noise: ``step`` draws it as :mod:`fastssl.diffusion` documents: on the PyTorch path (CPU) exactly as
 diffusers' ``randn_tensor`` does, so a pipeline run with the same generator reproduces diffusers' samples;
@@ -31,14 +50,13 @@ fuses classifier-free guidance, ``(1 + guidance) * model_output - guidance * unc
 >>> scheduler.timesteps
 tensor([750, 500, 250,   0])
 >>> out = scheduler.step(torch.zeros(1, 2), scheduler.timesteps[0], torch.ones(1, 2))
->>> out.prev_sample.shape
-torch.Size([1, 2])
+>>> out.prev_sample.shape, out[0] is out["prev_sample"] is out.prev_sample
+(torch.Size([1, 2]), True)
 """
 from __future__ import annotations
 
 import numbers
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,52 +64,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import check_int
+from .checks import check_choice, check_int
 from .diffusion import q_sample
-from .diffusion_step import StepSpec, apply_step
+from .diffusion_step import PREDICTION_TYPES, StepSpec, apply_step, step_spec
+from .scheduler_config import KARRAS_SCHEDULERS, BaseOutput, ConfigMixin, SchedulerMixin, register_to_config
 from .schedules import NoiseSchedule
 
 
-class FrozenConfig(OrderedDict):
-    """A scheduler's configuration: a read-only ordered dict whose keys are also attributes (diffusers'
-    ``FrozenDict``)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.__dict__["_frozen"] = True
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}") from None
-
-    def _refuse(self, *args, **kwargs):
-        raise TypeError("a scheduler config is frozen; build a new scheduler with from_config(config, key=value)")
-
-    __setattr__ = __delattr__ = __delitem__ = setdefault = pop = popitem = update = clear = _refuse
-
-    def __setitem__(self, key, value):
-        if self.__dict__.get("_frozen"):
-            self._refuse()
-        super().__setitem__(key, value)
-
-
 @dataclass
-class SchedulerOutput:
-    """What ``step`` returns: ``prev_sample`` (x_{t-1}) and ``pred_original_sample`` (the predicted x_0);
-    also indexable like diffusers' outputs (``out[0]`` is prev_sample)."""
+class SchedulerOutput(BaseOutput):
+    """What ``step`` returns: ``prev_sample`` (x_{t-1}) and ``pred_original_sample`` (the predicted x_0), by
+    attribute, key or index, as diffusers' ``DDPMSchedulerOutput`` / ``DDIMSchedulerOutput``."""
 
     prev_sample: Tensor
     pred_original_sample: Optional[Tensor] = None
-
-    def to_tuple(self):
-        return self.prev_sample, self.pred_original_sample
-
-    def __getitem__(self, index):
-        if isinstance(index, str):
-            return getattr(self, index)
-        return self.to_tuple()[index]
 
 
 DDPMSchedulerOutput = DDIMSchedulerOutput = SchedulerOutput
@@ -100,20 +86,34 @@ _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 _SPACINGS = ("leading", "linspace", "trailing")
 
 
-def _betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas) -> NoiseSchedule:
+def _diffusers_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                     rescale_betas_zero_snr) -> Tensor:
+    """The float32 betas exactly as diffusers' schedulers build them (``squaredcos_cap_v2``: the same Python
+    float formula as :meth:`NoiseSchedule.cosine`, rounded to float32)."""
+    T = check_int("num_train_timesteps", num_train_timesteps, low=1)
     if trained_betas is not None:
-        return NoiseSchedule(trained_betas)
-    if beta_schedule == "linear":
-        return NoiseSchedule.linear(num_train_timesteps, beta_start, beta_end)
-    if beta_schedule == "scaled_linear":
-        return NoiseSchedule.scaled_linear(num_train_timesteps, beta_start, beta_end)
-    if beta_schedule == "squaredcos_cap_v2":
-        return NoiseSchedule.cosine(num_train_timesteps)
-    if beta_schedule == "sigmoid":
-        x = torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float64)
-        return NoiseSchedule(torch.sigmoid(x) * (beta_end - beta_start) + beta_start)
-    raise NotImplementedError(f"beta_schedule={beta_schedule!r} is not implemented; use one of {_BETA_SCHEDULES} "
-                              "or trained_betas")
+        betas = torch.as_tensor(np.asarray(trained_betas), dtype=torch.float32)
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float32) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        betas = NoiseSchedule.cosine(T).betas
+    elif beta_schedule == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start
+    else:
+        raise NotImplementedError(f"beta_schedule={beta_schedule!r} is not implemented; use one of {_BETA_SCHEDULES} "
+                                  "or trained_betas")
+    return _rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
+
+
+def _rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2024, Algorithm 1, in float32 as diffusers: shift sqrt(abar) so its last value is 0, scale it
+    so its first is unchanged, and return the betas of that abar (the last beta is 1: zero terminal SNR)."""
+    root = torch.cumprod(1.0 - betas, 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    abar = ((root - last) * (first / (first - last))) ** 2
+    return 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
 
 
 def _spaced_timesteps(spacing: str, T: int, n: int, steps_offset: int) -> np.ndarray:
@@ -123,57 +123,46 @@ def _spaced_timesteps(spacing: str, T: int, n: int, steps_offset: int) -> np.nda
     if spacing == "leading":
         ratio = T // n
         return (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64) + steps_offset
-    if spacing == "trailing":
-        return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
-    raise ValueError(f"timestep_spacing={spacing!r} is not supported; choose one of {_SPACINGS}")
+    return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1  # trailing
 
 
-class _FusedScheduler:
-    """What both schedulers share: config, schedule tables, timesteps, add_noise."""
+class _FusedScheduler(SchedulerMixin, ConfigMixin):
+    """What both schedulers share: config, schedule tables, timesteps, add_noise, the variance terms."""
 
+    _compatibles = KARRAS_SCHEDULERS
     order = 1
-    init_noise_sigma = 1.0
-    _defaults: dict = {}
-
-    def _setup(self, config: dict):
-        self._internal_dict = FrozenConfig(config)
-        if config.get("thresholding"):
-            raise NotImplementedError("thresholding=True (dynamic thresholding) is not implemented by fastssl's "
-                                      f"{type(self).__name__}; use clip_sample instead")
-        if config.get("rescale_betas_zero_snr"):
-            raise NotImplementedError(f"rescale_betas_zero_snr=True is not implemented by fastssl's {type(self).__name__}")
-        if config["prediction_type"] not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"prediction_type must be one of ('epsilon', 'sample', 'v_prediction'), "
-                             f"got {config['prediction_type']!r}")
-        self.schedule = _betas(config["num_train_timesteps"], config["beta_start"], config["beta_end"],
-                               config["beta_schedule"], config["trained_betas"])
-        self.betas, self.alphas, self.alphas_cumprod = self.schedule.betas, self.schedule.alphas, self.schedule.alphas_cumprod
-        self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.arange(0, len(self.schedule))[::-1].copy().astype(np.int64))
-
-    @property
-    def config(self) -> FrozenConfig:
-        return self._internal_dict
 
     @classmethod
-    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """Build a scheduler from a config dict (ours or a diffusers scheduler's ``.config``; an object with a
-        ``.config`` is accepted too). ``kwargs`` override config entries. Keys starting with ``_`` are
-        dropped; other unknown keys are ignored with a warning, as diffusers does."""
-        if config is not None and not isinstance(config, dict) and hasattr(config, "config"):
-            config = config.config
-        config = dict(config or {})
-        known = {k: v for k, v in {**config, **kwargs}.items() if k in cls._defaults}
-        unknown = {k: v for k, v in config.items() if k not in cls._defaults and not k.startswith("_")}
-        unused = {k: v for k, v in kwargs.items() if k not in cls._defaults}
-        if unknown:
-            warnings.warn(f"The config attributes {unknown} were passed to {cls.__name__}, but are not expected and "
-                          "will be ignored.", UserWarning, stacklevel=2)
-        scheduler = cls(**known)
-        return (scheduler, unused) if return_unused_kwargs else scheduler
+    def _get_compatibles(cls) -> list:
+        """Both fastssl schedulers, then diffusers' DDPM/DDIM compatibles (when it is installed)."""
+        ours = [DDPMScheduler, DDIMScheduler]
+        return ours + [c for c in super()._get_compatibles() if c not in ours]
+
+    def _setup(self):
+        """The tables and timesteps from the registered config."""
+        c = self.config
+        check_choice("prediction_type", c.prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", c.timestep_spacing, _SPACINGS)
+        self.schedule = NoiseSchedule.float32_built(_diffusers_betas(
+            c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas, c.rescale_betas_zero_snr))
+        self.betas, self.alphas, self.alphas_cumprod = self.schedule.betas, self.schedule.alphas, self.schedule.alphas_cumprod
+        self.one = torch.tensor(1.0)
+        self._alpha_before_first = self.one  # abar of a previous timestep below 0 (DDIM: final_alpha_cumprod)
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.arange(0, c.num_train_timesteps)[::-1].copy().astype(np.int64))
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+    def _spec(self, sampler: str, **options) -> StepSpec:
+        """The fused step's configuration from the config (validated once per distinct configuration)."""
+        c = self.config
+        return step_spec(sampler, prediction_type=c.prediction_type, clip_sample=bool(c.clip_sample),
+                         clip_range=float(c.clip_sample_range), thresholding=bool(c.thresholding),
+                         dynamic_thresholding_ratio=float(c.dynamic_thresholding_ratio),
+                         sample_max_value=float(c.sample_max_value), return_pred_x0=True, diffusers_rounding=True,
+                         **options)
 
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
         """The identity (DDPM and DDIM do not scale the model input); for interchangeability."""
@@ -187,18 +176,41 @@ class _FusedScheduler:
                              f"`self.config.train_timesteps`: {T}")
         return _spaced_timesteps(self.config.timestep_spacing, T, int(num_inference_steps), self.config.steps_offset)
 
+    def _variance_terms(self, timestep, prev_timestep) -> tuple[Tensor, Tensor]:
+        """diffusers' float32 (variance, beta) of the step timestep -> prev_timestep: beta = 1 - abar_t /
+        abar_prev, variance = (1 - abar_prev) / (1 - abar_t) * beta (abar_prev of a negative timestep: 1, or
+        DDIM's final_alpha_cumprod). A host helper, as diffusers' own (it reads the timesteps' values)."""
+        a_t = self.alphas_cumprod[timestep]
+        a_p = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self._alpha_before_first
+        beta = 1 - a_t / a_p
+        return (1 - a_p) / (1 - a_t) * beta, beta
+
     def _timestep(self, timestep, sample: Tensor):
         """An int for host values (Python ints, CPU tensors of one element: no device sync), else the
-        device tensor itself."""
+        device tensor itself. Host values must lie in [0, num_train_timesteps) (checked: diffusers' table
+        lookup raises there too); device tensors are not read (no sync): a timestep past the table steps to
+        NaN. A float timestep is refused, as diffusers' lookup refuses it (999.6 is no timestep)."""
         if isinstance(timestep, Tensor):
-            if timestep.device.type == "cpu" and timestep.numel() == 1:
-                return int(timestep.reshape(()).item())
+            if timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool:
+                raise TypeError(f"timestep must be an int or an integer tensor (diffusers indexes its tables by "
+                                f"it), got a {timestep.dtype} tensor")
+            if timestep.device.type == "cpu":
+                self._check_range(timestep.numpy())
+                if timestep.numel() == 1:
+                    return int(timestep.reshape(()).item())
             if timestep.device != sample.device:
                 timestep = timestep.to(sample.device)
             return timestep.reshape(()) if timestep.numel() == 1 and sample.shape[0] != 1 else timestep
-        if isinstance(timestep, numbers.Integral):
+        if isinstance(timestep, numbers.Integral) and not isinstance(timestep, bool):
+            self._check_range(np.asarray(int(timestep)))
             return int(timestep)
         raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
+
+    def _check_range(self, timesteps: np.ndarray) -> None:
+        T = self.config.num_train_timesteps
+        if timesteps.size and (timesteps.min() < 0 or timesteps.max() >= T):
+            raise ValueError(f"timestep must be in [0, {T}) (num_train_timesteps={T}), got "
+                             f"{timesteps.tolist()}")
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
         """``sqrt(abar_t) * original_samples + sqrt(1 - abar_t) * noise`` (:func:`fastssl.q_sample`, one fused
@@ -232,20 +244,23 @@ class _FusedScheduler:
 
 
 class DDPMScheduler(_FusedScheduler):
-    """diffusers' ``DDPMScheduler`` with the fused step (module docstring for what is implemented).
+    """diffusers' ``DDPMScheduler`` with the fused step (module docstring for what is implemented and how its
+    numbers compare with diffusers').
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule.
-        variance_type: ``fixed_small`` (default), ``fixed_small_log`` or ``fixed_large``.
+        variance_type: ``fixed_small`` (default), ``fixed_small_log``, ``fixed_large``, or ``learned`` /
+            ``learned_range`` (the model output has 2C channels: the prediction, then the variance).
         clip_sample: clamp the predicted x0 to ``[-clip_sample_range, clip_sample_range]`` (default True).
         prediction_type: ``epsilon``, ``sample`` or ``v_prediction``.
-        thresholding, dynamic_thresholding_ratio, sample_max_value: accepted; thresholding=True raises.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of the predicted x0
+            (in place of clip_sample): s = clamp(quantile(|x0|, ratio), 1, sample_max_value) per sample.
         timestep_spacing, steps_offset: how :meth:`set_timesteps` spaces inference steps.
-        rescale_betas_zero_snr: accepted; True raises NotImplementedError.
+        rescale_betas_zero_snr: rescale the betas to zero terminal SNR.
 
     Raises:
         NotImplementedError: an option fastssl does not implement (named in the message).
-        ValueError: an unknown prediction_type.
+        ValueError: an unknown prediction_type or timestep_spacing.
 
     >>> import torch
     >>> from fastssl.schedulers import DDPMScheduler
@@ -256,23 +271,26 @@ class DDPMScheduler(_FusedScheduler):
     tensor([[0.5000, 0.5000, 0.5000]])
     """
 
-    _defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                     trained_betas=None, variance_type="fixed_small", clip_sample=True, prediction_type="epsilon",
-                     thresholding=False, dynamic_thresholding_ratio=0.995, clip_sample_range=1.0, sample_max_value=1.0,
-                     timestep_spacing="leading", steps_offset=0, rescale_betas_zero_snr=False)
-    _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+    # variance_type -> the fused step's (an unknown name steps as fixed_small, as in diffusers)
+    _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+                  "learned": "learned", "learned_range": "learned_range"}
 
+    @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, variance_type: str = "fixed_small",
                  clip_sample: bool = True, prediction_type: str = "epsilon", thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False):
-        config = {k: v for k, v in locals().items() if k in self._defaults}
+        if variance_type == "fixed_large_log":  # diffusers' step takes sqrt(log(beta)) of a log < 0: NaN
+            raise NotImplementedError("variance_type='fixed_large_log' is not implemented by fastssl's DDPMScheduler "
+                                      "(diffusers' step returns NaN for every t > 0 with it: it takes the square root "
+                                      f"of log(beta) < 0); use one of {tuple(self._VARIANCES)}")
         if variance_type not in self._VARIANCES:
-            raise NotImplementedError(f"variance_type={variance_type!r} is not implemented by fastssl's DDPMScheduler; "
-                                      f"use one of {tuple(self._VARIANCES)}")
-        self._setup(config)
+            warnings.warn(f"variance_type={variance_type!r} is not one of diffusers' variance types; diffusers' "
+                          "DDPMScheduler steps with the fixed_small variance for it, and so does this one",
+                          UserWarning, stacklevel=3)
+        self._setup()
         self.variance_type = variance_type
         self.custom_timesteps = False
         self._set_prev(None)
@@ -311,9 +329,10 @@ class DDPMScheduler(_FusedScheduler):
 
     def previous_timestep(self, timestep):
         """The timestep the step from ``timestep`` goes to (-1 after the last)."""
-        if isinstance(timestep, Tensor):
+        if isinstance(timestep, Tensor):  # clamped: a device timestep past the table must not read past it
             table = self._prev_on(timestep.device)
-            return table.index_select(0, timestep.reshape(-1).long()).reshape(timestep.shape)
+            index = timestep.reshape(-1).long().clamp(0, table.numel() - 1)
+            return table.index_select(0, index).reshape(timestep.shape)
         return int(self._prev_host[int(timestep)])
 
     def _prev_on(self, device) -> Tensor:
@@ -322,12 +341,36 @@ class DDPMScheduler(_FusedScheduler):
             self._prev_device[key] = self._prev_host.to(device)
         return self._prev_device[key]
 
+    def _get_variance(self, t, predicted_variance: Optional[Tensor] = None, variance_type: Optional[str] = None):
+        """diffusers' ``DDPMScheduler._get_variance`` (its pipelines call it), from the float32 tables as diffusers
+        computes it: with var = max((1 - abar_prev) / (1 - abar_t) * beta, 1e-20) and beta = 1 - abar_t /
+        abar_prev for the step from ``t``, it returns var (fixed_small, and names diffusers does not know),
+        sqrt(var) (fixed_small_log), beta (fixed_large), log(beta) (fixed_large_log), ``predicted_variance``
+        (learned) or frac * log(beta) + (1 - frac) * log(var) with frac = (predicted_variance + 1) / 2
+        (learned_range, a log-variance). The step itself derives its sigma in the kernel.
+
+        >>> round(float(DDPMScheduler()._get_variance(487)), 5)
+        0.00979
+        """
+        var, beta = self._variance_terms(t, self.previous_timestep(t))
+        var = torch.clamp(var, min=1e-20)
+        kind = variance_type or self.config.variance_type
+        if kind == "fixed_small_log":
+            return var.sqrt()
+        if kind in ("fixed_large", "fixed_large_log"):
+            return beta if kind == "fixed_large" else torch.log(beta)
+        if kind in ("learned", "learned_range"):
+            frac = (predicted_variance + 1) / 2
+            return predicted_variance if kind == "learned" else frac * torch.log(beta) + (1 - frac) * torch.log(var)
+        return var
+
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True, *,
              uncond_output: Optional[Tensor] = None, guidance=0.0, noise: Optional[Tensor] = None):
         """One fused DDPM step (:func:`fastssl.ddpm_step`) from ``timestep`` to :meth:`previous_timestep`.
 
         Args:
-            model_output: the model's prediction at ``timestep``; shape of ``sample``.
+            model_output: the model's prediction at ``timestep``; shape of ``sample`` (with 2C channels for a
+                learned variance_type: the prediction, then the variance).
             timestep: an int or an integer tensor (0-dim, or (B,) per sample).
             sample: x_t.
             generator: a torch.Generator, a list of them (one per sample), an int seed, or None.
@@ -343,16 +386,15 @@ class DDPMScheduler(_FusedScheduler):
             generator, noise = self._noise_for(generator, None, sample)
         elif isinstance(generator, (list, tuple)):
             generator = None
-        c = self.config
-        spec = StepSpec("ddpm", prediction_type=c.prediction_type, variance_type=self._VARIANCES[c.variance_type],
-                        clip_sample=bool(c.clip_sample), clip_range=float(c.clip_sample_range), return_pred_x0=True)
+        spec = self._spec("ddpm", variance_type=self._VARIANCES.get(self.variance_type, "fixed_small"))
         prev_sample, pred_x0 = apply_step(spec, model_output, t, sample, self.schedule, prev_t=prev, noise=noise,
                                           generator=generator, uncond_output=uncond_output, guidance=guidance)
         return SchedulerOutput(prev_sample, pred_x0) if return_dict else (prev_sample, pred_x0)
 
 
 class DDIMScheduler(_FusedScheduler):
-    """diffusers' ``DDIMScheduler`` with the fused step (module docstring for what is implemented).
+    """diffusers' ``DDIMScheduler`` with the fused step (module docstring for what is implemented and how its
+    numbers compare with diffusers').
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule.
@@ -360,34 +402,38 @@ class DDIMScheduler(_FusedScheduler):
         set_alpha_to_one: abar_prev = 1 past the first step (else abar_0).
         steps_offset, timestep_spacing: how :meth:`set_timesteps` spaces inference steps.
         prediction_type: ``epsilon``, ``sample`` or ``v_prediction``.
-        thresholding, dynamic_thresholding_ratio, sample_max_value, rescale_betas_zero_snr: accepted; True
-            values raise NotImplementedError.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding (as DDPMScheduler).
+        rescale_betas_zero_snr: rescale the betas to zero terminal SNR.
 
     >>> from fastssl.schedulers import DDIMScheduler
     >>> DDIMScheduler(steps_offset=1).config.steps_offset
     1
     """
 
-    _defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                     trained_betas=None, clip_sample=True, set_alpha_to_one=True, steps_offset=0,
-                     prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
-                     clip_sample_range=1.0, sample_max_value=1.0, timestep_spacing="leading",
-                     rescale_betas_zero_snr=False)
-
+    @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
                  set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False):
-        config = {k: v for k, v in locals().items() if k in self._defaults}
-        self._setup(config)
-        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self._setup()
+        self.final_alpha_cumprod = self.one if set_alpha_to_one else self.alphas_cumprod[0]
+        self._alpha_before_first, self._final_alpha = self.final_alpha_cumprod, float(self.final_alpha_cumprod)
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         """Set ``num_inference_steps`` timesteps spaced by ``config.timestep_spacing`` (default "leading")."""
         timesteps = self._spacing(num_inference_steps)
         self.num_inference_steps = int(num_inference_steps)
         self.timesteps = torch.from_numpy(timesteps).to(device)
+
+    def _get_variance(self, timestep, prev_timestep) -> Tensor:
+        """diffusers' ``DDIMScheduler._get_variance``: (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+        from the float32 tables (abar_prev = final_alpha_cumprod for a negative prev_timestep).
+
+        >>> round(float(DDIMScheduler()._get_variance(420, 400)), 4)
+        0.1477
+        """
+        return self._variance_terms(timestep, prev_timestep)[0]
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[Tensor] = None,
@@ -415,12 +461,9 @@ class DDIMScheduler(_FusedScheduler):
             generator = variance_noise = None
         t = self._timestep(timestep, sample)
         generator, variance_noise = self._noise_for(generator, variance_noise, sample)
-        c = self.config
-        final = 1.0 if c.set_alpha_to_one else float(self.alphas_cumprod[0])
-        spec = StepSpec("ddim", prediction_type=c.prediction_type, clip_sample=bool(c.clip_sample),
-                        clip_range=float(c.clip_sample_range), eta=float(eta), final_alpha_cumprod=final,
-                        use_clipped_model_output=bool(use_clipped_model_output),
-                        prev_offset=-(c.num_train_timesteps // self.num_inference_steps), return_pred_x0=True)
+        spec = self._spec("ddim", eta=float(eta), final_alpha_cumprod=self._final_alpha,
+                          use_clipped_model_output=bool(use_clipped_model_output),
+                          prev_offset=-(self.config.num_train_timesteps // self.num_inference_steps))
         prev_sample, pred_x0 = apply_step(spec, model_output, t, sample, self.schedule, noise=variance_noise,
                                           generator=generator, uncond_output=uncond_output, guidance=guidance)
         return SchedulerOutput(prev_sample, pred_x0) if return_dict else (prev_sample, pred_x0)

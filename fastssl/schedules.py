@@ -34,7 +34,7 @@ class NoiseSchedule:
     class methods :meth:`linear`, :meth:`scaled_linear` and :meth:`cosine`, which equal diffusers'
     ``linear``, ``scaled_linear`` and ``squaredcos_cap_v2`` schedules (built in float64 before the
     float32 rounding, so abar is closer to the exact product than diffusers' float32 cumprod, within
-    ~1e-6 relative of it). :meth:`to` returns the schedule on another device; the ops accept a
+    ~1e-6 relative of it; :meth:`float32_built` builds them as diffusers does). :meth:`to` returns the schedule on another device; the ops accept a
     schedule on any device (:meth:`on` keeps one copy per device). The tables are read-only.
 
     ``q_coefficients`` is the (2, T) float64 table of sqrt(abar_t) and sqrt(1 - abar_t); :func:`fastssl.q_sample`
@@ -56,24 +56,41 @@ class NoiseSchedule:
     """
 
     def __init__(self, betas):
-        try:
-            betas64 = torch.as_tensor(betas).detach().to("cpu", torch.float64)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"betas must be a 1-D tensor, list or array of numbers, got {type(betas).__name__}") from exc
-        if betas64.dim() != 1 or betas64.numel() == 0:
-            raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas64.shape)}")
-        if not torch.isfinite(betas64).all() or (betas64 < 0).any() or (betas64 > 1).any():
-            raise ValueError(f"betas must be finite and in [0, 1], got min {betas64.min().item()} max {betas64.max().item()}")
+        betas64 = _check_betas(betas, torch.float64, unit_range=True)
         alphas64 = 1.0 - betas64
-        abar = torch.cumprod(alphas64, 0).float()
-        abar64 = abar.double()  # q_sample's coefficients, of the float32 abar the step kernel reads
-        self._set(betas64.float(), alphas64.float(), abar, torch.stack([abar64.sqrt(), (1 - abar64).sqrt()]),
-                  torch.arange(-1, betas64.numel(), dtype=torch.long))
+        self._build(betas64.float(), alphas64.float(), torch.cumprod(alphas64, 0).float())
+
+    @classmethod
+    def float32_built(cls, betas) -> "NoiseSchedule":
+        """The tables as diffusers' schedulers build them: ``betas`` rounded to float32 first, then
+        ``alphas = 1 - betas`` and their cumulative product in float32 (what :mod:`fastssl.schedulers` uses, so
+        a drop-in reproduces diffusers' numbers). Float32 rounding at each of the T products leaves abar up to
+        ~4e-7 (linear, T = 1000) to ~1.1e-6 (scaled_linear) relative from the exact product of the same
+        betas, against ~6e-8 for the float64-built tables; at small t that is up to ~1e-3 relative in
+        1 - abar_t. Like diffusers, any finite betas are accepted (values outside [0, 1] give an abar outside
+        [0, 1], and NaN coefficients at the timesteps where abar < 0).
+
+        >>> NoiseSchedule.float32_built([0.1, 0.2]).alphas_cumprod
+        tensor([0.9000, 0.7200])
+        """
+        betas32 = _check_betas(betas, torch.float32, unit_range=False)
+        alphas32 = 1.0 - betas32
+        schedule = object.__new__(cls)
+        schedule._build(betas32, alphas32, torch.cumprod(alphas32, 0))
+        return schedule
+
+    def _build(self, betas: Tensor, alphas: Tensor, alphas_cumprod: Tensor):
+        """Set the float32 tables and derive the rest: q_sample's coefficients, in float64, of the float32 abar
+        the step kernel reads."""
+        abar64 = alphas_cumprod.double()
+        self._set(betas, alphas, alphas_cumprod, torch.stack([abar64.sqrt(), (1 - abar64).sqrt()]),
+                  torch.arange(-1, betas.numel(), dtype=torch.long))
 
     def _set(self, betas: Tensor, alphas: Tensor, alphas_cumprod: Tensor, q_coefficients: Tensor, steps: Tensor):
         self.betas, self.alphas, self.alphas_cumprod, self.q_coefficients = betas, alphas, alphas_cumprod, q_coefficients
         self.num_timesteps = betas.numel()
         self._steps = steps  # int t -> _steps[t + 1:t + 2], a view (t = -1: "before the first step")
+        self._step_views = {}
         self._copies = {}
         self._q_tables = {torch.float64: q_coefficients}
 
@@ -125,6 +142,17 @@ class NoiseSchedule:
                 self._q_tables[dtype] = table
         return table
 
+    def step_view(self, t: int) -> Tensor:
+        """The int64 tensor [t] on this schedule's device (t >= -1; lower values read as -1): a one-element view
+        of the schedule's steps, made once per t (a slice costs more than the small CPU step it feeds)."""
+        index = max(t, -1) + 1
+        if torch.compiler.is_compiling():
+            return self._steps[index:index + 1]
+        view = self._step_views.get(index)
+        if view is None:
+            view = self._step_views[index] = self._steps[index:index + 1]
+        return view
+
     def on(self, device) -> "NoiseSchedule":
         """This schedule on ``device``: ``self`` if its tables are there, else a copy made once and kept (the
         tables are read-only, so one copy per device serves every op)."""
@@ -141,6 +169,20 @@ class NoiseSchedule:
 
     def __repr__(self) -> str:
         return f"NoiseSchedule(num_timesteps={self.num_timesteps}, device={self.device})"
+
+
+def _check_betas(betas, dtype: torch.dtype, *, unit_range: bool) -> Tensor:
+    """``betas`` as a 1-D, non-empty, finite CPU tensor of ``dtype`` (in [0, 1] when ``unit_range``)."""
+    try:
+        betas = torch.as_tensor(betas).detach().to("cpu", dtype)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"betas must be a 1-D tensor, list or array of numbers, got {type(betas).__name__}") from exc
+    if betas.dim() != 1 or betas.numel() == 0:
+        raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
+    if not torch.isfinite(betas).all() or (unit_range and ((betas < 0).any() or (betas > 1).any())):
+        raise ValueError(f"betas must be finite{' and in [0, 1]' if unit_range else ''}, got min "
+                         f"{betas.min().item()} max {betas.max().item()}")
+    return betas
 
 
 def _check_schedule_args(num_timesteps, beta_start, beta_end):
@@ -172,8 +214,7 @@ def timestep_tensor(name: str, t, schedule: NoiseSchedule, batch: int, device: t
         t = int(t)
         if t >= T or (t < 0 and not allow_negative):
             raise ValueError(f"{name} must be in [{low}, {T - 1}] for this {T}-step schedule, got {t}")
-        index = max(t, -1) + 1
-        return schedule.on(device)._steps[index:index + 1]
+        return schedule.on(device).step_view(t)
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be an int or a LongTensor of shape ({batch},), got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:

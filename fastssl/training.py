@@ -25,6 +25,7 @@ class TrainConfig:
     out: str = "train-out"
     seed: int = 0
     progress: bool = True
+    loss: Optional[str] = None  # a method's loss variant (clip: "softmax" or "sigmoid"); None: its default
 
     def epochs_or(self, quick: int, full: int) -> int:
         return self.epochs if self.epochs is not None else (quick if self.quick else full)
@@ -90,8 +91,20 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_l
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` to ``path`` atomically: a temporary file beside it, then a rename (an interrupted run
+    leaves the previous complete file, or none)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_outputs(result: Result, out_dir: str, seconds: float, cpu_seconds: float | None = None) -> dict:
-    """metrics.json, loss.png and the method's figures in ``out_dir``; returns the metrics dict."""
+    """loss.png, the method's figures, then metrics.json (written atomically and last: a metrics.json
+    present means the whole output is) in ``out_dir``; returns the metrics dict."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,8 +115,6 @@ def write_outputs(result: Result, out_dir: str, seconds: float, cpu_seconds: flo
                "higher_is_better": result.higher_is_better, "beats_baseline": result.beats_baseline,
                "seconds": round(seconds, 1), "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 1),
                "final_loss": result.losses[-1] if result.losses else None, **result.extra}
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(1, len(result.losses) + 1), result.losses, marker="o")
     ax.set_xlabel("epoch")
@@ -114,4 +125,5 @@ def write_outputs(result: Result, out_dir: str, seconds: float, cpu_seconds: flo
     plt.close(fig)
     for name, draw in result.figures.items():
         draw(os.path.join(out_dir, name))
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics

@@ -194,7 +194,8 @@ def sass_instructions(text: str) -> list[tuple]:
 
 
 def _global_load_bits(opcode: str) -> int:
-    """The width of one global load (``LDG.E.128``: 128; ``LDG.E.U16``: 16; plain ``LDG.E``: 32)."""
+    """The width of one global load or store (``LDG.E.128``: 128; ``LDG.E.U16``: 16; plain ``LDG.E``,
+    ``STG.E``: 32)."""
     for bits in (128, 64, 16, 8):
         if re.search(rf"\.(?:U|S)?{bits}\b", opcode):
             return bits
@@ -228,18 +229,22 @@ def main_loop(instructions: list[tuple]) -> list[tuple]:
 def sass_profile(text: str) -> dict:
     """What the SASS says about the hot loop and the memory path: the main loop's instruction count and its
     wgmma, async copies (``LDGSTS``: cp.async, and their widths), TMA loads (``UTMALDG``), global loads and
-    barriers; the
-    kernel's global loads by width in bits (the widest is the result's ``load_bits``)."""
+    barriers; the kernel's global loads and stores by width in bits (the widest load is the result's
+    ``load_bits``)."""
     instructions = sass_instructions(text)
     loop = main_loop(instructions)
-    widths = {}
-    for _, op, _ in instructions:
-        if op.startswith("LDG."):  # a global load (LDGSTS, cp.async, and LDGDEPBAR are counted apart)
-            bits = _global_load_bits(op)
-            widths[bits] = widths.get(bits, 0) + 1
+
+    def widths(prefix):  # "LDG.": global loads (LDGSTS, cp.async, and LDGDEPBAR are counted apart); "STG."
+        found = {}
+        for _, op, _ in instructions:
+            if op.startswith(prefix):
+                bits = _global_load_bits(op)
+                found[bits] = found.get(bits, 0) + 1
+        return dict(sorted(found.items()))
+
     loop_loads = [op for _, op, _ in loop if op.startswith("LDG.")]
     return {"instructions": len(instructions), "cp_async": _count(instructions, "LDGSTS"),
-            "tma": _count(instructions, "UTMALDG"), "global_loads": dict(sorted(widths.items())),
+            "tma": _count(instructions, "UTMALDG"), "global_loads": widths("LDG."), "global_stores": widths("STG."),
             "loop": {"instructions": len(loop), "wgmma": _count(loop, "HGMMA"), "cp_async": _count(loop, "LDGSTS"),
                      "cp_async_bits": sorted({_global_load_bits(op) for _, op, _ in loop if op.startswith("LDGSTS")}),
                      "tma": _count(loop, "UTMALDG"), "global_loads": len(loop_loads),
@@ -278,6 +283,9 @@ def compile_one(spec, variant, config, arch: int) -> dict:
     profile = sass_profile(sass(compiled.asm["cubin"]))
     result.update(usage, dynamic_shared=dynamic_shared, load_bits=max(profile["global_loads"], default=None),
                   sass=profile, seconds=round(time.perf_counter() - start, 2))
+    if "BLOCK" in constexprs and not profile["loop"]["instructions"]:  # an elementwise kernel: one pass
+        result["per_thread"] = max(constexprs["BLOCK"] // (32 * config.num_warps), 1)
+        result["instructions_per_element"] = round(profile["instructions"] / result["per_thread"], 1)
     total_shared = dynamic_shared + (usage["shared"] or 0)
     if usage["local"] is None:
         result["problems"].append("cuobjdump reported no LOCAL figure")
@@ -331,14 +339,16 @@ def main(argv=None) -> int:
 
 REPORT_HEADER = (f"{'kernel':34s} {'dtype':5s} {'config':64s} {'w':>2s} {'st':>2s} {'reg':>4s} {'spill':>6s} "
                  f"{'smem KB':>7s} {'loop':>5s} {'wgmma':>5s} {'cp.async':>8s} {'tma':>3s} {'ld bits':>12s} "
-                 f"{'loop ld':>8s}  problems")
+                 f"{'loop ld':>8s} {'st bits':>9s} {'ins/el':>6s}  problems")
 
 
 def report_line(result: dict) -> str:
     """One ``--report`` row: the kernel, its first pointer's dtype, the constexprs (and the sizes declared
     multiples of 16, ``H,W%16``), warps and stages, registers, spilled bytes (LOCAL + STACK), shared memory
     (static + dynamic), the main loop's instruction and wgmma counts, async copies (kernel/loop), TMA
-    loads, the kernel's global loads by width (bits x count) and the main loop's (count @ widths)."""
+    loads, the kernel's global loads by width (bits x count) and the main loop's (count @ widths), its global
+    stores by width, and an elementwise kernel's SASS instructions per element (all of them over the
+    elements a thread handles)."""
     dtype = next((t[1:] for t in result["signature"].values() if t.startswith("*")), "-")
     config = ",".join(f"{k}={v}" for k, v in result["constexprs"].items() if k.isupper() and k != "ACC")
     multiples = [a for a, t in result["signature"].items() if t.endswith(":16") and "bucket" not in a]
@@ -351,10 +361,12 @@ def report_line(result: dict) -> str:
     smem = ((result["shared"] or 0) + result["dynamic_shared"]) / 1024
     loads = " ".join(f"{b}x{n}" for b, n in profile["global_loads"].items()) or "-"
     loop_loads = f"{loop['global_loads']}@{'/'.join(map(str, loop['global_load_bits']))}" if loop["global_loads"] else "0"
+    stores = " ".join(f"{b}x{n}" for b, n in profile["global_stores"].items()) or "-"
+    per_element = result.get("instructions_per_element")
     return (f"{result['kernel']:34s} {dtype:5s} {config:64s} {result['num_warps']:>2d} {result['num_stages']:>2d} "
             f"{result['reg']:>4d} {spill:>6d} {smem:>7.1f} {loop['instructions']:>5d} {loop['wgmma']:>5d} "
-            f"{profile['cp_async']:>4d}/{loop['cp_async']:<3d} {profile['tma']:>3d} {loads:>12s} {loop_loads:>8s}  "
-            f"{'; '.join(result['problems'])}")
+            f"{profile['cp_async']:>4d}/{loop['cp_async']:<3d} {profile['tma']:>3d} {loads:>12s} {loop_loads:>8s} "
+            f"{stores:>9s} {'-' if per_element is None else per_element:>6}  {'; '.join(result['problems'])}")
 
 
 if __name__ == "__main__":

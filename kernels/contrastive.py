@@ -36,9 +36,10 @@ address is one 64-bit base plus immediate offsets and rows are 16-byte aligned (
 JIT's alignment specialization, which the ahead-of-time compile cannot see). The forward keeps the query
 block resident (BLOCK_D 128 or 256, bf16/fp16; fp32 with TF32 up to 128) or loops over 64-wide chunks
 (float64, float32 with exact products, D > 256). The backward keeps the query block resident on sm_90 in
-bf16/fp16 with D <= 128 (one key tile load serves the score and the gradient products); elsewhere it
-accumulates one 128-wide feature chunk of dq per program (64 for the exact kernels) and recomputes the
-scores over all chunks (with D = 256 one extra score pass: a resident 256-wide block spills).
+bf16/fp16 with D <= 256 (one key tile load serves the score and the gradient products; at D = 256 the dq
+accumulator spans two warpgroups, and MoCo's key scale, which spills there, stays at D <= 128); elsewhere
+it accumulates one 128-wide feature chunk of dq per program (64 for the exact kernels) and recomputes the
+scores over all chunks (one extra score pass a chunk).
 
 Autotune configs are per chip family (``registry.for_archs``: wgmma's shared-memory operands let sm_90 take
 larger tiles than sm_80's register-operand mma), filtered per dtype by ``keep`` where one dtype spills,
@@ -101,6 +102,21 @@ def _rows(base, idx_l, mask, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
         return tl.load(_tile_ptrs(base, idx_l, BLOCK_D), mask=mask[:, None], other=0.0)
     else:
         return tl.load(_tile_ptrs(base, idx_l, BLOCK_D))
+
+
+@device_function
+@triton.jit
+def _query_block(q_ptr, N, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr):
+    """This program's block of rows (every kernel's head): (row0, local row indices, rows, rows < N, the
+    resident query block: loaded where it is all of D, zeros where the kernels loop over feature chunks)."""
+    row0 = tl.program_id(0) * BLOCK_M
+    rows_l = tl.arange(0, BLOCK_M)
+    rows = row0 + rows_l
+    row_mask = rows < N
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
+    if not D_LOOP:
+        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
+    return row0, rows_l, rows, row_mask, q
 
 
 @device_function
@@ -172,10 +188,12 @@ def _tile_counts(lo, hi, full, M, BLOCK_N: tl.constexpr):
 @device_function
 @triton.jit
 def _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks, n_tiles,
-               lo, hi, full, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+               lo, hi, full, lq, lk_ptr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                D_LOOP: tl.constexpr, KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr):
-    """The online log-sum-exp (base 2) over ``n_tiles`` key tiles of one kind (``_tile_start``)."""
+               MASKED: tl.constexpr, LABELS: tl.constexpr):
+    """The online log-sum-exp (base 2) over ``n_tiles`` key tiles of one kind (``_tile_start``); with
+    ``LABELS`` over the keys whose label (at ``lk_ptr``) differs from the row's (``lq``) only: the
+    negatives of the supervised NT-Xent."""
     for t in range(0, n_tiles):
         col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
         cols = col0 + tl.arange(0, BLOCK_N)
@@ -186,6 +204,12 @@ def _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, exclud
             s = s * (scale2 * _key_scale(ks_ptr, cols, col_mask, ACC, MASKED))[None, :]
         else:
             s = s * scale2
+        if LABELS:
+            if MASKED:
+                lk = tl.load(lk_ptr + cols, mask=col_mask, other=0)
+            else:
+                lk = tl.load(lk_ptr + cols)
+            s = tl.where(lk[None, :] != lq[:, None], s, float("-inf"))
         if MASKED:
             s = tl.where(col_mask[None, :] & (cols[None, :] != excluded[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -193,6 +217,26 @@ def _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, exclud
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m_i = m_new
     return m_i, l_i
+
+
+@device_function
+@triton.jit
+def _row_lse2(q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, diag_off, N, M, n_chunks, lq, lk_ptr,
+              ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+              KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LABELS: tl.constexpr):
+    """The rows' log-sum-exp in base 2 over all keys but each row's excluded column (and, with ``LABELS``,
+    the keys of its own label): the whole key tiles unmasked, then the band and edge tiles (``_band``)."""
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
+                          n_plain, lo, hi, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
+                          BLOCK_N, False, LABELS)
+    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
+                          n_masked, lo, hi, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
+                          BLOCK_N, True, LABELS)
+    return m_i + tl.log2(l_i)
 
 
 @triton.jit
@@ -203,23 +247,33 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_ptr, N, M, n_chunks, di
     # GPU) with the scale folded into one multiply; lse = ln(2) * (m2 + log2(l)). Without KSCALE (every loss
     # but MoCo's in-kernel queue normalisation) no per-key scale is loaded. Whole key tiles off the excluded
     # diagonal run without masks; the few that meet it or the end of the keys run masked.
-    row0 = tl.program_id(0) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
     excluded = rows + diag_off  # the column each row leaves out (>= M: none)
-    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
-    if not D_LOOP:
-        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, tl.arange(0, BLOCK_M), row_mask, BLOCK_D, True)
     scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
-    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
-    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
-    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
-    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
-                          n_plain, lo, hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, False)
-    m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
-                          n_masked, lo, hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, True)
-    tl.store(lse_ptr + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_mask)
+    lse2 = _row_lse2(q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, diag_off, N, M, n_chunks, rows,
+                     ks_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, False)
+    tl.store(lse_ptr + rows, lse2 * LN2, mask=row_mask)
+
+
+@device_function
+@triton.jit
+def _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full, ACC: tl.constexpr,
+              DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """The t-th key tile of one kind in a backward (every backward kernel's loop head): (its columns, their
+    mask, the key tile of this program's feature chunk, the scores q . k recomputed: from the resident query
+    block, where the key tile loaded once serves both products, or summed over the feature chunks)."""
+    cols_l = tl.arange(0, BLOCK_N)
+    col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
+    cols = col0 + cols_l
+    col_mask = cols < M
+    kt = _rows(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
+    if D_LOOP:
+        s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                    BLOCK_M, BLOCK_N, BLOCK_D, True, MASKED)
+    else:
+        s = dot_acc(q, tl.trans(kt), ACC, DOT_PREC)
+    return cols, col_mask, kt, s
 
 
 @device_function
@@ -230,17 +284,9 @@ def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, lse_c_ptr, g_c_ptr, scale2, lse_r, 
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """acc += dS @ k over ``n_tiles`` key tiles of one kind: the scores recomputed (from the resident query
     block: the key tile loaded once serves both products), dS formed in registers."""
-    cols_l = tl.arange(0, BLOCK_N)
     for t in range(0, n_tiles):
-        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
-        cols = col0 + cols_l
-        col_mask = cols < M
-        kt = _rows(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
-        if D_LOOP:
-            s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
-                        BLOCK_M, BLOCK_N, BLOCK_D, True, MASKED)
-        else:
-            s = dot_acc(q, tl.trans(kt), ACC, DOT_PREC)
+        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full,
+                                          ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
         if KSCALE:
             c = _key_scale(ks_ptr, cols, col_mask, ACC, MASKED)
             s = s * (scale2 * c)[None, :]
@@ -275,15 +321,9 @@ def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_r_ptr, g_r_ptr, lse_c_p
     # One (BLOCK_M, BLOCK_D) fp32 accumulator of dq per program: the feature chunk program_id(1) of the
     # gradient. Without D_LOOP the query block is all of D (one chunk), resident, and each key tile is
     # loaded once; with it the scores are summed over every chunk (q and k chunks streamed).
-    row0 = tl.program_id(0) * BLOCK_M
-    rows_l = tl.arange(0, BLOCK_M)
-    rows = row0 + rows_l
-    row_mask = rows < N
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
     excluded = rows + diag_off
     chunk = tl.program_id(1).to(tl.int64)
-    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=q_ptr.dtype.element_ty)
-    if not D_LOOP:
-        q = _rows(q_ptr + tl.cast(row0, tl.int64) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
     scale = tl.load(scale_ptr).to(ACC)
     scale2 = scale * LOG2E  # base 2, as the forward: exp(s - lse) = exp2(s2 - log2(e) lse)
     lse_r = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -334,13 +374,17 @@ FWD_CONFIGS = {128: _configs([(128, 64, 8, 3), (64, 64, 4, 3)])
 # The backward: one (BLOCK_M, BLOCK_D) fp32 accumulator of dq per program beside the scores tile. Two stages
 # stream the key tiles in (cp.async) while the previous tile's MMAs run. Resident query block (bf16/fp16,
 # D <= 128, sm_90 only): each key tile is loaded once for both products; 64 x 64 x 4 warps and 128 x 64 x 8
-# use 224-244 registers, no spills. It spills elsewhere (--report, triton 3.8, 2026-12-03): in tf32 on sm_90
-# (80-160 B), with MoCo's key scale on sm_80 (48-72 B), and with D = 256 on sm_90 (80-368 B, 64 x 32 and
-# 64 x 64): those take the chunked kernel. Chunked, 64 x 32 x 8 warps x 2 stages is clean under triton
+# use 224-244 registers, no spills. With D = 256 (bf16/fp16, sm_90) the (64, 256) fp32 accumulator is split
+# over two warpgroups: 64 x 64 x 8 warps (254 registers, 20 wgmma a tile) and 64 x 32 x 8 (206); 128 rows or
+# 4 warps spill (56-136 B), and so does MoCo's key scale at 64 x 64 (32 B): MoCo at D > 128 takes the
+# chunked kernel (the 256 variants are compiled without KSCALE). The resident block spills elsewhere too
+# (--report, triton 3.8, 2026-12-03): in tf32 on sm_90 (80-160 B) and with MoCo's key scale on sm_80
+# (48-72 B): those take the chunked kernel. Chunked, 64 x 32 x 8 warps x 2 stages is clean under triton
 # 3.6-3.9 on both chips except tf32 on sm_80 under 3.6 (STACK:8): there tf32 takes 32 x 32 (128-175
 # registers; ``_keep_backward``). The exact (FMA-unit) backward stays at one stage: with two, fp32 spills
 # on sm_90 under triton 3.9 (32 x 32 x 8: STACK:16; 16 x 32 x 4: 8).
 BWD_CONFIGS = {128: _configs([(64, 64, 4, 2), (128, 64, 8, 2)], HOPPER),
+               256: _configs([(64, 64, 8, 2), (64, 32, 8, 2)], HOPPER),
                "loop": _configs([(64, 32, 8, 2)]) + _configs([(32, 32, 8, 2)], AMPERE)
                + _configs([(64, 64, 4, 2)], HOPPER),
                "exact": _configs([(32, 32, 8, 1)])}
@@ -360,16 +404,19 @@ _FWD_ARGS = ["N:16", "M:16", "n_chunks", "diag_off:16", "n_bucket:16", "m_bucket
 _BWD_ARGS = _FWD_ARGS + ["row_term", "col_term", "need_dscale"]
 
 
-def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), **flags):
-    """One variant per (dtype, dot precision) in ``kinds`` and per KSCALE (a per-key scale: MoCo's
-    queue); ``ints`` named ``"name:16"`` are declared multiples of 16."""
+def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), kscales=(False, True), **flags):
+    """One variant per (dtype, dot precision) in ``kinds`` and per KSCALE in ``kscales`` (a per-key scale:
+    MoCo's queue; None: a kernel without the option); ``ints`` named ``"name:16"`` are declared multiples
+    of 16, ``"name:i64"`` are int64 pointers (labels)."""
     out = []
-    for (dtype, prec), kscale in itertools.product(kinds, (False, True)):
+    for (dtype, prec), kscale in itertools.product(kinds, kscales or (None,)):
         ty, acc = TL_DTYPE[dtype], ("fp64" if dtype == torch.float64 else "fp32")
-        signature = {**{a: f"*{ty}" for a in ptrs}, **{a: f"*{acc}" for a in acc_ptrs},
+        signature = {**{a: f"*{ty}" for a in ptrs},
+                     **{a.partition(":")[0]: ("*i64" if a.endswith(":i64") else f"*{acc}") for a in acc_ptrs},
                      **{a.partition(":")[0]: "i32" + (":16" if a.endswith(":16") else "") for a in ints}}
+        options = {} if kscale is None else {"KSCALE": kscale}
         out.append(variant(signature, archs=archs, ACC=acc_type(dtype), DOT_PREC=prec, BLOCK_D=block,
-                           KSCALE=kscale, **flags))
+                           **options, **flags))
     return out
 
 
@@ -381,20 +428,22 @@ _EXACT = [(torch.float32, "ieee"), (torch.float64, "ieee")]
 _FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr"])
 _BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "ks_ptr", "lse_r_ptr", "g_r_ptr", "lse_c_ptr", "g_c_ptr",
                                              "dscale_ptr"])
-# (key, BLOCK_D, kinds, chip families): the resident widths, then the chunked kernels
-_KINDS = ((128, 128, _TF32 + _HALF, ()), (256, 256, _HALF, ()), ("loop", LOOP_BLOCK_D, _TF32 + _HALF, ()),
-          ("exact", LOOP_BLOCK_D, _EXACT, ()))
-_BWD_KINDS = ((128, 128, _HALF, HOPPER), ("loop", 128, _TF32 + _HALF, ()), ("exact", LOOP_BLOCK_D, _EXACT, ()))
+# (key, BLOCK_D, kinds, chip families, KSCALE values): the resident widths, then the chunked kernels
+_ANY = (False, True)
+_KINDS = ((128, 128, _TF32 + _HALF, (), _ANY), (256, 256, _HALF, (), _ANY),
+          ("loop", LOOP_BLOCK_D, _TF32 + _HALF, (), _ANY), ("exact", LOOP_BLOCK_D, _EXACT, (), _ANY))
+_BWD_KINDS = ((128, 128, _HALF, HOPPER, _ANY), (256, 256, _HALF, HOPPER, (False,)),
+              ("loop", 128, _TF32 + _HALF, (), _ANY), ("exact", LOOP_BLOCK_D, _EXACT, (), _ANY))
 _fwd_kernels, _bwd_kernels = {}, {}
-for _key, _bd, _kinds, _archs in _KINDS:
+for _key, _bd, _kinds, _archs, _kscales in _KINDS:
     _fwd_kernels[_key] = register(
         autotune(FWD_CONFIGS[_key], key=KEY)(_lse_fwd_kernel), configs=FWD_CONFIGS[_key], uses_dot=True,
-        variants=_variants(*_FWD_PTRS, _FWD_ARGS, _bd, _kinds, _archs, D_LOOP=_key in ("loop", "exact")))
-for _key, _bd, _kinds, _archs in _BWD_KINDS:
+        variants=_variants(*_FWD_PTRS, _FWD_ARGS, _bd, _kinds, _archs, _kscales, D_LOOP=_key in ("loop", "exact")))
+for _key, _bd, _kinds, _archs, _kscales in _BWD_KINDS:
     _bwd_kernels[_key] = register(
         autotune(BWD_CONFIGS[_key], key=KEY, keep=_keep_backward)(_lse_bwd_kernel), configs=BWD_CONFIGS[_key],
         uses_dot=True, keep=_keep_backward,
-        variants=_variants(*_BWD_PTRS, _BWD_ARGS, _bd, _kinds, _archs, D_LOOP=_key in ("loop", "exact")))
+        variants=_variants(*_BWD_PTRS, _BWD_ARGS, _bd, _kinds, _archs, _kscales, D_LOOP=_key in ("loop", "exact")))
 
 
 def _exact(dtype: torch.dtype) -> bool:
@@ -426,17 +475,20 @@ def _chip(x: torch.Tensor) -> int:
     return arch_family(device_arch(x)) if x.is_cuda else 0
 
 
-def _pick_backward(x: torch.Tensor):
+def _pick_backward(x: torch.Tensor, kscale: bool = False):
     """(kernel key, BLOCK_D, D_LOOP) of the backward: the query block resident where its tile and the
-    gradient accumulator fit in registers beside the scores (bf16/fp16, D <= 128, on sm_90), else the
-    gradient in 128-wide chunks (64 for the exact kernels) with the scores summed over all of them."""
+    gradient accumulator fit in registers beside the scores (bf16/fp16 on sm_90: D <= 128, and D <= 256
+    without a key scale), else the gradient in 128-wide chunks (64 for the exact kernels) with the scores
+    summed over all of them."""
     d = x.shape[1]
     if _exact(x.dtype):
         return "exact", BWD_BLOCK_D["exact"], True
-    if interpreting():  # small resident blocks; the tests force the chunked path with a narrow MAX_BLOCK_D
-        return (128, max(16, triton.next_power_of_2(d)), False) if d <= MAX_BLOCK_D // 2 else ("loop", 16, True)
-    if d <= min(128, MAX_BLOCK_D) and x.dtype != torch.float32 and _chip(x) >= 90:
-        return 128, 128, False
+    # the interpreter takes the resident kernel in every dtype, with a small block (the tests force the
+    # chunked path with a narrow MAX_BLOCK_D)
+    interpret = interpreting()
+    if d <= MAX_BLOCK_D // (2 if kscale else 1) and (interpret or x.dtype != torch.float32 and _chip(x) >= 90):
+        key = 128 if d <= 128 else 256
+        return key, (max(16, triton.next_power_of_2(d)) if interpret else key), False
     return "loop", BWD_BLOCK_D["fast"], True
 
 
@@ -466,7 +518,7 @@ def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off
     None."""
     n, d = q.shape
     m = k.shape[0]
-    key, bd, loop = _pick_backward(q)
+    key, bd, loop = _pick_backward(q, kscale is not None)
     ql = _layout(q, bd)
     kl = ql if k is q else _layout(k, bd)
     chunks = ql.shape[0]
@@ -483,8 +535,400 @@ def lse_backward_rows(q, k, scale, lse_r, g_r, lse_c, g_c, kscale=None, diag_off
            diag_off=off, row_term=int(row_term), col_term=int(col_term), need_dscale=int(need_dscale),
            n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype),
            BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None)
+    return _unlayout(dq, n, d, bd), (partials.sum() if need_dscale else None)
+
+
+def _unlayout(x: torch.Tensor, n: int, d: int, bd: int) -> torch.Tensor:
+    """(n, d) rows of a (C, n, bd) chunk-major buffer (``_layout``'s inverse; a view when it is one chunk)."""
+    chunks = x.shape[0]
     if chunks > 1 or bd != d:
-        dq = dq.transpose(0, 1).reshape(n, chunks * bd)[:, :d].contiguous()
-    else:
-        dq = dq.view(n, d)
-    return dq, (partials.sum() if need_dscale else None)
+        return x.transpose(0, 1).reshape(n, chunks * bd)[:, :d].contiguous()
+    return x.view(n, d)
+
+
+# -- the sigmoid loss (SigLIP) -------------------------------------------------------------------------------
+# sum_j softplus(-z_ij l_ij) per row, l_ij = scale * q_i . k_j + bias, z_ij = +1 on the positive column
+# j == i + diag_off and -1 elsewhere (Zhai et al. 2023), tiled like the LSE kernels: the same resident query
+# block or feature chunks (``_scores``), the same split of whole key tiles (every pair a negative: no compare)
+# from the band and edge tiles (``_band``: there the positive's sign flips and the keys past M drop out).
+# Base 2 as there: l2 = log2(e) l, softplus(t) = ln(2) * log2(1 + 2^t2), one exp2 and one log2 a pair.
+# The backward by recomputation: dS_ij = w * d softplus(-z l)/dl = -z_ij sigmoid(-z_ij l_ij) w (w: the
+# anchor's weight, an image row's in the row pass, a column's in the column pass that gives the texts'
+# gradient with the roles swapped), dq = scale dS @ k; the parameters' gradients per row (dscale from the
+# accumulator as the LSE backward does, dbias = sum_j dS_ij), summed afterwards in a fixed order.
+
+@device_function
+@triton.jit
+def _softplus2(t2):
+    """log2(1 + 2^t2), exact at both ends (max(t2, 0) + log2(1 + 2^-|t2|)); NaN in, NaN out."""
+    return tl.maximum(t2, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(t2)))
+
+
+@device_function
+@triton.jit
+def _sig_tiles(acc, q, q_ptr, k_ptr, scale2, bias2, row0, row_mask, positive, N, M, n_chunks, n_tiles, lo, hi,
+               full, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """acc_i += sum_j softplus2(-z_ij l2_ij) over ``n_tiles`` key tiles of one kind (``_tile_start``)."""
+    for t in range(0, n_tiles):
+        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < M
+        s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                    BLOCK_M, BLOCK_N, BLOCK_D, D_LOOP, MASKED)
+        t2 = s * scale2 + bias2  # a negative's -z l = l
+        if MASKED:
+            t2 = tl.where(cols[None, :] == positive[:, None], -t2, t2)
+            acc += tl.sum(tl.where(col_mask[None, :], _softplus2(t2), 0.0), 1)
+        else:
+            acc += tl.sum(_softplus2(t2), 1)
+    return acc
+
+
+@triton.jit
+def _sig_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, out_ptr, N, M, n_chunks, diag_off, n_bucket, m_bucket,
+                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
+    scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
+    bias2 = tl.load(bias_ptr).to(ACC) * LOG2E
+    acc = tl.zeros((BLOCK_M,), dtype=ACC)
+    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    positive = rows + diag_off
+    acc = _sig_tiles(acc, q, q_ptr, k_ptr, scale2, bias2, row0, row_mask, positive, N, M, n_chunks, n_plain, lo,
+                     hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, False)
+    acc = _sig_tiles(acc, q, q_ptr, k_ptr, scale2, bias2, row0, row_mask, positive, N, M, n_chunks, n_masked, lo,
+                     hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, True)
+    tl.store(out_ptr + rows, acc * LN2, mask=row_mask)
+
+
+@device_function
+@triton.jit
+def _sig_bwd_tiles(acc, db, q, q_ptr, k_ptr, w_ptr, scale2, bias2, w_r, row0, row_mask, positive, chunk, N, M,
+                   n_chunks, n_tiles, lo, hi, full, col_weights, need_dparams, ACC: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """acc += dS @ k (and db_i += sum_j dS_ij) over ``n_tiles`` key tiles of one kind: dS from the recomputed
+    scores, sigmoid(l) w off the positive, -sigmoid(-l) w on it."""
+    for t in range(0, n_tiles):
+        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full,
+                                          ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
+        t2 = s * scale2 + bias2
+        if MASKED:
+            pos = cols[None, :] == positive[:, None]
+            g = 1.0 / (1.0 + tl.exp2(tl.where(pos, t2, -t2)))
+            g = tl.where(pos, -g, g)
+        else:
+            g = 1.0 / (1.0 + tl.exp2(-t2))
+        if col_weights != 0:
+            if MASKED:
+                ds = g * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+            else:
+                ds = g * tl.load(w_ptr + cols).to(ACC)[None, :]
+        else:
+            ds = g * w_r[:, None]
+            if MASKED:
+                ds = tl.where(col_mask[None, :], ds, 0.0)
+        if need_dparams != 0:
+            db += tl.sum(ds, 1)
+        acc += dot_acc(ds.to(kt.dtype), kt, ACC, DOT_PREC)
+    return acc, db
+
+
+@triton.jit
+def _sig_bwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, w_ptr, dq_ptr, dscale_ptr, dbias_ptr, N, M, n_chunks,
+                    diag_off, col_weights, need_dparams, n_bucket, m_bucket, ACC: tl.constexpr,
+                    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    # As _lse_bwd_kernel: one (BLOCK_M, BLOCK_D) fp32 accumulator of dq per program (feature chunk
+    # program_id(1)); the weights w per row (col_weights == 0) or per key (the column pass).
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
+    chunk = tl.program_id(1).to(tl.int64)
+    scale = tl.load(scale_ptr).to(ACC)
+    scale2 = scale * LOG2E
+    bias2 = tl.load(bias_ptr).to(ACC) * LOG2E
+    w_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    if col_weights == 0:
+        w_r = tl.load(w_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    db = tl.zeros((BLOCK_M,), dtype=ACC)
+    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    positive = rows + diag_off
+    acc, db = _sig_bwd_tiles(acc, db, q, q_ptr, k_ptr, w_ptr, scale2, bias2, w_r, row0, row_mask, positive, chunk,
+                             N, M, n_chunks, n_plain, lo, hi, full, col_weights, need_dparams, ACC, DOT_PREC,
+                             BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, False)
+    acc, db = _sig_bwd_tiles(acc, db, q, q_ptr, k_ptr, w_ptr, scale2, bias2, w_r, row0, row_mask, positive, chunk,
+                             N, M, n_chunks, n_masked, lo, hi, full, col_weights, need_dparams, ACC, DOT_PREC,
+                             BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, True)
+    tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
+             (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
+    if need_dparams != 0:
+        if D_LOOP:
+            q = _rows(q_ptr + (chunk * N + row0) * BLOCK_D, rows_l, row_mask, BLOCK_D, True)
+        tl.store(dscale_ptr + chunk * N + rows, tl.sum(q.to(ACC) * acc, 1), mask=row_mask)
+        if chunk == 0:
+            tl.store(dbias_ptr + rows, db, mask=row_mask)
+
+
+# One config per chip family and kind (the compile check's cost stays small): the LSE kernels' shapes.
+SIG_FWD_CONFIGS = {128: _configs([(64, 64, 4, 3)], AMPERE) + _configs([(128, 64, 8, 3)], HOPPER),
+                   256: _configs([(64, 64, 4, 2)], AMPERE) + _configs([(128, 64, 8, 2)], HOPPER),
+                   "loop": _configs([(64, 64, 8, 2)]), "exact": _configs([(64, 32, 8, 2)])}
+SIG_BWD_CONFIGS = {128: _configs([(64, 64, 4, 2)], HOPPER), 256: _configs([(64, 32, 8, 2)], HOPPER),
+                   "loop": _configs([(32, 32, 8, 2)], AMPERE) + _configs([(64, 32, 8, 2)], HOPPER),
+                   "exact": _configs([(32, 32, 8, 1)])}
+_SIG_FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "bias_ptr", "out_ptr"])
+_SIG_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "bias_ptr", "w_ptr", "dscale_ptr", "dbias_ptr"])
+_SIG_BWD_ARGS = _FWD_ARGS + ["col_weights", "need_dparams"]
+
+
+def _register_pair(fwd, bwd, fwd_configs, bwd_configs, fwd_ptrs, bwd_ptrs, bwd_args):
+    """Register a loss's forward and backward kernels over the LSE kernels' kinds (resident widths, chunked,
+    exact; no key scale): ``({kind: forward}, {kind: backward})``."""
+    out = ({}, {})
+    for kernel, configs, kinds, ptrs, ints, kernels in ((fwd, fwd_configs, _KINDS, fwd_ptrs, _FWD_ARGS, out[0]),
+                                                        (bwd, bwd_configs, _BWD_KINDS, bwd_ptrs, bwd_args, out[1])):
+        for key, bd, dtypes, archs, _ in kinds:
+            kernels[key] = register(autotune(configs[key], key=KEY)(kernel), configs=configs[key], uses_dot=True,
+                                    variants=_variants(*ptrs, ints, bd, dtypes, archs, None,
+                                                       D_LOOP=key in ("loop", "exact")))
+    return out
+
+
+_sig_fwd_kernels, _sig_bwd_kernels = _register_pair(_sig_fwd_kernel, _sig_bwd_kernel, SIG_FWD_CONFIGS, SIG_BWD_CONFIGS,
+                                                    _SIG_FWD_PTRS, _SIG_BWD_PTRS, _SIG_BWD_ARGS)
+
+
+def sigmoid_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                    diag_off: int) -> torch.Tensor:
+    """Launch ``_sig_fwd_kernel``: row sums ``sum_j softplus(-z_ij (scale q_i . k_j + bias))`` with z = +1 at
+    ``j == i + diag_off``. ``q`` (N, D), ``k`` (M, D); ``scale`` and ``bias`` 1-element tensors in the math
+    dtype. Returns (N,) in the math dtype."""
+    n, m = q.shape[0], k.shape[0]
+    key, bd, loop = _pick(q)
+    ql = _layout(q, bd)
+    kl = _layout(k, bd)
+    out = torch.empty(n, dtype=scale.dtype, device=q.device)
+    launch(_sig_fwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), config=INTERPRET_CONFIG,
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, bias_ptr=bias, out_ptr=out, N=n, M=m, n_chunks=ql.shape[0],
+           diag_off=diag_off, n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS),
+           ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop)
+    return out
+
+
+def sigmoid_backward_rows(q, k, scale, bias, w, *, diag_off: int, col_weights: bool = False,
+                          need_dparams: bool = False):
+    """Launch ``_sig_bwd_kernel`` over the rows of ``q``: (dq (N, D) in q's dtype, dscale, dbias) with
+    ``dS_ij = -z_ij sigmoid(-z_ij l_ij) w`` and ``w`` (float, the math dtype) per row of ``q``, or per row of
+    ``k`` with ``col_weights`` (the texts' gradient: q the texts, k the images, ``diag_off`` transposed); the
+    parameters' gradients (1-element sums, fixed order) with ``need_dparams``, else None."""
+    n, d = q.shape
+    m = k.shape[0]
+    key, bd, loop = _pick_backward(q)
+    ql = _layout(q, bd)
+    kl = _layout(k, bd)
+    chunks = ql.shape[0]
+    dq = torch.empty_like(ql)
+    dscale = torch.empty(chunks, n, dtype=scale.dtype, device=q.device) if need_dparams else scale
+    dbias = torch.empty(n, dtype=scale.dtype, device=q.device) if need_dparams else scale
+    launch(_sig_bwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks), config=INTERPRET_CONFIG,
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, bias_ptr=bias, w_ptr=w, dq_ptr=dq, dscale_ptr=dscale,
+           dbias_ptr=dbias, N=n, M=m, n_chunks=chunks, diag_off=diag_off, col_weights=int(col_weights),
+           need_dparams=int(need_dparams), n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS),
+           ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop)
+    dq = _unlayout(dq, n, d, bd)
+    if not need_dparams:
+        return dq, None, None
+    return dq, dscale.sum(), dbias.sum()
+
+
+# -- the supervised NT-Xent (pytorch-metric-learning's NTXentLoss): negatives masked by label -----------------
+# Every ordered pair (a, p) with equal labels (a != p unless the keys are references) is a positive with loss
+# softplus(neg_a - s_ap), neg_a = log sum_{n: label_n != label_a} exp(s_an) (pml's -log(e^s_ap / (e^s_ap +
+# sum_n e^s_an))). The forward: first the masked online LSE over the negatives (``_fwd_tiles`` with LABELS,
+# the LSE kernels' loop), then a second pass over the keys where the row block's positives can be (the
+# launcher sorts rows and keys by label, so a row's positives are one contiguous run of keys and the pass costs
+# O(sum_c n_c^2 D), not O(N M D)) summing T_a = sum_p softplus(neg_a - s_ap) and W_a = sum_p sigmoid(neg_a -
+# s_ap). The backward by recomputation: dS_aj = g_a (W_a exp(s_aj - neg_a) on negatives, -sigmoid(neg_a - s_aj)
+# on positives), the row term with the anchor on the rows, the column term with the anchor on the columns
+# (the symmetric case's one pass, or the references' gradient with the roles swapped), as _lse_bwd_kernel.
+
+@triton.jit
+def _sup_fwd_kernel(q_ptr, k_ptr, scale_ptr, lq_ptr, lk_ptr, plo_ptr, phi_ptr, neg_ptr, loss_ptr, wsum_ptr, N, M,
+                    n_chunks, diag_off, n_bucket, m_bucket, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
+    excluded = rows + diag_off  # a row's own column (diag_off >= M: references, nothing excluded)
+    scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
+    lq = tl.load(lq_ptr + rows, mask=row_mask, other=0)
+    neg2 = _row_lse2(q, q_ptr, k_ptr, scale_ptr, scale2, row0, row_mask, excluded, diag_off, N, M, n_chunks, lq,
+                     lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, False, BLOCK_M, BLOCK_N, True)  # -inf: no negative
+    # the positives: the keys [plo, phi) of the block's rows (sorted by label: one run of keys)
+    first = tl.min(tl.load(plo_ptr + rows, mask=row_mask, other=M), 0)
+    last = tl.max(tl.load(phi_ptr + rows, mask=row_mask, other=0), 0)
+    t_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    w_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    for col0 in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < M
+        s2 = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
+                     BLOCK_M, BLOCK_N, BLOCK_D, D_LOOP, True) * scale2
+        lk = tl.load(lk_ptr + cols, mask=col_mask, other=0)
+        pos = col_mask[None, :] & (lk[None, :] == lq[:, None]) & (cols[None, :] != excluded[:, None])
+        x2 = neg2[:, None] - s2  # softplus(neg - s), sigmoid(neg - s) in base 2
+        t_i += tl.sum(tl.where(pos, _softplus2(x2), 0.0), 1)
+        w_i += tl.sum(tl.where(pos, 1.0 / (1.0 + tl.exp2(-x2)), 0.0), 1)
+    tl.store(neg_ptr + rows, neg2 * LN2, mask=row_mask)
+    tl.store(loss_ptr + rows, t_i * LN2, mask=row_mask)
+    tl.store(wsum_ptr + rows, w_i, mask=row_mask)
+
+
+@device_function
+@triton.jit
+def _sup_ds(s2, same, neg2, w, g):
+    """The pair's dS for the anchor whose negatives' LSE (base 2) is ``neg2``, positives' sigmoid sum ``w``
+    and weight ``g`` (broadcast along the anchor's axis): g w exp(s - neg) on a negative, -g sigmoid(neg - s)
+    on a positive."""
+    return tl.where(same, -g / (1.0 + tl.exp2(s2 - neg2)), (g * w) * tl.exp2(s2 - neg2))
+
+
+@device_function
+@triton.jit
+def _sup_bwd_tiles(acc, q, q_ptr, k_ptr, lk_ptr, neg_c_ptr, w_c_ptr, g_c_ptr, scale2, lq, neg_r, w_r, g_r, row0,
+                   row_mask, excluded, chunk, N, M, n_chunks, n_tiles, lo, hi, full, row_term, col_term,
+                   ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """acc += dS @ k over ``n_tiles`` key tiles of one kind (``_bwd_tiles``' loop with the labels' dS)."""
+    for t in range(0, n_tiles):
+        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full,
+                                          ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
+        s2 = s * scale2
+        if MASKED:
+            lk = tl.load(lk_ptr + cols, mask=col_mask, other=0)
+        else:
+            lk = tl.load(lk_ptr + cols)
+        same = lk[None, :] == lq[:, None]
+        ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        if row_term != 0:
+            ds += _sup_ds(s2, same, neg_r[:, None], w_r[:, None], g_r[:, None])
+        if col_term != 0:
+            if MASKED:
+                neg_c = tl.load(neg_c_ptr + cols, mask=col_mask, other=0.0).to(ACC) * LOG2E
+                w_c = tl.load(w_c_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+                g_c = tl.load(g_c_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+            else:
+                neg_c = tl.load(neg_c_ptr + cols).to(ACC) * LOG2E
+                w_c = tl.load(w_c_ptr + cols).to(ACC)
+                g_c = tl.load(g_c_ptr + cols).to(ACC)
+            ds += _sup_ds(s2, same, neg_c[None, :], w_c[None, :], g_c[None, :])
+        if MASKED:
+            ds = tl.where(row_mask[:, None] & col_mask[None, :] & (cols[None, :] != excluded[:, None]), ds, 0.0)
+        acc += dot_acc(ds.to(kt.dtype), kt, ACC, DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _sup_bwd_kernel(q_ptr, k_ptr, scale_ptr, lq_ptr, lk_ptr, neg_r_ptr, w_r_ptr, g_r_ptr, neg_c_ptr, w_c_ptr,
+                    g_c_ptr, dq_ptr, N, M, n_chunks, diag_off, row_term, col_term, n_bucket, m_bucket,
+                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    row0, rows_l, rows, row_mask, q = _query_block(q_ptr, N, BLOCK_M, BLOCK_D, D_LOOP)
+    excluded = rows + diag_off
+    chunk = tl.program_id(1).to(tl.int64)
+    scale = tl.load(scale_ptr).to(ACC)
+    lq = tl.load(lq_ptr + rows, mask=row_mask, other=0)
+    neg_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    w_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    g_r = tl.zeros((BLOCK_M,), dtype=ACC)
+    if row_term != 0:
+        neg_r = tl.load(neg_r_ptr + rows, mask=row_mask, other=0.0).to(ACC) * LOG2E
+        w_r = tl.load(w_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+        g_r = tl.load(g_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    acc = _sup_bwd_tiles(acc, q, q_ptr, k_ptr, lk_ptr, neg_c_ptr, w_c_ptr, g_c_ptr, scale * LOG2E, lq, neg_r, w_r,
+                         g_r, row0, row_mask, excluded, chunk, N, M, n_chunks, n_plain, lo, hi, full, row_term,
+                         col_term, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, False)
+    acc = _sup_bwd_tiles(acc, q, q_ptr, k_ptr, lk_ptr, neg_c_ptr, w_c_ptr, g_c_ptr, scale * LOG2E, lq, neg_r, w_r,
+                         g_r, row0, row_mask, excluded, chunk, N, M, n_chunks, n_masked, lo, hi, full, row_term,
+                         col_term, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, True)
+    tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
+             (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+_SUP_FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "lq_ptr:i64", "lk_ptr:i64", "plo_ptr:i64", "phi_ptr:i64", "neg_ptr",
+                                     "loss_ptr", "wsum_ptr"])
+_SUP_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "lq_ptr:i64", "lk_ptr:i64", "neg_r_ptr", "w_r_ptr",
+                                                "g_r_ptr", "neg_c_ptr", "w_c_ptr", "g_c_ptr"])
+_SUP_BWD_ARGS = _FWD_ARGS + ["row_term", "col_term"]
+# The sigmoid kernels' configs (one per chip family and kind) but for the resident forward on sm_80: its
+# three loops in 4 warps spill there (64 x 64 x 4 warps: STACK 64-72 B, triton 3.8); 8 warps are clean.
+SUP_FWD_CONFIGS = {**SIG_FWD_CONFIGS, **{d: _configs([(64, 64, 8, 2)], AMPERE) + SIG_FWD_CONFIGS[d][-1:]
+                                          for d in (128, 256)}}
+# The backward's resident 128-wide block on sm_90 in 64 x 32 tiles of 8 warps: 64 x 64 x 4 warps (the sigmoid
+# kernel's) holds 253 registers under triton 3.8 and spills under 3.6 (STACK 40 B).
+SUP_BWD_CONFIGS = {**SIG_BWD_CONFIGS, 128: _configs([(64, 32, 8, 2)], HOPPER)}
+_sup_fwd_kernels, _sup_bwd_kernels = _register_pair(_sup_fwd_kernel, _sup_bwd_kernel, SUP_FWD_CONFIGS, SUP_BWD_CONFIGS,
+                                                    _SUP_FWD_PTRS, _SUP_BWD_PTRS, _SUP_BWD_ARGS)
+
+
+def _by_label(x: torch.Tensor, labels: torch.Tensor):
+    """(order, x[order], labels[order]): rows sorted by label (stable)."""
+    order = torch.argsort(labels, stable=True)
+    return order, x.index_select(0, order), labels.index_select(0, order)
+
+
+def _unsort(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """values[i] back at row order[i] (each index once: deterministic)."""
+    out = torch.empty_like(values)
+    out[order] = values
+    return out
+
+
+def supervised_forward(q, k, lq, lk, scale, symmetric: bool):
+    """Launch ``_sup_fwd_kernel`` over rows and keys sorted by label: per row of ``q`` (N, D) against the keys
+    ``k`` (M, D) (``symmetric``: k is q and a row's own column is left out), the negatives' LSE, the sum of its
+    positives' softplus(neg - s) and of their sigmoid(neg - s), in the math dtype and q's row order; ``lq``
+    (N,), ``lk`` (M,) int64 labels, ``scale`` a 1-element tensor in the math dtype."""
+    n, m = q.shape[0], k.shape[0]
+    key, bd, loop = _pick(q)
+    oq, qs, lqs = _by_label(q, lq)
+    ks, lks = (qs, lqs) if symmetric else _by_label(k, lk)[1:]
+    ql = _layout(qs, bd)
+    kl = ql if symmetric else _layout(ks, bd)
+    plo, phi = torch.searchsorted(lks, lqs), torch.searchsorted(lks, lqs, right=True)
+    neg, loss, wsum = (torch.empty(n, dtype=scale.dtype, device=q.device) for _ in range(3))
+    launch(_sup_fwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), config=INTERPRET_CONFIG,
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, lq_ptr=lqs, lk_ptr=lks, plo_ptr=plo, phi_ptr=phi, neg_ptr=neg,
+           loss_ptr=loss, wsum_ptr=wsum, N=n, M=m, n_chunks=ql.shape[0], diag_off=0 if symmetric else m,
+           n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype),
+           DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop)
+    return _unsort(loss, oq), _unsort(neg, oq), _unsort(wsum, oq)
+
+
+def supervised_backward_rows(q, k, lq, lk, scale, row_stats, col_stats, *, self_excluded: bool):
+    """Launch ``_sup_bwd_kernel`` over the rows of ``q``: dq (N, D) in q's dtype of sum_a g_a * loss_a with the
+    anchors on the rows (``row_stats`` = (neg, wsum, g) per row of q, or None) and/or on the columns
+    (``col_stats`` per row of k); ``self_excluded``: q and k are one set (row i leaves out column i). The
+    rows are taken in label order and the result put back."""
+    n, d = q.shape
+    m = k.shape[0]
+    key, bd, loop = _pick_backward(q)
+    oq, qs, lqs = _by_label(q, lq)
+    ok, ks, lks = _by_label(k, lk)
+    ql, kl = _layout(qs, bd), _layout(ks, bd)
+    chunks = ql.shape[0]
+    dq = torch.empty_like(ql)
+    dummy = scale
+    rs = [dummy] * 3 if row_stats is None else [t.index_select(0, oq) for t in row_stats]
+    cs = [dummy] * 3 if col_stats is None else [t.index_select(0, ok) for t in col_stats]
+    launch(_sup_bwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks), config=INTERPRET_CONFIG,
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, lq_ptr=lqs, lk_ptr=lks, neg_r_ptr=rs[0], w_r_ptr=rs[1],
+           g_r_ptr=rs[2], neg_c_ptr=cs[0], w_c_ptr=cs[1], g_c_ptr=cs[2], dq_ptr=dq, N=n, M=m, n_chunks=chunks,
+           diag_off=0 if self_excluded else m, row_term=int(row_stats is not None),
+           col_term=int(col_stats is not None), n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS),
+           ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop)
+    return _unsort(_unlayout(dq, n, d, bd), oq)

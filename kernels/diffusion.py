@@ -1,8 +1,8 @@
 """Triton kernels of the diffusion slice: elementwise, memory-bound, fp32 math in registers.
 
 ``cfg_combine``: out = cond + w * (cond - uncond) = (1 + w) * cond - w * uncond, w a scalar or one per
-sample (row of the leading dimension). One read of each input and one write: 3 element accesses
-(eager PyTorch does 5 and two launches).
+sample (row of the leading dimension), on the row-blocked grid below (one weight a program). One read of
+each input and one write: 3 element accesses (eager PyTorch does 5 and two launches).
 
 ``q_sample`` (Algorithm 1's noising, optionally also the v target) and the sampler step (DDPM's
 Algorithm 2 and DDIM, one kernel for both, classifier-free guidance fused in) run on a row-blocked
@@ -12,19 +12,26 @@ computed once per program, gathered by the sample's timestep read from a device 
 synchronisation anywhere): q_sample reads sqrt(abar_t) and sqrt(1 - abar_t) from the schedule's table in
 the math dtype (NoiseSchedule.q_table), the step derives its coefficients from the float32 abar table.
 Every step, whatever the sampler, prediction and variance type, is the same affine update with six
-per-sample coefficients::
+per-sample coefficients (seven with learned_range)::
 
     e   = m + w * (m - u)                   (guided model output; e = m without uncond)
-    x0  = clip(c1 * x + c2 * e)             (predicted x_0, clamped when clip_sample)
-    out = ca * x0 + cx * x + ce * e + cz * z   (z only where t > 0)
+    x0  = clip(c1 * x + c2 * e)             (predicted x_0, clamped when clip_sample; with thresholding
+                                             clamp(x0, -s, s) / s, s a per-sample table the caller computed)
+    out = ca * x0 + cx * x + ce * e + cz * f(v) * z   (z only where t > 0)
 
-DDPM: ca, cx are the posterior-mean coefficients of formula (7), ce = 0; DDIM: ca = sqrt(abar_prev),
-cx/ce come from the predicted epsilon, which is itself affine in x and e. Noise z is read from a tensor or
-drawn in the kernel by Philox keyed by the element's global index ``i`` (int64), so it does not depend on
-BLOCK or the grid; the seed is an int64 loaded from a device pointer. The draw is ``tl.randn(seed, i)``'s,
-with a cosine for an argument already in [0, 2 pi) (``_philox_normal``): libdevice's cosf would bring a
-stack frame. Launchers take keyword arguments named as fastssl.diffusion_step.StepSpec names the step's
-options, and launch the kernels by keyword.
+DDPM: ca, cx are the posterior-mean coefficients of formula (7), and no e term; DDIM: ca = sqrt(abar_prev),
+cx/ce come from the predicted epsilon, which is itself affine in x and e (no x term for an epsilon model).
+f(v) = 1, but for DDPM's learned variances: the model output has 2C channels (rows ``model_stride`` = 2 *
+inner apart), m and u are read from the first C, v from the last C of the model output, and f(v) = sqrt(v)
+(learned) or exp((v + 1) / 2 * ck) (learned_range; a seventh per-sample coefficient): one more read, in the
+same pass, only where noise is added.
+A term a step does not have is left out, not added as 0 * it. Noise z is read from a tensor or
+drawn in the kernel: four normals from each Philox4x32-10 call (two Box-Muller pairs) keyed by the
+element's index, so it does not depend on BLOCK or the grid (``_philox_normals``); the seed is an int64
+loaded from a device pointer. For 16-bit outputs the transforms use the MUFU approximations (their error
+is far below those dtypes'); otherwise an accurate log and a sine/cosine for an argument already in
+[0, 2 pi) (libdevice's sinf/cosf would bring a stack frame). Launchers take keyword arguments named as
+fastssl.diffusion_step.StepSpec names the step's options, and launch the kernels by keyword.
 """
 from __future__ import annotations
 
@@ -35,52 +42,64 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
+from ..backend import interpreting
 from .registry import TL_DTYPE, acc_type, autotune, bucket, device_function, keep, launch, register, variant
 
-# Elementwise configs: 4-16 elements a thread (16-byte vectors for fp32 and bf16), 4 or 8 warps.
+# Elementwise configs: 8 or 16 elements a thread, 4 or 8 warps: every thread's share of a 16-bit tensor is
+# one 128-bit access or more (4 a thread, 1024 x 8 warps, gave 16-bit tensors 64-bit loads: --report).
 # 32 a thread (4096 x 4 warps) spills in the fp64 variants (ptxas, sm_90, tests/test_compile_sm90.py).
 ELEMENTWISE_CONFIGS = [
     triton.Config({"BLOCK": block}, num_warps=warps)
     for block in (1024, 2048, 4096)
     for warps in (4, 8)
-    if keep(block, warps, min_per_thread=4, max_per_thread=16)
+    if keep(block, warps, min_per_thread=8, max_per_thread=16)
 ]
 
-# q_sample and the step kernels: 4 or 8 elements a thread, BLOCK 1024. 16 a thread (2048 x 4 warps,
-# 4096 x 8) spills (STACK:8) in the fp64 step kernel with in-kernel Philox noise, and 2048 x 8 spills 8 bytes
-# in the fp32 step kernel reading noise on sm_80 (ptxas, tests/test_compile_sm90.py, 2026-11-30); two
-# configs also keep the compile test's share of these four kernels small (12 step variants).
+# q_sample and the step kernels: 8 elements a thread (one 128-bit access of each 16-bit tensor, two of
+# fp32), 1024 x 4 warps or 2048 x 8. 16 a thread (2048 x 4 warps, 4096 x 8) spills (STACK:8) in the fp64
+# step kernel with in-kernel noise; two configs also keep the compile test's share of these four kernels
+# small (12 step variants).
 STEP_CONFIGS = [
     triton.Config({"BLOCK": block}, num_warps=warps)
-    for block, warps in ((1024, 4), (1024, 8))
-    if keep(block, warps, min_per_thread=4, max_per_thread=8)
+    for block, warps in ((1024, 4), (2048, 8))
+    if keep(block, warps, min_per_thread=8, max_per_thread=8)
 ]
 
 
+@device_function
+@triton.jit
+def _row_block(inner, BLOCK: tl.constexpr):
+    """(row, first column, in-row mask, global int64 offsets) of this program on the row-blocked grid. The
+    row/block split is 32-bit division (the grid has < 2**31 programs): a 64-bit division is a ptxas
+    subroutine whose call frame shows up as STACK in the compile test; offsets are int64."""
+    pid = tl.program_id(0)
+    nblk = tl.cdiv(inner, BLOCK)
+    row = pid // nblk
+    col0 = (pid - row * nblk) * BLOCK
+    cols = col0 + tl.arange(0, BLOCK)
+    return row.to(tl.int64), col0, cols < inner, row.to(tl.int64) * inner + cols
 
 
 @autotune(ELEMENTWISE_CONFIGS, key=["n_bucket"])
 @triton.jit
-def _cfg_combine_kernel(cond_ptr, uncond_ptr, guidance_ptr, out_ptr, n, inner, guidance_stride, n_bucket,
+def _cfg_combine_kernel(cond_ptr, uncond_ptr, guidance_ptr, out_ptr, inner, guidance_stride, n_bucket,
                         ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    row, _, mask, offs = _row_block(inner, BLOCK)
+    w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)  # one weight a program (its sample's)
     cond = tl.load(cond_ptr + offs, mask=mask).to(ACC)
     uncond = tl.load(uncond_ptr + offs, mask=mask).to(ACC)
-    w = tl.load(guidance_ptr + (offs // inner) * guidance_stride, mask=mask).to(ACC)
     tl.store(out_ptr + offs, (cond + w * (cond - uncond)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @autotune(ELEMENTWISE_CONFIGS, key=["n_bucket"])
 @triton.jit
-def _cfg_combine_backward_kernel(grad_ptr, guidance_ptr, grad_cond_ptr, grad_uncond_ptr, n, inner, guidance_stride,
-                                 n_bucket,
-                                 ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _cfg_combine_backward_kernel(grad_ptr, guidance_ptr, grad_cond_ptr, grad_uncond_ptr, inner, guidance_stride,
+                                 n_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    row, _, mask, offs = _row_block(inner, BLOCK)
+    w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)
     grad = tl.load(grad_ptr + offs, mask=mask).to(ACC)
-    w = tl.load(guidance_ptr + (offs // inner) * guidance_stride, mask=mask).to(ACC)
     tl.store(grad_cond_ptr + offs, ((1 + w) * grad).to(grad_cond_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_uncond_ptr + offs, (-w * grad).to(grad_uncond_ptr.dtype.element_ty), mask=mask)
 
@@ -107,7 +126,7 @@ def dtype_variants(tensors, tables=(), ints=(), *, ints16=(), f32_tables=(), i64
 
 # Sizes (n, inner) and buckets are multiples of 16 at the GPU's shapes (GUIDE §6: 64M elements, latents
 # 4x64x64); guidance_stride is 0 or 1 (a value, not a size): declared plain.
-_CFG_INTS16 = ["n", "inner", "n_bucket"]
+_CFG_INTS16 = ["inner", "n_bucket"]
 register(_cfg_combine_kernel, configs=ELEMENTWISE_CONFIGS,
          variants=dtype_variants(["cond_ptr", "uncond_ptr", "out_ptr"], ["guidance_ptr"], ["guidance_stride"],
                                  ints16=_CFG_INTS16))
@@ -144,8 +163,9 @@ def cfg_combine_forward(cond: torch.Tensor, uncond: torch.Tensor, guidance: torc
     if n == 0:
         return out
     table, stride = _guidance_table(guidance, cond)
-    _launch(_cfg_combine_kernel, 1, n, None, cond_ptr=cond, uncond_ptr=uncond, guidance_ptr=table, out_ptr=out,
-            n=n, inner=n // cond.shape[0], guidance_stride=stride, n_bucket=bucket(n), ACC=acc_type(cond.dtype))
+    rows = cond.shape[0] if stride else 1
+    _launch(_cfg_combine_kernel, rows, n // rows, None, cond_ptr=cond, uncond_ptr=uncond, guidance_ptr=table,
+            out_ptr=out, inner=n // rows, guidance_stride=stride, n_bucket=bucket(n), ACC=acc_type(cond.dtype))
     return out
 
 
@@ -157,8 +177,9 @@ def cfg_combine_backward(grad: torch.Tensor, guidance: torch.Tensor):
     if n == 0:
         return grad_cond, grad_uncond
     table, stride = _guidance_table(guidance, grad)
-    _launch(_cfg_combine_backward_kernel, 1, n, None, grad_ptr=grad, guidance_ptr=table, grad_cond_ptr=grad_cond,
-            grad_uncond_ptr=grad_uncond, n=n, inner=n // grad.shape[0], guidance_stride=stride,
+    rows = grad.shape[0] if stride else 1
+    _launch(_cfg_combine_backward_kernel, rows, n // rows, None, grad_ptr=grad, guidance_ptr=table,
+            grad_cond_ptr=grad_cond, grad_uncond_ptr=grad_uncond, inner=n // rows, guidance_stride=stride,
             n_bucket=bucket(n), ACC=acc_type(grad.dtype))
     return grad_cond, grad_uncond
 
@@ -168,22 +189,13 @@ def cfg_combine_backward(grad: torch.Tensor, guidance: torch.Tensor):
 # ----------------------------------------------------------------------------------------------------
 
 NOISE_NONE, NOISE_READ, NOISE_PHILOX = 0, 1, 2  # the step kernel's NOISE constexpr
+LN2 = tl.constexpr(0.6931471805599453)
+# libdevice's fast (MUFU) functions have no interpreter implementation: under the interpreter the noise
+# takes the accurate functions (the same values to ~2**-21)
+_MUFU = tl.constexpr(not interpreting())
 # The step kernel's int codes of the step's string options (sampler, variance_type, prediction_type).
-CHOICE_CODES = {"ddpm": 0, "ddim": 1, "fixed_small": 0, "fixed_large": 1, "epsilon": 0, "sample": 1,
-                "v_prediction": 2}
-
-
-@device_function
-@triton.jit
-def _row_block(inner, BLOCK: tl.constexpr):
-    """(row, in-row mask, global int64 offsets) of this program on the row-blocked grid. The row/block split
-    is 32-bit division (the grid has < 2**31 programs): a 64-bit division is a ptxas subroutine whose call
-    frame shows up as STACK in the compile test; offsets are int64."""
-    pid = tl.program_id(0)
-    nblk = tl.cdiv(inner, BLOCK)
-    row = pid // nblk
-    cols = (pid - row * nblk) * BLOCK + tl.arange(0, BLOCK)
-    return row.to(tl.int64), cols < inner, row.to(tl.int64) * inner + cols
+CHOICE_CODES = {"ddpm": 0, "ddim": 1, "fixed_small": 0, "fixed_large": 1, "learned": 2, "learned_range": 3,
+                "epsilon": 0, "sample": 1, "v_prediction": 2}
 
 
 @device_function
@@ -259,15 +271,22 @@ def _gather_q(q_ptr, t, num_t, ACC: tl.constexpr):
 @device_function
 @triton.jit
 def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sampler, variance_type, prediction_type,
-                       use_clipped_model_output, ACC: tl.constexpr):
-    """The six per-sample scalars (c1, c2, ca, cx, ce, cz) of the affine step (module docstring), in ACC.
+                       use_clipped_model_output, diffusers_rounding, ACC: tl.constexpr):
+    """The seven per-sample scalars (c1, c2, ca, cx, ce, cz, ck) of the affine step (module docstring), in
+    ACC (ck: learned_range's rate, fastssl.diffusion_step._derive).
     Differences of nearby abar are formed as (abar_prev - abar_t) / abar_prev (exact subtraction) rather
-    than 1 - abar_t / abar_prev, which loses ~3 digits in float32 at small t."""
+    than 1 - abar_t / abar_prev, which loses ~3 digits in float32 at small t; ``diffusers_rounding``
+    reproduces that loss as diffusers' schedulers have it, 1 - fl32(abar_t / abar_prev) (the ratio divided
+    in float64 and rounded once, as IEEE float32 division rounds it)."""
     abar_t = _gather_abar(abar_ptr, t, num_t, float("nan")).to(ACC)
     abar_p = _gather_abar(abar_ptr, prev_t, num_t, final_alpha_cumprod).to(ACC)
     beta_t = 1.0 - abar_t
     beta_p = 1.0 - abar_p
-    beta_cur = _div(abar_p - abar_t, abar_p, ACC)  # 1 - alpha_t (the current step's beta, strided)
+    ratio32 = _div(abar_t.to(tl.float64), abar_p.to(tl.float64), tl.float64).to(tl.float32).to(ACC)
+    # 1 - alpha_t (the current step's beta, strided)
+    beta_cur = tl.where(diffusers_rounding != 0, 1.0 - ratio32, _div(abar_p - abar_t, abar_p, ACC))
+    # DDPM to a later timestep has no posterior: NaN (as the host path), not a number
+    beta_cur = tl.where((sampler == 0) & (beta_cur < 0), float("nan"), beta_cur)
     sa = _sqrt(abar_t, ACC)
     sb = _sqrt(beta_t, ACC)
     inv_sa = _div(1.0 + 0.0 * sa, sa, ACC)
@@ -277,16 +296,20 @@ def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sam
     c2 = tl.where(prediction_type == 0, -sb * inv_sa, tl.where(prediction_type == 1, 1.0, -sb))
     d1 = tl.where(prediction_type == 0, 0.0, tl.where(prediction_type == 1, inv_sb, sb))
     d2 = tl.where(prediction_type == 0, 1.0, tl.where(prediction_type == 1, -sa * inv_sb, sa))
-    # DDPM: posterior mean of formula (7); sigma^2 = fixed_small (clamped at 1e-20) or fixed_large
+    # DDPM: posterior mean of formula (7); sigma^2 = fixed_small (clamped at 1e-20) or fixed_large; the learned
+    # variances scale a per-element f(v): learned cz = 1, learned_range cz = sqrt(var) and ck = log(beta / var) / 2
     inv_bt = _div(1.0 + 0.0 * beta_t, beta_t, ACC)
     sqrt_p = _sqrt(abar_p, ACC)
     ddpm_a = sqrt_p * beta_cur * inv_bt
     ddpm_x = _sqrt(1.0 - beta_cur, ACC) * beta_p * inv_bt  # sqrt(alpha_t) = sqrt(abar_t / abar_prev)
     var = beta_p * inv_bt * beta_cur
-    ddpm_z = _sqrt(tl.where(variance_type == 0, tl.maximum(var, 1e-20), beta_cur), ACC)
+    var_c = tl.maximum(var, 1e-20)
+    ddpm_z = tl.where(variance_type == 2, 1.0, _sqrt(tl.where(variance_type == 1, beta_cur, var_c), ACC))
+    ck = 0.5 * tl.log(_div(beta_cur, var_c, ACC))
     # DDIM (formula 12): std = eta * sqrt(beta_p / beta_t * beta_cur); direction weight sqrt(beta_p - std^2)
-    std = eta * _sqrt(var, ACC)
-    direction = _sqrt(tl.maximum(beta_p - std * std, 0.0), ACC)
+    # eta = 0 has no variance term at all: a step to a later timestep (inversion, var < 0) stays defined
+    std = tl.where(eta == 0.0, 0.0, eta * _sqrt(var, ACC))
+    direction = _sqrt(tl.maximum(beta_p - std * std, 0.0, propagate_nan=tl.PropagateNan.ALL), ACC)
     ddim_a = sqrt_p
     ddim_x = direction * d1
     ddim_e = direction * d2
@@ -299,43 +322,69 @@ def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sam
     cx = tl.where(is_ddpm, ddpm_x, ddim_x)
     ce = tl.where(is_ddpm, 0.0, ddim_e)
     cz = tl.where(t > 0, tl.where(is_ddpm, ddpm_z, std), 0.0)  # never noise where t == 0
-    return c1, c2, ca, cx, ce, cz
+    return c1, c2, ca, cx, ce, cz, ck
 
 
 @device_function
 @triton.jit
-def _cos_2pi(u):
-    """cos(2 pi u) for u in [0, 1) (float32) without libdevice's cosf, whose Payne-Hanek slow path for huge
-    arguments is a local array: a stack frame in every kernel that calls it (STACK:32 in the compile test).
-    The argument needs no such reduction: u = q/4 + f with q = round(4u) and f in [-1/8, 1/8] exactly
-    (u - q/4 is exact in float32), so cos(2 pi u) is +-cos or +-sin of x = 2 pi f in [-pi/4, pi/4], each a
-    Cephes minimax polynomial (about 1 ulp, like cosf itself)."""
+def _sincos_2pi(u):
+    """(cos(2 pi u), sin(2 pi u)) for u in [0, 1) (float32) without libdevice's cosf/sinf, whose Payne-Hanek
+    slow path for huge arguments is a local array: a stack frame in every kernel that calls them (STACK:32
+    in the compile test). The argument needs no such reduction: u = q/4 + f with q = round(4u) and f in
+    [-1/8, 1/8] exactly (u - q/4 is exact in float32), so both are +-cos or +-sin of x = 2 pi f in
+    [-pi/4, pi/4], each a Cephes minimax polynomial (about 1 ulp, like cosf itself)."""
     q = tl.floor(4.0 * u + 0.5)
     x = (u - 0.25 * q) * 6.283185307179586
     z = x * x
     c = 1.0 - 0.5 * z + z * z * ((2.443315711809948e-05 * z - 1.388731625493765e-03) * z + 4.166664568298827e-02)
     s = x + x * z * ((-1.9515295891e-04 * z + 8.3321608736e-03) * z - 1.6666654611e-01)
     quadrant = q.to(tl.int32) & 3
-    return tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+    cos = tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+    sin = tl.where(quadrant == 0, s, tl.where(quadrant == 1, c, tl.where(quadrant == 2, -s, -c)))
+    return cos, sin
 
 
 @device_function
 @triton.jit
-def _philox_normal(seed, offs):
-    """Standard normal float32 noise keyed by (seed, element index): ``tl.randn``'s Philox draw and
-    Box-Muller transform (r cos(2 pi u2), r = sqrt(-2 log u1)), with the cosine of ``_cos_2pi``; it
-    equals ``tl.randn(seed, offs)`` to about an ulp."""
-    i1, i2, _, _ = tl.randint4x(seed, offs)
-    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
-    u2 = tl.uint_to_uniform_float(i2)
-    return tl.sqrt(-2.0 * tl.log(u1)) * _cos_2pi(u2)
+def _box_muller(a, b, FAST: tl.constexpr):
+    """Two standard normals (r cos(2 pi u2), r sin(2 pi u2)), r = sqrt(-2 ln u1), from two uint32 words.
+    ``FAST``: the MUFU approximations (lg2, sin, cos: absolute error ~2**-21, far below the 16-bit dtypes'
+    rounding) in place of the accurate log and ``_sincos_2pi``; the same values to within that error."""
+    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(a))
+    u2 = tl.uint_to_uniform_float(b)
+    if FAST:  # cos(2 pi u) = -cos(2 pi u - pi): MUFU's argument in [-pi, pi), its accurate range
+        r = -tl.sqrt(-2.0 * LN2 * libdevice.fast_log2f(u1))
+        theta = u2 * 6.283185307179586 - 3.141592653589793
+        return r * libdevice.fast_cosf(theta), r * libdevice.fast_sinf(theta)
+    else:
+        r = tl.sqrt(-2.0 * tl.log(u1))
+        cos, sin = _sincos_2pi(u2)
+        return r * cos, r * sin
+
+
+@device_function
+@triton.jit
+def _philox_normals(seed, row, col0, inner, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The standard normal noise of the columns col0 .. col0 + BLOCK - 1 of sample ``row`` (float32).
+
+    Four normals from each Philox4x32-10 call (``tl.randint4x``'s four words, two Box-Muller pairs): column
+    j of sample b takes normal j % 4 of the call at counter b * ceil(inner / 4) + j // 4 (the flat element
+    index's i // 4 and i % 4 when inner is a multiple of 4), so the noise depends on (seed, element) only,
+    not on BLOCK or the grid. The MUFU approximations for 16-bit ``DTYPE`` outputs on the GPU
+    (``_box_muller``)."""
+    FAST: tl.constexpr = _MUFU and DTYPE.primitive_bitwidth == 16
+    counter = row * tl.cdiv(inner, 4) + col0 // 4 + tl.arange(0, BLOCK // 4)
+    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    n0, n1 = _box_muller(w0, w1, FAST)
+    n2, n3 = _box_muller(w2, w3, FAST)
+    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))  # n0 n1 n2 n3 of each call, in order
 
 
 @autotune(STEP_CONFIGS, key=["n_bucket", "inner_bucket"])
 @triton.jit
 def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, q_ptr, out_ptr, v_ptr, inner, t_stride, num_t, return_v,
                      n_bucket, inner_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row, mask, offs = _row_block(inner, BLOCK)
+    row, _, mask, offs = _row_block(inner, BLOCK)
     a, b = _gather_q(q_ptr, tl.load(t_ptr + row * t_stride), num_t, ACC)
     x0 = tl.load(x0_ptr + offs, mask=mask).to(ACC)
     z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
@@ -347,7 +396,7 @@ def _q_sample_kernel(x0_ptr, noise_ptr, t_ptr, q_ptr, out_ptr, v_ptr, inner, t_s
 @triton.jit
 def _q_sample_backward_kernel(grad_ptr, grad_v_ptr, t_ptr, q_ptr, grad_x0_ptr, grad_noise_ptr, inner, t_stride,
                               num_t, has_grad_v, n_bucket, inner_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row, mask, offs = _row_block(inner, BLOCK)
+    row, _, mask, offs = _row_block(inner, BLOCK)
     a, b = _gather_q(q_ptr, tl.load(t_ptr + row * t_stride), num_t, ACC)
     g = tl.load(grad_ptr + offs, mask=mask).to(ACC)
     gv = tl.load(grad_v_ptr + offs, mask=_gate(mask, has_grad_v), other=0.0).to(ACC)
@@ -358,33 +407,51 @@ def _q_sample_backward_kernel(grad_ptr, grad_v_ptr, t_ptr, q_ptr, grad_x0_ptr, g
 @autotune(STEP_CONFIGS, key=["n_bucket", "inner_bucket"])
 @triton.jit
 def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, prev_t_ptr, guidance_ptr,
-                           abar_ptr, out_ptr, pred_x0_ptr, inner, t_stride, prev_t_stride, prev_offset,
-                           guidance_stride, num_t, sampler, variance_type, prediction_type, has_uncond, clip_sample,
-                           use_clipped_model_output, return_pred_x0, final_alpha_cumprod, final_alpha_cumprod_lo,
+                           threshold_ptr, abar_ptr, out_ptr, pred_x0_ptr, inner, model_stride, t_stride, prev_t_stride,
+                           prev_offset, guidance_stride, threshold_stride, num_t, sampler, variance_type,
+                           prediction_type, has_uncond, clip_sample, thresholding, use_clipped_model_output,
+                           diffusers_rounding, return_pred_x0, final_alpha_cumprod, final_alpha_cumprod_lo,
                            eta, eta_lo, clip_range, clip_range_lo, n_bucket, inner_bucket,
-                           ACC: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    row, mask, offs = _row_block(inner, BLOCK)
+                           ACC: tl.constexpr, NOISE: tl.constexpr, LEARNED: tl.constexpr, BLOCK: tl.constexpr):
+    row, col0, mask, offs = _row_block(inner, BLOCK)
+    # model/uncond rows are model_stride apart: inner, or 2 * inner with a learned variance in the last C channels
+    m_offs = row * model_stride + col0 + tl.arange(0, BLOCK)
     t = tl.load(t_ptr + row * t_stride)
     prev_t = tl.load(prev_t_ptr + row * prev_t_stride) + prev_offset
-    c1, c2, ca, cx, ce, cz = _step_coefficients(
+    c1, c2, ca, cx, ce, cz, ck = _step_coefficients(
         abar_ptr, t, prev_t, num_t, _scalar(final_alpha_cumprod, final_alpha_cumprod_lo, ACC), _scalar(eta, eta_lo, ACC),
-        sampler, variance_type, prediction_type, use_clipped_model_output, ACC)
+        sampler, variance_type, prediction_type, use_clipped_model_output, diffusers_rounding, ACC)
     w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
-    e = tl.load(model_ptr + offs, mask=mask).to(ACC)
-    u = tl.load(uncond_ptr + offs, mask=_gate(mask, has_uncond), other=0.0).to(ACC)
+    e = tl.load(model_ptr + m_offs, mask=mask).to(ACC)
+    u = tl.load(uncond_ptr + m_offs, mask=_gate(mask, has_uncond), other=0.0).to(ACC)
     e = tl.where(has_uncond != 0, e + w * (e - u), e)  # classifier-free guidance, fused
     x0 = c1 * x + c2 * e
-    r = _scalar(clip_range, clip_range_lo, ACC)
+    # clip_sample clamps to +-clip_range; thresholding to +-s (this sample's dynamic threshold), then divides by s
+    s = tl.load(threshold_ptr + row * threshold_stride).to(ACC)
+    r = tl.where(thresholding != 0, s, _scalar(clip_range, clip_range_lo, ACC))
     clamped = tl.minimum(tl.maximum(x0, -r, propagate_nan=tl.PropagateNan.ALL), r, propagate_nan=tl.PropagateNan.ALL)
-    x0 = tl.where(clip_sample != 0, clamped, x0)
-    out = ca * x0 + cx * x + ce * e
-    if NOISE == 1:
-        z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
-        out = tl.where(t > 0, out + cz * z, out)
-    if NOISE == 2:
-        z = _philox_normal(tl.load(seed_ptr), offs).to(ACC)
-        out = tl.where(t > 0, out + cz * z, out)
+    clamped = tl.where(thresholding != 0, clamped * _div(1.0 + 0.0 * r, r, ACC), clamped)
+    x0 = tl.where((clip_sample != 0) | (thresholding != 0), clamped, x0)
+    # the terms the step has (StepSpec.terms): an absent one is left out, not added as 0 * x (an inf there
+    # stays what the literal formula makes of it). With x0 neither clamped nor returned the x0 stage folds
+    # into the coefficients, out = (ca c1 + cx) x + (ca c2 + ce) e, as on the host: both backends compute
+    # the same map, for non-finite inputs too
+    has_x = (sampler == 0) | (prediction_type != 0) | (use_clipped_model_output != 0)
+    has_e = (sampler == 1) & (use_clipped_model_output == 0)
+    staged = ca * x0 + tl.where(has_x, cx * x, 0.0) + tl.where(has_e, ce * e, 0.0)
+    folded = (ca * c1 + cx) * x + (ca * c2 + ce) * e
+    out = tl.where((clip_sample == 0) & (thresholding == 0) & (return_pred_x0 == 0), folded, staged)
+    if NOISE != 0:
+        if NOISE == 1:
+            z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
+        else:
+            z = _philox_normals(tl.load(seed_ptr), row, col0, inner, out_ptr.dtype.element_ty, BLOCK).to(ACC)
+        noise = cz * z
+        if LEARNED:  # a learned variance: sigma per element from the model's last C channels
+            v = tl.load(model_ptr + m_offs + inner, mask=mask, other=0.0).to(ACC)
+            noise = noise * tl.where(variance_type == 2, _sqrt(v, ACC), tl.exp((v + 1.0) * (0.5 * ck)))
+        out = tl.where(t > 0, out + noise, out)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(pred_x0_ptr + offs, x0.to(pred_x0_ptr.dtype.element_ty), mask=_gate(mask, return_pred_x0))
 
@@ -395,15 +462,16 @@ def _diffusion_step_backward_kernel(grad_ptr, grad_pred_x0_ptr, model_ptr, uncon
                                     guidance_ptr, abar_ptr, grad_model_ptr, grad_uncond_ptr, grad_x_ptr,
                                     grad_noise_ptr, inner, t_stride, prev_t_stride, prev_offset, guidance_stride,
                                     num_t, sampler, variance_type, prediction_type, has_uncond, clip_sample,
-                                    use_clipped_model_output, has_grad_pred_x0, want_grad_noise, final_alpha_cumprod,
+                                    use_clipped_model_output, diffusers_rounding, has_grad_pred_x0, want_grad_noise,
+                                    final_alpha_cumprod,
                                     final_alpha_cumprod_lo, eta, eta_lo, clip_range, clip_range_lo, n_bucket,
                                     inner_bucket, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row, mask, offs = _row_block(inner, BLOCK)
+    row, _, mask, offs = _row_block(inner, BLOCK)
     t = tl.load(t_ptr + row * t_stride)
     prev_t = tl.load(prev_t_ptr + row * prev_t_stride) + prev_offset
-    c1, c2, ca, cx, ce, cz = _step_coefficients(
+    c1, c2, ca, cx, ce, cz, _ = _step_coefficients(
         abar_ptr, t, prev_t, num_t, _scalar(final_alpha_cumprod, final_alpha_cumprod_lo, ACC), _scalar(eta, eta_lo, ACC),
-        sampler, variance_type, prediction_type, use_clipped_model_output, ACC)
+        sampler, variance_type, prediction_type, use_clipped_model_output, diffusers_rounding, ACC)
     w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)
     g = tl.load(grad_ptr + offs, mask=mask).to(ACC)
     g_x0 = ca * g + tl.load(grad_pred_x0_ptr + offs, mask=_gate(mask, has_grad_pred_x0), other=0.0).to(ACC)
@@ -438,15 +506,20 @@ register(_q_sample_backward_kernel, configs=STEP_CONFIGS,
                                  ints=_Q_INTS + ["has_grad_v"], ints16=_SIZES16, tables=["q_ptr"],
                                  i64_tensors=["t_ptr"]))
 _STEP_INTS = ["t_stride", "prev_t_stride", "prev_offset", "guidance_stride", "num_t", "sampler", "variance_type",
-              "prediction_type", "has_uncond", "clip_sample", "use_clipped_model_output"]
+              "prediction_type", "has_uncond", "clip_sample", "use_clipped_model_output", "diffusers_rounding"]
 _STEP_FLOATS = ["final_alpha_cumprod", "final_alpha_cumprod_lo", "eta", "eta_lo", "clip_range", "clip_range_lo"]
+# LEARNED (a learned variance, compiled only where a step adds noise: the per-element sigma is code the other
+# steps do not carry)
 register(_diffusion_step_kernel, configs=STEP_CONFIGS,
-         variants=[v for noise in (NOISE_NONE, NOISE_READ, NOISE_PHILOX)
+         variants=[v for noise, learned in ((NOISE_NONE, False), (NOISE_READ, False), (NOISE_PHILOX, False),
+                                            (NOISE_READ, True), (NOISE_PHILOX, True))
                    for v in dtype_variants(["model_ptr", "uncond_ptr", "x_ptr", "noise_ptr", "out_ptr", "pred_x0_ptr"],
-                                           ["guidance_ptr"], _STEP_INTS + ["return_pred_x0"], ints16=_SIZES16,
+                                           ["guidance_ptr", "threshold_ptr"],
+                                           _STEP_INTS + ["return_pred_x0", "threshold_stride", "thresholding"],
+                                           ints16=_SIZES16 + ["model_stride"],
                                            f32_tables=["abar_ptr"],
                                            i64_tensors=["seed_ptr", "t_ptr", "prev_t_ptr"], floats=_STEP_FLOATS,
-                                           NOISE=noise)])
+                                           NOISE=noise, LEARNED=learned)])
 register(_diffusion_step_backward_kernel, configs=STEP_CONFIGS,
          variants=dtype_variants(["grad_ptr", "grad_pred_x0_ptr", "model_ptr", "uncond_ptr", "x_ptr", "grad_model_ptr",
                                   "grad_uncond_ptr", "grad_x_ptr", "grad_noise_ptr"], ["guidance_ptr"],
@@ -505,7 +578,7 @@ def _zero_weight(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 def _step_arguments(like, t, prev_t, guidance, alphas_cumprod, has_uncond, *, sampler, prediction_type,
                     variance_type, clip_sample, clip_range, eta, final_alpha_cumprod, use_clipped_model_output,
-                    prev_offset):
+                    prev_offset, diffusers_rounding):
     """The keyword arguments the forward and backward step kernels share, from the step's options."""
     n = like.numel()
     inner = n // like.shape[0]
@@ -521,21 +594,26 @@ def _step_arguments(like, t, prev_t, guidance, alphas_cumprod, has_uncond, *, sa
                 guidance_stride=guidance_stride, num_t=alphas_cumprod.numel(), sampler=CHOICE_CODES[sampler],
                 variance_type=CHOICE_CODES[variance_type], prediction_type=CHOICE_CODES[prediction_type],
                 has_uncond=int(has_uncond), clip_sample=int(clip_sample),
-                use_clipped_model_output=int(use_clipped_model_output), final_alpha_cumprod=final_hi,
+                use_clipped_model_output=int(use_clipped_model_output),
+                diffusers_rounding=int(diffusers_rounding), final_alpha_cumprod=final_hi,
                 final_alpha_cumprod_lo=final_lo, eta=eta_hi, eta_lo=eta_lo, clip_range=range_hi,
                 clip_range_lo=range_lo, n_bucket=bucket(n), inner_bucket=bucket(inner), ACC=acc_type(like.dtype))
 
 
 def diffusion_step_forward(*, model_output, uncond_output, x_t, noise, seed, t, prev_t, guidance, alphas_cumprod,
-                           return_pred_x0, block=None, **options):
+                           return_pred_x0, threshold=None, thresholding=False, dynamic_thresholding_ratio=None,
+                           sample_max_value=None, block=None, **options):
     """Launch ``_diffusion_step_kernel``: (x_prev, pred_x0 or an empty tensor).
 
     ``t``/``prev_t``: int64 (1,) or (B,) device tensors (prev_t is read as ``prev_t + prev_offset``);
     ``guidance``: one weight or one per sample (a tensor; None without ``uncond_output``); ``noise``: a
-    tensor to read, else ``seed`` (int64 (1,) device tensor) for in-kernel Philox noise, else no noise.
-    ``options``: the step's sampler, prediction_type, variance_type, clip_sample, clip_range, eta,
-    final_alpha_cumprod, use_clipped_model_output and prev_offset (fastssl.diffusion_step.StepSpec).
-    Inputs are made contiguous once (a copy only when they are not)."""
+    tensor to read, else ``seed`` (int64 (1,) device tensor) for in-kernel Philox noise, else no noise;
+    ``threshold``: with ``thresholding``, the (B,) dynamic thresholds s in the math dtype (computed by the
+    caller: the quantile is theirs, the ratio and bound come along unused). ``model_output`` (and
+    ``uncond_output``) have 2C channels for a learned variance_type. ``options``: the step's sampler,
+    prediction_type, variance_type, clip_sample, clip_range, eta, final_alpha_cumprod,
+    use_clipped_model_output, prev_offset and diffusers_rounding (fastssl.diffusion_step.StepSpec). Inputs are
+    made contiguous once (a copy only when they are not)."""
     model_output, x_t = model_output.contiguous(), x_t.contiguous()
     uncond_output = uncond_output.contiguous() if uncond_output is not None else None
     noise = noise.contiguous() if noise is not None else None
@@ -545,10 +623,14 @@ def diffusion_step_forward(*, model_output, uncond_output, x_t, noise, seed, t, 
         return out, pred_x0
     mode = NOISE_READ if noise is not None else NOISE_PHILOX if seed is not None else NOISE_NONE
     shared = _step_arguments(x_t, t, prev_t, guidance, alphas_cumprod, uncond_output is not None, **options)
-    _launch(_diffusion_step_kernel, x_t.shape[0], shared["inner"], block, **shared, model_ptr=model_output,
+    table, stride = (threshold, _stride(threshold)) if thresholding else (shared["guidance_ptr"], 0)
+    _launch(_diffusion_step_kernel, x_t.shape[0], shared["inner"], block, **shared, threshold_ptr=table,
+            threshold_stride=stride, thresholding=int(thresholding), model_stride=model_output.numel() // x_t.shape[0],
+            model_ptr=model_output,
             uncond_ptr=model_output if uncond_output is None else uncond_output, x_ptr=x_t,
             noise_ptr=x_t if noise is None else noise, seed_ptr=t if seed is None else seed, out_ptr=out,
-            pred_x0_ptr=pred_x0 if return_pred_x0 else out, return_pred_x0=int(return_pred_x0), NOISE=mode)
+            pred_x0_ptr=pred_x0 if return_pred_x0 else out, return_pred_x0=int(return_pred_x0), NOISE=mode,
+            LEARNED=mode != NOISE_NONE and options["variance_type"] in ("learned", "learned_range"))
     return out, pred_x0
 
 

@@ -54,7 +54,7 @@ def target_launches():
                              prev_t=t, guidance=meta(1), alphas_cumprod=abar, sampler="ddpm", prediction_type="epsilon",
                              variance_type="fixed_small", clip_sample=True, clip_range=1.0, eta=0.0,
                              final_alpha_cumprod=1.0, use_clipped_model_output=False, prev_offset=-1,
-                             return_pred_x0=False)
+                             return_pred_x0=False, diffusers_rounding=False)
     D.q_sample_forward(x, x, t, meta(2, 1000), return_v=False)  # the table in the math dtype (float32)
     D.cfg_combine_forward(x, x, meta(1))
     # propagation: colorization training shape B=32, R=3, 32x32, C=64, V=16 (radius: local frames), bf16

@@ -116,6 +116,75 @@ def test_propagation_kernels_are_pipelined_on_the_tensor_cores(compiled):
                      for d in ("*fp32", "*fp16", "*bf16") for loss in ("False", "True")}
 
 
+# The element tensors each diffusion kernel reads and writes (a run-time flag may gate one off; its access
+# stays in the code); the kernels' other loads are per-program scalars (timesteps, seeds, weights, the
+# schedule's coefficients). The step kernel reads a noise tensor too with NOISE=1, and the model output's variance
+# half with LEARNED=True.
+_ELEMENT_READS = {"_cfg_combine_kernel": 2, "_cfg_combine_backward_kernel": 1, "_q_sample_kernel": 2,
+                  "_q_sample_backward_kernel": 2, "_diffusion_step_kernel": 3, "_diffusion_step_backward_kernel": 5}
+_ELEMENT_WRITES = {"_cfg_combine_kernel": 1, "_cfg_combine_backward_kernel": 2, "_q_sample_kernel": 2,
+                   "_q_sample_backward_kernel": 2, "_diffusion_step_kernel": 2, "_diffusion_step_backward_kernel": 4}
+_ITEMSIZE = {"*fp16": 2, "*bf16": 2, "*fp32": 4, "*fp64": 8}
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_elementwise_kernels_move_every_element_128_bits_wide(compiled, arch):
+    """Issue [4/7]: every config of the diffusion kernels reads each element tensor and writes each output
+    by 128-bit accesses only (a thread's share of a tensor in 16-byte vectors), in every dtype."""
+    rc, lines, stderr = compiled[arch]
+    rows = [r for r in lines[1:] if r["kernel"] in _ELEMENT_READS]
+    assert len(rows) >= 40, stderr
+    for r in rows:
+        element = next(t for t in r["signature"].values() if t.startswith("*"))
+        vectors = r["per_thread"] * _ITEMSIZE[element] // 16
+        reads = _ELEMENT_READS[r["kernel"]] + (r["constexprs"].get("NOISE") == "1") + \
+            (r["constexprs"].get("LEARNED") == "True")
+        where = (r["kernel"], element, r["constexprs"], r["num_warps"], r["sass"]["global_loads"])
+        loads, stores = ({int(bits): n for bits, n in r["sass"][k].items()} for k in ("global_loads", "global_stores"))
+        assert vectors >= 1 and loads.get(128, 0) == reads * vectors, where  # JSON keys are strings: as ints
+        assert stores == {128: _ELEMENT_WRITES[r["kernel"]] * vectors}, where
+
+
+# SASS instructions per element that in-kernel noise adds to the step (NOISE=2 against NOISE=0, same config):
+# 113-130 with one Philox call and an accurate log and cosine per element (2026-12-06); four normals a call
+# and, for 16-bit outputs, the MUFU transforms measure 34-38 (16-bit), 52-56 (fp32), 65-80 (fp64).
+_NOISE_BUDGET = {"*fp16": 44, "*bf16": 44, "*fp32": 64, "*fp64": 96}
+
+
+def test_in_kernel_noise_costs_few_instructions_per_element(compiled):
+    """Issue [4/7]: the step's Philox noise (four normals a call, fast transforms where the dtype allows)
+    within its budget of SASS instructions per element on sm_90, in every config."""
+    rc, lines, stderr = compiled[90]
+    per_element = _step_instructions_per_element(lines)
+    noisy = [key for key in per_element if key[3] == "2" and key[4] == "False"]
+    assert noisy, stderr
+    for out, warps, block, _, _ in noisy:
+        extra = per_element[out, warps, block, "2", "False"] - per_element[out, warps, block, "0", "False"]
+        assert extra <= _NOISE_BUDGET[out], (out, warps, block, extra)
+
+
+def _step_instructions_per_element(lines) -> dict:
+    """The step kernel's SASS instructions per element by (out dtype, warps, BLOCK, NOISE, LEARNED)."""
+    rows = [r for r in lines[1:] if r["kernel"] == "_diffusion_step_kernel"]
+    return {(r["signature"]["out_ptr"], r["num_warps"], r["constexprs"]["BLOCK"], r["constexprs"]["NOISE"],
+             r["constexprs"]["LEARNED"]): r["instructions_per_element"] for r in rows}
+
+
+# What a learned variance's per-element sigma (the variance half's load, then sqrt or exp) adds to a noisy step
+# (LEARNED=True against False, same NOISE and config), sm_90, triton 3.8 (2026-12): 16-22 (16-bit and fp32),
+# 62-74 (fp64: libdevice's exp).
+_LEARNED_BUDGET = {"*fp16": 24, "*bf16": 24, "*fp32": 24, "*fp64": 80}
+
+
+def test_learned_variance_costs_few_instructions_per_element(compiled):
+    per_element = _step_instructions_per_element(compiled[90][1])
+    learned = [key for key in per_element if key[4] == "True"]
+    assert {key[3] for key in learned} == {"1", "2"}, "LEARNED variants exist for the noisy steps only"
+    for out, warps, block, noise, _ in learned:
+        extra = per_element[out, warps, block, noise, "True"] - per_element[out, warps, block, noise, "False"]
+        assert extra <= _LEARNED_BUDGET[out], (out, warps, block, noise, extra)
+
+
 def test_declared_multiples_of_16_reach_the_compiler():
     """The specialization is real: a stride declared ``"i32:16"`` gets ``tt.divisibility`` 16 and 128-bit
     loads; the same kernel with a plain stride gets neither (tests/aot_probe_kernels.py)."""
@@ -182,7 +251,7 @@ def test_sass_profile_reads_the_main_loop():
 
     profile = sass_profile(_SASS_SAMPLE)
     assert profile["instructions"] == 11
-    assert profile["global_loads"] == {16: 1, 32: 1, 128: 1}
+    assert profile["global_loads"] == {16: 1, 32: 1, 128: 1} and profile["global_stores"] == {32: 1}
     assert (profile["cp_async"], profile["tma"]) == (1, 0)
     assert profile["loop"] == {"instructions": 6, "wgmma": 2, "cp_async": 1, "cp_async_bits": [128], "tma": 0,
                                "global_loads": 1,

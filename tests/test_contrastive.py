@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import fastssl
 import fastssl.kernels.contrastive as kc
 from conftest import assert_close, assert_close_lowp
-from fastssl.contrastive import (clip_loss_reference, info_nce_reference, moco_loss_reference,
-                                 nt_xent_reference)
+from fastssl.contrastive import (clip_loss_reference, info_nce_reference, moco_loss_reference, nt_xent_reference,
+                                 siglip_loss_reference, supcon_loss_reference, supervised_nt_xent_reference)
 
 LOWP = [torch.float16, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -134,6 +134,23 @@ def test_wide_features_loop_over_d(backend, device, monkeypatch):
     _check(fastssl.nt_xent, nt_xent_reference, (z1, z2), torch.float32)
 
 
+def test_resident_block_up_to_256_features(backend, device):
+    """D in (128, 256]: the 256-wide resident query block (the backward's on sm_90 for bf16/fp16), its
+    zero-padded columns included, against the float64 formula by flash-attention's low-precision rule."""
+    z1, z2 = (_unit_rows(19, 160, torch.bfloat16, device).requires_grad_() for _ in range(2))
+    if backend == "triton" and kc.interpreting():
+        assert kc._pick_backward(z1.detach())[:2] == (256, 256)
+    opts = dict(temperature=0.2, normalize=False)
+    out = fastssl.nt_xent(z1, z2, **opts)
+    z64 = [z.detach().double().requires_grad_() for z in (z1, z2)]
+    ref = nt_xent_reference(*z64, **opts)
+    zlp = [z.detach().requires_grad_() for z in (z1, z2)]
+    lowp = nt_xent_reference(*zlp, **opts, upcast=False)
+    assert_close_lowp(out, ref, lowp)
+    for g, r, lp in zip(_grads(out, (z1, z2)), _grads(ref, z64), _grads(lowp, zlp)):
+        assert_close_lowp(g, r, lp)
+
+
 def _lse_formulas(q, k, scale, kscale, diag_off, g_r, g_c):
     """float64 row and column LSE of S = scale * c_j * q_i . k_j without the columns j = i + diag_off, and
     the kernels' gradient dq = scale * (g_r P_row + g_c P_col) c @ k and dscale."""
@@ -228,17 +245,42 @@ def test_gradcheck(backend, device):
     assert torch.autograd.gradcheck(lambda a: fastssl.moco_loss(a, z2, queue, temperature=0.3), (z1,))
 
 
-@pytest.mark.parametrize("path", ["resident", "chunked"])
-def test_gradcheck_through_the_fast_backward(device, monkeypatch, path):
-    """gradcheck (float64) through the tensor-core kernels' code: the forward's D loop and the backward's
-    resident query block or its chunked scores, which float64 otherwise never takes (it runs the exact
-    kernels); masked and unmasked tiles, the column term (CLIP), the key scale (MoCo), dscale."""
+@pytest.mark.parametrize("dtype, d, kscale, chip, expected", [
+    (torch.bfloat16, 128, True, 90, 128), (torch.float16, 100, False, 90, 128),
+    (torch.bfloat16, 256, False, 90, 256), (torch.float16, 129, False, 90, 256),
+    (torch.bfloat16, 256, True, 90, "loop"), (torch.bfloat16, 257, False, 90, "loop"),
+    (torch.float32, 128, False, 90, "loop"), (torch.bfloat16, 128, False, 80, "loop"),
+    (torch.bfloat16, 256, False, 80, "loop")])
+def test_backward_kernel_choice_on_a_gpu(monkeypatch, dtype, d, kscale, chip, expected):
+    """The launcher's backward on a GPU (as on an H200 or an A100): the resident query block on sm_90 for
+    bf16/fp16 up to D=128, and up to D=256 without MoCo's key scale (the configs the compile test proves
+    spill-free); everything else the chunked kernel."""
+    monkeypatch.setattr(kc, "interpreting", lambda: False)
+    monkeypatch.setattr(kc, "_exact", lambda dt: False)
+    monkeypatch.setattr(kc, "_chip", lambda x: chip)
+    key, bd, loop = kc._pick_backward(torch.zeros(2, d, dtype=dtype), kscale)
+    assert key == expected and loop == (expected == "loop")
+    if not loop:
+        assert bd == key and kc.BWD_CONFIGS[key]
+
+
+def _fast_backward(device, monkeypatch, path):
+    """float64 through the tensor-core kernels' code path (``path``: the resident query block or the chunked
+    scores) on the interpreter, which float64 otherwise never takes (it runs the exact kernels)."""
     if device != "cpu" or not kc.interpreting():
         pytest.skip("forces the launchers' path choice on the interpreter")
     monkeypatch.setenv("FASTSSL_BACKEND", "triton")
     monkeypatch.setattr(kc, "_exact", lambda dtype: False)
     if path == "chunked":
         monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+
+
+@pytest.mark.parametrize("path", ["resident", "chunked"])
+def test_gradcheck_through_the_fast_backward(device, monkeypatch, path):
+    """gradcheck (float64) through the tensor-core kernels' code: the forward's D loop and the backward's
+    resident query block or its chunked scores; masked and unmasked tiles, the column term (CLIP), the key
+    scale (MoCo), dscale."""
+    _fast_backward(device, monkeypatch, path)
     assert kc._pick_backward(torch.zeros(3, 18, dtype=torch.float64))[2] == (path == "chunked")
     d = dict(dtype=torch.float64, device=device)
     z1, z2 = torch.randn(5, 18, **d, requires_grad=True), torch.randn(5, 18, **d, requires_grad=True)
@@ -325,16 +367,21 @@ def test_nan_propagates(backend, device):
 
 def test_compiles_fullgraph(backend, device):
     z1, z2 = _feats(13, 20, device=device), _feats(13, 20, device=device)
+    labels = torch.randint(0, 3, (13,), device=device)
     scale = torch.tensor(2.0, device=device, requires_grad=True)
 
     def losses(a, b, s):
         return (fastssl.nt_xent(a, b) + fastssl.info_nce(a, b) + fastssl.clip_loss(a, b, s.exp())
-                + fastssl.moco_loss(a, b, b))
+                + fastssl.moco_loss(a, b, b) + fastssl.siglip_loss(a, b, s.exp(), -s)
+                + fastssl.supervised_nt_xent(a, labels, ref_embeddings=b, ref_labels=labels)
+                + fastssl.supcon_loss(torch.stack((a, b), 1), labels))
 
     compiled = torch.compile(losses, fullgraph=True)
     out = compiled(z1, z2, scale)
     ref = (nt_xent_reference(z1, z2) + info_nce_reference(z1, z2) + clip_loss_reference(z1, z2, scale.double().exp())
-           + moco_loss_reference(z1, z2, z2))
+           + moco_loss_reference(z1, z2, z2) + siglip_loss_reference(z1, z2, scale.double().exp(), -scale.double())
+           + supervised_nt_xent_reference(z1, labels, ref_embeddings=z2, ref_labels=labels)
+           + supcon_loss_reference(torch.stack((z1, z2), 1), labels))
     assert_close(out, ref, torch.float32, scale=10)
     for g, r in zip(_grads(out, (z1, z2, scale)), _grads(ref, (z1, z2, scale))):
         assert_close(g, r, torch.float32, scale=10)
@@ -412,6 +459,25 @@ BAD = [
     (lambda d: fastssl.clip_loss(_t(4, 3, dtype=torch.bfloat16, device=d), _t(4, 3, dtype=torch.bfloat16, device=d), torch.tensor(1.0, dtype=torch.float16)), TypeError, "logit_scale has dtype torch.float16"),
     (lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(4, 3, device=d), torch.tensor(1, device=d)), TypeError, "logit_scale must be a floating-point"),
     (lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(3, 3, device=d), 1.0), ValueError, r"text_features has shape \(3, 3\)"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(3, 3, device=d), 1.0, 0.0), ValueError, r"text_features has shape \(3, 3\)"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), -1.0, 0.0), ValueError, "logit_scale must be a finite number > 0"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, "0"), TypeError, "logit_bias must be a float or a 0-dim tensor"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, float("inf")), ValueError, "logit_bias must be a finite number"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, torch.zeros(1, device=d)), ValueError, r"logit_bias must be a float or a 0-dim tensor, got shape \(1,\)"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, dtype=torch.bfloat16, device=d), _t(4, 3, dtype=torch.bfloat16, device=d), 1.0, torch.tensor(0.0, dtype=torch.float64)), TypeError, "logit_bias has dtype torch.float64"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, 0.0, reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda d: fastssl.siglip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, 0.0, gather_distributed=1), TypeError, "gather_distributed must be True or False"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(4, device=d)), TypeError, r"labels must be a LongTensor \(torch.int64\)"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(3, dtype=torch.long, device=d)), ValueError, r"labels must have shape \(4,\)"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(4, dtype=torch.long, device=d), ref_embeddings=_t(5, 3, device=d)), ValueError, "ref_embeddings and ref_labels go together"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(4, dtype=torch.long, device=d), ref_embeddings=_t(5, 2, device=d), ref_labels=torch.zeros(5, dtype=torch.long, device=d)), ValueError, "ref_embeddings has feature size 2"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(4, dtype=torch.long, device=d), ref_embeddings=_t(5, 3, device=d), ref_labels=torch.zeros(4, dtype=torch.long, device=d)), ValueError, r"ref_labels must have shape \(5,\)"),
+    (lambda d: fastssl.supervised_nt_xent(_t(4, 3, device=d), torch.zeros(4, dtype=torch.long, device=d), temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+    (lambda d: fastssl.supervised_nt_xent(_t(0, 3, device=d), torch.zeros(0, dtype=torch.long, device=d)), ValueError, "embeddings is an empty batch"),
+    (lambda d: fastssl.supcon_loss(_t(4, device=d), torch.zeros(4, dtype=torch.long, device=d)), ValueError, r"features must be 2-D \(N, D\) or 3-D"),
+    (lambda d: fastssl.supcon_loss(_t(4, 2, 3, device=d), torch.zeros(2, dtype=torch.long, device=d)), ValueError, r"labels must have shape \(4,\)"),
+    (lambda d: fastssl.supcon_loss(_t(4, 3, device=d), [0, 1, 2, 3]), TypeError, "labels must be a LongTensor"),
+    (lambda d: fastssl.supcon_loss(_t(4, 3, device=d), torch.zeros(4, dtype=torch.long, device=d), reduction="avg"), ValueError, "reduction must be one of"),
 ]
 
 
@@ -421,19 +487,42 @@ def test_rejects_bad_input(device, call, error, match):
         call(device)
 
 
-@pytest.mark.parametrize("call", [
-    lambda d: fastssl.nt_xent(_t(4, 3, device=d), _t(4, 3, device=d), gather_distributed=True),
-    lambda d: fastssl.info_nce(_t(4, 3, device=d), _t(4, 3, device=d), gather_distributed=True),
-    lambda d: fastssl.clip_loss(_t(4, 3, device=d), _t(4, 3, device=d), 1.0, gather_distributed=True),
-])
-def test_gather_distributed_without_process_group(device, call):
-    if importlib.util.find_spec("fastssl.distributed") is None:
-        pytest.fail("fastssl/distributed.py (the other engineer's module) is missing")
-    with pytest.raises(RuntimeError, match="process group"):
-        call(device)
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip_loss", "siglip_loss"])
+def test_gather_distributed_without_process_group_is_the_single_process_loss(backend, device, loss):
+    """API.md (lightly's meaning): without an initialized process group gather_distributed=True is the
+    single-process loss, value and gradients, so code written for DDP runs unchanged on one device."""
+    import fastssl.distributed
+
+    assert not fastssl.distributed.is_initialized()
+    fn = {"nt_xent": fastssl.nt_xent, "info_nce": fastssl.info_nce,
+          "clip_loss": lambda a, b, **kw: fastssl.clip_loss(a, b, 3.0, **kw),
+          "siglip_loss": lambda a, b, **kw: fastssl.siglip_loss(a, b, 3.0, -1.0, **kw)}[loss]
+    a, b = _feats(6, 5, device=device), _feats(6, 5, device=device)
+    gathered, single = fn(a, b, gather_distributed=True), fn(a, b)
+    assert torch.equal(gathered, single)
+    for g, r in zip(_grads(gathered, (a, b)), _grads(single, (a, b))):
+        assert torch.equal(g, r)
 
 
-@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip_loss"])
+def test_nt_xent_positive_read_like_the_lse(device, monkeypatch):
+    """lightly's test_with_correlated_embedding (one pair, both views pointing the same way: its cross-entropy
+    over a single logit is exactly 0): our positive agrees with its LSE entry to the bit on the PyTorch path,
+    with and without a gradient to compute and at sizes past the kept budget (positive folded like the
+    scores)."""
+    import fastssl.contrastive as fc
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    for keep in (True, False):
+        monkeypatch.setattr(fc, "KEEP_ELEMENTS", 4 if keep else 3)
+        for t in (0.1, 1.0, 7.0):
+            for _ in range(20):
+                x, y = torch.rand(1, 1, device=device), torch.rand(1, 1, device=device)
+                z1, z2 = torch.cat((x, 2 * x), 1), torch.cat((y, 2 * y), 1)
+                assert fastssl.nt_xent(z1, z2, temperature=t).item() == 0.0
+                assert fastssl.nt_xent(z1.requires_grad_(), z2, temperature=t).item() == 0.0
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip_loss", "siglip_loss"])
 def test_gather_distributed_convention(backend, device, monkeypatch, loss):
     """API.md's convention with two ranks simulated in one process: the gather is a cat of every rank's
     tensor in rank order with gradient to each, so the gradient of the sum of the ranks' losses for a
@@ -447,7 +536,8 @@ def test_gather_distributed_convention(backend, device, monkeypatch, loss):
     g1, g2 = _feats(world * n, 20, device=device), _feats(world * n, 20, device=device)
     fn = {"nt_xent": lambda a, b, **kw: fastssl.nt_xent(a, b, temperature=0.3, **kw),
           "info_nce": lambda a, b, **kw: fastssl.info_nce(a, b, temperature=0.2, **kw),
-          "clip_loss": lambda a, b, **kw: fastssl.clip_loss(a, b, 9.0, **kw)}[loss]
+          "clip_loss": lambda a, b, **kw: fastssl.clip_loss(a, b, 9.0, **kw),
+          "siglip_loss": lambda a, b, **kw: fastssl.siglip_loss(a, b, 4.0, -2.0, normalize=True, **kw)}[loss]
     single = fn(g1, g2)
     single_grads = _grads(single, (g1, g2))
     local = [(g1[r * n:(r + 1) * n], g2[r * n:(r + 1) * n]) for r in range(world)]
@@ -457,6 +547,7 @@ def test_gather_distributed_convention(backend, device, monkeypatch, loss):
         recorded[-1].append(x)
         return x, 0
 
+    monkeypatch.setattr(fc, "_gathers", lambda gather_distributed: gather_distributed)  # as with 2 ranks
     monkeypatch.setattr(fc, "_gather", recording)
     for r in range(world):
         recorded.append([])
@@ -589,9 +680,11 @@ def test_kept_scores_only_within_budget(device, monkeypatch):
         assert biggest == (4 * n * n if keeps else 2 * n * 4)
     kept = _spy_kept(monkeypatch)
     with torch.no_grad():
-        fastssl.nt_xent(z1[:4], z2[:4])
-    fastssl.nt_xent(z1[:4].detach(), z2[:4].detach())
+        fastssl.info_nce(z1[:4], z2[:4])
+    fastssl.clip_loss(z1[:4].detach(), z2[:4].detach(), 2.0)
     assert kept == [(0,), (0,)]
+    out = fastssl.nt_xent(z1[:4].detach(), z2[:4].detach())  # one matmul, nothing saved: no graph
+    assert out.grad_fn is None
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -632,3 +725,503 @@ def test_torch_path_symmetric_scale_gradient(device, monkeypatch, keep):
     scale = torch.tensor([1.3], dtype=torch.float64, device=device, requires_grad=True)
     assert fc._keeps_scores(8, 8, z, scale) == keep
     assert torch.autograd.gradcheck(lambda a, s: fc._lse(a, a, s, diag_off=0, symmetric=True)[0], (z, scale))
+
+
+# ----------------------------------------------------------------------------------------------------
+# SigLIP's sigmoid loss
+# ----------------------------------------------------------------------------------------------------
+
+def _sig_params(kind, dtype, device):
+    """(logit_scale, logit_bias, the tensors among them): Python floats, or 0-dim tensors (a learnable
+    log-scale's exp, as open_clip passes it) in the features' dtype or float32."""
+    if kind == "float":
+        return 3.5, -1.5, []
+    pdtype = dtype if kind == "tensor" else torch.float32
+    log_scale = torch.tensor(1.2, dtype=pdtype, device=device, requires_grad=True)
+    bias = torch.tensor(-1.5, dtype=pdtype, device=device, requires_grad=True)
+    return log_scale, bias, [log_scale, bias]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["float", "tensor", "fp32_tensor"])
+def test_siglip_loss_matches_reference(backend, device, dtype, reduction, kind):
+    img, txt = _feats(37, 20, dtype=dtype, device=device), _feats(37, 20, dtype=dtype, device=device)
+    log_scale, bias, params = _sig_params(kind, dtype, device)
+    exp = (lambda s: s.exp()) if params else (lambda s: s)
+    inputs = [img, txt, *params]
+
+    def ours(a, b, *p):
+        return fastssl.siglip_loss(a, b, exp(p[0]) if p else log_scale, p[1] if p else bias, normalize=True,
+                                   reduction=reduction)
+
+    def ref(a, b, *p):  # the same multiplier value (a float32 one stays float32-rounded)
+        return siglip_loss_reference(a, b, exp(p[0]).double() if p else log_scale, p[1].double() if p else bias,
+                                     normalize=True, reduction=reduction)
+
+    out, expected = ours(*inputs), ref(*inputs)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and out.shape == expected.shape
+    assert_close(out, expected, dtype, scale=10)
+    grad_out = torch.rand_like(expected) + 0.5 if reduction == "none" else None
+    for g, r in zip(_grads(out, inputs, None if grad_out is None else grad_out.to(out.dtype)),
+                    _grads(expected, inputs, grad_out)):
+        assert_close(g, r, g.dtype, scale=10)  # a float32 parameter gets a float32 gradient
+
+
+def _sig_formulas(q, k, scale, bias, diag_off, w, col_weights):
+    """float64 row sums of softplus(-z l) and the kernels' gradient: dS = -z sigmoid(-z l) w (w per row of q,
+    or per row of k), dq = scale dS @ k, dscale = sum dS * (q . k), dbias = sum dS."""
+    q, k = q.double(), k.double()
+    raw = q @ k.t()
+    l = scale * raw + bias
+    z = -torch.ones_like(l)
+    i = torch.arange(q.shape[0])
+    inside = (i + diag_off >= 0) & (i + diag_off < k.shape[0])
+    z[i[inside], (i + diag_off)[inside]] = 1.0
+    rows = F.softplus(-z * l).sum(1)
+    ds = -z * torch.sigmoid(-z * l) * (w[None, :] if col_weights else w[:, None])
+    return rows, scale * ds @ k, (ds * raw).sum(), ds.sum()
+
+
+@pytest.mark.parametrize("n,m,diag_off", MASK_CASES)
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "bfloat16-chunked", "columns"])
+def test_sig_kernels_mask_only_band_and_edge_tiles(device, monkeypatch, n, m, diag_off, kind):
+    """The sigmoid kernels flip the positive's sign and drop the keys past M only in the band's and the
+    last partial tile (interpreter tiles of 16): row sums, dq, dscale and dbias (weights per row, or per key
+    as the column pass that gives the texts' gradient) equal the float64 formulas wherever the band falls."""
+    if device != "cpu" or not kc.interpreting():
+        pytest.skip("calls the launchers on CPU tensors: the interpreter's tiles")
+    dtype = torch.bfloat16 if kind.startswith("bfloat16") else torch.float32
+    if kind == "bfloat16-chunked":
+        monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    gen = torch.Generator().manual_seed(n * 1000 + m + diag_off)
+    q = (torch.randn(n, 20, generator=gen) / 3).to(dtype)
+    k = (torch.randn(m, 20, generator=gen) / 3).to(dtype)
+    cols = kind == "columns"
+    w = torch.rand(m if cols else n, generator=gen, dtype=torch.float64) + 0.5
+    scale, bias = torch.tensor([1.7]), torch.tensor([-0.6])
+    rows, dq, dscale, dbias = _sig_formulas(q, k, 1.7, -0.6, diag_off, w, cols)
+    torch.testing.assert_close(kc.sigmoid_forward(q, k, scale, bias, diag_off).double(), rows, rtol=1e-5, atol=1e-5)
+    got_dq, got_ds, got_db = kc.sigmoid_backward_rows(q, k, scale, bias, w.float(), diag_off=diag_off,
+                                                      col_weights=cols, need_dparams=True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got_dq.double(), dq, rtol=tol, atol=tol)
+    if not cols:  # the column pass' parameter sums are the row pass' (not used)
+        torch.testing.assert_close(got_ds.double(), dscale, rtol=tol, atol=tol)
+        torch.testing.assert_close(got_db.double(), dbias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["kept", "one_block", "blocks"])
+def test_siglip_torch_path_schemes(device, monkeypatch, scheme):
+    """The PyTorch path: the gradient matrix kept from the forward, or recomputed in one block or in blocks
+    of 5 rows; float64 against the reference, gradients to both features and both parameters."""
+    import fastssl.contrastive as fc
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    n = 21
+    monkeypatch.setattr(fc, "KEEP_ELEMENTS", n * n - (scheme != "kept"))
+    if scheme == "blocks":
+        monkeypatch.setattr(fc, "CHUNK_ELEMENTS", 5 * n)
+    d = dict(dtype=torch.float64, device=device)
+    inputs = (_feats(n, 12, **d), _feats(n, 12, **d), torch.tensor(0.8, **d, requires_grad=True),
+              torch.tensor(-2.0, **d, requires_grad=True))
+    _check(lambda a, b, s, c: fastssl.siglip_loss(a, b, s.exp(), c),
+           lambda a, b, s, c: siglip_loss_reference(a, b, s.exp(), c), inputs, torch.float64)
+
+
+def test_siglip_gradcheck(backend, device):
+    d = dict(dtype=torch.float64, device=device)
+    x, y = torch.randn(5, 6, **d, requires_grad=True), torch.randn(5, 6, **d, requires_grad=True)
+    scale, bias = torch.tensor(1.7, **d, requires_grad=True), torch.tensor(-0.4, **d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, s, c: fastssl.siglip_loss(a, b, s, c, reduction="none"),
+                                    (x, y, scale, bias))
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.siglip_loss(a, b, 2.0, 1.0, normalize=True), (x, y))
+
+
+@pytest.mark.parametrize("path", ["resident", "chunked"])
+def test_siglip_gradcheck_through_the_fast_backward(device, monkeypatch, path):
+    """gradcheck (float64) through the tensor-core kernels' code (as the LSE's): resident or chunked."""
+    _fast_backward(device, monkeypatch, path)
+    d = dict(dtype=torch.float64, device=device)
+    x, y = torch.randn(21, 18, **d, requires_grad=True), torch.randn(21, 18, **d, requires_grad=True)
+    scale, bias = torch.tensor(1.3, **d, requires_grad=True), torch.tensor(-0.5, **d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, s, c: fastssl.siglip_loss(a, b, s, c, reduction="none"),
+                                    (x, y, scale, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_siglip_low_precision_within_twice_pytorch_error(backend, device, dtype):
+    img, txt = _unit_rows(37, 20, dtype, device).requires_grad_(), _unit_rows(37, 20, dtype, device).requires_grad_()
+    scale, bias = torch.tensor(10.0, device=device), torch.tensor(-5.0, device=device)
+    out = fastssl.siglip_loss(img, txt, scale, bias)
+    assert out.dtype == torch.float32
+    f64 = [t.detach().double().requires_grad_() for t in (img, txt)]
+    ref = siglip_loss_reference(*f64, scale, bias)
+    lp = [t.detach().requires_grad_() for t in (img, txt)]
+    lowp = siglip_loss_reference(*lp, scale.to(dtype), bias.to(dtype), upcast=False)
+    assert_close_lowp(out, ref, lowp)
+    for g, r, p in zip(_grads(out, (img, txt)), _grads(ref, f64), _grads(lowp, lp)):
+        assert g.dtype == dtype
+        assert_close_lowp(g, r, p)
+
+
+def test_siglip_extreme_logits_and_nan(backend, device):
+    x, y = _feats(17, 20, device=device), _feats(17, 20, device=device)
+    out = fastssl.siglip_loss(x, y, 1000.0, -50.0)  # logits in the thousands: softplus stays finite
+    ref = siglip_loss_reference(x, y, 1000.0, -50.0)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-3)
+    assert all(torch.isfinite(g).all() for g in _grads(out, (x, y)))
+    bad = x.detach().clone()
+    bad[3, 1] = float("nan")
+    per_row = fastssl.siglip_loss(bad, y.detach(), 2.0, 0.0, reduction="none")
+    assert per_row[3].isnan() and not per_row[[0, 1, 2, 4]].isnan().any()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip is not installed")
+def test_siglip_loss_equals_open_clip(device):
+    from open_clip.loss import SigLipLoss
+
+    img, txt = (F.normalize(torch.randn(23, 16, device=device), dim=1).requires_grad_() for _ in range(2))
+    scale = torch.tensor(2.3, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    ours = fastssl.siglip_loss(img, txt, scale.exp(), bias)
+    theirs = SigLipLoss()(img, txt, scale.exp(), bias)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for g, r in zip(_grads(ours, (img, txt, scale, bias)), _grads(theirs, (img, txt, scale, bias))):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# supervised NT-Xent (pytorch-metric-learning's NTXentLoss) and SupCon
+# ----------------------------------------------------------------------------------------------------
+
+HAVE_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
+
+
+def _labels(n, classes, device):
+    return torch.randint(0, classes, (n,), device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("refs", [False, True])
+@pytest.mark.parametrize("classes", [3, 30])
+def test_supervised_nt_xent_matches_reference(backend, device, dtype, refs, classes):
+    x = _feats(37, 20, dtype=dtype, device=device)
+    labels = _labels(37, classes, device)
+    inputs, kw = (x,), {}
+    if refs:
+        r = _feats(29, 20, dtype=dtype, device=device)
+        kw = dict(ref_embeddings=r, ref_labels=_labels(29, classes, device))
+        inputs = (x, r)
+
+    def ours(*t):
+        return fastssl.supervised_nt_xent(t[0], labels, temperature=0.2, **dict(kw, **({"ref_embeddings": t[1]} if refs else {})))
+
+    def ref(*t):
+        return supervised_nt_xent_reference(t[0], labels, temperature=0.2, **dict(kw, **({"ref_embeddings": t[1]} if refs else {})))
+
+    _check(ours, ref, inputs, dtype)
+
+
+def test_supervised_nt_xent_without_normalize_and_edge_cases(backend, device):
+    x = _feats(11, 24, device=device)
+    labels = _labels(11, 3, device)
+    _check(lambda a: fastssl.supervised_nt_xent(a, labels, temperature=2.0, normalize=False),
+           lambda a: supervised_nt_xent_reference(a, labels, temperature=2.0, normalize=False), (x,), torch.float32)
+    # pml's test_with_no_valid_pairs: one row, one class (no negatives: every pair's loss is exactly 0), all
+    # different (no positive pair): 0 with a zero gradient
+    for n, labels in ((1, [0]), (3, [0, 0, 0]), (3, [1, 2, 3])):
+        x = _feats(n, 2, device=device)
+        out = fastssl.supervised_nt_xent(x, torch.tensor(labels, device=device), temperature=0.1)
+        (grad,) = _grads(out, (x,))
+        assert out.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    bad = torch.randn(6, 4, device=device)
+    bad[2, 1] = float("nan")
+    assert fastssl.supervised_nt_xent(bad, torch.tensor([0, 0, 1, 1, 2, 2], device=device)).isnan()
+
+
+def _sup_formulas(q, k, lq, lk, scale, symmetric, g_rows):
+    """float64 per-row (loss sum, negatives' LSE, sigmoid sum) and the gradient of sum_a g_a loss_a for q
+    (with the column side too when symmetric) and for k."""
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    kk = q64 if symmetric else k64
+    s = scale * q64 @ kk.t()
+    same = lq[:, None] == lk[None, :]
+    pos = same.clone()
+    if symmetric:
+        pos.fill_diagonal_(False)
+    neg = torch.logsumexp(s.masked_fill(same, float("-inf")), 1)
+    x = neg[:, None] - s
+    loss = torch.where(pos, F.softplus(x), 0.0).sum(1)
+    wsum = torch.where(pos, torch.sigmoid(x), 0.0).sum(1)
+    grads = torch.autograd.grad((loss * g_rows).sum(), (q64, k64), allow_unused=True)
+    return loss.detach(), neg.detach(), wsum.detach(), grads
+
+
+@pytest.mark.parametrize("n,m", [(37, 37), (48, 48), (33, 50), (20, 61)])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "bfloat16-chunked", "refs"])
+def test_sup_kernels_against_float64(device, monkeypatch, n, m, kind):
+    """The label-masked kernels on the interpreter's 16 x 16 tiles (whole, band and partial tiles; the
+    positives' pass over the sorted runs of keys): per-row loss sums, the negatives' LSE and sigmoid sums,
+    and dq (anchors on the rows and on the columns: the symmetric one-pass gradient, or the references')."""
+    if device != "cpu" or not kc.interpreting():
+        pytest.skip("calls the launchers on CPU tensors: the interpreter's tiles")
+    dtype = torch.bfloat16 if kind.startswith("bfloat16") else torch.float32
+    if kind == "bfloat16-chunked":
+        monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    symmetric = kind != "refs"
+    m = n if symmetric else m
+    gen = torch.Generator().manual_seed(n * 1000 + m)
+    q = (torch.randn(n, 20, generator=gen) / 3).to(dtype)
+    k = q if symmetric else (torch.randn(m, 20, generator=gen) / 3).to(dtype)
+    lq = torch.randint(0, 4, (n,), generator=gen)
+    lk = lq if symmetric else torch.randint(0, 4, (m,), generator=gen)
+    g = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    scale = torch.tensor([2.5])
+    loss, neg, wsum, (dq, dk) = _sup_formulas(q, k, lq, lk, 2.5, symmetric, g)
+    got = kc.supervised_forward(q, k, lq, lk, scale, symmetric)
+    for a, b in zip(got, (loss, neg, wsum)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    stats = (neg.float(), wsum.float(), g.float())
+
+    def close(got, ref):  # bf16: dS is rounded to bf16 for the product (2^-8 of the largest term)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2 * ref.abs().max().item()
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+    close(kc.supervised_backward_rows(q, k, lq, lk, scale, stats, stats if symmetric else None,
+                                      self_excluded=symmetric), dq)
+    if not symmetric:
+        close(kc.supervised_backward_rows(k, q, lk, lq, scale, None, stats, self_excluded=False), dk)
+
+
+@pytest.mark.parametrize("scheme", ["kept", "one_block", "blocks"])
+@pytest.mark.parametrize("refs", [False, True])
+def test_supervised_torch_path_schemes(device, monkeypatch, scheme, refs):
+    import fastssl.contrastive as fc
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    n, m = 19, (23 if refs else 19)
+    monkeypatch.setattr(fc, "KEEP_ELEMENTS", n * m - (scheme != "kept"))
+    if scheme == "blocks":
+        monkeypatch.setattr(fc, "CHUNK_ELEMENTS", 5 * m)
+    d = dict(dtype=torch.float64, device=device)
+    labels, ref_labels = _labels(n, 4, device), _labels(m, 4, device)
+    if refs:
+        inputs = (_feats(n, 12, **d), _feats(m, 12, **d))
+        _check(lambda a, b: fastssl.supervised_nt_xent(a, labels, ref_embeddings=b, ref_labels=ref_labels),
+               lambda a, b: supervised_nt_xent_reference(a, labels, ref_embeddings=b, ref_labels=ref_labels), inputs,
+               torch.float64)
+    else:
+        _check(lambda a: fastssl.supervised_nt_xent(a, labels), lambda a: supervised_nt_xent_reference(a, labels),
+               (_feats(n, 12, **d),), torch.float64)
+
+
+def test_supervised_gradcheck(backend, device):
+    d = dict(dtype=torch.float64, device=device)
+    x, r = torch.randn(7, 6, **d, requires_grad=True), torch.randn(5, 6, **d, requires_grad=True)
+    labels, ref_labels = torch.tensor([0, 1, 0, 2, 1, 1, 0], device=device), torch.tensor([1, 0, 0, 2, 1], device=device)
+    assert torch.autograd.gradcheck(lambda a: fastssl.supervised_nt_xent(a, labels, temperature=0.5), (x,))
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.supervised_nt_xent(
+        a, labels, temperature=0.5, ref_embeddings=b, ref_labels=ref_labels), (x, r))
+    assert torch.autograd.gradcheck(lambda a: fastssl.supcon_loss(a, labels, temperature=0.5, reduction="none"), (x,))
+
+
+@pytest.mark.parametrize("path", ["resident", "chunked"])
+def test_supervised_gradcheck_through_the_fast_backward(device, monkeypatch, path):
+    _fast_backward(device, monkeypatch, path)
+    d = dict(dtype=torch.float64, device=device)
+    x, r = torch.randn(21, 18, **d, requires_grad=True), torch.randn(19, 18, **d, requires_grad=True)
+    labels, ref_labels = _labels(21, 3, device), _labels(19, 3, device)
+    assert torch.autograd.gradcheck(lambda a: fastssl.supervised_nt_xent(a, labels, temperature=0.5), (x,),
+                                    fast_mode=True)
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.supervised_nt_xent(
+        a, labels, temperature=0.5, ref_embeddings=b, ref_labels=ref_labels), (x, r), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_supervised_low_precision_within_twice_pytorch_error(backend, device, dtype):
+    x = _unit_rows(37, 20, dtype, device).requires_grad_()
+    labels = _labels(37, 4, device)
+    out = fastssl.supervised_nt_xent(x, labels, temperature=0.2, normalize=False)
+    x64 = x.detach().double().requires_grad_()
+    ref = supervised_nt_xent_reference(x64, labels, temperature=0.2, normalize=False)
+    xlp = x.detach().requires_grad_()
+    lowp = supervised_nt_xent_reference(xlp, labels, temperature=0.2, normalize=False, upcast=False)
+    assert_close_lowp(out, ref, lowp)
+    assert_close_lowp(_grads(out, (x,))[0], _grads(ref, (x64,))[0], _grads(lowp, (xlp,))[0])
+    out = fastssl.supcon_loss(x, labels, temperature=0.2, normalize=False)
+    ref = supcon_loss_reference(x64, labels, temperature=0.2, normalize=False)
+    lowp = supcon_loss_reference(xlp, labels, temperature=0.2, normalize=False, upcast=False)
+    assert_close_lowp(out, ref, lowp)
+    assert_close_lowp(_grads(out, (x,))[0], _grads(ref, (x64,))[0], _grads(lowp, (xlp,))[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("views", [0, 2])
+def test_supcon_loss_matches_reference(backend, device, dtype, reduction, views):
+    shape = (19, views, 20) if views else (37, 20)
+    x = _feats(*shape, dtype=dtype, device=device)
+    labels = _labels(shape[0], 6, device)  # some rows without a positive when views == 0
+    _check(lambda a: fastssl.supcon_loss(a, labels, temperature=0.3, reduction=reduction),
+           lambda a: supcon_loss_reference(a, labels, temperature=0.3, reduction=reduction), (x,), dtype,
+           reduction=reduction)
+
+
+def test_supcon_without_positives_is_zero(backend, device):
+    x = _feats(5, 3, device=device)
+    out = fastssl.supcon_loss(x, torch.arange(5, device=device))
+    assert out.item() == 0.0 and torch.equal(_grads(out, (x,))[0], torch.zeros_like(x))
+
+
+@pytest.mark.skipif(not HAVE_PML, reason="pytorch-metric-learning is not installed")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("refs", [False, True])
+def test_supervised_nt_xent_equals_pytorch_metric_learning(device, dtype, refs):
+    """pml's NTXentLoss (default CosineSimilarity, MeanReducer) with labels, and with ref_emb / ref_labels,
+    through our module in pml's call; its SupConLoss against supcon_loss (float32 and float64)."""
+    from pytorch_metric_learning.losses import NTXentLoss, SupConLoss
+
+    from fastssl.losses import SupervisedNTXentLoss
+
+    x = torch.randn(23, 16, device=device).to(dtype).requires_grad_()
+    labels = _labels(23, 5, device)
+    kw = {}
+    if refs:
+        kw = dict(ref_emb=torch.randn(17, 16, device=device).to(dtype), ref_labels=_labels(17, 5, device))
+    ours = SupervisedNTXentLoss(temperature=0.1)(x, labels, **kw)
+    theirs = NTXentLoss(temperature=0.1)(x, labels, **kw)
+    assert ours.dtype == theirs.dtype == dtype
+    if dtype == torch.float16:  # pml computes in float16: both against float64, ours within twice its error
+        x64 = x.detach().double().requires_grad_()
+        ref = supervised_nt_xent_reference(x64, labels, temperature=0.1, ref_embeddings=kw.get("ref_emb"),
+                                           ref_labels=kw.get("ref_labels"))
+        assert_close_lowp(ours, ref, theirs, atol=1e-3)
+        assert_close_lowp(_grads(ours, (x,))[0], _grads(ref, (x64,))[0], _grads(theirs, (x,))[0], atol=1e-3)
+        return
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_grads(ours, (x,))[0], _grads(theirs, (x,))[0], rtol=1e-4, atol=1e-6)
+    if dtype != torch.float16 and not refs:
+        ours, theirs = fastssl.supcon_loss(x, labels, temperature=0.1), SupConLoss(temperature=0.1)(x, labels)
+        torch.testing.assert_close(ours.to(dtype), theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_grads(ours, (x,))[0], _grads(theirs, (x,))[0], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# grad_cache
+# ----------------------------------------------------------------------------------------------------
+
+def _encoder(dropout=0.2, width=64):
+    torch.manual_seed(1234)
+    return torch.nn.Sequential(torch.nn.Linear(12, width), torch.nn.ReLU(), torch.nn.Dropout(dropout),
+                               torch.nn.Linear(width, width), torch.nn.Dropout(dropout), torch.nn.Linear(width, 8))
+
+
+def _param_grads(module):
+    out = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    return out
+
+
+def _clip_with_scale(scale):
+    return lambda a, b: fastssl.clip_loss(a, b, scale.exp())
+
+
+def test_grad_cache_equals_the_plain_backward_with_dropout():
+    """Dropout inside the encoder: grad_cache's parameter (and loss-parameter) gradients equal the plain
+    backward through the same chunks in the same order (the RNG state of each chunk replayed in the second
+    pass); the global RNG state afterwards is the plain forward's; the loss is the plain loss, detached."""
+    x1, x2 = torch.randn(37, 12), torch.randn(37, 12)
+    encoder = _encoder()
+    scale = torch.tensor(2.0, requires_grad=True)
+    torch.manual_seed(7)
+    plain = _clip_with_scale(scale)(*(torch.cat([encoder(c) for c in x.split(5)]) for x in (x1, x2)))
+    plain.backward()
+    expected, expected_scale, state = _param_grads(encoder), scale.grad.clone(), torch.get_rng_state()
+    scale.grad = None
+    torch.manual_seed(7)
+    loss = fastssl.grad_cache(encoder, (x1, x2), _clip_with_scale(scale), chunk_size=5)
+    assert not loss.requires_grad and torch.equal(loss, plain.detach())
+    assert torch.equal(torch.get_rng_state(), state)
+    for g, r in zip(_param_grads(encoder), expected):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(scale.grad, expected_scale)
+
+
+@pytest.mark.parametrize("dropout, chunk", [(0.0, 5), (0.3, 64)])
+def test_grad_cache_equals_the_full_batch_backward(dropout, chunk):
+    """Against loss_fn(*map(encoder, inputs)).backward() on the whole batch: exact where the encoder draws
+    no random numbers, or one chunk holds the batch (its draws are the whole batch's)."""
+    x1, x2 = torch.randn(37, 12), torch.randn(37, 12)
+    encoder = _encoder(dropout)
+    torch.manual_seed(3)
+    fastssl.nt_xent(encoder(x1), encoder(x2), temperature=0.3).backward()
+    expected = _param_grads(encoder)
+    torch.manual_seed(3)
+    fastssl.grad_cache(encoder, (x1, x2), lambda a, b: fastssl.nt_xent(a, b, temperature=0.3), chunk_size=chunk)
+    for g, r in zip(_param_grads(encoder), expected):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+def _peak_saved_bytes(fn):
+    """The most bytes autograd held saved for backward at once while ``fn`` ran (every saved tensor counted
+    from its pack until its graph is freed): the encoder's activation memory."""
+    import weakref
+
+    live, peak = [0], [0]
+
+    class Saved:
+        def __init__(self, t):
+            self.t, self.size = t, t.numel() * t.element_size()
+            live[0] += self.size
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(self, lambda n=self.size: live.__setitem__(0, live[0] - n))
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+        fn()
+    return peak[0]
+
+
+def test_grad_cache_peak_activation_memory_is_one_chunks():
+    """Measured: the bytes autograd saves at once with grad_cache in chunks of 64 rows of a 1536-row batch
+    (two views) are a small fraction of the plain backward's, which holds the whole batch's activations (the
+    fused loss itself saves O(N * D) at 2N = 3072, past the PyTorch path's kept-scores budget)."""
+    x = torch.randn(1536, 12)
+    encoder = _encoder(0.1, width=256)
+    loss_fn = lambda a, b: fastssl.nt_xent(a, b, temperature=0.2)  # noqa: E731
+    plain = _peak_saved_bytes(lambda: loss_fn(encoder(x), encoder(x + 0.1)).backward())
+    cached = _peak_saved_bytes(lambda: fastssl.grad_cache(encoder, (x, x + 0.1), loss_fn, chunk_size=64))
+    print(f"peak saved activations: plain {plain / 2**20:.2f} MiB, grad_cache(chunk 64) {cached / 2**20:.2f} MiB")
+    assert cached <= plain / 8
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: fastssl.grad_cache(None, torch.randn(4, 3), fastssl.nt_xent, chunk_size=2), TypeError, "encoder must be callable"),
+    (lambda: fastssl.grad_cache(torch.nn.Linear(3, 2), torch.randn(4, 3), fastssl.nt_xent, chunk_size=0), ValueError, "chunk_size must be an int >= 1"),
+    (lambda: fastssl.grad_cache(torch.nn.Linear(3, 2), [torch.randn(4, 3), [1.0]], fastssl.nt_xent, chunk_size=2), TypeError, r"inputs\[1\] must be a torch.Tensor"),
+    (lambda: fastssl.grad_cache(torch.nn.Linear(3, 2), (), fastssl.nt_xent, chunk_size=2), ValueError, "inputs is empty"),
+    (lambda: fastssl.grad_cache(torch.nn.Linear(3, 2), torch.randn(4, 3), lambda a: a, chunk_size=2), ValueError, "loss_fn must return a scalar tensor"),
+])
+def test_grad_cache_rejects_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_double_backward_is_refused_naming_the_op(backend, device):
+    """create_graph=True through a contrastive loss's fused backward: a RuntimeError naming the op (the
+    kernels' backward is not differentiable, and the small NT-Xent's hand-written backward would give a
+    silently wrong second derivative); the first derivative as before."""
+    x, y = (_feats(6, 8, dtype=torch.float64, device=device).requires_grad_() for _ in range(2))
+    labels = torch.tensor([0, 1, 0, 2, 1, 0], device=device)
+    scale, bias = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
+    for call, name in ((lambda: fastssl.nt_xent(x, y), "fastssl.nt_xent|contrastive LSE"),
+                       (lambda: fastssl.info_nce(x, y), "contrastive LSE"),
+                       (lambda: fastssl.clip_loss(x, y, scale), "contrastive LSE"),
+                       (lambda: fastssl.moco_loss(x, y, y.detach()), "contrastive LSE"),
+                       (lambda: fastssl.siglip_loss(x, y, scale, bias), "fastssl.siglip_loss"),
+                       (lambda: fastssl.supervised_nt_xent(x, labels), "fastssl.supervised_nt_xent"),
+                       (lambda: fastssl.supcon_loss(x, labels), "contrastive LSE")):
+        with pytest.raises(RuntimeError, match=f"({name}).* has no double backward"):
+            torch.autograd.grad(call(), x, create_graph=True)
+        (grad,) = torch.autograd.grad(call(), x)
+        assert grad.isfinite().all() and grad.abs().sum() > 0

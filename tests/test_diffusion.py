@@ -305,6 +305,144 @@ def test_kernel_noise_does_not_depend_on_block_size(device):
     assert torch.equal(a, b) and a.std() > 0.9
 
 
+def test_a_term_the_step_lacks_is_left_out(backend, device):
+    """StepSpec.terms: an absent term is left out, not added as 0 * it, so with clipping an inf in x_t (DDIM,
+    epsilon model: x enters through x0 only) or in model_output (DDPM: no e term) gives the literal
+    formula's finite result on both backends."""
+    m, _, x, z = _inputs(device)
+    t, prev = torch.tensor([10, 500, 990], device=device), torch.tensor([0, 480, 970], device=device)
+    x_inf, m_inf = x.clone(), m.clone()
+    x_inf[1, 3] = m_inf[2, 5] = float("inf")
+    out = fastssl.ddim_step(m, t, prev, x_inf, SCHEDULE, clip_sample=True)
+    ref, _ = ddim_step_reference(m, t, prev, x_inf, SCHEDULE, clip_sample=True)
+    assert ref.isfinite().all()
+    assert_close(out, ref, scale=10)
+    out = fastssl.ddpm_step(m_inf, t, x, SCHEDULE, clip_sample=True, noise=z)
+    ref, _ = ddpm_step_reference(m_inf, t, x, SCHEDULE, clip_sample=True, noise=z)
+    assert ref.isfinite().all()
+    assert_close(out, ref, scale=10)
+
+
+def test_non_finite_inputs_give_one_result_on_both_backends(device, monkeypatch):
+    """Inf and NaN inputs come out the same on the PyTorch path and the kernels (issue 16 item 6): an inf
+    guidance, an inf model output with and without clipping (the unclamped x0 stage folds into one map of
+    x and e on both), a NaN in x_t."""
+    pytest.importorskip("triton")
+    m, u, x, z = _inputs(device)
+    m_inf, x_nan = m.clone(), x.clone()
+    m_inf[0, 1], m_inf[2, 3], x_nan[1, 2] = float("inf"), float("-inf"), float("nan")
+    t = torch.tensor([10, 500, 990], device=device)
+    calls = [lambda: fastssl.ddpm_step(m, t, x, SCHEDULE, uncond_output=u, guidance=float("inf"), noise=z),
+             lambda: fastssl.ddim_step(m_inf, t, t - 20, x, SCHEDULE),
+             lambda: fastssl.ddim_step(m_inf, t, t - 20, x, SCHEDULE, clip_sample=True),
+             lambda: fastssl.ddpm_step(m_inf, t, x, SCHEDULE, noise=z),
+             lambda: fastssl.ddpm_step(m, t, x_nan, SCHEDULE, noise=z, clip_sample=True),
+             lambda: fastssl.cfg_combine(m_inf, u, float("inf"))]
+    for call in calls:
+        outs = []
+        for backend in ("torch", "triton"):
+            monkeypatch.setenv("FASTSSL_BACKEND", backend)
+            outs.append(call())
+        ours, theirs = outs
+        assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+        finite = ours.isfinite()
+        assert torch.equal(ours[~finite].nan_to_num(), theirs[~finite].nan_to_num())
+        assert_close(ours[finite], theirs[finite], scale=10)
+
+
+def test_noise_is_never_added_at_t_zero_even_if_it_is_nan(backend, device):
+    """Noise never enters where t == 0 (its coefficient is 0, and 0 * NaN is NaN): a NaN or inf noise
+    there leaves the mean, on both backends, for one timestep and per-sample ones (issue 16 item 2)."""
+    m, _, x, _ = _inputs(device)
+    bad = torch.full_like(x, float("nan"))
+    bad[1] = float("inf")
+    mean, _ = ddpm_step_reference(m, 0, x, SCHEDULE)
+    assert_close(fastssl.ddpm_step(m, 0, x, SCHEDULE, noise=bad), mean, scale=10)
+    t = torch.tensor([0, 5, 0], device=device)
+    out = fastssl.ddpm_step(m, t, x, SCHEDULE, noise=bad)
+    assert_close(out[[0, 2]], ddpm_step_reference(m, t, x, SCHEDULE)[0][[0, 2]], scale=10)
+    assert not out[1].isfinite().any()  # t = 5 does add it
+    out = fastssl.ddim_step(m, t, t - 1, x, SCHEDULE, eta=1.0, noise=bad)
+    assert_close(out[[0, 2]], ddim_step_reference(m, t, t - 1, x, SCHEDULE, eta=1.0)[0][[0, 2]], scale=10)
+
+
+def test_ddim_with_eta_zero_inverts_and_the_rest_refuse_a_later_timestep(backend, device):
+    """prev_t > t: DDIM with eta = 0 takes the inversion step (diffusers' DDIMInverseScheduler: no variance
+    term); DDPM and DDIM with eta > 0 have no such step: a ValueError naming prev_t on the host, NaN from
+    the kernel where the timesteps are on the GPU (issue 16 item 3)."""
+    m, _, x, z = _inputs(device)
+    t, later = torch.tensor([10, 200, 500], device=device), torch.tensor([30, 220, 520], device=device)
+    out = fastssl.ddim_step(m, t, later, x, SCHEDULE)
+    a_t, a_n = (SCHEDULE.alphas_cumprod.double()[v.cpu()].to(device)[:, None] for v in (t, later))
+    x0 = (x.double() - (1 - a_t).sqrt() * m.double()) / a_t.sqrt()
+    inverted = a_n.sqrt() * x0 + (1 - a_n).sqrt() * m.double()  # DDIMInverseScheduler.step's formula
+    assert out.isfinite().all()
+    assert_close(out, inverted, scale=10)
+    assert_close(out, ddim_step_reference(m, t, later, x, SCHEDULE)[0], scale=10)
+    with pytest.raises(ValueError, match="prev_t must not be after t for DDPM"):
+        fastssl.ddpm_step(m, t, x, SCHEDULE, prev_t=later, noise=z)
+    with pytest.raises(ValueError, match="prev_t must not be after t for DDIM with eta=0.5"):
+        fastssl.ddim_step(m, 10, 30, x, SCHEDULE, eta=0.5, noise=z)
+    if backend == "triton":  # the kernel itself (what a CUDA launch does, unchecked): NaN, not a number
+        from fastssl.kernels.diffusion import diffusion_step_forward
+
+        for spec in (StepSpec("ddpm"), StepSpec("ddim", eta=0.5)):
+            out, _ = diffusion_step_forward(model_output=m, uncond_output=None, x_t=x, noise=z, seed=None, t=t,
+                                            prev_t=later, guidance=None, alphas_cumprod=SCHEDULE.alphas_cumprod.to(device),
+                                            return_pred_x0=False, **{k: v for k, v in spec.options().items()
+                                                                     if k != "return_pred_x0"})
+            assert out.isnan().all(), spec
+
+
+def _philox4x32(seed: int, counter):
+    """Philox4x32-10 (Salmon et al. 2011) in numpy, as ``tl.randint4x(seed, counter)`` keys it: the seed's
+    low and high words are the key, the int64 counter's the first two words of the block."""
+    import numpy as np
+
+    mask = np.uint64(0xFFFFFFFF)
+    c = [counter.astype(np.uint64) & mask, counter.astype(np.uint64) >> np.uint64(32),
+         np.zeros_like(counter, np.uint64), np.zeros_like(counter, np.uint64)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    for _ in range(10):
+        p0, p2 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]
+        c = [(p2 >> np.uint64(32)) ^ c[1] ^ k0, p2 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c
+
+
+def _kernel_noise_reference(seed: int, rows: int, inner: int):
+    """The kernels' documented draw in float64: column j of sample b is normal j % 4 of the Philox call at
+    counter b * ceil(inner / 4) + j // 4, its four words two Box-Muller pairs (r cos, r sin) of uniforms
+    formed as ``tl.uint_to_uniform_float`` forms them."""
+    import numpy as np
+
+    b, j = np.meshgrid(np.arange(rows), np.arange(inner), indexing="ij")
+    words = _philox4x32(seed, b * -(-inner // 4) + j // 4)
+
+    def uniform(w):  # int32 bits, negatives folded (~x), times the largest scale keeping the result < 1
+        x = w.astype(np.uint32).view(np.int32)
+        return (np.float32(np.where(x < 0, ~x, x)) * np.float32(4.6566127342e-10)).astype(np.float64)
+
+    lane = j % 4
+    pair = [(words[0], words[1]), (words[2], words[3])]
+    u1 = np.where(lane < 2, uniform(pair[0][0]), uniform(pair[1][0]))
+    u2 = np.where(lane < 2, uniform(pair[0][1]), uniform(pair[1][1]))
+    r = np.sqrt(-2 * np.log(np.maximum(u1, np.float32(1e-7))))
+    return torch.from_numpy(np.where(lane % 2 == 0, r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)))
+
+
+@pytest.mark.parametrize("shape", [(3, 1500), (2, 37)])
+def test_kernel_noise_is_the_documented_philox_draw(device, shape):
+    """In-kernel noise against a float64 numpy Philox4x32-10 + Box-Muller: four normals a call, in order,
+    keyed by (sample, column); rows whose size is not a multiple of 4 start a fresh counter."""
+    pytest.importorskip("triton")
+    seed = 2**40 + 12345  # both key words in use
+    z = _noise_of("triton", device, seed, shape=shape, block=256).double().cpu()
+    ref = _kernel_noise_reference(seed, *shape)
+    # the accurate transforms (the interpreter, fp32 on a GPU): float32 rounding of r, log and sin/cos
+    torch.testing.assert_close(z, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_no_noise_where_t_is_zero(backend, device):
     m, u, x, z = _inputs(device)
     t = torch.tensor([0, 5, 0], device=device)
@@ -358,6 +496,31 @@ def test_ops_compile_fullgraph(backend, device):
     compiled = torch.compile(f, fullgraph=True)
     for got, want in zip(compiled(m, u, x, z), f(m, u, x, z)):
         assert_close(got, want.double(), torch.float32)
+
+
+def test_an_int_seed_compiles_fullgraph_and_a_generator_says_why_not(device):
+    """torch.compile(fullgraph=True) of a step drawing its noise from an int seed gives the eager draw (the
+    PyTorch path draws it through the fastssl::seeded_noise op); a torch.Generator, which dynamo cannot
+    trace, fails naming generator (issue 16 item 7: both failed with dynamo's "opaque object")."""
+    m, _, x, _ = _inputs(device)
+    step = torch.compile(lambda m, x: fastssl.ddpm_step(m, 500, x, SCHEDULE, generator=7), fullgraph=True)
+    assert_close(step(m, x), fastssl.ddpm_step(m, 500, x, SCHEDULE, generator=7))
+    gen = torch.Generator(device=device).manual_seed(0)
+    with pytest.raises(Exception, match="generator: a torch.Generator cannot be traced by torch.compile"):
+        torch.compile(lambda m, x: fastssl.ddpm_step(m, 500, x, SCHEDULE, generator=gen), fullgraph=True)(m, x)
+
+
+def test_double_backward_is_refused_naming_the_op(backend, device):
+    """create_graph=True through an op's fused backward: a RuntimeError naming the op (issue 16 item 7: it
+    was PyTorch's generic "no autograd formula was registered")."""
+    m, u, x, z = (v.requires_grad_() for v in _inputs(device))
+    for call, name in ((lambda: fastssl.q_sample(x, 5, z, SCHEDULE), "fastssl.q_sample"),
+                       (lambda: fastssl.cfg_combine(m, u, 2.0), "fastssl.cfg_combine"),
+                       (lambda: fastssl.ddpm_step(m, 5, x, SCHEDULE, noise=z), "ddpm_step")):
+        with pytest.raises(RuntimeError, match=f"{name}.* has no double backward|{name} has no double backward"):
+            torch.autograd.grad(call().square().sum(), x if name != "fastssl.cfg_combine" else m, create_graph=True)
+        (grad,) = torch.autograd.grad(call().square().sum(), x if name != "fastssl.cfg_combine" else m)
+        assert grad.isfinite().all()  # the first derivative as before
 
 
 def test_step_nan_propagates_and_non_contiguous(backend, device):
@@ -466,7 +629,8 @@ def _call(fn, d, **override):
     (lambda d: _call(fastssl.ddpm_step, d, guidance=2.0), ValueError, "needs uncond_output"),
     (lambda d: _call(fastssl.ddpm_step, d, guidance="2", uncond_output=torch.ones(2, 3, device=d)), TypeError, "guidance must be a float"),
     (lambda d: _call(fastssl.ddpm_step, d, guidance=torch.ones(3, device=d), uncond_output=torch.ones(2, 3, device=d)), ValueError, r"\(2,\) tensor"),
-    (lambda d: _call(fastssl.ddpm_step, d, variance_type="learned_range"), ValueError, "variance_type must be one of"),
+    (lambda d: _call(fastssl.ddpm_step, d, variance_type="fixed_large_log"), ValueError, "variance_type must be one of"),
+    (lambda d: _call(fastssl.ddpm_step, d, variance_type="learned_range"), ValueError, r"needs model_output of shape \(B, 2C"),
     (lambda d: _call(fastssl.ddpm_step, d, prediction_type="eps"), ValueError, "prediction_type must be one of"),
     (lambda d: _call(fastssl.ddpm_step, d, clip_range=0.0), ValueError, "clip_range must be a finite number > 0"),
     (lambda d: _call(fastssl.ddpm_step, d, generator=1, noise=torch.ones(2, 3, device=d)), ValueError, "either noise or generator"),
@@ -605,3 +769,105 @@ def test_cuda_steps_do_not_sync_and_a_sampling_loop_captures_in_a_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(static_out, eager, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dynamic thresholding and learned variances (the drop-in schedulers' options), against float64 references
+# ----------------------------------------------------------------------------------------------------
+
+def _abar_pair(t, prev, like):
+    table = SCHEDULE.alphas_cumprod.double().to(like.device)
+    col = lambda v: v.reshape(-1, *([1] * (like.dim() - 1)))  # noqa: E731
+    return col(table[t]), col(torch.where(prev >= 0, table[prev.clamp(min=0)], torch.ones_like(table[t])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_step_dynamic_thresholding_matches_reference(backend, device, dtype, prediction_type, sampler):
+    """x0 = clamp(x0, -s, s) / s with s = clamp(quantile(|x0|, ratio), 1, max) per sample (Saharia et al. 2022),
+    then the step as usual; guided, per-sample timesteps, explicit noise; one sample stays within 1 (s = 1)."""
+    m, u, x, z = (3 * v for v in _inputs(device, dtype, shape=(3, 4, 9)))
+    m[0], x[0] = m[0] / 100, x[0] / 100  # sample 0: |x0| < 1 where x0 is not scaled up by the schedule
+    t = torch.tensor([0, 40, 700], device=device)
+    prev = t - 20
+    w = _guidance("per_sample", device, dtype)
+    spec = StepSpec(sampler, prediction_type=prediction_type, thresholding=True, dynamic_thresholding_ratio=0.9,
+                    sample_max_value=2.5, eta=0.5 if sampler == "ddim" else 0.0, return_pred_x0=True)
+    out, x0 = apply_step(spec, m, t, x, SCHEDULE, prev_t=prev, noise=z, uncond_output=u, guidance=w)
+    a_t, a_p = _abar_pair(t, prev, x)
+    e = ((1 + w.double()[:, None, None]) * m.double() - w.double()[:, None, None] * u.double())
+    xd = x.double()
+    ref_x0, eps = {"epsilon": ((xd - (1 - a_t).sqrt() * e) / a_t.sqrt(), e),
+                   "sample": (e, (xd - a_t.sqrt() * e) / (1 - a_t).sqrt()),
+                   "v_prediction": (a_t.sqrt() * xd - (1 - a_t).sqrt() * e, a_t.sqrt() * e + (1 - a_t).sqrt() * xd)}[prediction_type]
+    s = torch.quantile(ref_x0.abs().reshape(3, -1), 0.9, dim=1).clamp(1, 2.5).reshape(3, 1, 1)
+    ref_x0 = torch.minimum(torch.maximum(ref_x0, -s), s) / s
+    beta = 1 - a_t / a_p
+    var = (1 - a_p) / (1 - a_t) * beta
+    noisy = (t > 0).reshape(3, 1, 1)
+    if sampler == "ddpm":
+        ref = a_p.sqrt() * beta / (1 - a_t) * ref_x0 + (1 - beta).sqrt() * (1 - a_p) / (1 - a_t) * xd \
+            + torch.where(noisy, var.clamp(min=1e-20).sqrt(), 0) * z.double()
+    else:
+        std = 0.5 * var.sqrt()
+        ref = a_p.sqrt() * ref_x0 + (1 - a_p - std ** 2).sqrt() * eps + torch.where(noisy, std, 0) * z.double()
+    assert (s[1:] > 1).all() and s[0] == 1  # the threshold is active where it should be
+    _check(x0, ref_x0, None, dtype)
+    _check(out, ref, None, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_step_learned_variance_matches_reference(backend, device, dtype, variance_type, guided):
+    """A (B, 2C, ...) model output: the mean from its first C channels (guided), each element's sigma from its
+    last C: sqrt(v) (learned) or exp(((1 - f) log var + f log beta) / 2), f = (v + 1) / 2 (learned_range), as
+    diffusers splits and computes them; no noise where t == 0."""
+    x, z = (torch.randn(3, 3, 7, device=device, dtype=dtype) for _ in range(2))
+    m, u = torch.randn(3, 6, 7, device=device, dtype=dtype), torch.randn(3, 6, 7, device=device, dtype=dtype)
+    v = torch.rand(3, 3, 7, device=device, dtype=dtype) * (0.02 if variance_type == "learned" else 2) \
+        - (0 if variance_type == "learned" else 1)
+    m[:, 3:] = v
+    t = torch.tensor([0, 5, 600], device=device)
+    opts = dict(uncond_output=u, guidance=2.0) if guided else {}
+    spec = StepSpec("ddpm", variance_type=variance_type, clip_sample=True, return_pred_x0=True, prev_offset=-1)
+    out, x0 = apply_step(spec, m, t, x, SCHEDULE, noise=z, **opts)
+    mean, ref_x0 = ddpm_step_reference(m[:, :3], t, x, SCHEDULE, uncond_output=u[:, :3] if guided else None,
+                                       guidance=2.0 if guided else 0.0, clip_sample=True)
+    a_t, a_p = _abar_pair(t, t - 1, x)
+    beta = 1 - a_t / a_p
+    var = ((1 - a_p) / (1 - a_t) * beta).clamp(min=1e-20)
+    vd = v.double()
+    frac = (vd + 1) / 2
+    sigma = vd.sqrt() if variance_type == "learned" else torch.exp(0.5 * (frac * beta.log() + (1 - frac) * var.log()))
+    ref = mean + torch.where((t > 0).reshape(3, 1, 1), sigma * z.double(), 0)
+    _check(x0, ref_x0, None, dtype)
+    _check(out, ref, None, dtype)
+    if backend == "triton":  # in-kernel noise: the same Philox draw as a fixed_small step's, scaled per element
+        fixed = StepSpec("ddpm", clip_sample=True, prev_offset=-1)
+        plain, _ = apply_step(fixed, m[:, :3].contiguous(), t, x, SCHEDULE, generator=7, **({} if not guided else dict(
+            uncond_output=u[:, :3].contiguous(), guidance=2.0)))
+        drawn = (plain.double() - mean) / torch.where(var > 1e-20, var.sqrt(), 1)
+        learned, _ = apply_step(spec, m, t, x, SCHEDULE, generator=7, **opts)
+        expected = mean + torch.where((t > 0).reshape(3, 1, 1), sigma * drawn, 0)
+        torch.testing.assert_close(learned.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_thresholding_and_learned_variance_validate_and_have_no_backward(device):
+    x = torch.randn(2, 3, 4, device=device)
+    with pytest.raises(ValueError, match=r"needs model_output of shape \(B, 2C, ...\) = \(2, 6, 4\)"):
+        apply_step(StepSpec("ddpm", variance_type="learned"), x, 5, x, SCHEDULE, noise=x)
+    with pytest.raises(ValueError, match="variance_type='learned' is a DDPM option"):
+        StepSpec("ddim", variance_type="learned")
+    with pytest.raises(ValueError, match="dynamic_thresholding_ratio must be a finite number in"):
+        StepSpec("ddpm", thresholding=True, dynamic_thresholding_ratio=1.5)
+    with pytest.raises(ValueError, match="sample_max_value must be a finite number > 0"):
+        StepSpec("ddpm", thresholding=True, sample_max_value=0.0)
+    m = torch.randn(2, 6, 4, device=device, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="no backward"):
+        apply_step(StepSpec("ddpm", variance_type="learned_range"), m, 5, x, SCHEDULE, noise=x)
+    with pytest.raises(NotImplementedError, match="thresholding has no backward"):
+        apply_step(StepSpec("ddpm", thresholding=True), x.requires_grad_(), 5, x.detach(), SCHEDULE, noise=x.detach())
+    with torch.no_grad():
+        assert apply_step(StepSpec("ddpm", variance_type="learned_range"), m, 5, x, SCHEDULE, noise=x)[0].shape == x.shape

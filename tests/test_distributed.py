@@ -25,7 +25,7 @@ import torch
 
 import fastssl.contrastive as C
 from fastssl.distributed import all_gather_with_grad, is_initialized, rank, world_size
-from fastssl.losses import CLIPLoss, MoCoQueue, NTXentLoss
+from fastssl.losses import CLIPLoss, ClipLoss, MoCoQueue, NTXentLoss, SigLipLoss
 
 WORLD = 2
 N, D = 5, 7  # rows per rank, feature width (odd on purpose)
@@ -47,6 +47,7 @@ def make_inputs(seed: int) -> dict:
 
     g = {name: randn(WORLD * N, D) for name in ("x", "w", "q", "k", "z1", "z2", "img", "txt", "bank_q", "bank_k")}
     g["scale"] = torch.tensor(7.3, dtype=F64)
+    g["bias"] = torch.tensor(-2.1, dtype=F64)
     g["queue_init"] = randn(QUEUE, D)
     g["queue_keys"] = randn(QUEUE_STEPS, WORLD * QUEUE_BATCH, D)
     return g
@@ -88,6 +89,24 @@ def run_rank(r: int, g: dict) -> dict:
     loss.backward()
     out["clip_loss"] = (loss.detach(), img.grad, txt.grad, scale.grad)
 
+    img, txt, scale, bias = leaf(local(g["img"], r)), leaf(local(g["txt"], r)), leaf(g["scale"]), leaf(g["bias"])
+    loss = C.siglip_loss(img, txt, scale, bias, normalize=True, gather_distributed=True)
+    loss.backward()
+    out["siglip_loss"] = (loss.detach(), img.grad, txt.grad, scale.grad, bias.grad)
+
+    img, txt, scale, bias = leaf(local(g["img"], r)), leaf(local(g["txt"], r)), leaf(g["scale"]), leaf(g["bias"])
+    loss = SigLipLoss(rank=r, world_size=WORLD)(img, txt, scale, bias)
+    loss.backward()
+    out["SigLipLoss"] = (loss.detach(), img.grad, txt.grad, scale.grad, bias.grad)
+
+    for local_loss in (False, True):
+        for with_grad in (False, True):
+            img, txt, scale = leaf(local(g["img"], r)), leaf(local(g["txt"], r)), leaf(g["scale"])
+            loss = ClipLoss(local_loss, with_grad, rank=r, world_size=WORLD)(img, txt, scale, output_dict=True)
+            loss["contrastive_loss"].backward()
+            out[f"ClipLoss-{local_loss}-{with_grad}"] = (loss["contrastive_loss"].detach(), img.grad, txt.grad,
+                                                        scale.grad)
+
     module = CLIPLoss(gather_distributed=True).double()
     img, txt = leaf(local(g["img"], r)), leaf(local(g["txt"], r))
     loss = module(img, txt)
@@ -106,7 +125,7 @@ def run_rank(r: int, g: dict) -> dict:
     out["queue"] = (queue.negatives().clone(), queue.ptr)
 
     bank = NTXentLoss(temperature=0.2, memory_bank_size=(QUEUE, D), gather_distributed=True).double()
-    bank.memory_bank.queue.copy_(g["queue_init"])
+    bank.memory_bank.queue.copy_(torch.nn.functional.normalize(g["queue_init"], dim=1))  # a bank holds unit keys
     q = leaf(local(g["bank_q"], r))
     loss = bank(q, local(g["bank_k"], r))
     loss.backward()
@@ -226,6 +245,65 @@ def test_two_processes_equal_one_process_on_the_global_batch(spawned, backend, c
         check_convention(case, results[backend], loss, grads, 2, shared=(2,))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["siglip_loss", "SigLipLoss"])
+def test_siglip_two_processes_equal_one_process_on_the_global_batch(spawned, backend, case):
+    """Each rank's images against every rank's texts: the ranks' average is the global loss, the local
+    features' gradients world_size x the global ones, the parameters' averaged over ranks the global ones."""
+    g, results = spawned
+    normalize = case == "siglip_loss"
+    loss, grads = single_process(lambda i, t, s, b: C.siglip_loss(i, t, s, b, normalize=normalize), g["img"], g["txt"],
+                                 g["scale"], g["bias"])
+    check_convention(case, results[backend], loss, grads, 2, shared=(2, 3))
+
+
+def open_clip_reference(g, r, local_loss, with_grad):
+    """open_clip's ClipLoss on rank r, simulated in one process: the features all-gathered with gradient
+    (gather_with_grad), or as constants but for this rank's own (not local_loss) or all of them (local_loss);
+    logits materialized as open_clip builds them."""
+    img, txt = g["img"], g["txt"]
+    scale = g["scale"]
+
+    def gathered(x):
+        if with_grad:
+            return x
+        parts = [local(x, q).detach() for q in range(WORLD)]
+        if not local_loss:
+            parts[r] = local(x, r)
+        return torch.cat(parts)
+
+    all_img, all_txt = gathered(img), gathered(txt)
+    if local_loss:
+        per_image = scale * local(img, r) @ all_txt.T
+        per_text = scale * local(txt, r) @ all_img.T
+        labels = torch.arange(N) + r * N
+    else:
+        per_image = scale * all_img @ all_txt.T
+        per_text = per_image.T
+        labels = torch.arange(WORLD * N)
+    ce = torch.nn.functional.cross_entropy
+    return (ce(per_image, labels) + ce(per_text, labels)) / 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("local_loss", [False, True])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_cliploss_open_clip_distributed_meaning(spawned, backend, local_loss, with_grad):
+    """ClipLoss(local_loss, gather_with_grad, rank, world_size) on two gloo processes against open_clip's
+    computation simulated in one process: each rank's loss, its local features' gradients (the gradients
+    every rank's loss sends back to them) and its logit scale's gradient."""
+    g, results = spawned
+    leaves = {name: leaf(g[name]) for name in ("img", "txt", "scale")}
+    losses = [open_clip_reference(dict(g, **leaves), r, local_loss, with_grad) for r in range(WORLD)]
+    grad_img, grad_txt = torch.autograd.grad(sum(losses), (leaves["img"], leaves["txt"]), retain_graph=True)
+    for r, res in enumerate(results[backend]):
+        got = res[f"ClipLoss-{local_loss}-{with_grad}"]
+        close(got[0], losses[r].detach(), f"loss on rank {r}")
+        close(got[1], local(grad_img, r), f"image gradient on rank {r}")
+        close(got[2], local(grad_txt, r), f"text gradient on rank {r}")
+        close(got[3], torch.autograd.grad(losses[r], leaves["scale"], retain_graph=True)[0], f"scale gradient {r}")
+
+
 def test_moco_queue_enqueues_the_global_batch(spawned):
     g, results = spawned
     expected = MoCoQueue(QUEUE, D, dtype=F64)  # one process enqueueing the global batches
@@ -243,7 +321,7 @@ def test_ntxent_memory_bank_local_loss_global_enqueue(spawned, backend):
     receives the global batch of normalized keys."""
     g, results = spawned
     expected = MoCoQueue(QUEUE, D, dtype=F64)
-    expected.queue.copy_(g["queue_init"])
+    expected.queue.copy_(torch.nn.functional.normalize(g["queue_init"], dim=1))
     expected.enqueue(torch.nn.functional.normalize(g["bank_k"], dim=1))  # 10 keys into 7 rows
     for r, res in enumerate(results[backend]):
         local_loss, (grad_q,) = single_process(
@@ -261,22 +339,33 @@ def test_ntxent_memory_bank_local_loss_global_enqueue(spawned, backend):
 NO_GROUP = "process group"
 
 
-@pytest.mark.parametrize("case", ["all_gather_with_grad", "info_nce", "nt_xent", "clip_loss", "NTXentLoss",
-                                  "CLIPLoss", "MoCoQueue"])
-def test_gather_distributed_without_process_group_raises(case):
+def test_all_gather_with_grad_without_process_group_raises():
     assert not is_initialized() and rank() == 0 and world_size() == 1
-    a, b = torch.randn(4, 3), torch.randn(4, 3)
-    calls = {
-        "all_gather_with_grad": lambda: all_gather_with_grad(a),
-        "info_nce": lambda: C.info_nce(a, b, gather_distributed=True),
-        "nt_xent": lambda: C.nt_xent(a, b, gather_distributed=True),
-        "clip_loss": lambda: C.clip_loss(a, b, 10.0, gather_distributed=True),
-        "NTXentLoss": lambda: NTXentLoss(gather_distributed=True)(a, b),
-        "CLIPLoss": lambda: CLIPLoss(gather_distributed=True)(a, b),
-        "MoCoQueue": lambda: MoCoQueue(8, 3, gather_distributed=True).enqueue(a),
-    }
     with pytest.raises(RuntimeError, match=NO_GROUP):
-        calls[case]()
+        all_gather_with_grad(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("case", ["info_nce", "nt_xent", "clip_loss", "NTXentLoss", "CLIPLoss", "MoCoQueue"])
+def test_gather_distributed_without_process_group_is_single_process(case):
+    """API.md: without a process group gather_distributed=True is the single-process loss (lightly's meaning);
+    MoCoQueue enqueues this process's keys."""
+    assert not is_initialized() and rank() == 0 and world_size() == 1
+    a, b = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    calls = {
+        "info_nce": lambda g: C.info_nce(a, b, gather_distributed=g),
+        "nt_xent": lambda g: C.nt_xent(a, b, gather_distributed=g),
+        "clip_loss": lambda g: C.clip_loss(a, b, 10.0, gather_distributed=g),
+        "NTXentLoss": lambda g: NTXentLoss(gather_distributed=g)(a, b),
+        "CLIPLoss": lambda g: CLIPLoss(gather_distributed=g).double()(a, b),
+    }
+    if case == "MoCoQueue":
+        queues = [MoCoQueue(8, 3, gather_distributed=g, dtype=F64) for g in (True, False)]
+        queues[0].queue.copy_(queues[1].queue)
+        for q in queues:
+            q.enqueue(a)
+        assert torch.equal(queues[0].negatives(), queues[1].negatives()) and queues[0].ptr == 4
+        return
+    assert torch.equal(calls[case](True), calls[case](False))
 
 
 def test_all_gather_with_grad_rejects_non_tensors():

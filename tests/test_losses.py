@@ -41,10 +41,11 @@ def ref_nt_xent(z1, z2, temperature=0.5):
     return F.cross_entropy(logits, targets)
 
 
-def ref_moco(query, key, queue, temperature=0.07):
+def ref_moco(query, key, queue, temperature=0.07, normalize_queue=True):
     q = F.normalize(query.double(), dim=1)
     k = F.normalize(key.detach().double(), dim=1)
-    m = F.normalize(queue.detach().double(), dim=1)
+    m = queue.detach().double()
+    m = F.normalize(m, dim=1) if normalize_queue else m
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ m.T], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
@@ -94,6 +95,24 @@ def test_ntxent_matches_reference_value_and_gradient(backend, device):
         assert_close(g, r)
 
 
+@pytest.mark.parametrize("bank", [0, 6])
+def test_ntxent_negative_temperature_as_lightly(bank):
+    """lightly takes any |temperature| >= 1e-8 (its test_forward_pass_neg_temp): the logits' sign flips."""
+    z1, z2 = leaf(5, 4), leaf(5, 4)
+    loss = NTXentLoss(temperature=-0.7, memory_bank_size=(bank, 4) if bank else 0)
+    if bank:
+        queue = loss.memory_bank.negatives().clone()
+        q, k = (F.normalize(t.double(), dim=1) for t in (z1, z2))
+        m = queue.double()  # the bank's unit keys as they are (lightly's meaning)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ m.T], 1) / -0.7
+        ref = F.cross_entropy(logits, torch.zeros(5, dtype=torch.long))
+    else:
+        ref = ref_nt_xent(z1, z2, -0.7)
+    out = loss(z1, z2)
+    assert_close(out, ref)
+    assert_close(grads(out, z1)[0], grads(ref, z1)[0])
+
+
 def test_ntxent_float32_returns_float32():
     z1, z2 = torch.randn(6, 9), torch.randn(6, 9)
     loss = NTXentLoss()(z1, z2)
@@ -124,7 +143,7 @@ def test_ntxent_memory_bank_is_moco_against_the_bank_before_the_update(device):
         before = bank.negatives().clone()
         assert torch.equal(before, expected)
         loss = loss_fn(q, k)
-        ref = ref_moco(q, k, before, 0.2)
+        ref = ref_moco(q, k, before, 0.2, normalize_queue=False)  # the bank's unit keys as they are (lightly)
         assert_close(loss, ref)
         # The backward runs after the enqueue and still sees this step's negatives.
         assert_close(grads(loss, q)[0], grads(ref, q)[0])
@@ -165,8 +184,9 @@ def test_ntxent_memory_bank_gradient_only_to_queries():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
-    (dict(temperature=-0.5), ValueError, "temperature"),
+    (dict(temperature=0.0), ValueError, r"temperature must be a finite number with \|temperature\| >= 1e-8"),
+    (dict(temperature=1e-9), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(temperature="0.5"), TypeError, "temperature"),
     (dict(memory_bank_size=-1), ValueError, "memory_bank_size"),
     (dict(memory_bank_size=1.5), TypeError, "memory_bank_size"),
@@ -415,7 +435,7 @@ def test_cpc_validation_types():
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, compiler", [("ntxent", "aot_eager"), ("infonce", "aot_eager"), ("clip", "aot_eager"),
-                                            ("cpc", "aot_eager"), ("clip", "inductor")])
+                                            ("cpc", "aot_eager"), ("clip", "inductor"), ("siglip", "aot_eager")])
 def test_modules_compile_fullgraph(name, compiler):
     """fullgraph=True: no graph break through the custom ops; aot_eager checks the fake kernels and the
     autograd registration at little cost, one inductor case (~13 s on 2 cores) the whole compiler."""
@@ -429,6 +449,11 @@ def test_modules_compile_fullgraph(name, compiler):
     elif name == "clip":
         module, inputs = CLIPLoss(), (leaf(5, 6, dtype=torch.float32), leaf(5, 6, dtype=torch.float32))
         ref = ref_clip(*inputs, module.logit_scale.detach().double().exp())
+    elif name == "siglip":
+        sig = SigLipLoss()
+        module = lambda a, b: sig(a, b, torch.tensor(3.0), torch.tensor(-2.0))  # noqa: E731
+        inputs = (leaf(5, 6, dtype=torch.float32), leaf(5, 6, dtype=torch.float32))
+        ref = ref_siglip(*inputs, 3.0, -2.0)
     else:
         module, inputs = CPCLoss(4, 3, 2), (leaf(2, 5, 4, dtype=torch.float32), leaf(2, 5, 3, dtype=torch.float32))
         ref = ref_cpc(*inputs, [p.weight for p in module.predictors])
@@ -462,3 +487,183 @@ def test_nan_propagates(name):
     else:
         loss = CPCLoss(3, 3, 1)(a.reshape(2, 2, 3), b.reshape(2, 2, 3))
     assert torch.isnan(loss)
+
+
+# ----------------------------------------------------------------------------------------------------
+# open_clip's ClipLoss and SigLipLoss
+# ----------------------------------------------------------------------------------------------------
+
+from fastssl.losses import ClipLoss, SigLipLoss  # noqa: E402
+
+HAVE_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
+
+
+def ref_siglip(img, txt, scale, bias):
+    logits = scale * img.double() @ txt.double().T + bias
+    z = 2 * torch.eye(img.shape[0], dtype=F64, device=img.device) - 1
+    return -F.logsigmoid(z * logits).sum() / img.shape[0]
+
+
+def test_cliploss_open_clip_call_and_meaning(backend, device):
+    """open_clip's call: features used as given (no normalization), a 0-dim logit_scale with a gradient,
+    output_dict; logit_bias shifts every logit (no change to the loss) and gets a zero gradient."""
+    img, txt = leaf(7, 5, device=device), leaf(7, 5, device=device)
+    log_scale = torch.tensor(1.1, dtype=F64, device=device, requires_grad=True)
+    bias = torch.tensor(-3.0, dtype=F64, device=device, requires_grad=True)
+    loss_fn = ClipLoss()
+    out = loss_fn(img, txt, log_scale.exp(), output_dict=True)
+    logits = log_scale.exp() * img @ txt.T
+    targets = torch.arange(7, device=device)
+    ref = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    assert list(out) == ["contrastive_loss"]
+    assert_close(out["contrastive_loss"], ref)
+    for g, r in zip(grads(out["contrastive_loss"], img, txt, log_scale), grads(ref, img, txt, log_scale)):
+        assert_close(g, r)
+    with_bias = loss_fn(img, txt, log_scale.exp(), bias)
+    assert_close(with_bias, ref)
+    assert grads(with_bias, bias)[0].item() == 0.0
+    assert torch.isnan(loss_fn(img, txt, log_scale.exp(), torch.tensor(float("nan"), dtype=F64, device=device)))
+
+
+def test_sigliploss_open_clip_call_and_meaning(backend, device):
+    img, txt = leaf(9, 6, device=device), leaf(9, 6, device=device)
+    scale = torch.tensor(2.0, dtype=F64, device=device, requires_grad=True)
+    bias = torch.tensor(-4.0, dtype=F64, device=device, requires_grad=True)
+    out = SigLipLoss(dist_impl="gather", chunk_size=4)(img, txt, scale.exp(), bias, output_dict=True)
+    ref = ref_siglip(img, txt, scale.exp(), bias)
+    assert list(out) == ["contrastive_loss"]
+    assert_close(out["contrastive_loss"], ref)
+    for g, r in zip(grads(out["contrastive_loss"], img, txt, scale, bias), grads(ref, img, txt, scale, bias)):
+        assert_close(g, r)
+    assert_close(SigLipLoss()(img, txt, scale.exp(), None), ref_siglip(img, txt, scale.exp(), 0.0))
+
+
+@pytest.mark.parametrize("cls, kwargs, error, match", [
+    (ClipLoss, dict(use_horovod=True), NotImplementedError, "Horovod is not supported"),
+    (ClipLoss, dict(local_loss=1), TypeError, "local_loss must be True or False"),
+    (ClipLoss, dict(rank=2, world_size=2), ValueError, r"rank must be in \[0, world_size=2\)"),
+    (ClipLoss, dict(world_size=0), ValueError, "world_size must be an int >= 1"),
+    (SigLipLoss, dict(dist_impl="ring"), ValueError, "dist_impl must be one of"),
+    (SigLipLoss, dict(chunk_size=-1), ValueError, "chunk_size must be an int >= 0"),
+    (SigLipLoss, dict(rank=-1), ValueError, "rank must be an int >= 0"),
+])
+def test_open_clip_modules_validation(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [ClipLoss, SigLipLoss])
+def test_open_clip_modules_world_size_without_process_group(cls):
+    args = (torch.randn(4, 3), torch.randn(4, 3), torch.tensor(2.0), torch.tensor(0.0))
+    with pytest.raises(RuntimeError, match=r"\(world_size=2\) needs an initialized torch.distributed process group"):
+        cls(rank=1, world_size=2)(*args)
+
+
+@pytest.mark.skipif(not HAVE_OPEN_CLIP, reason="open_clip is not installed")
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss"])
+def test_open_clip_modules_equal_open_clip(name):
+    import open_clip.loss as oc
+
+    img, txt = (F.normalize(torch.randn(19, 12), dim=1).requires_grad_() for _ in range(2))
+    scale = torch.tensor(2.6, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    ours = {"ClipLoss": ClipLoss, "SigLipLoss": SigLipLoss}[name]()(img, txt, scale.exp(), bias, output_dict=True)
+    theirs = getattr(oc, name)()(img, txt, scale.exp(), bias, output_dict=True)
+    torch.testing.assert_close(ours["contrastive_loss"], theirs["contrastive_loss"], rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads(ours["contrastive_loss"], img, txt, scale), grads(theirs["contrastive_loss"], img, txt, scale)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAVE_OPEN_CLIP, reason="open_clip is not installed")
+@pytest.mark.parametrize("siglip", [False, True])
+def test_open_clip_training_loop_runs_with_our_losses(monkeypatch, siglip):
+    """open_clip's own training code (open_clip_train.train.train_one_epoch, the loss built by
+    open_clip.factory.create_loss) with our ClipLoss / SigLipLoss in place of its own: three steps of a tiny
+    CLIP (or SigLIP, with its logit bias) end at the parameters its own loss reaches."""
+    import argparse
+
+    import open_clip
+    import open_clip.factory as factory
+    from open_clip_train import train as oc_train
+
+    import fastssl.losses as ours
+
+    def run(loss_classes):
+        monkeypatch.setattr(factory, "ClipLoss", loss_classes[0])
+        monkeypatch.setattr(factory, "SigLipLoss", loss_classes[1])
+        torch.manual_seed(0)
+        model = open_clip.model.CLIP(
+            embed_dim=16, vision_cfg=dict(image_size=16, patch_size=8, width=64, layers=1, head_width=32),
+            text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1),
+            init_logit_bias=-10.0 if siglip else None, output_dict=True)
+        args = argparse.Namespace(device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=True,
+                                  horovod=False, grad_clip_norm=None, log_every_n_steps=1, batch_size=8,
+                                  world_size=1, rank=0, local_rank=0, wandb=False, siglip=siglip, local_loss=False,
+                                  gather_with_grad=False, loss_dist_impl=None, model="tiny", save_logs=False,
+                                  cache_labels=False)
+        loss = factory.create_loss(args)
+
+        class Loader(list):
+            num_batches, num_samples = 3, 24
+
+        batches = Loader([(torch.randn(8, 3, 16, 16), torch.randint(0, 50, (8, 8))) for _ in range(3)])
+        data = {"train": argparse.Namespace(dataloader=batches, set_epoch=lambda epoch: None)}
+        oc_train.train_one_epoch(model, data, loss, 0, torch.optim.SGD(model.parameters(), lr=0.1), None, None,
+                                 None, args)
+        return loss, [p.detach() for p in model.parameters()]
+
+    theirs_loss, theirs = run((factory.ClipLoss, factory.SigLipLoss))
+    our_loss, mine = run((ours.ClipLoss, ours.SigLipLoss))
+    assert type(our_loss) is (ours.SigLipLoss if siglip else ours.ClipLoss)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SupervisedNTXentLoss, SupConLoss
+# ----------------------------------------------------------------------------------------------------
+
+from fastssl.contrastive import supcon_loss_reference, supervised_nt_xent_reference  # noqa: E402
+from fastssl.losses import SupConLoss, SupervisedNTXentLoss  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_supervised_ntxent_module_pml_call(backend, device, dtype):
+    """pml's call (embeddings, labels, ref_emb, ref_labels); the loss in the embeddings' dtype, as pml's."""
+    x = torch.randn(9, 5, device=device).to(dtype).requires_grad_()
+    refs = torch.randn(6, 5, device=device).to(dtype)
+    labels, ref_labels = torch.randint(0, 3, (9,), device=device), torch.randint(0, 3, (6,), device=device)
+    loss_fn = SupervisedNTXentLoss(temperature=0.2)
+    for kw in ({}, dict(ref_emb=refs, ref_labels=ref_labels)):
+        out = loss_fn(x, labels, **kw)
+        assert out.dtype == dtype
+        ref = supervised_nt_xent_reference(x, labels, temperature=0.2, ref_embeddings=kw.get("ref_emb"),
+                                           ref_labels=kw.get("ref_labels"))
+        assert_close(out, ref, dtype=dtype, scale=2)
+
+
+def test_supcon_module(backend, device):
+    x = leaf(6, 2, 5, device=device)
+    labels = torch.tensor([0, 1, 0, 2, 1, 2], device=device)
+    out = SupConLoss(temperature=0.3)(x, labels)
+    ref = supcon_loss_reference(x, labels, temperature=0.3)
+    assert_close(out, ref)
+    assert_close(grads(out, x)[0], grads(ref, x)[0])
+
+
+@pytest.mark.parametrize("cls", [SupervisedNTXentLoss, SupConLoss])
+def test_supervised_modules_validation(cls):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        cls(temperature=0.0)
+
+
+def test_supervised_modules_compile_fullgraph():
+    torch._dynamo.reset()
+    x = leaf(7, 4, dtype=torch.float32)
+    labels = torch.tensor([0, 1, 0, 2, 1, 2, 0])
+    sup, con = SupervisedNTXentLoss(0.3), SupConLoss(0.3)
+    compiled = torch.compile(lambda a, l: sup(a, l) + con(a, l), fullgraph=True, backend="aot_eager")
+    out = compiled(x, labels)
+    ref = supervised_nt_xent_reference(x, labels, temperature=0.3) + supcon_loss_reference(x, labels, temperature=0.3)
+    assert_close(out, ref, scale=10)
+    assert_close(grads(out, x)[0], grads(ref, x)[0], dtype=torch.float32, scale=10)

@@ -100,6 +100,66 @@ def test_train_cli_lists_methods_and_rejects_unknown(capsys):
         main(["train", "simclear"])
 
 
+def _bad_cli_call(argv, capsys) -> str:
+    """Run the CLI on ``argv``, which must exit 2 before any work; return its one line of stderr."""
+    from fastssl.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1", "two"])
+def test_train_cli_refuses_epochs_below_one(tmp_path, capsys, epochs):
+    line = _bad_cli_call(["train", "simclr", "--epochs", epochs, "--out", str(tmp_path / "o")], capsys)
+    assert "--epochs" in line and "must be an int >= 1" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_and_bench_cli_check_the_output_folder_first(tmp_path, capsys):
+    """An --out that is a file, or under one, exits 2 at once (it used to train the whole run first)."""
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    for out, says in ((a_file, "is a file"), (a_file / "sub", "is not a writable folder")):
+        assert says in _bad_cli_call(["train", "rotnet", "--epochs", "1", "--out", str(out), "--quiet"], capsys)
+        assert says in _bad_cli_call(["bench", "--quick", "--only", "cfg_combine", "--out", str(out), "--quiet"],
+                                     capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    for argv in (["train", "rotnet", "--device", "cuda"], ["bench", "--quick", "--device", "cuda"]):
+        assert "no CUDA device is available" in _bad_cli_call(argv + ["--out", str(tmp_path)], capsys)
+
+
+def test_train_cli_names_a_missing_extra_before_training(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    line = _bad_cli_call(["train", "rotnet", "--epochs", "1", "--out", str(tmp_path / "o")], capsys)
+    assert "needs matplotlib" in line and "fastssl[train]" in line
+
+
+def test_training_outputs_are_written_atomically(tmp_path, monkeypatch):
+    """metrics.json is written last, by a rename: a run killed while writing it leaves no partial file."""
+    from fastssl import training
+
+    result = training.Result("m", "acc", 0.9, 0.5, losses=[1.0, 0.5])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.write_outputs(result, str(tmp_path), 1.0)
+    assert not (tmp_path / "metrics.json").exists()
+    monkeypatch.undo()
+    assert training.write_outputs(result, str(tmp_path), 1.0)["value"] == 0.9
+    assert json.loads((tmp_path / "metrics.json").read_text())["value"] == 0.9
+
+
 def test_train_all_writes_summary_and_replaces_the_readme_table(tmp_path, monkeypatch):
     import fastssl.runner as runner
 
@@ -118,3 +178,21 @@ def test_train_all_writes_summary_and_replaces_the_readme_table(tmp_path, monkey
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == rows
     with pytest.raises(ValueError, match="train-table"):
         runner.replace_table("no markers", "x")
+
+
+def test_clip_trains_with_the_sigmoid_loss(tmp_path):
+    """``fastssl train clip --loss sigmoid``: SigLIP's loss (learnable scale and bias) reaches them; one epoch
+    of the recipe writes its metrics as clip-sigmoid (the quick preset beats its baseline: README's table);
+    --loss with another method is refused."""
+    from fastssl.cli import main
+    from fastssl.models import clip
+
+    model, args = clip.example(loss="sigmoid")
+    loss = model.loss(*args)
+    loss.backward()
+    assert model.log_scale.grad is not None and model.logit_bias.grad is not None
+    assert main(["train", "clip", "--loss", "sigmoid", "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "clip-sigmoid" / "metrics.json").read_text())
+    assert metrics["method"] == "clip-sigmoid" and metrics["loss"] == "sigmoid" and metrics["logit_bias"] < 0
+    with pytest.raises(SystemExit, match="--loss goes with the clip method"):
+        main(["train", "simclr", "--loss", "sigmoid"])

@@ -429,6 +429,8 @@ LBL = dict(ref_labels=_t(2, 2, 5, 7, dtype=torch.long), target_labels=_t(2, 5, 7
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), context=0), ValueError, "context must be an int >= 1"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=(4,)), ValueError, r"long_memory indices must be in \[0, 4\)"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=("a",)), TypeError, "long_memory must be"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=(0.7,)), TypeError, "long_memory must be"),
+    (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=(True,)), TypeError, "long_memory must be"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), temperature=0.0), ValueError, "temperature"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), radius=-2), ValueError, "radius must be"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), topk=61), ValueError, r"topk must be between 1 .*\(60\), got 61"),
@@ -453,3 +455,17 @@ def test_rejects_mixed_devices_meta():
         CL(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), LBL["ref_labels"], _t(2, 5, 7, dtype=torch.long, device="meta"), 3)
     with pytest.raises(ValueError, match="first_labels is on meta"):
         PL(_t(4, 3, 5, 6), _t(2, 5, 6, device="meta"))
+
+
+def test_double_backward_is_refused_naming_the_op(backend, device):
+    """create_graph=True through color propagation's fused backward: a RuntimeError naming the op, where
+    PyTorch said only that the backward op has no autograd formula; the first derivative as before."""
+    t, r, v = inputs(device)
+    labels = torch.randint(0, 3, (2, 2, 5, 7), device=device)
+    target = torch.randint(0, 3, (2, 5, 7), device=device)
+    for call, name in ((lambda: fastssl.color_propagate(t, r, v).square().sum(), "fastssl.color_propagate"),
+                       (lambda: fastssl.colorization_loss(t, r, labels, target, 3), "fastssl.colorization_loss")):
+        with pytest.raises(RuntimeError, match=f"{name} has no double backward"):
+            torch.autograd.grad(call(), t, create_graph=True)
+        (grad,) = torch.autograd.grad(call(), t)
+        assert grad.isfinite().all() and grad.abs().sum() > 0

@@ -16,15 +16,17 @@ vocabulary (embedding + GRU).
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 
 from ..data import digits
-from ..losses import CLIPLoss
+from ..losses import CLIPLoss, SigLipLoss
 from ..training import Result, TrainConfig, fit, shuffled_batches
 from .encoders import ConvEncoder
 
+LOSSES = ("softmax", "sigmoid")
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ZERO_SHOT_TEMPLATE = "a photo of the digit {}"
 TRAIN_TEMPLATES = (ZERO_SHOT_TEMPLATE, "a handwritten {}", "the number {}", "a small picture of a {}",
@@ -94,24 +96,38 @@ class ImageTower(nn.Module):
 
 
 class CLIP(nn.Module):
-    """Image tower, text tower and CLIP's loss with a learnable temperature.
+    """Image tower, text tower and CLIP's loss with a learnable temperature, or SigLIP's sigmoid loss.
 
     Args:
         image_tower: images (N, C, H, W) -> (N, D).
         text_tower: word ids (N, L) -> (N, D).
         init_temperature: the initial temperature 1 / s (``CLIPLoss``'s ``logit_scale`` starts at log(1 / t)).
+        loss: ``"softmax"`` (CLIP's symmetric cross-entropy, ``fastssl.losses.CLIPLoss``) or ``"sigmoid"``
+            (SigLIP, Zhai et al. 2023: ``fastssl.siglip_loss`` on the normalized features with a learnable
+            log-scale started at log(10) and bias at -10, the paper's initialization).
     """
 
-    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, init_temperature: float = 0.07):
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, init_temperature: float = 0.07,
+                 loss: str = "softmax"):
         super().__init__()
         if not isinstance(image_tower, nn.Module) or not isinstance(text_tower, nn.Module):
             raise TypeError("image_tower and text_tower must be nn.Modules")
-        self.image_tower, self.text_tower = image_tower, text_tower
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.image_tower, self.text_tower, self.loss_kind = image_tower, text_tower, loss
         self.clip_loss = CLIPLoss(init_temperature=init_temperature)
+        if loss == "sigmoid":
+            self.sigmoid_loss = SigLipLoss()
+            self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
 
     def loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE of the N (image, caption) pairs of the batch."""
-        return self.clip_loss(self.image_tower(images), self.text_tower(tokens))
+        """The loss of the N (image, caption) pairs of the batch: symmetric InfoNCE, or SigLIP's."""
+        img, txt = self.image_tower(images), self.text_tower(tokens)
+        if self.loss_kind == "sigmoid":
+            img, txt = nn.functional.normalize(img, dim=1), nn.functional.normalize(txt, dim=1)
+            return self.sigmoid_loss(img, txt, self.log_scale.exp(), self.logit_bias)
+        return self.clip_loss(img, txt)
 
     @torch.no_grad()
     def zero_shot(self, images: torch.Tensor, class_tokens: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -135,19 +151,22 @@ def caption_tokens(vocab: Vocabulary, templates=TRAIN_TEMPLATES) -> torch.Tensor
     return rows.view(len(templates), len(DIGIT_NAMES), -1)
 
 
-def build(width: int = 16, embed_dim: int = 64) -> CLIP:
-    return CLIP(ImageTower(ConvEncoder(1, width, 8 * width), embed_dim), TextTower(len(caption_vocabulary()), 4 * width, embed_dim))
+def build(width: int = 16, embed_dim: int = 64, loss: str = "softmax") -> CLIP:
+    return CLIP(ImageTower(ConvEncoder(1, width, 8 * width), embed_dim),
+                TextTower(len(caption_vocabulary()), 4 * width, embed_dim), loss=loss)
 
 
-def example():
+def example(loss: str = "softmax"):
     """A tiny CLIP and a batch of (image, caption ids) for one training step: ``model.loss(*args)``."""
     tokens = caption_tokens(caption_vocabulary())[torch.arange(8) % len(TRAIN_TEMPLATES), torch.arange(8)]
-    return build(width=4, embed_dim=16), (torch.rand(8, 1, 32, 32), tokens)
+    return build(width=4, embed_dim=16, loss=loss), (torch.rand(8, 1, 32, 32), tokens)
 
 
 def train(config: TrainConfig) -> Result:
+    """``fastssl train clip [--loss sigmoid]``: zero-shot accuracy on the digits' test split."""
+    loss_kind = config.loss or "softmax"
     data = digits(32)
-    model = build().to(config.device)
+    model = build(loss=loss_kind).to(config.device)
     untrained = copy.deepcopy(model)
     tokens = caption_tokens(caption_vocabulary()).to(config.device)
     zero_shot_tokens = tokens[TRAIN_TEMPLATES.index(ZERO_SHOT_TEMPLATE)]
@@ -168,9 +187,12 @@ def train(config: TrainConfig) -> Result:
     confusion = torch.zeros(10, 10, dtype=torch.long)
     confusion.index_put_((test_y.cpu(), model.zero_shot(test_x, zero_shot_tokens).cpu()), torch.ones(len(test_y), dtype=torch.long),
                          accumulate=True)
-    extra = {"logit_scale": model.clip_loss.logit_scale.exp().item(), "zero_shot_caption": ZERO_SHOT_TEMPLATE,
+    scale = model.log_scale.exp() if loss_kind == "sigmoid" else model.clip_loss.logit_scale.exp()
+    extra = {"loss": loss_kind, "logit_scale": scale.item(), "zero_shot_caption": ZERO_SHOT_TEMPLATE,
              "train_templates": list(TRAIN_TEMPLATES)}
-    return Result("clip", "zero_shot_accuracy", accuracy(model), accuracy(untrained), losses=losses, extra=extra,
+    if loss_kind == "sigmoid":
+        extra["logit_bias"] = model.logit_bias.item()
+    return Result("clip" if loss_kind == "softmax" else "clip-sigmoid", "zero_shot_accuracy", accuracy(model), accuracy(untrained), losses=losses, extra=extra,
                   figures={"zero_shot_confusion.png": lambda path: draw_confusion(confusion, path)})
 
 
