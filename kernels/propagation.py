@@ -82,8 +82,8 @@ MAX_BLOCK_V = 16
 # accuracy, also where PyTorch allows TF32 (one compile variant per dtype).
 FP32_DOT = dict(exact="tf32x3", tf32=False)
 
-# Tiles per dtype family and kernel: (BLOCK_M queries, BLOCK_N keys, (num_warps, num_stages) on sm_90, on
-# sm_80), and the channel block: resident when C <= BLOCK_C, else chunks of BLOCK_C. 16-bit: on sm_90 one
+# Tiles per dtype family and kernel: (BLOCK_M queries, BLOCK_N keys, (num_warps, num_stages[, maxnreg]) on
+# sm_90, on sm_80), and the channel block: resident when C <= BLOCK_C, else chunks of BLOCK_C. 16-bit: on sm_90 one
 # warpgroup per 64 query (dK/dV: key) rows, so no product's N is split between warpgroups (the forward's
 # 128 x 32 x 8 warps: 6 wgmma a key tile, 72 registers); C = 64 (the training shape) resident. On sm_80
 # (mma.sync) the backward takes 8 warps: with 4, ptxas gives dQ (windowed) and dK/dV (LOSS) 8-byte stack
@@ -92,13 +92,19 @@ FP32_DOT = dict(exact="tf32x3", tf32=False)
 # at 255 registers on sm_90 under triton 3.9). fp64 (the gradient checks): C in chunks of 16, one stage;
 # the query-parallel kernels on 4 warps (8 give the forward 8 B of stack at 80 registers under 3.8, dQ
 # 16 B under 3.9). Measured under triton 3.6, 3.8, 3.9 with tests/test_compile_sm90.py, 2026-12-07.
+# maxnreg 255 (the launch option ``.maxnreg``; no limit beyond the chip's): triton 3.9 runs ptxas with
+# --regAllocOptLevel=2, which on sm_80 held 8-warp kernels at 128 registers and gave them 8-16 B stack
+# frames (16-bit forward LOSS chunked, dQ dense, dK/dV LOSS windowed, top-k), and ptxas 12.8 (triton 3.6)
+# the fp64 dQ 24 B at 168; with the limit stated every sm_80 variant compiles without a frame under 3.6,
+# 3.8 and 3.9 (at most 255 registers: the fp32 and 16-bit chunked ones, as under 3.8 before). On sm_90
+# only the fp64 dQ takes it (16 B of stack at 96 registers under 3.8; 168-216 registers with it).
 _TILES = {
-    "half": {"fwd": (128, 32, {90: (8, 2), 80: (8, 2)}), "dq": (64, 32, {90: (4, 2), 80: (8, 2)}),
-             "dkdv": (32, 64, {90: (4, 2), 80: (8, 2)})},
-    "fp32": {"fwd": (32, 32, {90: (8, 2), 80: (8, 2)}), "dq": (32, 32, {90: (8, 2), 80: (8, 2)}),
-             "dkdv": (16, 32, {90: (8, 2), 80: (8, 2)})},
-    "fp64": {"fwd": (32, 32, {90: (4, 1), 80: (4, 1)}), "dq": (32, 32, {90: (4, 1), 80: (4, 1)}),
-             "dkdv": (32, 32, {90: (8, 1), 80: (8, 1)})},
+    "half": {"fwd": (128, 32, {90: (8, 2), 80: (8, 2, 255)}), "dq": (64, 32, {90: (4, 2), 80: (8, 2, 255)}),
+             "dkdv": (32, 64, {90: (4, 2), 80: (8, 2, 255)})},
+    "fp32": {"fwd": (32, 32, {90: (8, 2), 80: (8, 2, 255)}), "dq": (32, 32, {90: (8, 2), 80: (8, 2, 255)}),
+             "dkdv": (16, 32, {90: (8, 2), 80: (8, 2, 255)})},
+    "fp64": {"fwd": (32, 32, {90: (4, 1), 80: (4, 1, 255)}), "dq": (32, 32, {90: (4, 1, 255), 80: (4, 1, 255)}),
+             "dkdv": (32, 32, {90: (8, 1), 80: (8, 1, 255)})},
 }
 _BLOCK_C = {"half": 64, "fp32": 64, "fp64": 16}  # resident width
 
@@ -126,12 +132,18 @@ def plan(kind: str, dtype: torch.dtype, C: int, RL: int, arch: int = 90) -> dict
     """
     fam = family(dtype)
     bm, bn, launches = _TILES[fam][kind]
-    warps, stages = launches[arch_family(arch)]
+    warps, stages, *maxnreg = launches[arch_family(arch)]
     resident = INTERPRET_BLOCK_C if interpreting() else _BLOCK_C[fam]
     c_loop = fam == "fp64" or C > resident
     block_c = INTERPRET_BLOCK_C if interpreting() else (_loop_c(fam, kind) if c_loop else _BLOCK_C[fam])
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=block_c, C_LOOP=c_loop, WINDOWED=RL > 0 or c_loop, num_warps=warps,
-                num_stages=stages)
+                num_stages=stages, **_maxnreg(*maxnreg))
+
+
+def _maxnreg(limit=None) -> dict:
+    """The launch option ``maxnreg`` where a chip family's launch sets it (on the device only: the
+    interpreter takes no register limit)."""
+    return {} if limit is None or interpreting() else {"maxnreg": limit}
 
 
 def block_v(v: int) -> int:
@@ -754,8 +766,9 @@ for _kind, _kernel in _KERNELS.items():
     for _fam, _kinds in _TILES.items():
         _launches = _kinds[_kind][2]
         register(_kernel, uses_dot=True, variants=_variants(_kind, _fam, *_PTRS[_kind], unaligned=_kind == "fwd"),
-                 configs=[c for arch, (w, st) in _launches.items()
-                          for c in for_archs([triton.Config({}, num_warps=w, num_stages=st)], [arch])])
+                 configs=[c for arch, (w, st, *mx) in _launches.items()
+                          for c in for_archs([triton.Config({}, num_warps=w, num_stages=st, maxnreg=(mx or [None])[0])],
+                                             [arch])])
 
 
 TOPK_MAX = 32
@@ -765,6 +778,8 @@ TOPK_MAX = 32
 TOPK_TILES = {torch.float16: (64, 8, 32, 32, 8), torch.bfloat16: (64, 8, 32, 32, 8),
               torch.float32: (32, 8, 32, 16, 8)}
 TOPK_STAGES = 2
+# The register limit per chip family (see _TILES: on sm_80 ptxas otherwise caps the 8-warp kernel at 128).
+TOPK_MAXNREG = {90: None, 80: 255}
 
 
 def topk_slots(k: int) -> int:
@@ -776,7 +791,10 @@ def topk_slots(k: int) -> int:
 # The top-k kernel is inference: the CRW step's odd map (its main use: both list lengths) and maps that are
 # multiples of 16 (k <= 16).
 for _dt, (_bm, _tw, _bn, _bc, _warps) in TOPK_TILES.items():
-    register(_propagate_topk_kernel, uses_dot=True, configs=[triton.Config({}, num_warps=_warps, num_stages=TOPK_STAGES)],
+    register(_propagate_topk_kernel, uses_dot=True,
+             configs=[c for arch, mx in TOPK_MAXNREG.items()
+                      for c in for_archs([triton.Config({}, num_warps=_warps, num_stages=TOPK_STAGES, maxnreg=mx)],
+                                         [arch])],
              variants=[variant({**{a: f"*{TL_DTYPE[_dt]}" for a in ("q_ptr", "kl_ptr", "vl_ptr", "kg_ptr", "vg_ptr",
                                                                     "out_ptr")},
                                 "scale_ptr": "*fp32", **_int_signature(shape), "rad2": "fp32", "K": "i32"},
@@ -968,5 +986,6 @@ def propagate_topk_forward(q, kl, vl, kg, vg, scale: torch.Tensor, radius, topk:
     grid = (triton.cdiv(H, bm // tw) * triton.cdiv(W, tw), B)
     launch(_propagate_topk_kernel, grid, q_ptr=q, kl_ptr=kl_, vl_ptr=vl_, kg_ptr=kg_, vg_ptr=vg_, scale_ptr=scale,
            out_ptr=out, V=V, **geo, K=topk, PREC=_math(q.dtype)["PREC"], TILE_W=tw, BLOCK_M=bm, BLOCK_N=bn,
-           BLOCK_C=bc, KP=topk_slots(topk), num_warps=warps, num_stages=TOPK_STAGES)
+           BLOCK_C=bc, KP=topk_slots(topk), num_warps=warps, num_stages=TOPK_STAGES,
+           **_maxnreg(TOPK_MAXNREG[_arch(q)]))
     return out
