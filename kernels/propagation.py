@@ -728,7 +728,10 @@ def _variants(kind, fam, float_ptrs, acc_ptrs, value_ptrs, label_ptrs, unaligned
     ``unaligned`` also the CRW step's odd map (C = 256: chunked) for the value-propagating forward. The
     chunked kernels (C > 64: no GUIDE §6 shape) are compiled in bf16, not fp16 too: the two compile to the
     same registers in every variant measured (sm_90/sm_80, triton 3.8, 2026-12-07), and each variant costs
-    the compile test 2-5 s per chip."""
+    the compile test 2-5 s per chip. For the same reason fp16 is compiled for sm_90 only (on sm_80, mma.sync,
+    fp16 and bf16 gave the same registers in all 15 fp16 variants under triton 3.6, 3.8 and 3.9), and there
+    the backward's windowed resident kernels in bf16 only (dQ, dK/dV: the same registers and wgmma in both,
+    3.8); the forward's differ (fp16 windowed 112 registers, bf16 82: both kept)."""
     bm, bn, _ = _TILES[fam][kind]
     kinds = [(True, True)] if fam == "fp64" else [(False, False), (True, False), (True, True)]
     out = []
@@ -740,13 +743,13 @@ def _variants(kind, fam, float_ptrs, acc_ptrs, value_ptrs, label_ptrs, unaligned
         if unaligned and fam != "fp64":
             launches.append((False, _UNALIGNED, True, True))
         for loss, shape, windowed, c_loop in launches:
-            if c_loop and dtype == torch.float16:
+            if dtype == torch.float16 and (c_loop or (windowed and kind != "fwd")):
                 continue
             sig = {**{a: f"*{ty}" for a in float_ptrs}, **{a: f"*{acc_ty}" for a in acc_ptrs},
                    **{a: ("*i64" if loss else f"*{ty}") for a in value_ptrs},
                    **{a: ("*i64" if loss else f"*{acc_ty}") for a in label_ptrs},  # unused: LSE passed
                    **_int_signature(shape), "rad2": "fp32"}
-            out += [variant(sig, ACC=acc_type(dtype), PREC=prec, LOSS=loss, WINDOWED=windowed, C_LOOP=c_loop,
+            out += [variant(sig, archs=(90,) if dtype == torch.float16 else (), ACC=acc_type(dtype), PREC=prec, LOSS=loss, WINDOWED=windowed, C_LOOP=c_loop,
                             BLOCK_V=MAX_BLOCK_V, BLOCK_M=bm, BLOCK_N=bn,
                             BLOCK_C=_loop_c(fam, kind) if c_loop else _BLOCK_C[fam])
                     for prec in dot_precisions(dtype, **FP32_DOT)]
@@ -798,6 +801,7 @@ for _dt, (_bm, _tw, _bn, _bc, _warps) in TOPK_TILES.items():
              variants=[variant({**{a: f"*{TL_DTYPE[_dt]}" for a in ("q_ptr", "kl_ptr", "vl_ptr", "kg_ptr", "vg_ptr",
                                                                     "out_ptr")},
                                 "scale_ptr": "*fp32", **_int_signature(shape), "rad2": "fp32", "K": "i32"},
+                               archs=(90,) if _dt == torch.float16 else (),  # sm_80: as bf16 (see _variants)
                                PREC=prec, TILE_W=_tw, BLOCK_M=_bm, BLOCK_N=_bn, BLOCK_C=_bc, KP=kp)
                        for shape, kps in ((_UNALIGNED, (16, 32)), (_ALIGNED, (16,))) for kp in kps
                        for prec in dot_precisions(_dt, **FP32_DOT)])
