@@ -11,10 +11,13 @@ Three ops, each a ``torch.library.custom_op`` whose body asks :func:`fastssl.bac
   (FlashAttention-style, per-query LSE, backward by recompute) or the PyTorch path below.
 - ``fastssl::colorization_lse`` (+ ``_backward``): the LSE over all keys and over the keys of the
   query's own class, from which ``colorization_loss`` = mean(-log max(exp(lse_y - lse), eps)).
-- ``fastssl::color_propagate_topk``: top-k (inference). The Triton kernel (a streaming top-32 per query
-  merged by bitonic sorts, then the softmax over the top k) for k <= 32 in fp32/fp16/bf16; float64 and
-  k > 32 run the chunked PyTorch path (tiles of target pixels, radius-restricted windows, ``torch.topk``
-  per tile, a top-k of the parts' top-ks), as does every CPU call under ``auto``.
+- ``fastssl::color_propagate_topk``: top-k (inference). The Triton kernel (per block of query pixels a
+  streaming list of the best k keys, key tiles that cannot enter it skipped, then the softmax over the k)
+  for k <= 32 in fp32/fp16/bf16; float64 and k > 32 run the chunked PyTorch path (tiles of target pixels,
+  radius-restricted windows, a top-k per tile, a top-k of the parts' top-ks), as does every CPU call under
+  ``auto``. Both follow one tie rule: among equal logits the key with the smaller id wins, id = frame *
+  H * W + raster pixel with the frames in the order given (the radius-limited ones first), as a stable
+  sort of the keys would (the PyTorch path enforces it, ``torch.topk``'s order of ties is unspecified).
 
 The PyTorch path works on rectangular tiles of target pixels: in dense mode bands of full rows; with a
 radius, squares whose key window is the square grown by floor(radius) on each side (clipped to the
@@ -143,8 +146,9 @@ class _Part:
     def __init__(self, k, v, far, frames, window):
         self.k, self.v, self.far, self.frames, self.window = k, v, far, frames, window
 
-    def logits(self, q_t: Tensor, scale: Tensor) -> Tensor:
-        s = torch.bmm(q_t, self.k).mul_(scale)                                  # (B, M, N)
+    def logits(self, qs: Tensor) -> Tensor:
+        """The scaled logits of queries ``qs`` = q * scale (B, M, C) (the scale folded into the small operand)."""
+        s = torch.bmm(qs, self.k)                                               # (B, M, N)
         if self.far is not None:
             B, M, N = s.shape
             s.view(B, M, self.frames, N // self.frames).masked_fill_(self.far, float("-inf"))
@@ -267,6 +271,8 @@ def _lse_of(logits: list) -> Tensor:
 
 
 def _propagate_torch(q, kl, vl, kg, vg, scale, radius):
+    """Per tile: m = max S, P~ = exp(S - m) in place (one exponential per logit), out = P~ V / sum P~,
+    lse = m + log sum P~."""
     tiling = _Tiling(q, kl, kg, radius)
     B, C, H, W = q.shape
     V = (vl if tiling.RL else vg).shape[2]
@@ -274,13 +280,20 @@ def _propagate_torch(q, kl, vl, kg, vg, scale, radius):
     lse = torch.empty((B, H, W), dtype=tiling.acc, device=q.device)
     glob = tiling.flat(kg, vg)
     for tile in tiling.tiles:
-        q_t = tiling.queries(tile, q)
+        qs = tiling.queries(tile, q) * scale
         parts = tiling.parts(tile, q, kl, vl, glob)
-        logits = [part.logits(q_t, scale) for part in parts]
-        lse_t = _lse_of(logits)                                                  # (B, M)
-        o = sum(torch.bmm(s.sub_(lse_t[..., None]).exp_(), part.v) for s, part in zip(logits, parts))
-        tiling.put(tile, out, o.to(q.dtype))
-        tiling.put(tile, lse, lse_t)
+        logits = [part.logits(qs) for part in parts]
+        m = logits[0].amax(-1, keepdim=True)
+        for s in logits[1:]:
+            m = torch.maximum(m, s.amax(-1, keepdim=True))
+        l = 0
+        o = 0
+        for s, part in zip(logits, parts):
+            p = s.sub_(m).exp_()
+            l = l + p.sum(-1, keepdim=True)
+            o = o + torch.bmm(p, part.v)
+        tiling.put(tile, out, o.div_(l).to(q.dtype))
+        tiling.put(tile, lse, (m + l.log()).squeeze(-1))
     return out, lse
 
 
@@ -292,18 +305,18 @@ def _propagate_backward_torch(grad, q, kl, vl, kg, vg, out, lse, scale, radius):
     glob = tiling.flat(kg, vg)
     dkg, dvg = (torch.zeros_like(glob[0]), torch.zeros_like(glob[1])) if glob else (None, None)
     for tile in tiling.tiles:
-        q_t = tiling.queries(tile, q)
+        qs = tiling.queries(tile, q) * scale
         do_t = tiling.take(tile, grad)                                           # (B, M, V)
         delta = (do_t * tiling.take(tile, out)).sum(-1, keepdim=True)            # (B, M, 1)
         lse_t = tiling.take(tile, lse)[..., None]
         dq_t = 0
         for part in tiling.parts(tile, q, kl, vl, glob):
-            p = part.logits(q_t, scale).sub_(lse_t).exp_()                        # P, recomputed
-            ds = torch.bmm(do_t, part.v.transpose(1, 2)).sub_(delta).mul_(p).mul_(scale)
+            p = part.logits(qs).sub_(lse_t).exp_()                                # P, recomputed
+            ds = torch.bmm(do_t, part.v.transpose(1, 2)).sub_(delta).mul_(p)    # dS / scale
             dq_t = dq_t + torch.bmm(ds, part.k.transpose(1, 2))
-            tiling.add_grad(part, torch.bmm(q_t.transpose(1, 2), ds), dkl, dkg, channels_last=False)
+            tiling.add_grad(part, torch.bmm(qs.transpose(1, 2), ds), dkl, dkg, channels_last=False)
             tiling.add_grad(part, torch.bmm(p.transpose(1, 2), do_t), dvl, dvg, channels_last=True)
-        tiling.put(tile, dq, dq_t.to(q.dtype))
+        tiling.put(tile, dq, (dq_t * scale).to(q.dtype))
     return (dq, dkl.to(kl.dtype), dvl.to(vl.dtype), tiling.unflat(dkg, kg, channels_last=False), tiling.unflat(dvg, vg, channels_last=True))
 
 
@@ -319,10 +332,10 @@ def _colorization_lse_torch(q, kl, ll, kg, lg, y, scale, radius):
     lsey = torch.empty_like(lse)
     glob = tiling.flat(kg, lg)
     for tile in tiling.tiles:
-        q_t = tiling.queries(tile, q)
+        qs = tiling.queries(tile, q) * scale
         y_t = tiling.take(tile, y, torch.long)
         parts = tiling.parts(tile, q, kl, ll, glob)
-        logits = [part.logits(q_t, scale) for part in parts]
+        logits = [part.logits(qs) for part in parts]
         tiling.put(tile, lse, _lse_of(logits))
         tiling.put(tile, lsey, _lse_of([s.masked_fill_(~_same_class(part, y_t), float("-inf"))
                                         for s, part in zip(logits, parts)]))
@@ -337,20 +350,43 @@ def _colorization_lse_backward_torch(g, gy, q, kl, ll, kg, lg, y, lse, lsey, sca
     glob = tiling.flat(kg, lg)
     dkg = torch.zeros_like(glob[0]) if glob else None
     for tile in tiling.tiles:
-        q_t = tiling.queries(tile, q)
+        qs = tiling.queries(tile, q) * scale
         y_t = tiling.take(tile, y, torch.long)
         lse_t, g_t, gy_t = (tiling.take(tile, t)[..., None] for t in (lse, g, gy))
         lsey_t = tiling.take(tile, lsey)[..., None]
         lsey_t = lsey_t.masked_fill(lsey_t == float("-inf"), 0.0)  # no key of the class: py is 0, not NaN
         dq_t = 0
         for part in tiling.parts(tile, q, kl, ll, glob):
-            s = part.logits(q_t, scale)
+            s = part.logits(qs)
             py = torch.exp(s - lsey_t).masked_fill_(~_same_class(part, y_t), 0.0)
-            ds = s.sub_(lse_t).exp_().mul_(g_t).add_(py.mul_(gy_t)).mul_(scale)
+            ds = s.sub_(lse_t).exp_().mul_(g_t).add_(py.mul_(gy_t))               # dS / scale
             dq_t = dq_t + torch.bmm(ds, part.k.transpose(1, 2))
-            tiling.add_grad(part, torch.bmm(q_t.transpose(1, 2), ds), dkl, dkg, channels_last=False)
-        tiling.put(tile, dq, dq_t.to(q.dtype))
+            tiling.add_grad(part, torch.bmm(qs.transpose(1, 2), ds), dkl, dkg, channels_last=False)
+        tiling.put(tile, dq, (dq_t * scale).to(q.dtype))
     return dq, dkl.to(kl.dtype), tiling.unflat(dkg, kg, channels_last=False)
+
+
+def _topk_ordered(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of ``s`` along its last dim and their positions, equal values in order of position
+    (the tie rule: the smaller key id wins; positions follow ids). ``torch.topk`` leaves the order of ties
+    unspecified, so a row whose (k+1)-th largest equals its k-th (a tie at the boundary: found from a top
+    k+1, no extra pass over s) is redone by a stable sort (on the CPU: those rows only; on other devices every
+    row, which needs no host sync). A k-th value of -inf (fewer keys in reach than k) is left alone: those
+    keys weigh 0."""
+    if not s.is_cpu:
+        idx = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
+        return s.gather(-1, idx), idx
+    if k == s.shape[-1]:
+        return s.topk(k, dim=-1)
+    top, idx = s.topk(k + 1, dim=-1)  # a tie at the boundary: the (k+1)-th equals the k-th
+    tied = (top[..., k] == top[..., k - 1]) & (top[..., k - 1] > float("-inf"))
+    top, idx = top[..., :k], idx[..., :k]
+    if tied.any():
+        rows = tied.nonzero(as_tuple=True)
+        order = torch.sort(s[rows], dim=-1, descending=True, stable=True).indices[..., :k]
+        idx[rows] = order
+        top[rows] = s[rows].gather(-1, order)
+    return top, idx
 
 
 def _topk_torch(q, kl, vl, kg, vg, scale, radius, topk):
@@ -360,17 +396,21 @@ def _topk_torch(q, kl, vl, kg, vg, scale, radius, topk):
     out = q.new_empty((B, V, H, W))
     glob = tiling.flat(kg, vg)
     for tile in tiling.tiles:
-        q_t = tiling.queries(tile, q)
+        qs = tiling.queries(tile, q) * scale
         tops, picked = [], []
-        for part in tiling.parts(tile, q, kl, vl, glob):
-            s = part.logits(q_t, scale)
+        parts = tiling.parts(tile, q, kl, vl, glob)
+        for part in parts:  # positions in a part follow key ids, local parts' ids come first
+            s = part.logits(qs)
             k = min(topk, s.shape[-1])  # a window can hold fewer keys than k; the rest are -inf anyway
-            top, idx = s.topk(k, dim=-1)                                          # (B, M, k)
+            top, idx = _topk_ordered(s, k)                                        # (B, M, k)
+            if len(parts) > 1:  # in id order, so that the merge below breaks ties by id too
+                idx, order = idx.sort(-1)
+                top = top.gather(-1, order)
             tops.append(top)
             picked.append(part.v.gather(1, idx.reshape(B, -1, 1).expand(-1, -1, V)).reshape(B, -1, k, V))
         top, values = (tops[0], picked[0]) if len(tops) == 1 else (torch.cat(tops, -1), torch.cat(picked, 2))
         if top.shape[-1] > topk:  # the top k of the parts' top ks
-            top, idx = top.topk(topk, dim=-1)
+            top, idx = _topk_ordered(top, topk)
             values = values.gather(2, idx[..., None].expand(-1, -1, -1, V))
         weights = torch.softmax(top, dim=-1)
         tiling.put(tile, out, torch.einsum("bmk,bmkv->bmv", weights, values).to(q.dtype))
@@ -579,7 +619,8 @@ def color_propagate(target_feats: Tensor, ref_feats: Tensor, ref_values: Tensor,
         topk: only the k largest logits per target pixel take part, softmax over those k (CRW's
             inference). For inference: the output carries no gradient. On CUDA a fused Triton kernel
             (streaming top-k, k <= 32, fp32/fp16/bf16); float64, k > 32 and the CPU use a chunked
-            PyTorch path (tiles of target pixels, radius-limited windows).
+            PyTorch path (tiles of target pixels, radius-limited windows). Ties: of equal logits the
+            reference pixel that comes first (frame, then raster order) is kept, on every backend.
 
     Returns:
         (B, V, H, W) in the input dtype; math in float32 (float64 for float64). Gradients flow to all

@@ -140,6 +140,8 @@ def launch_specialization(fn, variant, config, arch: int) -> dict:
         raise ValueError(f"{fn.__name__}: variant declares no type for {missing}")
     kwargs = {a: (fixed[a] if a in fixed else example_argument(variant.signature[a])) for a in fn.arg_names}
     kwargs.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    if getattr(config, "maxnreg", None):  # what the autotuner passes a launch (Config.all_kwargs)
+        kwargs.update(maxnreg=config.maxnreg)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(**kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)

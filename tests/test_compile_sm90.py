@@ -87,6 +87,35 @@ def test_contrastive_kernels_are_pipelined_with_wide_loads(compiled):
         assert loop["wgmma"] > 0 or not tensor_cores, (where, loop)
 
 
+def test_propagation_kernels_are_pipelined_on_the_tensor_cores(compiled):
+    """Issue [4/7]: on sm_90 every propagation kernel (forward, dQ, dK/dV, top-k) runs >= 2 stages (float64,
+    the gradient checks' dtype, one); in bf16/fp16 its main loop runs wgmma; on maps whose sizes are multiples
+    of 16 their key tiles stream in by 128-bit cp.async inside the main loop (odd maps, the CRW step, cannot be
+    vectorized along the raster; fp32's tf32x3 operands come by 32/64-bit copies), and a resident query
+    tile loads 128 bits wide. The dense variants
+    (WINDOWED False, no window arithmetic) exist for every dtype and mode but float64."""
+    rc, lines, stderr = compiled[90]
+    rows = [r for r in lines[1:] if r["kernel"].startswith("_propagate_")]
+    assert {r["kernel"] for r in rows} == {"_propagate_fwd_kernel", "_propagate_bwd_dq_kernel",
+                                           "_propagate_bwd_dkdv_kernel", "_propagate_topk_kernel"}, stderr
+    dense = set()
+    for r in rows:
+        dtype, flags, loop = r["signature"]["q_ptr"], r["constexprs"], r["sass"]["loop"]
+        where = (r["kernel"], dtype, flags, r["num_warps"], r["num_stages"], loop)
+        assert r["num_stages"] >= 2 or dtype == "*fp64", where
+        half = dtype in ("*bf16", "*fp16")
+        assert loop["wgmma"] > 0 or not half, where
+        if r["signature"]["H"].endswith(":16") and half:
+            assert 128 in loop["cp_async_bits"], where
+            if flags.get("C_LOOP") == "False":
+                assert r["load_bits"] == 128, where
+        if flags.get("WINDOWED") == "False":
+            dense.add((r["kernel"], dtype, flags["LOSS"]))
+    assert dense == {(k, d, loss) for k in ("_propagate_fwd_kernel", "_propagate_bwd_dq_kernel",
+                                            "_propagate_bwd_dkdv_kernel")
+                     for d in ("*fp32", "*fp16", "*bf16") for loss in ("False", "True")}
+
+
 # The element tensors each diffusion kernel reads and writes (a run-time flag may gate one off; its access
 # stays in the code); the kernels' other loads are per-program scalars (timesteps, seeds, weights, the
 # schedule's coefficients). The step kernel reads a noise tensor too with NOISE=1, and the model output's variance

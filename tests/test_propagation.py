@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastssl
 from conftest import assert_close, assert_close_lowp
 from fastssl.propagation import (color_propagate_reference, colorization_loss_reference,
-                                 propagate_labels_reference)
+                                 propagate_labels_reference, propagate_step)
 
 
 def inputs(device, dtype=torch.float64, B=2, R=2, C=5, V=3, H=5, W=7, grad=True):
@@ -60,6 +60,30 @@ def test_color_propagate_radius_windows_span_tiles(backend, device):
         grad_out = torch.randn_like(out)
         for ours, theirs in zip(grads_of(out, (tf, rf, rv), grad_out), grads_of(ref, (tf, rf, rv), grad_out)):
             assert_close(ours, theirs, scale=100)
+
+
+@pytest.mark.parametrize("C", [5, 20])  # 20: over the interpreter's resident block of 16, chunked kernels
+def test_kernels_pick_dense_and_windowed_variants(device, monkeypatch, C):
+    """The launchers compile the window arithmetic in only where a frame is local (WINDOWED), keep the query
+    tile resident where C fits (C_LOOP off), and each variant matches the reference, fwd and bwd."""
+    from fastssl.kernels import propagation as kernels
+
+    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
+    seen = []
+    real = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda kernel, grid, **kw: (seen.append((kw["WINDOWED"], kw["C_LOOP"])),
+                                                                       real(kernel, grid, **kw))[1])
+    tf, rf, rv = inputs(device, B=1, C=C, H=4, W=6, dtype=torch.float32)
+    for radius in (None, 1.5):
+        seen.clear()
+        out = fastssl.color_propagate(tf, rf, rv, temperature=0.5, radius=radius)
+        ref = color_propagate_reference(tf, rf, rv, temperature=0.5, radius=radius)
+        assert_close(out, ref, torch.float32, scale=10)
+        grad_out = torch.randn_like(out)
+        for ours, theirs in zip(grads_of(out, (tf, rf, rv), grad_out), grads_of(ref, (tf, rf, rv), grad_out)):
+            assert_close(ours, theirs, torch.float32, scale=100)
+        chunked = C > 16
+        assert seen == [(radius is not None or chunked, chunked)] * 3  # forward, dQ, dK/dV
 
 
 def test_radius_restricts_attention(backend, device):
@@ -132,6 +156,70 @@ def test_topk_kernel_matches_dense_topk(backend, device, dtype, topk, radius):
         assert_close_lowp(out, ref, lowp)
     else:
         assert_close(out, ref, scale=10)
+
+
+def ordered_topk_reference(tf, rf, rv, *, temperature, radius, topk, num_local=None, larger_id_wins=False):
+    """The dense float64 top-k formula with the tie rule spelled out: per query the keys in (frame, raster
+    pixel) order, sorted by logit with a stable sort (equal logits: the smaller key id first), the first k.
+    ``larger_id_wins``: the opposite rule (the kernel's before 2026-12-07), to show that the rule matters."""
+    from fastssl.propagation import propagation_logits_reference
+
+    B, V, H, W = rv.shape[0], rv.shape[2], rv.shape[3], rv.shape[4]
+    logits = propagation_logits_reference(tf, rf, temperature=temperature, radius=radius, num_local=num_local)
+    if larger_id_wins:
+        n = logits.shape[-1]
+        idx = n - 1 - torch.sort(logits.flip(-1), dim=-1, descending=True, stable=True).indices[..., :topk]
+    else:
+        idx = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :topk]
+    values = rv.double().permute(0, 1, 3, 4, 2).reshape(B, -1, V)
+    picked = values.gather(1, idx.reshape(B, -1, 1).expand(-1, -1, V)).reshape(B, H * W, topk, V)
+    out = (torch.softmax(logits.gather(-1, idx), -1)[..., None] * picked).sum(2)
+    return out.transpose(1, 2).reshape(B, V, H, W)
+
+
+def tied_inputs(device, dtype, B=1, R=2, C=4, V=2, H=5, W=7, patterns=2):
+    """Features drawn from ``patterns`` fixed vectors of small integers: every logit is one of a few values,
+    exact in any summation order and precision (tf32 included), so most top-k boundaries are exact ties;
+    values distinct, so a different choice among tied keys changes the output."""
+    basis = torch.tensor([[1, 0, 2, -1], [0, 1, -1, 2], [2, 1, 0, 0]], device=device, dtype=dtype)[:patterns, :C]
+    pick = lambda *shape: basis[torch.randint(0, patterns, shape, device=device)].movedim(-1, -3)  # noqa: E731
+    return pick(B, H, W), pick(B, R, H, W), torch.randn(B, R, V, H, W, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("topk, radius", [(1, None), (5, 1.5), (17, None), (32, None), (10, 2.5)])
+def test_topk_tie_rule(backend, device, dtype, topk, radius):
+    """Equal logits: the smaller key id (frame * H * W + raster pixel) wins, on both backends (the kernel:
+    float32 with k <= 32 under the triton backend; float64 the PyTorch path everywhere)."""
+    tf, rf, rv = tied_inputs(device, dtype)
+    out = fastssl.color_propagate(tf, rf, rv, temperature=0.5, radius=radius, topk=topk)
+    ref = ordered_topk_reference(tf, rf, rv, temperature=0.5, radius=radius, topk=topk)
+    assert_close(out, ref, scale=10)
+    other = ordered_topk_reference(tf, rf, rv, temperature=0.5, radius=radius, topk=topk, larger_id_wins=True)
+    assert (other - ref).abs().max() > 1e-3  # the test could fail: the other rule gives other outputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_tie_rule_across_groups(backend, device, dtype):
+    """A CRW step (local context frames within the radius, then a global memory frame): ties between the
+    groups go to the local frames (their ids come first), within a group to the smaller id."""
+    tf, rf, rv = tied_inputs(device, dtype, R=3, H=6, W=9)
+    out = propagate_step(tf, rf[:, :2], rv[:, :2], rf[:, 2:], rv[:, 2:], temperature=0.5, radius=2, topk=6)
+    ref = ordered_topk_reference(tf, rf, rv, temperature=0.5, radius=2, topk=6, num_local=2)
+    assert_close(out, ref, scale=10)
+    other = ordered_topk_reference(tf, rf, rv, temperature=0.5, radius=2, topk=6, num_local=2, larger_id_wins=True)
+    assert (other - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+def test_topk_skipped_tiles_keep_the_result(backend, device, topk):
+    """The first frame holds each query's best keys (its own features, scaled up), so nearly every later key
+    tile has no key above its queries' k-th and is skipped by the kernel; the result is unchanged."""
+    tf, rf, rv = inputs(device, dtype=torch.float32, B=1, R=3, C=6, H=9, W=11, grad=False)
+    rf[:, 0] = 4 * tf
+    for radius in (None, 2.0):
+        out = fastssl.color_propagate(tf, rf, rv, temperature=0.3, radius=radius, topk=topk)
+        assert_close(out, color_propagate_reference(tf, rf, rv, temperature=0.3, radius=radius, topk=topk), scale=10)
 
 
 def test_topk_output_has_no_gradient(device):
