@@ -707,7 +707,8 @@ SIG_FWD_CONFIGS = {128: _configs([(64, 64, 4, 3)], AMPERE) + _configs([(128, 64,
                    "exact": _configs([(32, 16, 4, 2)], AMPERE) + _configs([(64, 32, 8, 2)], HOPPER)}
 SIG_BWD_CONFIGS = {128: _configs([(64, 64, 4, 2)], HOPPER), 256: _configs([(64, 32, 8, 2)], HOPPER),
                    "loop": _configs([(32, 32, 8, 2)], AMPERE) + _configs([(64, 32, 8, 2)], HOPPER),
-                   "exact": _configs([(32, 32, 8, 1)])}
+                   # 4 warps: 8 gave the fp32 one an 8-byte stack frame at 80 registers under triton 3.9 (sm_90)
+                   "exact": _configs([(32, 32, 4, 1)])}
 _SIG_FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "bias_ptr", "out_ptr"])
 _SIG_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "bias_ptr", "w_ptr", "dscale_ptr", "dbias_ptr"])
 _SIG_BWD_ARGS = _FWD_ARGS + ["col_weights", "need_dparams"]
@@ -900,7 +901,8 @@ SUP_FWD_CONFIGS = {**SIG_FWD_CONFIGS, **{d: _configs([(64, 64, 8, 2)], AMPERE) +
                                           for d in (128, 256)}}
 # The backward's resident 128-wide block on sm_90 in 64 x 32 tiles of 8 warps: 64 x 64 x 4 warps (the sigmoid
 # kernel's) holds 253 registers under triton 3.8 and spills under 3.6 (STACK 40 B).
-SUP_BWD_CONFIGS = {**SIG_BWD_CONFIGS, 128: _configs([(64, 32, 8, 2)], HOPPER)}
+SUP_BWD_CONFIGS = {**SIG_BWD_CONFIGS, 128: _configs([(64, 32, 8, 2)], HOPPER),
+                   "exact": _configs([(32, 32, 8, 1)])}  # 4 warps spill in fp64 (8-32 B, triton 3.6-3.9)
 _sup_fwd_kernels, _sup_bwd_kernels = _register_pair(_sup_fwd_kernel, _sup_bwd_kernel, SUP_FWD_CONFIGS, SUP_BWD_CONFIGS,
                                                     _SUP_FWD_PTRS, _SUP_BWD_PTRS, _SUP_BWD_ARGS)
 
