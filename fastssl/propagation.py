@@ -34,7 +34,6 @@ op) are the dense float64 formulas the tests compare against. ``scale`` (1 / tem
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional, Sequence
 
 import torch
@@ -753,14 +752,6 @@ def propagate_step(query: Tensor, context_feats: Tensor, context_labels: Tensor,
     return _propagate_op(query, context_feats, context_labels, memory_feats, memory_labels, scale, local_radius)[0]
 
 
-def _frame_index(m) -> int:
-    """An integer frame index (``operator.index``: ints, numpy and 0-dim integer tensors); 0.7 or True is
-    no frame, where ``int()`` would have read it as frame 0 or 1."""
-    if isinstance(m, bool):
-        raise TypeError(m)
-    return operator.index(m)
-
-
 def propagate_labels(feats: Tensor, first_labels: Tensor, *, context: int = 20, long_memory: Sequence[int] = (0,),
                      radius: Optional[float] = 12, topk: Optional[int] = 10, temperature: float = 0.05) -> Tensor:
     """Propagate frame 0's labels (masks, keypoint heat maps) through a video, as in CRW's evaluation
@@ -810,7 +801,7 @@ def propagate_labels(feats: Tensor, first_labels: Tensor, *, context: int = 20, 
         raise ValueError(f"feats must hold at least one frame, got shape {tuple(feats.shape)}")
     context = check_int("context", context, low=1)
     try:
-        memory = sorted({_frame_index(m) for m in long_memory}) if long_memory is not None else []
+        memory = sorted({check_int("long_memory", m) for m in long_memory}) if long_memory is not None else []
     except (TypeError, ValueError):
         raise TypeError(f"long_memory must be a sequence of frame indices, got {long_memory!r}") from None
     if any(m < 0 or m >= T for m in memory):

@@ -516,17 +516,10 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=No
     split = torch.empty(n, 2, dtype=scale.dtype, device=q.device)
     off = m if diag_off is None else diag_off  # j == i + m never holds: nothing excluded
     launch(_fwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), config=INTERPRET_CONFIG,
-           q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=scale if kscale is None else kscale, lse_ptr=lse, split_ptr=split,
-           N=n, M=m,
-           n_chunks=ql.shape[0], diag_off=off, n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype),
+           q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=scale if kscale is None else kscale, lse_ptr=lse,
+           split_ptr=split, N=n, M=m, n_chunks=ql.shape[0], diag_off=off, n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype),
            DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None)
     return lse, split
-
-
-def lse_split(lse: torch.Tensor) -> torch.Tensor:
-    """A natural-log LSE (N,) as :func:`lse_forward`'s (N, 2) split (max = log2(e) lse, log-sum = 0): for
-    LSEs computed elsewhere, exact to the rounding of log2(e) lse."""
-    return torch.stack((lse * LOG2E.value, torch.zeros_like(lse)), 1)
 
 
 def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag_off=None, *, need_dscale=False):
