@@ -17,20 +17,42 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
 
 
+def environment(name: str) -> Optional[str]:
+    """``os.environ.get(name)``, at a fortieth of its cost for an unset name: ``os.environ.get`` raises and
+    catches a KeyError then (~1 us, the bulk of a small CPU op's backend decision), so the live mapping
+    behind ``os.environ`` (which its writes, monkeypatch's included, update) is read directly. Under
+    torch.compile the public ``os.environ.get``, which dynamo guards on."""
+    data = getattr(os.environ, "_data", None)
+    if data is None or torch.compiler.is_compiling():
+        return os.environ.get(name)
+    key = _ENCODED_NAMES.get(name)
+    if key is None:
+        key = _ENCODED_NAMES[name] = os.environ.encodekey(name)
+    raw = data.get(key)
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
+_ENCODED_NAMES: dict = {}
+
+
 def interpreting() -> bool:
     """True when Triton runs its kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return (environment("TRITON_INTERPRET") or "0").lower() in ("1", "true", "on", "yes")
 
 
 def requested_backend() -> str:
     """The value of ``FASTSSL_BACKEND``, validated; ``auto`` when unset."""
-    value = os.environ.get("FASTSSL_BACKEND", "auto").strip().lower() or "auto"
+    raw = environment("FASTSSL_BACKEND")
+    if raw is None or raw in BACKENDS:  # the usual spellings need no parsing
+        return raw or "auto"
+    value = raw.strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"FASTSSL_BACKEND={value!r} is not one of {BACKENDS}")
     return value
@@ -50,7 +72,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     choice = requested_backend()
     if choice == "torch":
         return False
-    on_cuda = all(t.is_cuda for t in tensors)
+    on_cuda = tensors[0].is_cuda if len(tensors) == 1 else all(t.is_cuda for t in tensors)
     if choice == "auto":
         return on_cuda and triton_available()
     if not triton_available():
@@ -61,6 +83,20 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "before Triton is imported, move the tensors to CUDA, or use FASTSSL_BACKEND=auto|torch"
         )
     return True
+
+
+def runs_on_host(*tensors) -> bool:
+    """Whether an op over ``tensors`` runs its PyTorch path directly, here and now: eager mode, CPU tensors,
+    nothing to differentiate, and ``FASTSSL_BACKEND`` not ``triton`` (what :func:`skip_dispatch` and
+    :func:`use_triton` would decide together, in one pass: a small CPU op's Python is its cost).
+    ``None`` entries are ignored."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (not t.is_cpu or (grad and t.requires_grad)):
+            return False
+    return requested_backend() != "triton"
 
 
 def skip_dispatch(*tensors) -> bool:

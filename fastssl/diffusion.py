@@ -30,9 +30,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import first_order, skip_dispatch, use_triton
+from .backend import first_order, runs_on_host, skip_dispatch, use_triton
 from .checks import accumulation_dtype, check_float, check_guidance, check_same, check_same_shape
-from .diffusion_step import add_scaled_, apply_step, as_dtype, step_spec
+from .diffusion_step import add_scaled_, apply_step, as_dtype, scaled, step_spec
 from .schedules import NoiseSchedule, check_schedule, timestep_tensor
 
 __all__ = ["NoiseSchedule", "cfg_combine", "q_sample", "ddpm_step", "ddim_step", "cfg_combine_reference",
@@ -265,6 +265,9 @@ def cfg_combine(cond: Tensor, uncond: Tensor, guidance) -> Tensor:
 # q_sample: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (and the v target), differentiable
 # ----------------------------------------------------------------------------------------------------
 
+_ONES = (1,) * 16  # trailing broadcast dimensions of a per-sample coefficient
+
+
 def _q_coefficients(q_coefficients: Tensor, t: Tensor, like: Tensor):
     """(sqrt(abar_t), sqrt(1 - abar_t)) looked up in the schedule's table in the math dtype
     (NoiseSchedule.q_table): Python floats for one timestep on the host, else (B, 1, ..., 1) tensors (NaN
@@ -274,21 +277,31 @@ def _q_coefficients(q_coefficients: Tensor, t: Tensor, like: Tensor):
         if t.numel() == 1:
             a, b = q_coefficients.numpy()[:, int(t)].tolist()
             return a, b
-        both = q_coefficients.index_select(1, t)  # 5 us a call against numpy's gather's 10 (4 timesteps)
+        both = q_coefficients.index_select(1, t)
     else:
         both = q_coefficients.index_select(1, t.clamp(0, T - 1))
         both = torch.where((t >= 0) & (t < T), both, torch.full_like(both, float("nan")))
-    a, b = both.reshape(2, -1, *([1] * (like.dim() - 1))).unbind(0)
-    return a, b
+    both = both.view(2, -1, *_ONES[:like.dim() - 1])
+    return both[0], both[1]
 
 
-def _q_sample_torch(x0: Tensor, noise: Tensor, t: Tensor, q_coefficients: Tensor, return_v: bool):
+def _host_q_coefficients(schedule: NoiseSchedule, t, like: Tensor, acc: torch.dtype):
+    """:func:`_q_coefficients` for the host path, read straight from the schedule: ``t`` checked, then Python
+    floats for one timestep, else rows of :meth:`NoiseSchedule.q_rows` (two lookups, no reshaping)."""
+    t = timestep_tensor("t", t, schedule, like.shape[0], like.device)
+    if t.numel() == 1:
+        return _q_coefficients(schedule.on(like.device).q_table(acc), t, like)
+    a, b = schedule.on(like.device).q_rows(acc, like.dim())
+    return a.index_select(0, t), b.index_select(0, t)
+
+
+def _q_sample_torch(x0: Tensor, noise: Tensor, a, b, return_v: bool):
+    """The PyTorch path, from the coefficients a = sqrt(abar_t), b = sqrt(1 - abar_t) (floats or per-sample
+    tensors): (x_t, v), v None without ``return_v``."""
     acc = accumulation_dtype(x0.dtype)
-    a, b = _q_coefficients(q_coefficients, t, x0)
     x, z = as_dtype(x0, acc), as_dtype(noise, acc)
-    out = as_dtype(add_scaled_(torch.mul(x, a), z, b), x0.dtype).contiguous()  # a copy only for non-contiguous inputs
-    v = as_dtype(add_scaled_(torch.mul(z, a), x, -b), x0.dtype).contiguous() if return_v else x0.new_empty(0)
-    return out, v
+    out = as_dtype(add_scaled_(scaled(x, a), z, b), x0.dtype).contiguous()  # a copy only for non-contiguous inputs
+    return out, (as_dtype(add_scaled_(scaled(z, a), x, -b), x0.dtype).contiguous() if return_v else None)
 
 
 def _q_sample_body(x0: Tensor, noise: Tensor, t: Tensor, q_coefficients: Tensor, return_v: bool
@@ -297,7 +310,8 @@ def _q_sample_body(x0: Tensor, noise: Tensor, t: Tensor, q_coefficients: Tensor,
         from .kernels.diffusion import q_sample_forward
 
         return q_sample_forward(x0, noise, t, q_coefficients, return_v=return_v)
-    return _q_sample_torch(x0, noise, t, q_coefficients, return_v)
+    out, v = _q_sample_torch(x0, noise, *_q_coefficients(q_coefficients, t, x0), return_v)
+    return out, (x0.new_empty(0) if v is None else v)
 
 
 _q_sample_op = torch.library.custom_op("fastssl::q_sample", _q_sample_body, mutates_args=())
@@ -389,9 +403,13 @@ def q_sample(x0: Tensor, t, noise: Tensor, schedule: NoiseSchedule, *, return_v:
     check_schedule(schedule)
     if x0.dim() == 0:
         raise ValueError("x0 must have a batch dimension (B, ...), got a 0-dim tensor")
-    inputs = dict(x0=x0, noise=noise, t=timestep_tensor("t", t, schedule, x0.shape[0], x0.device),
-                  q_coefficients=schedule.on(x0.device).q_table(accumulation_dtype(x0.dtype)), return_v=bool(return_v))
-    out, v = _q_sample_body(**inputs) if skip_dispatch(x0, noise) else _q_sample_op(**inputs)
+    acc, return_v = accumulation_dtype(x0.dtype), bool(return_v)
+    if runs_on_host(x0, noise):  # eager on the CPU, nothing to differentiate: the PyTorch path here
+        out, v = _q_sample_torch(x0, noise, *_host_q_coefficients(schedule, t, x0, acc), return_v)
+    else:
+        t = timestep_tensor("t", t, schedule, x0.shape[0], x0.device)
+        table = schedule.on(x0.device).q_table(acc)
+        out, v = (_q_sample_body if skip_dispatch(x0, noise) else _q_sample_op)(x0, noise, t, table, return_v)
     return (out, v) if return_v else out
 
 

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backend import first_order, skip_dispatch, use_triton
+from .backend import first_order, runs_on_host, skip_dispatch, use_triton
 from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_guidance, check_int,
                      check_number, check_positive, check_same, check_same_shape)
-from .schedules import NoiseSchedule, check_schedule, gather_alphas_cumprod, timestep_tensor
+from .schedules import NoiseSchedule, check_schedule, gather_alphas_cumprod, host_timestep, timestep_tensor
 
 SAMPLERS = ("ddpm", "ddim")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
@@ -246,19 +246,29 @@ def _host_coefficients(spec: StepSpec, a_t: float, a_p: float, noisy: bool) -> t
         return tuple(map(float, _derive(spec, np.float64(a_t), np.float64(a_p), noisy, np.maximum, np.where)))
 
 
-def step_coefficients(spec: StepSpec, alphas_cumprod: Tensor, t: Tensor, prev_t: Tensor) -> tuple:
-    """The step's seven per-sample coefficients for timesteps ``t`` and ``prev_t + spec.prev_offset``.
+@functools.lru_cache(maxsize=1024)
+def _kept_coefficients(key: str, a_t: float, a_p: float, noisy: bool) -> tuple:
+    """:func:`_host_coefficients` kept per spec and abar pair: a sampling loop repeats its timesteps for every
+    batch it draws, and deriving them costs as much as a small step's arithmetic."""
+    return _host_coefficients(StepSpec.from_key(key), a_t, a_p, noisy)
 
-    On the host (CPU tensors, eager) they come from Python floats for one timestep and float64 (B,) numpy
-    arrays for per-sample timesteps; elsewhere six float64 device tensors (no host sync)."""
+
+def step_coefficients(spec: StepSpec, alphas_cumprod: Tensor, t, prev_t) -> tuple:
+    """The step's seven per-sample coefficients for timesteps ``t`` and ``prev_t + spec.prev_offset``: int64
+    tensors, or Python ints (one timestep on the host, :func:`apply_step`'s eager CPU path, which passes
+    ``alphas_cumprod`` as the schedule's list of floats).
+
+    On the host (ints, or CPU tensors in eager mode) they come from Python floats for one timestep and
+    float64 (B,) numpy arrays for per-sample timesteps; elsewhere six float64 device tensors (no host sync)."""
     below = spec.final_alpha_cumprod
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        table = alphas_cumprod.numpy()
-        if t.numel() == 1 and prev_t.numel() == 1:
+    host_ints = isinstance(t, int)
+    if host_ints or (t.device.type == "cpu" and not torch.compiler.is_compiling()):
+        table = alphas_cumprod if isinstance(alphas_cumprod, list) else alphas_cumprod.numpy()
+        if host_ints or (t.numel() == 1 and prev_t.numel() == 1):
             ti, pi = int(t), int(prev_t) + spec.prev_offset
             a_t = float(table[ti]) if ti < len(table) else math.nan
             a_p = below if pi < 0 else float(table[pi]) if pi < len(table) else math.nan
-            return _host_coefficients(spec, a_t, a_p, ti > 0)
+            return _kept_coefficients(spec.key, a_t, a_p, ti > 0)
         with np.errstate(all="ignore"):
             tn, pn = np.broadcast_arrays(t.numpy(), prev_t.numpy() + spec.prev_offset)
             return _derive(spec, gather_alphas_cumprod(table, tn, float("nan")),
@@ -282,8 +292,11 @@ def _views(coeffs, like: Tensor) -> list:
     return list(stacked.reshape(len(coeffs), -1, *([1] * (like.dim() - 1))).unbind(0))
 
 
-def _per_sample(v: Tensor, like: Tensor):
-    """A weight vector (1,) or (B,) as a Python float (one weight on the CPU) or a (B or 1, 1, ...) view."""
+def _per_sample(v, like: Tensor):
+    """A weight (a float, or a (1,) or (B,) tensor) as a Python float (one weight on the CPU) or a
+    (B or 1, 1, ...) view."""
+    if isinstance(v, float):
+        return v
     if v.numel() == 1 and v.device.type == "cpu" and not torch.compiler.is_compiling():
         return float(v.reshape(()))
     return v.to(accumulation_dtype(like.dtype)).reshape(-1, *([1] * (like.dim() - 1)))
@@ -297,6 +310,28 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 def add_scaled_(out: Tensor, t: Tensor, c) -> Tensor:
     """out += c * t in place, one pass; c a float or a broadcastable tensor."""
     return out.add_(t, alpha=c) if isinstance(c, float) else out.addcmul_(t, c)
+
+
+@functools.lru_cache(maxsize=4096)
+def _kept_scalar(value: float, dtype: torch.dtype) -> Tensor:
+    """A 0-dim CPU tensor holding ``value``, kept per value and dtype (read-only: only ever a multiplier)."""
+    return torch.full((), value, dtype=dtype)
+
+
+def _factor(t: Tensor, c):
+    """A float factor as the multiply takes it fastest: on the CPU, as a kept 0-dim tensor of t's dtype (a
+    Python float is wrapped into a tensor at every call, half the cost of a 16K-element multiply)."""
+    return _kept_scalar(c, t.dtype) if isinstance(c, float) and t.device.type == "cpu" else c
+
+
+def scaled(t: Tensor, c) -> Tensor:
+    """t * c in a new buffer; c a float or a broadcastable tensor."""
+    return torch.mul(t, _factor(t, c))
+
+
+def scale_(t: Tensor, c) -> Tensor:
+    """t *= c in place; c a float or a broadcastable tensor."""
+    return t.mul_(_factor(t, c))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,7 +364,7 @@ def predicted_x0(spec: StepSpec, model_output, uncond_output, x_t, t, prev_t, gu
     acc = accumulation_dtype(x_t.dtype)
     c1, c2 = _views(step_coefficients(spec, alphas_cumprod, t, prev_t)[:2], x_t)
     e, _ = _guided(_mean_half(model_output, x_t), _mean_half(uncond_output, x_t), guidance, acc)
-    return add_scaled_(torch.mul(as_dtype(x_t, acc), c1), e, c2)
+    return add_scaled_(scaled(as_dtype(x_t, acc), c1), e, c2)
 
 
 def dynamic_threshold(spec: StepSpec, x0: Tensor) -> Tensor:
@@ -342,25 +377,34 @@ def dynamic_threshold(spec: StepSpec, x0: Tensor) -> Tensor:
 def _step_torch(spec: StepSpec, model_output, uncond_output, x_t, noise, t, prev_t, guidance, threshold,
                 alphas_cumprod):
     """Per-sample coefficients, then in-place passes over fresh buffers. Without clipping (and without
-    pred_x0 wanted) the x0 stage is folded into the coefficients: 3 passes (x, e, noise) plus the lerp."""
+    pred_x0 wanted) the x0 stage is folded into the coefficients: 3 passes (x, e, noise) plus the lerp; with
+    clipping at one host timestep, c1 is taken out of the clamp (4 passes for DDIM, 5 for DDPM)."""
     acc = accumulation_dtype(x_t.dtype)
     coeffs = step_coefficients(spec, alphas_cumprod, t, prev_t)
     x = as_dtype(x_t, acc)
     e, _ = _guided(_mean_half(model_output, x_t), _mean_half(uncond_output, x_t), guidance, acc)
     x0 = None
-    if not (spec.clip_sample or spec.thresholding or spec.return_pred_x0):
+    fold = not (spec.clip_sample or spec.thresholding or spec.return_pred_x0)
+    if fold:
         c1, c2, ca, cx, ce, cz, ck = coeffs  # out = (ca c1 + cx) x + (ca c2 + ce) e + cz f(v) z
         kx, ke, cz, ck = _views((ca * c1 + cx, ca * c2 + ce, cz, ck), x_t)
-        out = add_scaled_(torch.mul(x, kx), e, ke)
+        out = add_scaled_(scaled(x, kx), e, ke)
+    elif (spec.clip_sample and not (spec.thresholding or spec.return_pred_x0) and isinstance(coeffs[0], float)
+          and 0 < coeffs[0] < math.inf):
+        # one timestep on the host: clamp(c1 x + c2 e, +-r) = c1 clamp(x + (c2 / c1) e, +-r / c1), one pass fewer
+        c1, c2, ca, cx, ce, cz, ck = coeffs
+        bound = spec.clip_range / c1
+        out = scale_(torch.add(x, e, alpha=c2 / c1).clamp_(-bound, bound), ca * c1)
     else:
         c1, c2, ca, cx, ce, cz, ck = _views(coeffs, x_t)
-        x0 = add_scaled_(torch.mul(x, c1), e, c2)
+        x0 = add_scaled_(scaled(x, c1), e, c2)
         if spec.thresholding:
             s = threshold.to(acc).reshape(-1, *([1] * (x0.dim() - 1)))
             x0.clamp_(-s, s).div_(s)
         elif spec.clip_sample:
             x0.clamp_(-spec.clip_range, spec.clip_range)
-        out = torch.mul(x0, ca) if spec.return_pred_x0 else x0.mul_(ca)  # x0's buffer when it is not returned
+        out = scaled(x0, ca) if spec.return_pred_x0 else scale_(x0, ca)  # x0's buffer when it is not returned
+    if not fold:
         x_term, e_term = spec.terms
         if x_term:
             add_scaled_(out, x, cx)
@@ -378,6 +422,8 @@ def _noise_where_stepping(z: Tensor, t: Tensor):
     """``z`` with the samples at t == 0 zeroed (their coefficient is 0, and 0 * NaN would be NaN: noise is
     never added there, a NaN or inf in it included, as in the kernel and diffusers): ``z`` itself when every
     t > 0 (known on the host without a pass); None (no noise term) when the one timestep is 0."""
+    if isinstance(t, int):
+        return z if t > 0 else None
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
         steps = t.numpy() > 0
         if steps.all():
@@ -557,9 +603,9 @@ def torch_noise(generator, like: Tensor) -> Tensor:
     return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
 
 
-def guidance_tensor(guidance, uncond_output: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+def guidance_tensor(guidance, uncond_output: Optional[Tensor], like: Tensor, *, keep_float: bool = False):
     """The guidance as the op takes it: None without uncond_output, else one weight (a float becomes a (1,)
-    tensor) or one per sample, in the math dtype on like's device."""
+    tensor, or stays a float with ``keep_float``) or one per sample, in the math dtype on like's device."""
     guidance = check_guidance("guidance", guidance, like, "model_output")
     if uncond_output is None:
         if isinstance(guidance, Tensor):
@@ -571,6 +617,8 @@ def guidance_tensor(guidance, uncond_output: Optional[Tensor], like: Tensor) -> 
     acc = accumulation_dtype(like.dtype)
     if isinstance(guidance, Tensor):
         return guidance.to(acc).reshape(-1)
+    if keep_float:
+        return guidance
     if torch.compiler.is_compiling():
         return torch.full((1,), guidance, dtype=acc, device=like.device)
     return _weight(guidance, like.device, acc)
@@ -604,17 +652,45 @@ def _check_step_tensors(spec: StepSpec, model_output, x_t, uncond_output, noise)
             check_same_shape(("model_output" if like is model_output else "x_t", name), (like, value))
 
 
-def _check_direction(spec: StepSpec, t: Tensor, prev_t: Tensor) -> None:
+def _host_values(t):
+    """Timesteps as the host reads them: a Python int as it is, a CPU tensor as a numpy array; None where
+    reading them would sync (a device tensor, or under torch.compile)."""
+    if isinstance(t, int):
+        return t
+    return None if t.device.type != "cpu" or torch.compiler.is_compiling() else t.numpy()
+
+
+def _check_direction(spec: StepSpec, t, prev_t) -> None:
     """DDPM, and DDIM with eta > 0, step to an earlier timestep (prev_t + prev_offset <= t); only DDIM with
     eta = 0 may step to a later one (inversion, as diffusers' DDIMInverseScheduler). Checked where the
     timesteps are on the host; on CUDA (no sync) such a step comes out NaN."""
-    if (spec.sampler == "ddim" and spec.eta == 0) or t.device.type != "cpu" or torch.compiler.is_compiling():
+    if spec.sampler == "ddim" and spec.eta == 0:
         return
-    later = prev_t.numpy() + spec.prev_offset > t.numpy()
-    if later.any():
-        what = "DDPM" if spec.sampler == "ddpm" else f"DDIM with eta={spec.eta}"
-        raise ValueError(f"prev_t must not be after t for {what} (a step goes to an earlier timestep; only DDIM "
-                         f"with eta=0 inverts), got t={t.tolist()} and prev_t={(prev_t + spec.prev_offset).tolist()}")
+    steps, targets = _host_values(t), _host_values(prev_t)
+    if steps is None or not np.any(targets + spec.prev_offset > steps):
+        return
+    what = "DDPM" if spec.sampler == "ddpm" else f"DDIM with eta={spec.eta}"
+    raise ValueError(f"prev_t must not be after t for {what} (a step goes to an earlier timestep; only DDIM with "
+                     f"eta=0 inverts), got t={np.asarray(steps).tolist()} and prev_t="
+                     f"{np.asarray(targets + spec.prev_offset).tolist()}")
+
+
+def _timesteps(t, prev_t, schedule: NoiseSchedule, batch: int, device, host: bool):
+    """(t, prev_t) as the step takes them: Python ints on the host path when both are ints (no tensor to
+    make or read back), else int64 tensors (:func:`fastssl.schedules.timestep_tensor`); prev_t None is t."""
+    if host:
+        step = host_timestep("t", t, schedule)
+        target = step if prev_t is None else host_timestep("prev_t", prev_t, schedule, allow_negative=True)
+        if step is not None and target is not None:
+            return step, target
+    t = timestep_tensor("t", t, schedule, batch, device)
+    return t, (t if prev_t is None else timestep_tensor("prev_t", prev_t, schedule, batch, device, allow_negative=True))
+
+
+def _draws_somewhere(t) -> bool:
+    """Whether some sample steps from t > 0 (so noise is added): read on the host, assumed elsewhere."""
+    steps = _host_values(t)
+    return True if steps is None else bool(np.any(steps > 0))
 
 
 def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: NoiseSchedule, *, prev_t=None,
@@ -630,22 +706,27 @@ def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: N
     _check_step_tensors(spec, model_output, x_t, uncond_output, noise)
     check_schedule(schedule)
     check_generator(generator, noise)
-    guidance = guidance_tensor(guidance, uncond_output, model_output)
+    guidance = guidance_tensor(guidance, uncond_output, model_output, keep_float=True)
     batch, device = x_t.shape[0], x_t.device
-    t = timestep_tensor("t", t, schedule, batch, device)
-    prev_t = t if prev_t is None else timestep_tensor("prev_t", prev_t, schedule, batch, device, allow_negative=True)
+    weight = guidance if isinstance(guidance, Tensor) else None
+    # eager on the CPU with nothing to differentiate: the PyTorch path runs here, int timesteps stay ints
+    host = runs_on_host(model_output, uncond_output, x_t, noise, weight)
+    triton = not host and use_triton(x_t)
+    direct = host or skip_dispatch(model_output, uncond_output, x_t, noise, weight)
+    t, prev_t = _timesteps(t, prev_t, schedule, batch, device, host)
     _check_direction(spec, t, prev_t)
-    triton = use_triton(x_t)
+    if isinstance(guidance, float) and not host:
+        guidance = guidance_tensor(guidance, uncond_output, model_output)
     if not spec.draws_noise:
         noise = seed = None
     elif noise is None and triton:
         seed = philox_seeds(generator, 1, device) if seed is None else seed
-    elif noise is None and (torch.compiler.is_compiling() or t.device.type != "cpu" or
-                            (int(t) > 0 if t.numel() == 1 else bool((t > 0).any()))):
+    elif noise is None and _draws_somewhere(t):
         noise, seed = torch_noise(generator, x_t), None
     else:
         seed = None
-    alphas_cumprod = schedule.on(device).alphas_cumprod
+    table = schedule.on(device)
+    alphas_cumprod = table.host_alphas_cumprod() if isinstance(t, int) else table.alphas_cumprod
     threshold = None
     if spec.thresholding or spec.learned_variance:
         if torch.is_grad_enabled() and any(isinstance(v, Tensor) and v.requires_grad
@@ -655,7 +736,9 @@ def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: N
         if spec.thresholding:  # a per-sample reduction first, on the device (module docstring)
             threshold = dynamic_threshold(spec, predicted_x0(spec, model_output, uncond_output, x_t, t, prev_t,
                                                              guidance, alphas_cumprod))
+    if host:
+        return _step_torch(spec, model_output, uncond_output, x_t, noise, t, prev_t, guidance, threshold,
+                           alphas_cumprod)
     tensors = dict(model_output=model_output, uncond_output=uncond_output, x_t=x_t, noise=noise, seed=seed, t=t,
                    prev_t=prev_t, guidance=guidance, threshold=threshold, alphas_cumprod=alphas_cumprod)
-    run = _step_body if skip_dispatch(model_output, uncond_output, x_t, noise, guidance) else _step_op
-    return run(**tensors, spec=spec.key, triton=triton)
+    return (_step_body if direct else _step_op)(**tensors, spec=spec.key, triton=triton)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import numpy as np
 import torch
@@ -89,6 +90,9 @@ class NoiseSchedule:
     def _set(self, betas: Tensor, alphas: Tensor, alphas_cumprod: Tensor, q_coefficients: Tensor, steps: Tensor):
         self.betas, self.alphas, self.alphas_cumprod, self.q_coefficients = betas, alphas, alphas_cumprod, q_coefficients
         self.num_timesteps = betas.numel()
+        self._device = betas.device
+        self._host_table = None
+        self._q_rows = {}
         self._steps = steps  # int t -> _steps[t + 1:t + 2], a view (t = -1: "before the first step")
         self._step_views = {}
         self._copies = {}
@@ -142,6 +146,21 @@ class NoiseSchedule:
                 self._q_tables[dtype] = table
         return table
 
+    def host_alphas_cumprod(self) -> list:
+        """``alphas_cumprod`` as a list of Python floats, made once: how the host reads abar for one timestep."""
+        if self._host_table is None:
+            self._host_table = self.alphas_cumprod.tolist()
+        return self._host_table
+
+    def q_rows(self, dtype: torch.dtype, ndim: int) -> tuple[Tensor, Tensor]:
+        """sqrt(abar_t) and sqrt(1 - abar_t) in ``dtype`` as two (T, 1, ..., 1) tables of ``ndim`` dims, made
+        once: ``index_select(0, t)`` on them gives per-sample factors that broadcast against (B, ...)."""
+        rows = self._q_rows.get((dtype, ndim))
+        if rows is None:
+            table = self.q_table(dtype)
+            rows = self._q_rows[dtype, ndim] = tuple(c.reshape(-1, *[1] * (ndim - 1)).contiguous() for c in table)
+        return rows
+
     def step_view(self, t: int) -> Tensor:
         """The int64 tensor [t] on this schedule's device (t >= -1; lower values read as -1): a one-element view
         of the schedule's steps, made once per t (a slice costs more than the small CPU step it feeds)."""
@@ -156,8 +175,10 @@ class NoiseSchedule:
     def on(self, device) -> "NoiseSchedule":
         """This schedule on ``device``: ``self`` if its tables are there, else a copy made once and kept (the
         tables are read-only, so one copy per device serves every op)."""
+        if device == self._device:  # a tensor's device: no torch.device to build
+            return self
         device = torch.device(device)
-        if self.device == device:
+        if self._device == device:
             return self
         key = str(device)
         if key not in self._copies:
@@ -197,6 +218,22 @@ def check_schedule(schedule) -> NoiseSchedule:
     return schedule
 
 
+def host_timestep(name: str, t, schedule: NoiseSchedule, *, allow_negative: bool = False) -> Optional[int]:
+    """``t`` checked and returned as a Python int when it is one (an int below 0 becomes -1 with
+    ``allow_negative``), else None (a tensor, which :func:`timestep_tensor` checks).
+
+    Raises:
+        ValueError: an int out of range.
+    """
+    if type(t) is not int and not (isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_))):
+        return None
+    t, T = int(t), schedule.num_timesteps
+    if t >= T or (t < 0 and not allow_negative):
+        low = "any negative int" if allow_negative else "0"
+        raise ValueError(f"{name} must be in [{low}, {T - 1}] for this {T}-step schedule, got {t}")
+    return max(t, -1)
+
+
 def timestep_tensor(name: str, t, schedule: NoiseSchedule, batch: int, device: torch.device, *,
                     allow_negative: bool = False) -> Tensor:
     """``t`` as an int64 device tensor of shape (1,) (one timestep for all) or (batch,), without a sync.
@@ -208,28 +245,29 @@ def timestep_tensor(name: str, t, schedule: NoiseSchedule, batch: int, device: t
         TypeError: a ``t`` that is neither an int nor an integer tensor.
         ValueError: a tensor on another device or of the wrong shape; a value out of range.
     """
-    T = schedule.num_timesteps
-    low = "any negative int" if allow_negative else "0"
-    if isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)):
-        t = int(t)
-        if t >= T or (t < 0 and not allow_negative):
-            raise ValueError(f"{name} must be in [{low}, {T - 1}] for this {T}-step schedule, got {t}")
-        return schedule.on(device).step_view(t)
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be an int or a LongTensor of shape ({batch},), got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (torch.long), got {t.dtype}")
+        value = host_timestep(name, t, schedule, allow_negative=allow_negative)
+        if value is None:
+            raise TypeError(f"{name} must be an int or a LongTensor of shape ({batch},), got {type(t).__name__}")
+        return schedule.on(device).step_view(value)
+    dtype, ndim = t.dtype, t.dim()
+    if dtype is not torch.long and (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor (torch.long), got {dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the samples are on {device}; move it to one device")
-    if not (t.dim() == 0 or (t.dim() == 1 and t.shape[0] == batch)):
+    if not (ndim == 0 or (ndim == 1 and t.shape[0] == batch)):
         raise ValueError(f"{name} must be an int, a 0-dim tensor or a ({batch},) tensor (one timestep per sample), "
                          f"got shape {tuple(t.shape)}")
-    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():  # eager CPU only: no sync
-        values = t.reshape(-1).tolist() if t.numel() <= _LISTED_TIMESTEPS else [int(t.min()), int(t.max())]
-        bad = [v for v in values if v >= T or (v < 0 and not allow_negative)]
-        if bad:
-            raise ValueError(f"{name} must be in [{low}, {T - 1}] for this {T}-step schedule, got {bad[0]}")
-    return t.reshape(1).long() if t.dim() == 0 else t.long()
+    if t.is_cpu and t.numel() and not torch.compiler.is_compiling():  # eager CPU only: no sync
+        values = t.tolist() if t.numel() <= _LISTED_TIMESTEPS else [int(t.min()), int(t.max())]
+        values = values if ndim else [values]
+        T = schedule.num_timesteps
+        if max(values) >= T or (min(values) < 0 and not allow_negative):
+            bad = next(v for v in values if v >= T or (v < 0 and not allow_negative))
+            low = "any negative int" if allow_negative else "0"
+            raise ValueError(f"{name} must be in [{low}, {T - 1}] for this {T}-step schedule, got {bad}")
+    t = t.reshape(1) if ndim == 0 else t
+    return t if dtype is torch.long else t.long()
 
 
 def gather_alphas_cumprod(alphas_cumprod, t, below: float):
