@@ -521,6 +521,7 @@ def _softplus(x: Tensor) -> Tensor:
     return torch.logaddexp(x, x.new_zeros(()))
 
 
+
 def _positive(q: Tensor, k: Tensor, scale: Tensor) -> Tensor:
     """The positives' logits ``scale * q_i . k_i``, the scale folded into q first as the PyTorch path folds
     it into its scores (``_scaled``), so a positive agrees with its entry of the LSE to the rounding."""
@@ -861,14 +862,18 @@ def _siglip_backward_torch(w, x, y, scale, bias, kept, diag_off, need_dx, need_d
     dbias = torch.zeros(1, dtype=acc, device=x.device)
     for a in range(0, n, step):
         b = min(n, a + step)
-        g = kept if keep else _sig_gradient(_sig_block(xs, ya, bias, a, b, diag_off), a, diag_off)
-        ds = torch.mul(g, w[a:b, None]) if keep else g.mul_(w[a:b, None])
+        if keep:  # dS = diag(w) G is never formed (G is kept for a second backward): w scales the (N, D) sides
+            g, wa = kept, w[a:b, None]
+        else:
+            g, wa = _sig_gradient(_sig_block(xs, ya, bias, a, b, diag_off), a, diag_off).mul_(w[a:b, None]), None
         if rows_needed:
-            torch.mm(ds, ya, out=dx[a:b])
+            torch.mm(g, ya, out=dx[a:b])
+            if wa is not None:
+                dx[a:b].mul_(wa)
         if need_dy:
-            dy.addmm_(ds.t(), xa[a:b])
+            dy.addmm_(g.t(), xa[a:b] if wa is None else xa[a:b] * wa)
         if need_dparams:
-            dbias += ds.sum()
+            dbias += g.sum() if wa is None else torch.mv(g.t(), w[a:b]).sum()
     # sum_ij dS_ij x_i . y_j = sum_i x_i . (dS @ y)_i, before the scale
     dscale = (xa * dx).sum().reshape(1) if need_dparams else scale.new_empty(0)
     out_x = dx.mul_(scale).to(x.dtype) if need_dx else x.new_empty(0)
