@@ -19,7 +19,9 @@ Measurement:
   set) and free heap pages handed back (``malloc_trim``), is the rise of the peak resident set (VmHWM,
   reset through /proc/self/clear_refs) over the resident set before one call, inputs excluded. In the
   ``cpu`` preset each case runs in fresh subprocesses (``python -m fastssl.benchmarks.harness``). Times: ``perf_counter`` quantiles over repeated calls after a warm-up, with glibc's
-  thresholds raised again (as a long training loop settles), so page faults do not swamp them. Each case
+  thresholds raised again (as a long training loop settles), so page faults do not swamp them. In one
+  process (the quick preset) a case's providers are timed side by side, in three interleaved rounds, so a
+  burst of load on the machine lands on all of them alike (``measure_cpu_together``). Each case
   runs in ``CPU_PROCESSES`` fresh processes and the row of the fastest median is kept (every median is
   recorded in ``ms_median_runs``): a whole process can run slow (the same DDPM step measured 4.9, 5.3 and
   7.0 ms in three processes on an idle 2-core machine), and noise only ever adds time.
@@ -148,10 +150,8 @@ def _malloc_thresholds(mmap_bytes: int, trim_bytes: int, trim: bool = False) -> 
         pass
 
 
-def measure_cpu(fn, *, min_time: float = 0.5, min_reps: int = 3, max_reps: int = 2000, slow_call: float = 1.0) -> dict:
-    """Warm-up call, one memory-measuring call, then timed calls: at least ``min_reps`` (2 when a call
-    takes over ``slow_call`` seconds, so the quick preset's heavy eager references stay affordable)
-    and until ``min_time`` has passed."""
+def _cpu_first_calls(fn) -> tuple[float, float]:
+    """Warm-up call, then one memory-measuring call: (its peak extra MB, its seconds)."""
     _malloc_thresholds(64 << 10, 0, trim=True)
     fn()  # warm-up: first-call allocations, torch.compile's compilation
     gc.collect()
@@ -162,7 +162,50 @@ def measure_cpu(fn, *, min_time: float = 0.5, min_reps: int = 3, max_reps: int =
     t0 = time.perf_counter()
     fn()
     one_call = time.perf_counter() - t0
-    peak_mb = max(_proc_status_mb("VmHWM") - before, 0.0)
+    return max(_proc_status_mb("VmHWM") - before, 0.0), one_call
+
+
+def measure_cpu_together(fns, *, min_time: float = 0.5, min_reps: int = 3, max_reps: int = 2000,
+                         slow_call: float = 1.0, rounds: int = 3) -> list[dict]:
+    """:func:`measure_cpu` for several calls of one case (its providers), their timed calls interleaved in
+    ``rounds`` rounds of ``min_time / rounds`` seconds each: a burst of load on the machine then lands on
+    every provider alike rather than on one, and the ratios between them (what the presets report) hold
+    from run to run. One round where a call takes over ``slow_call`` seconds. A call that raises gives
+    ``{"error": ...}`` in its place."""
+    results: list[dict] = [{} for _ in fns]
+    firsts: list = [None] * len(fns)
+    for i, fn in enumerate(fns):
+        try:
+            firsts[i] = _cpu_first_calls(fn)
+        except Exception as exc:  # one provider failing (out of memory, a peer's limit) must not end the run
+            results[i] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    live = [i for i in range(len(fns)) if firsts[i] is not None]
+    _malloc_thresholds(32 << 20, 256 << 20)
+    rounds = 1 if any(firsts[i][1] > slow_call for i in live) else rounds
+    samples: dict = {i: [] for i in live}
+    for r in range(1, rounds + 1):
+        for i in list(live):
+            reps = 2 if firsts[i][1] > slow_call else min_reps
+            taken, start, cap = samples[i], time.perf_counter(), max_reps * r // rounds
+            try:
+                while len(taken) < cap and (len(taken) < reps or time.perf_counter() - start < min_time / rounds):
+                    t0 = time.perf_counter()
+                    fns[i]()
+                    taken.append((time.perf_counter() - t0) * 1e3)
+            except Exception as exc:
+                results[i] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                live.remove(i)
+    for i in live:
+        median, p20, p80 = _quantiles(samples[i])
+        results[i] = {"ms_median": median, "ms_p20": p20, "ms_p80": p80, "peak_mb": firsts[i][0]}
+    return results
+
+
+def measure_cpu(fn, *, min_time: float = 0.5, min_reps: int = 3, max_reps: int = 2000, slow_call: float = 1.0) -> dict:
+    """Warm-up call, one memory-measuring call, then timed calls: at least ``min_reps`` (2 when a call
+    takes over ``slow_call`` seconds, so the quick preset's heavy eager references stay affordable)
+    and until ``min_time`` has passed. A call that raises raises here."""
+    peak_mb, one_call = _cpu_first_calls(fn)
     _malloc_thresholds(32 << 20, 256 << 20)
     min_reps = 2 if one_call > slow_call else min_reps
     samples, start = [], time.perf_counter()
@@ -227,6 +270,39 @@ def run_case(case: Case, device: str, preset: str = "full") -> dict:
         if device == "cuda":
             torch.cuda.empty_cache()
     return {**row(case, measured), "case_seconds": round(time.perf_counter() - start, 2)}
+
+
+def run_cases(cases: list[Case], device: str, preset: str = "full") -> list[dict]:
+    """Measure the providers of one case (same op, mode, dtype and shape) in this process: on the CPU
+    side by side (:func:`measure_cpu_together`), elsewhere one after another (:func:`run_case`)."""
+    if device != "cpu" or len(cases) == 1:
+        return [run_case(case, device, preset) for case in cases]
+    start = time.perf_counter()
+    fns, errors = [], {}
+    for i, case in enumerate(cases):
+        try:
+            fns.append(case.make(device))
+        except Exception as exc:
+            fns.append(None)
+            errors[i] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    live = [i for i in range(len(cases)) if fns[i] is not None]
+    min_time = MIN_TIME.get(preset, 0.5)
+    measured = dict(zip(live, measure_cpu_together([fns[i] for i in live], min_time=min_time, slow_call=min_time * 2)))
+    fns = None
+    gc.collect()
+    seconds = round((time.perf_counter() - start) / len(cases), 2)
+    return [{**row(case, measured.get(i, errors.get(i, {}))), "case_seconds": seconds} for i, case in enumerate(cases)]
+
+
+def _same_case_runs(cases: list[Case]) -> list[list[Case]]:
+    """Consecutive cases of one op, mode, dtype and shape (its providers), in run order."""
+    runs: list[list[Case]] = []
+    for case in cases:
+        if runs and _group_key(vars(runs[-1][0])) == _group_key(vars(case)):
+            runs[-1].append(case)
+        else:
+            runs.append([case])
+    return runs
 
 
 CPU_PROCESSES = 2
@@ -393,16 +469,22 @@ def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] 
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-")
     path = os.path.join(out_dir, f"{slug}_{result['date']}.json")
     isolate = device == "cpu" and preset == "cpu"  # the long CPU run: a fresh process per case
+    # in this process, a case's providers are measured side by side (run_cases); the cpu preset's fresh
+    # processes take one provider each
+    batches = [[c] for c in cases] if isolate else _same_case_runs(cases)
     try:
-        for index, case in enumerate(cases):
+        for batch in batches:
             if bar:
-                bar.set_postfix_str(case.name[:60])
-            measured = run_case_in_subprocesses(index, preset, only) if isolate else run_case(case, device, preset)
-            result["rows"].append(measured)
+                bar.set_postfix_str(batch[0].name[:60])
+            if isolate:
+                measured = [run_case_in_subprocesses(len(result["rows"]), preset, only)]
+            else:
+                measured = run_cases(batch, device, preset)
+            result["rows"].extend(measured)
             result["wall_s"] = round(time.perf_counter() - started, 1)
             write_json(path, result)  # after every case, so a run cut short still leaves its rows
             if bar:
-                bar.update()
+                bar.update(len(batch))
     except KeyboardInterrupt:  # a time box (timeout -s INT): keep what was measured
         result["interrupted"] = True
         write_json(path, result)

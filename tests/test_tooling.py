@@ -97,17 +97,19 @@ def test_interrupted_run_keeps_its_rows_and_plots(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_run_case(case, device, preset="full"):
+    def fake_run_cases(cases, device, preset="full"):  # one case's providers, measured side by side
         if calls:
             raise KeyboardInterrupt  # what `timeout -s INT` delivers
-        calls.append(case)
-        return {**harness.row(case, {"ms_median": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mb": 1.0}), "case_seconds": 0.1}
-    monkeypatch.setattr(harness, "run_case", fake_run_case)
+        calls.append(cases)
+        return [{**harness.row(c, {"ms_median": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mb": 1.0}), "case_seconds": 0.1}
+                for c in cases]
+    monkeypatch.setattr(harness, "run_cases", fake_run_cases)
     monkeypatch.setattr(harness, "measure_peaks", lambda device: {"copy_gbps": 1.0})
     result = harness.run("quick", ["cfg_combine"], str(tmp_path), "cpu", progress=False)
-    assert result["interrupted"] and len(result["rows"]) == 1
+    assert [c.provider for c in calls[0]] == ["fastssl", "torch"]  # the first shape's two providers
+    assert result["interrupted"] and len(result["rows"]) == 2
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert saved["interrupted"] and len(saved["rows"]) == 1
+    assert saved["interrupted"] and len(saved["rows"]) == 2
     assert (tmp_path / "cfg_combine.png").exists()
 
 
@@ -202,3 +204,20 @@ def test_gpu_check_rehearsal_leaves_every_file_and_the_table_last(tmp_path):
     table = (out / "target-table.txt").read_text()
     assert run.stdout.rstrip().endswith(table.rstrip().splitlines()[-1])
     assert "CUDA graph" in table
+
+
+def test_providers_of_a_case_are_timed_side_by_side():
+    """measure_cpu_together interleaves its calls in rounds (each provider's samples come from every round)
+    and turns a provider's failure into an error row without ending the others."""
+    from fastssl.benchmarks import harness
+
+    order = []
+
+    def failing():
+        raise RuntimeError("out of memory")
+    fns = [lambda: order.append("a"), lambda: order.append("b"), failing]
+    results = harness.measure_cpu_together(fns, min_time=0.03, rounds=3)
+    assert results[2]["error"].startswith("RuntimeError") and all(r["ms_median"] > 0 for r in results[:2])
+    timed = order[4:]  # after two warm-up/memory calls each
+    switches = sum(1 for x, y in zip(timed, timed[1:]) if x != y)
+    assert switches >= 5  # a, b, a, b, a, b at least: three rounds of both
