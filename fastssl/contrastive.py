@@ -189,6 +189,15 @@ def _logsumexp(s: Tensor, dim: int, *, inplace: bool) -> Tensor:
     return e.exp_().sum(dim).log_().add_(mx.squeeze(dim))
 
 
+def _row_softmax_(s: Tensor) -> tuple[Tensor, Tensor]:
+    """(row LSE of s, its row softmax P in place of s): the LSE as :func:`_logsumexp`, P = exp(s - max) / sum
+    from the same exponentials."""
+    mx = s.amax(1, keepdim=True)
+    p = s.sub_(mx).exp_()
+    total = p.sum(1)
+    return total.log().add_(mx.squeeze(1)), p.div_(total[:, None])
+
+
 def _lse_rows(qs: Tensor, ks: Tensor, diag_off: Optional[int]) -> Tensor:
     """The row LSE of qs @ ks.T over blocks of rows (one block-sized buffer at a time)."""
     n, step = qs.shape[0], _chunk_rows(ks.shape[0])
@@ -202,13 +211,16 @@ def _lse_rows(qs: Tensor, ks: Tensor, diag_off: Optional[int]) -> Tensor:
 
 
 def _lse_torch(q, k, scale, kscale, diag_off, two_sided, keep):
-    """(row LSE, column LSE or empty, S or empty when not ``keep``): with ``keep`` one matmul gives S,
-    both LSEs and the backward's block."""
+    """(row LSE, column LSE or empty, what the backward keeps or empty when not ``keep``): with ``keep`` one
+    matmul gives S, both LSEs and the backward's block: two-sided S itself, one-sided the row softmax P
+    (its exponentials are the forward's: the backward's dS = g P is then one multiply, no exp pass)."""
     qs, ks = _scaled(q, k, scale, kscale)
     if keep:
         s = _scores(qs, ks, 0, q.shape[0], diag_off)
-        return (_logsumexp(s, 1, inplace=False), _logsumexp(s, 0, inplace=False) if two_sided else scale.new_empty(0),
-                s)
+        if two_sided:
+            return _logsumexp(s, 1, inplace=False), _logsumexp(s, 0, inplace=False), s
+        lse, p = _row_softmax_(s)
+        return lse, scale.new_empty(0), p
     cols = _lse_rows(ks, qs, _transposed(diag_off)) if two_sided else scale.new_empty(0)  # S.T = ks @ qs.T
     return _lse_rows(qs, ks, diag_off), cols, scale.new_empty(0)  # distinct empties: outputs may not alias
 
@@ -217,11 +229,13 @@ def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, dia
                         need_dk, need_dscale):
     """dq, dk, dscale of ``sum_i g_i lse_i [+ sum_j h_j lse'_j]``: with dS = g_i P_ij [+ h_j P'_ij] and
     c_j = kscale_j, dq = scale dS @ (c k), dk = scale c dS^T @ q, dscale = sum_ij dS_ij c_j q_i.k_j.
-    dS comes from the kept ``scores`` or from blocks of rows recomputed; ``symmetric`` (k is q) returns
-    dq + dk as dq (two matmuls, not (dS + dS^T) @ q: the transposed add costs more than a matmul)."""
+    dS comes from the kept ``scores`` (P itself for a one-sided LSE, whose ``lse_c`` is empty: :func:`_lse_torch`)
+    or from blocks of rows recomputed; ``symmetric`` (k is q) returns dq + dk as dq (two matmuls, not
+    (dS + dS^T) @ q: the transposed add costs more than a matmul)."""
     acc = scale.dtype
     n, m = q.shape[0], k.shape[0]
     keep = scores.numel() > 0
+    kept_softmax = keep and lse_c.numel() == 0
     qa, ka = q.to(acc), k.to(acc)
     kc = ka if kscale is None else ka * kscale[:, None]
     if not keep:
@@ -229,6 +243,8 @@ def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, dia
     want_dk = need_dk or symmetric
 
     def block_ds(a, b):
+        if kept_softmax:
+            return torch.mul(scores, g_r[:, None])
         s = scores if keep else _scores(qs, ks, a, b, diag_off)
         ds = None
         if g_c is not None:  # col before rows: the row term may overwrite s
@@ -406,7 +422,8 @@ class _LseFunction(torch.autograd.Function):
 class _KeptNTXent(torch.autograd.Function):
     """NT-Xent's per-row losses on the kept path in eager mode as one autograd node (small batches on
     the PyTorch path, where the graph of normalize, cat, the op and the positives costs more than the
-    math): u = z / max(||z||, eps), S = scale u u^T kept, loss_i = lse_i - S_{i,p(i)} with p(i) = i +- N.
+    math): u = z / max(||z||, eps), S = scale u u^T (its row softmax kept), loss_i = lse_i - S_{i,p(i)} with
+    p(i) = i +- N.
     Backward by hand: dU = scale (dS + dS^T) U - scale (g_i + g_p(i)) u_p(i) (the op's kept-score
     backward, then the positives), dz = (dU - u (u . dU)) / ||z|| (only dU / eps where the norm was
     clamped)."""
@@ -420,18 +437,21 @@ class _KeptNTXent(torch.autograd.Function):
             unclamped = torch.linalg.vector_norm(u, dim=1, keepdim=True)
             norm = unclamped.clamp_min(1e-12)
             u = u / norm
-        lse, _, s = _lse_torch(u, u, scale, None, 0, False, True)
+        qs, _ = _scaled(u, u, scale, None)
+        s = _scores(qs, u, 0, 2 * n, 0)
+        pos = torch.cat((s.diagonal(n), s.diagonal(-n)))  # read before S becomes its softmax
+        lse, p = _row_softmax_(s)
         ctx.dtype = z1.dtype
-        ctx.save_for_backward(u, norm, unclamped, scale, lse, s)
-        return lse - torch.cat((s.diagonal(n), s.diagonal(-n)))
+        ctx.save_for_backward(u, norm, unclamped, scale, lse, p)
+        return lse - pos
 
     @staticmethod
     @first_order("fastssl.nt_xent")
     def backward(ctx, g: Tensor):
-        u, norm, unclamped, scale, lse, s = ctx.saved_tensors
+        u, norm, unclamped, scale, lse, p = ctx.saved_tensors
         n = u.shape[0] // 2
         g = g.to(scale.dtype).contiguous()
-        du, _, _ = _lse_backward_torch(g, None, u, u, scale, None, lse, lse.new_empty(0), s, 0, symmetric=True,
+        du, _, _ = _lse_backward_torch(g, None, u, u, scale, None, lse, lse.new_empty(0), p, 0, symmetric=True,
                                        need_dq=True, need_dk=False, need_dscale=False)
         gp = ((g[:n] + g[n:]) * scale)[:, None]
         du[:n].addcmul_(gp, u[n:], value=-1)

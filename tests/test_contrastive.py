@@ -631,7 +631,22 @@ def _scheme_case(loss, dtype, device):
 
 
 def _spy_kept(monkeypatch):
-    """The shapes of the scores each forward of the PyTorch path hands to the backward ((0,): none)."""
+    """The shapes of the block (scores, or a one-sided LSE's softmax) each backward of the PyTorch path
+    receives from its forward ((0,): none, the scores are recomputed)."""
+    import fastssl.contrastive as fc
+
+    kept, real = [], fc._lse_backward_torch
+
+    def spy(*args, **kwargs):
+        kept.append(tuple(args[8].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fc, "_lse_backward_torch", spy)
+    return kept
+
+
+def _spy_forward_kept(monkeypatch):
+    """The shapes of what each forward of the PyTorch path's LSE hands to the backward ((0,): nothing)."""
     import fastssl.contrastive as fc
 
     kept, real = [], fc._lse_torch
@@ -687,7 +702,7 @@ def test_kept_scores_only_within_budget(device, monkeypatch):
         z1, z2 = _feats(n, 4, device=device), _feats(n, 4, device=device)
         biggest = max(t.numel() for t in _lse_saved(fastssl.nt_xent(z1, z2)))
         assert biggest == (4 * n * n if keeps else 2 * n * 4)
-    kept = _spy_kept(monkeypatch)
+    kept = _spy_forward_kept(monkeypatch)
     with torch.no_grad():
         fastssl.info_nce(z1[:4], z2[:4])
     fastssl.clip_loss(z1[:4].detach(), z2[:4].detach(), 2.0)
