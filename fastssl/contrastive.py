@@ -1017,16 +1017,23 @@ def _sup_block(qs: Tensor, ka: Tensor, lq: Tensor, lk: Tensor, a: int, b: int, s
     return s, same, pos
 
 
-def _sup_stats(s: Tensor, same: Tensor, pos: Tensor):
-    """(negatives' LSE, x = neg - s) of a block."""
-    neg = torch.logsumexp(s.masked_fill(same, float("-inf")), 1)
-    return neg, neg[:, None] - s
+def _sup_stats(s: Tensor, same: Tensor):
+    """(neg, e, total, x) of a block: the negatives' LSE ``neg`` (-inf for a row without one, as
+    torch.logsumexp), e = exp(s - max) on the negatives (0 on equal labels), its row sums (B, 1), x = neg - s."""
+    e = s.masked_fill(same, float("-inf"))
+    mx = e.amax(1, keepdim=True)
+    mx.masked_fill_(mx.abs() == float("inf"), 0.0)
+    e = e.sub_(mx).exp_()
+    total = e.sum(1, keepdim=True)
+    neg = total.log().add_(mx)
+    return neg.squeeze(1), e, total, neg - s
 
 
-def _sup_gradient(s: Tensor, same: Tensor, pos: Tensor, neg: Tensor, x: Tensor, wsum: Tensor) -> Tensor:
-    """dloss_a/ds_aj: -sigmoid(neg_a - s_aj) on a positive, wsum_a exp(s_aj - neg_a) on a negative, 0 else."""
-    negatives = torch.exp(s - neg[:, None]).mul_(wsum[:, None]).masked_fill_(same, 0.0)
-    return torch.where(pos, -torch.sigmoid(x), negatives)
+def _sup_gradient(pos: Tensor, e: Tensor, total: Tensor, sig: Tensor, wsum: Tensor) -> Tensor:
+    """dloss_a/ds_aj from a block's stats (in place of e): -sigmoid(x_aj) (``sig``) on a positive, wsum_a times
+    the negatives' softmax e_aj / total_a on a negative, 0 else (the softmax from the LSE's own exponentials)."""
+    factor = torch.where(total > 0, wsum[:, None] / total, 0.0)
+    return torch.where(pos, -sig, e.mul_(factor))
 
 
 def _sup_torch(q, k, lq, lk, scale, symmetric, keep):
@@ -1038,11 +1045,12 @@ def _sup_torch(q, k, lq, lk, scale, symmetric, keep):
     for a in range(0, n, step):
         b = min(n, a + step)
         s, same, pos = _sup_block(qs, ka, lq, lk, a, b, symmetric)
-        neg[a:b], x = _sup_stats(s, same, pos)
+        neg[a:b], e, total, x = _sup_stats(s, same)
+        sig = torch.sigmoid(x)
         loss[a:b] = torch.where(pos, _softplus(x), 0.0).sum(1)
-        wsum[a:b] = torch.where(pos, torch.sigmoid(x), 0.0).sum(1)
+        wsum[a:b] = torch.where(pos, sig, 0.0).sum(1)
         if keep:
-            kept = _sup_gradient(s, same, pos, neg, x, wsum)
+            kept = _sup_gradient(pos, e, total, sig, wsum)
     return loss, neg, wsum, kept
 
 
@@ -1079,7 +1087,8 @@ def _sup_backward_torch(g, q, k, lq, lk, scale, neg, wsum, kept, symmetric, need
             ds = kept * g[:, None]
         else:
             s, same, pos = _sup_block(qs, ka, lq, lk, a, b, symmetric)
-            ds = _sup_gradient(s, same, pos, neg[a:b], neg[a:b, None] - s, wsum[a:b]).mul_(g[a:b, None])
+            _, e, total, x = _sup_stats(s, same)
+            ds = _sup_gradient(pos, e, total, torch.sigmoid(x), wsum[a:b]).mul_(g[a:b, None])
         torch.mm(ds, ka, out=dq[a:b])
         if want_dk:
             dk.addmm_(ds.t(), qa[a:b])
