@@ -315,7 +315,7 @@ def add_scaled_(out: Tensor, t: Tensor, c) -> Tensor:
 @functools.lru_cache(maxsize=4096)
 def _kept_scalar(value: float, dtype: torch.dtype) -> Tensor:
     """A 0-dim CPU tensor holding ``value``, kept per value and dtype (read-only: only ever a multiplier)."""
-    return torch.full((), value, dtype=dtype)
+    return torch.full((), value, dtype=dtype, device="cpu")
 
 
 def _factor(t: Tensor, c):
