@@ -32,6 +32,26 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         use_triton(torch.zeros(2))
 
 
+def test_runs_on_host_only_for_eager_cpu_calls_with_nothing_to_differentiate(monkeypatch):
+    """The host path's one decision: CPU tensors, no gradient to compute, a backend that is not triton; the
+    environment is read at each call (its fast read sees monkeypatch's writes and removals)."""
+    from fastssl.backend import environment, runs_on_host
+
+    monkeypatch.delenv("FASTSSL_BACKEND", raising=False)
+    x, w = torch.zeros(2), torch.zeros(2, requires_grad=True)
+    assert environment("FASTSSL_BACKEND") is None and runs_on_host(x, None)
+    assert not runs_on_host(x, w)
+    with torch.no_grad():
+        assert runs_on_host(x, w)
+    monkeypatch.setenv("FASTSSL_BACKEND", "triton")
+    assert environment("FASTSSL_BACKEND") == "triton" and not runs_on_host(x)
+    monkeypatch.setenv("FASTSSL_BACKEND", " Torch ")
+    assert runs_on_host(x) and use_triton(x) is False
+    monkeypatch.setenv("FASTSSL_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTSSL_BACKEND='cuda'"):
+        runs_on_host(x)
+
+
 def test_triton_on_cpu_error_reaches_the_user_through_an_op(tmp_path):
     code = "import torch, fastssl; fastssl.cfg_combine(torch.ones(2, 2), torch.ones(2, 2), 1.0)"
     env = {**os.environ, "FASTSSL_BACKEND": "triton", "TRITON_INTERPRET": "0"}

@@ -871,3 +871,32 @@ def test_thresholding_and_learned_variance_validate_and_have_no_backward(device)
         apply_step(StepSpec("ddpm", thresholding=True), x.requires_grad_(), 5, x.detach(), SCHEDULE, noise=x.detach())
     with torch.no_grad():
         assert apply_step(StepSpec("ddpm", variance_type="learned_range"), m, 5, x, SCHEDULE, noise=x)[0].shape == x.shape
+
+
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_host_path_gives_the_op_paths_numbers(device, monkeypatch, sampler, clip_sample):
+    """An eager CPU call with nothing to differentiate takes the PyTorch path directly (int timesteps stay
+    ints, coefficients kept per timestep pair, c1 out of the clamp): bitwise the numbers of the same step
+    through the custom op (a gradient to compute) and with tensor timesteps; q_sample likewise."""
+    if device != "cpu":
+        pytest.skip("the host path is the CPU's")
+    monkeypatch.setenv("FASTSSL_BACKEND", "auto")
+    s = NoiseSchedule.linear(1000)
+    m, u, x, z = (torch.randn(3, 4, 5) * 2 for _ in range(4))
+    for guided in (False, True):
+        kw = dict(uncond_output=u, guidance=3.0) if guided else {}
+
+        def step(model_output, t, prev):
+            if sampler == "ddim":
+                return fastssl.ddim_step(model_output, t, prev, x, s, eta=0.5, noise=z, clip_sample=clip_sample, **kw)
+            return fastssl.ddpm_step(model_output, t, x, s, prev_t=prev, noise=z, clip_sample=clip_sample, **kw)
+        for t, prev in ((500, 480), (7, -1), (0, -1)):
+            host = step(m, t, prev)
+            assert torch.equal(host, step(m, t, prev))  # the kept coefficients give the same numbers again
+            assert torch.equal(host, step(m, torch.tensor(t), torch.tensor(prev)))
+            assert torch.equal(host, step(m.clone().requires_grad_(), t, prev).detach())
+    tv = torch.tensor([3, 999, 0])
+    host = fastssl.q_sample(m, tv, z, s)
+    assert torch.equal(host, fastssl.q_sample(m.clone().requires_grad_(), tv, z, s).detach())
+    assert torch.equal(fastssl.q_sample(m[:1], 5, z[:1], s), fastssl.q_sample(m[:1], torch.tensor(5), z[:1], s))
