@@ -17,14 +17,15 @@ Measurement:
   ``max_memory_allocated`` during one call minus what was allocated before it (inputs excluded).
 - CPU: peak memory, with glibc's mmap threshold pinned at 64 KB (so freed buffers leave the resident
   set) and free heap pages handed back (``malloc_trim``), is the rise of the peak resident set (VmHWM,
-  reset through /proc/self/clear_refs) over the resident set before one call, inputs excluded. In the
-  ``cpu`` preset each case runs in fresh subprocesses (``python -m fastssl.benchmarks.harness``). Times: ``perf_counter`` quantiles over repeated calls after a warm-up, with glibc's
-  thresholds raised again (as a long training loop settles), so page faults do not swamp them. In one
-  process (the quick preset) a case's providers are timed side by side, in three interleaved rounds, so a
-  burst of load on the machine lands on all of them alike (``measure_cpu_together``). Each case
-  runs in ``CPU_PROCESSES`` fresh processes and the row of the fastest median is kept (every median is
-  recorded in ``ms_median_runs``): a whole process can run slow (the same DDPM step measured 4.9, 5.3 and
-  7.0 ms in three processes on an idle 2-core machine), and noise only ever adds time.
+  reset through /proc/self/clear_refs) over the resident set before one call, inputs excluded. Times:
+  ``perf_counter`` quantiles over repeated calls after a warm-up, with glibc's thresholds raised again (as
+  a long training loop settles), so page faults do not swamp them. In one process (the quick preset) a
+  case's providers are timed side by side, in three interleaved rounds, so a burst of load on the machine
+  lands on all of them alike (``measure_cpu_together``). The ``cpu`` preset runs each case in
+  ``CPU_PROCESSES`` fresh processes (``python -m fastssl.benchmarks.harness``) and keeps the row of the
+  fastest median (every median is recorded in ``ms_median_runs``): a whole process can run slow (the same
+  DDPM step measured 4.9, 5.3 and 7.0 ms in three processes on an idle 2-core machine), and noise only
+  ever adds time.
 
 The result JSON is rewritten after every case through a temporary file and a rename, so a run that is
 killed (a time box) keeps every row measured before, and a run interrupted with SIGINT still writes its
@@ -150,6 +151,12 @@ def _malloc_thresholds(mmap_bytes: int, trim_bytes: int, trim: bool = False) -> 
         pass
 
 
+def _error(exc: Exception) -> dict:
+    """A measurement's place when its call raised: one provider failing (out of memory, a peer's limit) must
+    not end the run."""
+    return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
 def _cpu_first_calls(fn) -> tuple[float, float]:
     """Warm-up call, then one memory-measuring call: (its peak extra MB, its seconds)."""
     _malloc_thresholds(64 << 10, 0, trim=True)
@@ -178,7 +185,7 @@ def measure_cpu_together(fns, *, min_time: float = 0.5, min_reps: int = 3, max_r
         try:
             firsts[i] = _cpu_first_calls(fn)
         except Exception as exc:  # one provider failing (out of memory, a peer's limit) must not end the run
-            results[i] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            results[i] = _error(exc)
     live = [i for i in range(len(fns)) if firsts[i] is not None]
     _malloc_thresholds(32 << 20, 256 << 20)
     rounds = 1 if any(firsts[i][1] > slow_call for i in live) else rounds
@@ -193,7 +200,7 @@ def measure_cpu_together(fns, *, min_time: float = 0.5, min_reps: int = 3, max_r
                     fns[i]()
                     taken.append((time.perf_counter() - t0) * 1e3)
             except Exception as exc:
-                results[i] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                results[i] = _error(exc)
                 live.remove(i)
     for i in live:
         median, p20, p80 = _quantiles(samples[i])
@@ -204,17 +211,9 @@ def measure_cpu_together(fns, *, min_time: float = 0.5, min_reps: int = 3, max_r
 def measure_cpu(fn, *, min_time: float = 0.5, min_reps: int = 3, max_reps: int = 2000, slow_call: float = 1.0) -> dict:
     """Warm-up call, one memory-measuring call, then timed calls: at least ``min_reps`` (2 when a call
     takes over ``slow_call`` seconds, so the quick preset's heavy eager references stay affordable)
-    and until ``min_time`` has passed. A call that raises raises here."""
-    peak_mb, one_call = _cpu_first_calls(fn)
-    _malloc_thresholds(32 << 20, 256 << 20)
-    min_reps = 2 if one_call > slow_call else min_reps
-    samples, start = [], time.perf_counter()
-    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    median, p20, p80 = _quantiles(samples)
-    return {"ms_median": median, "ms_p20": p20, "ms_p80": p80, "peak_mb": peak_mb}
+    and until ``min_time`` has passed (:func:`measure_cpu_together` of one call, in one round)."""
+    return measure_cpu_together([fn], min_time=min_time, min_reps=min_reps, max_reps=max_reps, slow_call=slow_call,
+                                rounds=1)[0]
 
 
 def measure_cuda(fn, *, slow_call_ms: float = 1000.0) -> dict:
@@ -262,8 +261,8 @@ def run_case(case: Case, device: str, preset: str = "full") -> dict:
         fn = case.make(device)
         measured = measure_cuda(fn) if device == "cuda" else measure_cpu(fn, min_time=MIN_TIME.get(preset, 0.5),
                                                                        slow_call=MIN_TIME.get(preset, 0.5) * 2)
-    except Exception as exc:  # one provider failing (out of memory, a peer's limit) must not end the run
-        measured = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    except Exception as exc:
+        measured = _error(exc)
     finally:
         fn = None
         gc.collect()
@@ -284,7 +283,7 @@ def run_cases(cases: list[Case], device: str, preset: str = "full") -> list[dict
             fns.append(case.make(device))
         except Exception as exc:
             fns.append(None)
-            errors[i] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            errors[i] = _error(exc)
     live = [i for i in range(len(cases)) if fns[i] is not None]
     min_time = MIN_TIME.get(preset, 0.5)
     measured = dict(zip(live, measure_cpu_together([fns[i] for i in live], min_time=min_time, slow_call=min_time * 2)))
@@ -477,7 +476,7 @@ def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] 
             if bar:
                 bar.set_postfix_str(batch[0].name[:60])
             if isolate:
-                measured = [run_case_in_subprocesses(len(result["rows"]), preset, only)]
+                measured = [run_case_in_subprocesses(len(result["rows"]), preset, only)]  # the case's index
             else:
                 measured = run_cases(batch, device, preset)
             result["rows"].extend(measured)

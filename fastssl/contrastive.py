@@ -182,20 +182,25 @@ def _scores(qs: Tensor, ks: Tensor, a: int, b: int, diag_off: Optional[int]) -> 
     return s
 
 
+def _shifted_exp(s: Tensor, dim: int, *, inplace: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(log sum exp(s) along ``dim``, e = exp(s - max) (in place of s with ``inplace``), e's sums with the
+    dim kept): max-shifted as torch.logsumexp, an infinite max shifting by 0 (a row of -inf has LSE -inf)."""
+    mx = s.amax(dim, keepdim=True)
+    mx.masked_fill_(mx.abs() == float("inf"), 0.0)
+    e = (s.sub_(mx) if inplace else torch.sub(s, mx)).exp_()
+    total = e.sum(dim, keepdim=True)
+    return total.log().add_(mx).squeeze(dim), e, total
+
+
 def _logsumexp(s: Tensor, dim: int, *, inplace: bool) -> Tensor:
     """log sum exp(s) along ``dim`` (max-shifted); ``inplace`` overwrites s."""
-    mx = s.amax(dim, keepdim=True)
-    e = s.sub_(mx) if inplace else torch.sub(s, mx)
-    return e.exp_().sum(dim).log_().add_(mx.squeeze(dim))
+    return _shifted_exp(s, dim, inplace=inplace)[0]
 
 
 def _row_softmax_(s: Tensor) -> tuple[Tensor, Tensor]:
-    """(row LSE of s, its row softmax P in place of s): the LSE as :func:`_logsumexp`, P = exp(s - max) / sum
-    from the same exponentials."""
-    mx = s.amax(1, keepdim=True)
-    p = s.sub_(mx).exp_()
-    total = p.sum(1)
-    return total.log().add_(mx.squeeze(1)), p.div_(total[:, None])
+    """(row LSE of s, its row softmax P in place of s, from the LSE's own exponentials)."""
+    lse, e, total = _shifted_exp(s, 1, inplace=True)
+    return lse, e.div_(total)
 
 
 def _lse_rows(qs: Tensor, ks: Tensor, diag_off: Optional[int]) -> Tensor:
@@ -539,7 +544,6 @@ def _normalized(x: Tensor, normalize: bool) -> Tensor:
 def _softplus(x: Tensor) -> Tensor:
     """log(1 + exp(x)) without F.softplus's linear cut-off (exact to the rounding at every x, NaN in NaN out)."""
     return torch.logaddexp(x, x.new_zeros(()))
-
 
 
 def _positive(q: Tensor, k: Tensor, scale: Tensor) -> Tensor:
@@ -1018,15 +1022,10 @@ def _sup_block(qs: Tensor, ka: Tensor, lq: Tensor, lk: Tensor, a: int, b: int, s
 
 
 def _sup_stats(s: Tensor, same: Tensor):
-    """(neg, e, total, x) of a block: the negatives' LSE ``neg`` (-inf for a row without one, as
-    torch.logsumexp), e = exp(s - max) on the negatives (0 on equal labels), its row sums (B, 1), x = neg - s."""
-    e = s.masked_fill(same, float("-inf"))
-    mx = e.amax(1, keepdim=True)
-    mx.masked_fill_(mx.abs() == float("inf"), 0.0)
-    e = e.sub_(mx).exp_()
-    total = e.sum(1, keepdim=True)
-    neg = total.log().add_(mx)
-    return neg.squeeze(1), e, total, neg - s
+    """(neg, e, total, x) of a block: the negatives' LSE ``neg`` (-inf for a row without one), e = exp(s - max)
+    on the negatives (0 on equal labels), its row sums (B, 1), x = neg - s."""
+    neg, e, total = _shifted_exp(s.masked_fill(same, float("-inf")), 1, inplace=True)
+    return neg, e, total, neg[:, None] - s
 
 
 def _sup_gradient(pos: Tensor, e: Tensor, total: Tensor, sig: Tensor, wsum: Tensor) -> Tensor:

@@ -422,13 +422,11 @@ def _noise_where_stepping(z: Tensor, t: Tensor):
     """``z`` with the samples at t == 0 zeroed (their coefficient is 0, and 0 * NaN would be NaN: noise is
     never added there, a NaN or inf in it included, as in the kernel and diffusers): ``z`` itself when every
     t > 0 (known on the host without a pass); None (no noise term) when the one timestep is 0."""
-    if isinstance(t, int):
-        return z if t > 0 else None
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        steps = t.numpy() > 0
-        if steps.all():
+    steps = _host_values(t)
+    if steps is not None:
+        if np.all(steps > 0):
             return z
-        if t.numel() == 1:
+        if np.size(steps) == 1:
             return None
     return torch.where((t > 0).reshape(-1, *([1] * (z.dim() - 1))), z, 0.0)
 
@@ -614,14 +612,17 @@ def guidance_tensor(guidance, uncond_output: Optional[Tensor], like: Tensor, *, 
             raise ValueError(f"guidance={guidance} needs uncond_output (classifier-free guidance combines the "
                              "conditional model_output with the unconditional one)")
         return None
-    acc = accumulation_dtype(like.dtype)
     if isinstance(guidance, Tensor):
-        return guidance.to(acc).reshape(-1)
-    if keep_float:
-        return guidance
+        return guidance.to(accumulation_dtype(like.dtype)).reshape(-1)
+    return guidance if keep_float else guidance_weight(guidance, like)
+
+
+def guidance_weight(value: float, like: Tensor) -> Tensor:
+    """A float guidance as the op's (1,) weight in the math dtype on like's device."""
+    acc = accumulation_dtype(like.dtype)
     if torch.compiler.is_compiling():
-        return torch.full((1,), guidance, dtype=acc, device=like.device)
-    return _weight(guidance, like.device, acc)
+        return torch.full((1,), value, dtype=acc, device=like.device)
+    return _weight(value, like.device, acc)
 
 
 @functools.lru_cache(maxsize=64)
@@ -716,7 +717,7 @@ def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: N
     t, prev_t = _timesteps(t, prev_t, schedule, batch, device, host)
     _check_direction(spec, t, prev_t)
     if isinstance(guidance, float) and not host:
-        guidance = guidance_tensor(guidance, uncond_output, model_output)
+        guidance = guidance_weight(guidance, model_output)
     if not spec.draws_noise:
         noise = seed = None
     elif noise is None and triton:

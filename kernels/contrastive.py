@@ -517,8 +517,9 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=No
     off = m if diag_off is None else diag_off  # j == i + m never holds: nothing excluded
     launch(_fwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), config=INTERPRET_CONFIG,
            q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=scale if kscale is None else kscale, lse_ptr=lse,
-           split_ptr=split, N=n, M=m, n_chunks=ql.shape[0], diag_off=off, n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype),
-           DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None)
+           split_ptr=split, N=n, M=m, n_chunks=ql.shape[0], diag_off=off, n_bucket=bucket(n, TUNED_ROWS),
+           m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=bd,
+           D_LOOP=loop, KSCALE=kscale is not None)
     return lse, split
 
 
