@@ -15,6 +15,10 @@ One kernel family serves every loss (``fastssl/contrastive.py`` composes them):
   ``dZ`` from one launch with both terms and ``lse' = lse``, ``h = g``. With ``need_dscale`` each program
   writes ``sum_j dS_ij c_j (q_i . k_j) = q_i . (sum_j dS_ij c_j k_j)`` (from its gradient accumulator) for
   its rows to per-row partials, summed afterwards in a fixed order (deterministic, no atomics).
+  The swapped launches recompute a score with its operands swapped (k_j . q_i for the forward's q_i . k_j);
+  a tensor core rounds both alike (bf16/fp16/tf32 products exact in fp32, one order over D), so each
+  exp2(s - max) is the forward's own even at T = 1e-6, where an ulp of a score is 6% of P (the test models
+  this under the interpreter, whose numpy BLAS rounds a transposed tile differently).
 
 Scores use ``tl.dot`` with the registry's one precision rule (``dot_precision``): bf16/fp16 on tensor cores
 with fp32 accumulation, fp32 with TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` allows it, fp64

@@ -72,6 +72,26 @@ def backend(request, monkeypatch) -> str:
     return request.param
 
 
+@pytest.fixture
+def tensor_core_dot(monkeypatch):
+    """Under Triton's interpreter, ``tl.dot`` as a tensor core rounds it: the products exact (bf16, fp16 and
+    tf32 products fit fp32), their sum rounded once per output, whatever the operands' order and the tile's
+    shape. The interpreter's ``np.matmul`` rounds by BLAS's blocking instead: the same scores differ in their
+    last bit between a (16, D) @ (D, 16) tile and its transpose, or a tile of 8 rows (numpy 2, OpenBLAS).
+    Tests whose answer rests on the forward and the backward rounding a score alike (extreme temperatures)
+    take this; on a GPU it changes nothing and the hardware is what they check."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        exact = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64))
+        return interpreter.TensorHandle(exact.astype(d.data.dtype) + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
 class _PoisonedTorch:
     """``torch`` as a kernel module sees it in tests: ``empty``/``empty_like`` return NaN-filled tensors."""
 

@@ -1256,21 +1256,30 @@ def test_double_backward_is_refused_naming_the_op(backend, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_query_gradient_at_a_tiny_temperature(backend, device, dtype):
-    """InfoNCE and MoCo at T = 1e-6 (scores ~1e6, P one-hot): the queries' gradient within 0.5% of its
-    largest entry of the float64 reference on both backends (the PyTorch path is ~0.1% off). The kernels
-    kept each row's LSE as one fp32 number, whose rounding at that scale (0.06) put P's winner off by up to
-    6%: 1.5-3% gradient errors (issue 16 item 8); the (max, log-sum) pairs recompute exp(s - lse) as the
-    forward summed it. (A gradient through the transposed scores, the keys' or NT-Xent's column term,
-    recomputes s_ji in the other orientation, whose fp32 rounding differs: still ~2-6% at this temperature.)"""
+def test_gradients_at_a_tiny_temperature(backend, device, dtype, tensor_core_dot):
+    """InfoNCE, NT-Xent, CLIP and MoCo at T = 1e-6 (scores ~1e6, P one-hot): every input's gradient within 4
+    eps (fp16 0.4%, bf16 3.1%) of its largest entry of the float64 reference on both backends (the PyTorch
+    path is 0.03-0.2% off in fp16). At that scale one fp32 rounding of a score (ulp 0.06) moves P's winner
+    by 6%, so the backward must recompute exp(s - lse) exactly as the forward summed it: the kernels keep
+    each row's (max, log-sum) pair, not one rounded LSE (that LSE gave 1.5-3%, issue 16 item 8), and a
+    gradient through the transposed scores (the keys', NT-Xent's and CLIP's column terms) recomputes s_ji
+    with the operands swapped, which a tensor core rounds as s_ij (``tensor_core_dot``; under the
+    interpreter's BLAS the swap alone cost 2-5%)."""
     gen = torch.Generator().manual_seed(3)
+    t = 1e-6
+    cases = ((fastssl.info_nce, info_nce_reference, {"temperature": t}, 2),
+             (fastssl.nt_xent, nt_xent_reference, {"temperature": t}, 2),
+             (lambda a, b: fastssl.clip_loss(a, b, 1 / t), lambda a, b: clip_loss_reference(a, b, 1 / t), {}, 2),
+             (fastssl.moco_loss, moco_loss_reference, {"temperature": t}, 1))  # key and queue: no gradient
     for _ in range(3):
         q, k = (torch.randn(32, 16, generator=gen).to(dtype).to(device) for _ in range(2))
         queue = torch.randn(40, 16, generator=gen).to(dtype).to(device)
-        for loss, ref, extra in ((fastssl.info_nce, info_nce_reference, ()), (fastssl.moco_loss, moco_loss_reference,
-                                                                              (queue,))):
-            q_, q64 = q.clone().requires_grad_(), q.double().requires_grad_()
-            (g,) = torch.autograd.grad(loss(q_, k, *extra, temperature=1e-6), q_)
-            (r,) = torch.autograd.grad(ref(q64, k.double(), *(t.double() for t in extra), temperature=1e-6), q64)
-            tol = 4 * torch.finfo(dtype).eps * r.abs().max()  # fp16 0.4%, bf16 1.6%
-            assert (g.double() - r).abs().max() <= tol, (g.double() - r).abs().max() / r.abs().max()
+        for loss, ref, opts, n_grad in cases:
+            extra = (queue,) if loss is fastssl.moco_loss else ()
+            ours = [x.clone().requires_grad_(i < n_grad) for i, x in enumerate((q, k, *extra))]
+            wide = [x.double().requires_grad_(i < n_grad) for i, x in enumerate((q, k, *extra))]
+            grads = torch.autograd.grad(loss(*ours, **opts), ours[:n_grad])
+            refs = torch.autograd.grad(ref(*wide, **opts), wide[:n_grad])
+            for g, r in zip(grads, refs):
+                err = (g.double() - r).abs().max() / r.abs().max()
+                assert err <= 4 * torch.finfo(dtype).eps, (loss, err)
