@@ -6,8 +6,9 @@
 #      included);
 #   c. the no-host-sync proof: sample loop, nt_xent step, propagate_labels under
 #      torch.cuda.set_sync_debug_mode("error"), and the sampling loop replayed from a CUDA graph;
-#   d. the three slices' parity tests on the Triton backend (compiled kernels against the float64
-#      references), stopped with SIGINT at its time box so pytest still writes its summary and junit file;
+#   d. the tiny-temperature gradient test (40 s), then the three slices' parity tests on the Triton backend
+#      (compiled kernels against the float64 references), each stopped with SIGINT at its time box so pytest
+#      still writes its summary and junit file;
 #   e. the rest of the full preset (torch.compile last) in the time left;
 # and last, the target table (each target, measured, goal, met). Every result file is rewritten
 # atomically after each row, so a time box never loses what was measured. The whole run ends within
@@ -25,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 device=cuda total=${FASTSSL_GPU_SECONDS:-360}
-box_ceilings=30 box_targets=150 box_syncs=45 box_first=30 box_tests=90
+box_ceilings=30 box_targets=150 box_syncs=45 box_first=40 box_tests=70
 targets_args=(--preset targets) rest_args=(--preset full --skip-preset targets)
 if [ "${1:-}" = "--rehearse" ]; then  # CPU-sized stand-ins for the two benchmark parts
   shift
