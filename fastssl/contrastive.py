@@ -284,8 +284,8 @@ def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, dia
         dk.mul_(scale if kscale is None else scale * kscale[:, None])
         if symmetric:
             dq.add_(dk)
-    out_q = dq.to(q.dtype) if need_dq else q.new_empty(0)
-    out_k = dk.to(k.dtype) if (need_dk and not symmetric) else k.new_empty(0)
+    out_q = dq if need_dq else q.new_empty(0, dtype=acc)
+    out_k = dk if (need_dk and not symmetric) else k.new_empty(0, dtype=acc)
     return out_q, out_k, dscale
 
 
@@ -299,10 +299,13 @@ def _transposed(diag_off: Optional[int]) -> Optional[int]:
 
 
 def _lse_impl(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_off: Optional[int],
-            two_sided: bool, symmetric: bool, keep: bool) -> tuple[Tensor, Tensor, Tensor]:
+              two_sided: bool, symmetric: bool, keep: bool, q_grad: Tensor,
+              k_grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(row LSE (N,), column LSE (M,) or empty, what the backward needs) in the math dtype: the scores
     (N, M) when ``keep`` (see :func:`_keeps_scores`: the PyTorch path), the kernels' (max, log-sum) pairs of
-    the rows then the columns ((N + M, 2) or (N, 2), ``lse_forward``) on the Triton path, else empty."""
+    the rows then the columns ((N + M, 2) or (N, 2), ``lse_forward``) on the Triton path, else empty.
+    The math reads ``q`` and ``k``; the gradients go to ``q_grad`` and ``k_grad``, their values in the math
+    dtype (:func:`_lse`)."""
     if not keep and use_triton(q, k, scale):
         from .kernels.contrastive import lse_forward
 
@@ -318,7 +321,7 @@ _lse_op = torch.library.custom_op("fastssl::contrastive_lse", _lse_impl, mutates
 
 
 @_lse_op.register_fake
-def _(q, k, scale, kscale, diag_off, two_sided, symmetric, keep):
+def _(q, k, scale, kscale, diag_off, two_sided, symmetric, keep, q_grad, k_grad):
     n, m = q.shape[0], k.shape[0]
     saved = (n, m) if keep else (n + (m if two_sided else 0), 2) if use_triton(q, k, scale) else (0,)
     return (q.new_empty(n, dtype=scale.dtype), q.new_empty(m if two_sided else 0, dtype=scale.dtype),
@@ -329,9 +332,9 @@ def _lse_backward_impl(g_r: Optional[Tensor], g_c: Optional[Tensor], q: Tensor, 
                      kscale: Optional[Tensor], lse_r: Tensor, lse_c: Tensor, saved: Tensor, diag_off: Optional[int],
                      symmetric: bool, need_dq: bool, need_dk: bool, need_dscale: bool,
                      keep: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq or empty, dk or empty, dscale (1,) or empty); ``symmetric``: dq is the whole gradient; ``saved``
-    is the forward's third output: kept scores (``keep``) take the PyTorch path, the (max, log-sum) pairs
-    the kernels."""
+    """(dq or empty, dk or empty, dscale (1,) or empty) in the math dtype; ``symmetric``: dq is the whole
+    gradient; ``saved`` is the forward's third output: kept scores (``keep``) take the PyTorch path, the
+    (max, log-sum) pairs the kernels."""
     if keep or not use_triton(q, k, scale):
         return _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, saved if keep else saved[:0],
                                    diag_off, symmetric=symmetric, need_dq=need_dq, need_dk=need_dk,
@@ -341,7 +344,7 @@ def _lse_backward_impl(g_r: Optional[Tensor], g_c: Optional[Tensor], q: Tensor, 
 
     acc = scale.dtype
     lse_r, lse_c = saved[:q.shape[0]], saved[q.shape[0]:]  # the rows' and columns' pairs
-    dq, dk, dscale = q.new_empty(0), k.new_empty(0), scale.new_empty(0)
+    dq, dk, dscale = scale.new_empty(0), scale.new_empty(0), scale.new_empty(0)
     if symmetric:  # S is symmetric: dZ_i = scale sum_j (g_i P_ij + g_j P_ji) z_j, one row-parallel pass
         if need_dq:
             dq, _ = lse_backward_rows(q, k, scale, lse_r, g_r, lse_r, g_r, kscale=None, diag_off=diag_off,
@@ -355,7 +358,7 @@ def _lse_backward_impl(g_r: Optional[Tensor], g_c: Optional[Tensor], q: Tensor, 
         if need_dscale:
             dscale = partial.reshape(1).to(acc)
         if not need_dq:
-            dq = q.new_empty(0)
+            dq = scale.new_empty(0)
     if need_dk:  # the same kernel with the roles of q and k swapped: column-parallel
         dk, _ = lse_backward_rows(k, q, scale, cols_lse, cols_g, rows_lse, rows_g, kscale=None,
                                   diag_off=_transposed(diag_off), need_dscale=False)
@@ -367,15 +370,16 @@ _lse_backward_op = torch.library.custom_op("fastssl::contrastive_lse_backward", 
 
 @_lse_backward_op.register_fake
 def _(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, saved, diag_off, symmetric, need_dq, need_dk, need_dscale, keep):
-    return (q.new_empty(q.shape if need_dq else (0,)), k.new_empty(k.shape if (need_dk and not symmetric) else (0,)),
+    return (q.new_empty(q.shape if need_dq else (0,), dtype=scale.dtype),
+            k.new_empty(k.shape if (need_dk and not symmetric) else (0,), dtype=scale.dtype),
             scale.new_empty(1 if need_dscale else 0))
 
 
 def _lse_setup(ctx, inputs, output):
-    q, k, scale, kscale, diag_off, two_sided, symmetric, keep = inputs
+    q, k, scale, kscale, diag_off, two_sided, symmetric, keep, q_grad, k_grad = inputs
     ctx.diag_off, ctx.symmetric, ctx.two_sided, ctx.keep = diag_off, symmetric, two_sided, keep
-    ctx.needs = (q.requires_grad or (symmetric and k.requires_grad),
-                 k.requires_grad and not symmetric, scale.requires_grad)
+    ctx.needs = (q_grad.requires_grad or (symmetric and k_grad.requires_grad),
+                 k_grad.requires_grad and not symmetric, scale.requires_grad)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros of its shape
     ctx.save_for_backward(q, k, scale, kscale, *output)
 
@@ -389,23 +393,37 @@ def _lse_backward(ctx, g_rows, g_cols, g_scores, backward_op=_lse_backward_op):
     g_r = None if g_rows is None else g_rows.to(acc).contiguous()
     g_c = None if (g_cols is None or not ctx.two_sided) else g_cols.to(acc).contiguous()
     if not (need_dq or need_dk or need_dscale) or (g_r is None and g_c is None):
-        return (None,) * 8
+        return (None,) * 10
     if g_r is None:  # only the column LSE was used: its own row term is zero
         g_r = torch.zeros_like(lse_r)
     dq, dk, dscale = backward_op(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, saved, ctx.diag_off,
                                  symmetric=ctx.symmetric, need_dq=need_dq, need_dk=need_dk,
                                  need_dscale=need_dscale, keep=ctx.keep)
-    return (dq if need_dq else None, dk if (need_dk and not ctx.symmetric) else None,
-            dscale if need_dscale else None, None, None, None, None, None)
+    return (None, None, dscale if need_dscale else None, None, None, None, None, None,
+            dq if need_dq else None, dk if (need_dk and not ctx.symmetric) else None)
+
+
+def _in_math_dtype(x: Tensor, acc: torch.dtype) -> Tensor:
+    """``x`` where its gradients meet: an autograd cast to the math dtype for a bf16/fp16 ``x`` that needs
+    a gradient (its backward rounds their sum to x's dtype once), else ``x``."""
+    return x.to(acc) if x.requires_grad and x.dtype != acc else x
 
 
 def _lse(q: Tensor, k: Tensor, scale: Tensor, *, kscale: Optional[Tensor] = None, diag_off: Optional[int] = None,
-         two_sided: bool = False, symmetric: bool = False) -> tuple[Tensor, Tensor]:
-    """(row LSE, column LSE or empty) of the op, keeping the scores for the backward where it pays."""
+         two_sided: bool = False, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row LSE, column LSE or empty, q and k where their gradients meet) of the op, keeping the scores for
+    the backward where it pays. A loss takes its positives from the last two: near convergence the LSE's
+    gradient and the positive's (each ~|k| / T) nearly cancel, so they are summed in the math dtype and
+    rounded to the features' dtype once (autograd adds an input's gradients in its own dtype: rounded
+    first, a bf16 query's gradient was off by more than its size at a loss of 1e-3)."""
     op = _lse_op if torch.compiler.is_compiling() else _LseFunction.apply
     keep = _keeps_scores(q.shape[0], k.shape[0], q, k, scale)
-    rows, cols, _ = op(q, k, scale, kscale, diag_off, two_sided, symmetric, keep)
-    return rows, cols
+    q_grad = _in_math_dtype(q, scale.dtype)
+    k_grad = q_grad if k is q else _in_math_dtype(k, scale.dtype)
+    q_math = q.detach()
+    k_math = q_math if k is q else k.detach()
+    rows, cols, _ = op(q_math, k_math, scale, kscale, diag_off, two_sided, symmetric, keep, q_grad, k_grad)
+    return rows, cols, q_grad, k_grad
 
 
 _lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
@@ -639,7 +657,7 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
     if _gathers(gather_distributed):
         k, rank = _gather(k)
         targets = targets + rank * m
-    lse, _ = _lse(q, k, scale)
+    lse, _, q, k = _lse(q, k, scale)
     pos = _positive(q, k.index_select(0, targets), scale)
     return _reduce(lse - pos, reduction)
 
@@ -689,16 +707,16 @@ def _nt_xent(z1: Tensor, z2: Tensor, scale: Tensor, normalize: bool, reduction: 
         # one matmul: the positives are read from the same scores as the LSE (a row whose only other entry
         # is its positive gives exactly 0, as lightly's cross-entropy does); kept for the backward if needed
         return _reduce(_KeptNTXent.apply(z1, z2, scale, normalize), reduction)
-    a, b = _normalized(z1, normalize), _normalized(z2, normalize)
-    z = torch.cat((a, b))
+    z = torch.cat((_normalized(z1, normalize), _normalized(z2, normalize)))
     if gather:
         # Keys: every rank's cat(z1, z2) block in rank order (a permutation of the global batch, which
         # leaves each row's softmax unchanged); this rank's rows sit at rank * 2N, so its own column is
         # row + rank * 2N.
         keys, rank = _gather(z)
-        lse, _ = _lse(z, keys, scale, diag_off=rank * z.shape[0])
+        lse, _, z, _ = _lse(z, keys, scale, diag_off=rank * z.shape[0])
     else:
-        lse, _ = _lse(z, z, scale, diag_off=0, symmetric=True)
+        lse, _, z, _ = _lse(z, z, scale, diag_off=0, symmetric=True)
+    a, b = z.chunk(2)
     return _reduce(lse - torch.cat((_positive(a, b, scale), _positive(b, a, scale))), reduction)
 
 
@@ -746,7 +764,7 @@ def _moco(query: Tensor, key: Tensor, queue: Tensor, scale: Tensor, normalize: b
     kscale = None
     if normalize and not queue_normalized:  # F.normalize's 1 / max(||x||, eps), per key inside the kernels
         kscale = torch.linalg.vector_norm(queue, dim=1, dtype=acc).clamp_min(1e-12).reciprocal()
-    neg, _ = _lse(q, queue, scale, kscale=kscale)
+    neg, _, q, _ = _lse(q, queue, scale, kscale=kscale)
     # log(1 + exp(neg - pos)): one rounding at the logits' magnitude fewer than logaddexp(pos, neg) - pos
     return _reduce(_softplus(neg - _positive(q, k, scale)), reduction)
 
@@ -790,14 +808,14 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
     _check_options(normalize, reduction, gather_distributed)
     scale = _scalar("logit_scale", logit_scale, image_features, positive=True)
     img, txt = _normalized(image_features, normalize), _normalized(text_features, normalize)
-    pos = _positive(img, txt, scale)
     if _gathers(gather_distributed):
         all_txt, _ = _gather(txt)
-        all_img, _ = _gather(img)  # the positives are this rank's own pairs (rank * N + i): pos above
-        lse_img, _ = _lse(img, all_txt, scale)
-        lse_txt, _ = _lse(txt, all_img, scale)
+        all_img, _ = _gather(img)  # the positives are this rank's own pairs (rank * N + i)
+        lse_img, _, img, _ = _lse(img, all_txt, scale)
+        lse_txt, _, txt, _ = _lse(txt, all_img, scale)
     else:
-        lse_img, lse_txt = _lse(img, txt, scale, two_sided=True)
+        lse_img, lse_txt, img, txt = _lse(img, txt, scale, two_sided=True)
+    pos = _positive(img, txt, scale)
     return _reduce(0.5 * ((lse_img - pos) + (lse_txt - pos)), reduction)
 
 
@@ -1274,7 +1292,7 @@ def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float = 0.1, n
     scale = _scale_from_temperature(temperature, features)
     acc = scale.dtype
     u = _normalized(features, normalize)
-    lse, _ = _lse(u, u, scale, diag_off=0, symmetric=True)
+    lse, _, u, _ = _lse(u, u, scale, diag_off=0, symmetric=True)
     order = torch.argsort(labels, stable=True)
     ordered = labels.index_select(0, order)
     start, end = torch.searchsorted(ordered, labels), torch.searchsorted(ordered, labels, right=True)

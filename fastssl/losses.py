@@ -602,8 +602,10 @@ class ClipLoss(nn.Module):
             scale = _scalar("logit_scale", logit_scale, image_features, positive=True)
             img, txt = image_features, text_features
             all_img, all_txt = (distributed.all_gather_local_grad(t, local_grad=False) for t in (img, txt))
-            per_img = _lse(img, all_txt, scale)[0] - _positive(img, txt.detach(), scale)
-            per_txt = _lse(txt, all_img, scale)[0] - _positive(txt, img.detach(), scale)
+            lse_img, _, img_grad, _ = _lse(img, all_txt, scale)
+            lse_txt, _, txt_grad, _ = _lse(txt, all_img, scale)
+            per_img = lse_img - _positive(img_grad, txt.detach(), scale)
+            per_txt = lse_txt - _positive(txt_grad, img.detach(), scale)
             loss = 0.5 * (per_img.mean() + per_txt.mean())
         else:  # the global batch's loss on every rank
             _require_group(self)

@@ -436,8 +436,8 @@ _HALF = [(torch.float16, "ieee"), (torch.bfloat16, "ieee")]
 _TF32 = [(torch.float32, "tf32")]
 _EXACT = [(torch.float32, "ieee"), (torch.float64, "ieee")]
 _FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr", "split_ptr"])
-_BWD_PTRS = (["q_ptr", "k_ptr", "dq_ptr"], ["scale_ptr", "ks_ptr", "max_r_ptr", "g_r_ptr", "max_c_ptr", "g_c_ptr",
-                                             "dscale_ptr"])
+_BWD_PTRS = (["q_ptr", "k_ptr"], ["dq_ptr", "scale_ptr", "ks_ptr", "max_r_ptr", "g_r_ptr", "max_c_ptr", "g_c_ptr",
+                                   "dscale_ptr"])
 # (key, BLOCK_D, kinds, chip families, KSCALE values): the resident widths, then the chunked kernels
 _ANY = (False, True)
 _KINDS = ((128, 128, _TF32 + _HALF, (), _ANY), (256, 256, _HALF, (), _ANY),
@@ -528,7 +528,8 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=No
 
 
 def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag_off=None, *, need_dscale=False):
-    """Launch ``_lse_bwd_kernel`` over the rows of ``q``: returns (dq (N, D) in q's dtype, dscale or None).
+    """Launch ``_lse_bwd_kernel`` over the rows of ``q``: returns (dq (N, D) in the math dtype (scale's),
+    dscale or None).
     ``split_r`` (N, 2) (:func:`lse_forward`'s) and ``g_r`` (N,) give the row term, ``split_c`` (M, 2) and
     ``g_c`` (M,) the column term; either pair may be None. The kernel reads each max and g / l, l =
     exp2(log-sum) (two small passes here, and no more registers in its loop than one LSE took)."""
@@ -538,7 +539,7 @@ def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag
     ql = _layout(q, bd)
     kl = ql if k is q else _layout(k, bd)
     chunks = ql.shape[0]
-    dq = torch.empty_like(ql)
+    dq = torch.empty(ql.shape, dtype=scale.dtype, device=q.device)  # the math dtype: the losses add to it
     off = m if diag_off is None else diag_off
     row_term, col_term = split_r is not None, split_c is not None
     max_r, g_r = _max_and_weight(split_r, g_r) if row_term else (None, None)

@@ -1283,3 +1283,57 @@ def test_gradients_at_a_tiny_temperature(backend, device, dtype, tensor_core_dot
             for g, r in zip(grads, refs):
                 err = (g.double() - r).abs().max() / r.abs().max()
                 assert err <= 4 * torch.finfo(dtype).eps, (loss, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["info_nce", "nt_xent", "clip_loss", "moco_loss", "supcon_loss"])
+def test_gradient_of_a_nearly_converged_loss(backend, device, dtype, name, request):
+    """Each positive close to its anchor (loss ~1e-3, P_ii ~ 0.999): the gradient (P_ij - [j = i]) k_j / T
+    is the small difference of the LSE's term and the positive's, each ~|k| / T. They meet in the math
+    dtype (``_lse``'s q_grad, k_grad) and are rounded to the features' dtype once: every input's gradient
+    within 2x eager PyTorch's error (flash-attention's rule; norm-wise against float64), the PyTorch path's
+    within 0.5% (fp16) and 1% (bf16). Rounded first and then added (autograd sums an input's gradients in
+    its dtype), both paths were 16% off in fp16 and 90-140% in bf16, where eager is 2.8% and 10%.
+    The kernels still round dS = g P to the features' dtype for the tensor-core product before the
+    positive is subtracted: in bf16 a P_ii of 0.999 moves by as much as 1 - P_ii (InfoNCE and CLIP 31%
+    where eager is 10%: xfail): the positive belongs inside the kernel's dS, on its band of tiles. MoCo's
+    positive key is outside the LSE and has no such term."""
+    if backend == "triton" and dtype == torch.bfloat16 and name in ("info_nce", "clip_loss"):
+        # NT-Xent's and SupCon's come within 2x here (14% and 12%, eager 8%): strict where the interpreter's
+        # figures are fixed, not on a GPU, whose rounding order differs
+        request.applymarker(pytest.mark.xfail(strict=device == "cpu", reason="dS rounded to bf16 before the positive"))
+    gen = torch.Generator().manual_seed(5)
+    n, d = 48, 32
+    anchor = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    close = F.normalize(anchor + 0.03 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    queue = F.normalize(torch.randn(40, d, generator=gen, dtype=torch.float64), dim=1).to(dtype).to(device)
+    labels = torch.arange(n, device=device) % (n // 2)  # supcon: the rows i and i + n/2 share a label
+    losses = {"info_nce": lambda a, b, ref, up: (info_nce_reference(a, b, temperature=0.07, upcast=up) if ref
+                                                 else fastssl.info_nce(a, b, temperature=0.07)),
+              "nt_xent": lambda a, b, ref, up: (nt_xent_reference(a, b, temperature=0.07, upcast=up) if ref
+                                                else fastssl.nt_xent(a, b, temperature=0.07)),
+              "clip_loss": lambda a, b, ref, up: (clip_loss_reference(a, b, 1 / 0.07, upcast=up) if ref
+                                                  else fastssl.clip_loss(a, b, 1 / 0.07)),
+              "moco_loss": lambda a, b, ref, up: (moco_loss_reference(a, b, queue.to(a.dtype), temperature=0.07,
+                                                                      upcast=up) if ref
+                                                  else fastssl.moco_loss(a, b, queue, temperature=0.07)),
+              "supcon_loss": lambda a, b, ref, up: (supcon_loss_reference(torch.cat((a, b)), labels,
+                                                                          temperature=0.07, upcast=up) if ref
+                                                    else fastssl.supcon_loss(torch.cat((a, b)), labels,
+                                                                             temperature=0.07))}
+    loss = losses[name]
+    n_grad = 1 if name == "moco_loss" else 2  # MoCo's key: no gradient
+    if name == "supcon_loss":
+        anchor, close = anchor[: n // 2], close[: n // 2]
+    inputs = [x.to(dtype).to(device) for x in (anchor, close)]
+
+    def grads(xs, ref, up=False):
+        xs = [x.clone().requires_grad_(i < n_grad) for i, x in enumerate(xs)]
+        return torch.autograd.grad(loss(*xs, ref, up), xs[:n_grad])
+
+    exact = grads([x.double() for x in inputs], True, True)
+    for g, r, e in zip(grads(inputs, False), exact, grads(inputs, True)):
+        err, eager_err = ((t.double() - r).norm() / r.norm() for t in (g, e))
+        assert err <= 2 * eager_err, (err, eager_err)
+        if backend == "torch":
+            assert err <= (0.005 if dtype == torch.float16 else 0.01), err
