@@ -198,9 +198,17 @@ def _logsumexp(s: Tensor, dim: int, *, inplace: bool) -> Tensor:
 
 
 def _row_softmax_(s: Tensor) -> tuple[Tensor, Tensor]:
-    """(row LSE of s, its row softmax P in place of s, from the LSE's own exponentials)."""
+    """(row LSE of s, its row softmax P in place of s, from the LSE's own exponentials). A row without
+    entries (all -inf: SupCon's batch of one) has LSE -inf and P = 0, not 0 / 0 (the max-shifted sum of
+    any other row is >= 1)."""
     lse, e, total = _shifted_exp(s, 1, inplace=True)
-    return lse, e.div_(total)
+    return lse, e.div_(total.clamp_min_(1.0))
+
+
+def _empty_as_zero(lse: Tensor) -> Tensor:
+    """``lse`` with the -inf of a row without entries read as 0: exp(s - lse) is then exp(-inf - 0) = 0,
+    that row's softmax (its gradient), where -inf - (-inf) gave NaN."""
+    return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
 def _lse_rows(qs: Tensor, ks: Tensor, diag_off: Optional[int]) -> Tensor:
@@ -243,6 +251,8 @@ def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, dia
     kept_softmax = keep and lse_c.numel() == 0
     qa, ka = q.to(acc), k.to(acc)
     kc = ka if kscale is None else ka * kscale[:, None]
+    if not kept_softmax:
+        lse_r, lse_c = _empty_as_zero(lse_r), _empty_as_zero(lse_c)
     if not keep:
         qs, ks = _scaled(q, k, scale, kscale)
     want_dk = need_dk or symmetric

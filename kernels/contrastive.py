@@ -558,8 +558,12 @@ def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag
 
 
 def _max_and_weight(split: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the rows' max, g / l) from a (max, log-sum) split and the LSE's gradient g, contiguous."""
-    return split[:, 0].contiguous(), (g * torch.exp2(-split[:, 1])).contiguous()
+    """(the rows' max, g / l) from a (max, log-sum) split and the LSE's gradient g, contiguous. A row
+    without entries (max -inf, l = 0: SupCon's batch of one) gets max 0 and weight 0: its softmax is 0,
+    where exp2(-inf - max) and g / 0 gave NaN."""
+    empty = split[:, 0] == float("-inf")
+    return (split[:, 0].masked_fill(empty, 0.0).contiguous(),
+            (g * torch.exp2(-split[:, 1])).masked_fill_(empty, 0.0).contiguous())
 
 
 def _unlayout(x: torch.Tensor, n: int, d: int, bd: int) -> torch.Tensor:
