@@ -1058,9 +1058,9 @@ def _sup_stats(s: Tensor, same: Tensor):
 
 def _sup_gradient(pos: Tensor, e: Tensor, total: Tensor, sig: Tensor, wsum: Tensor) -> Tensor:
     """dloss_a/ds_aj from a block's stats (in place of e): -sigmoid(x_aj) (``sig``) on a positive, wsum_a times
-    the negatives' softmax e_aj / total_a on a negative, 0 else (the softmax from the LSE's own exponentials)."""
-    factor = torch.where(total > 0, wsum[:, None] / total, 0.0)
-    return torch.where(pos, -sig, e.mul_(factor))
+    the negatives' softmax e_aj / total_a on a negative, 0 else (the softmax from the LSE's own exponentials;
+    a row without negatives divides its zeros by 1, as ``_row_softmax_``)."""
+    return torch.where(pos, -sig, e.mul_(wsum[:, None] / total.clamp_min(1.0)))  # no negatives: e = 0
 
 
 def _sup_torch(q, k, lq, lk, scale, symmetric, keep):
