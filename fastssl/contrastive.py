@@ -238,10 +238,11 @@ def _lse_torch(q, k, scale, kscale, diag_off, two_sided, keep):
     return _lse_rows(qs, ks, diag_off), cols, scale.new_empty(0)  # distinct empties: outputs may not alias
 
 
-def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, diag_off, *, symmetric, need_dq,
-                        need_dk, need_dscale):
-    """dq, dk, dscale of ``sum_i g_i lse_i [+ sum_j h_j lse'_j]``: with dS = g_i P_ij [+ h_j P'_ij] and
-    c_j = kscale_j, dq = scale dS @ (c k), dk = scale c dS^T @ q, dscale = sum_ij dS_ij c_j q_i.k_j.
+def _lse_backward_torch(g_r, g_c, g_pos, targets, q, k, scale, kscale, lse_r, lse_c, scores, diag_off, *, symmetric,
+                        need_dq, need_dk, need_dscale):
+    """dq, dk, dscale of ``sum_i g_i lse_i [+ sum_j h_j lse'_j] [+ sum_i g+_i S_i,t_i]``: with dS = g_i P_ij
+    [+ h_j P'_ij] [+ g+_i at j = t_i] and c_j = kscale_j, dq = scale dS @ (c k), dk = scale c dS^T @ q,
+    dscale = sum_ij dS_ij c_j q_i.k_j.
     dS comes from the kept ``scores`` (P itself for a one-sided LSE, whose ``lse_c`` is empty: :func:`_lse_torch`)
     or from blocks of rows recomputed; ``symmetric`` (k is q) returns dq + dk as dq (two matmuls, not
     (dS + dS^T) @ q: the transposed add costs more than a matmul)."""
@@ -259,7 +260,10 @@ def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, dia
 
     def block_ds(a, b):
         if kept_softmax:
-            return torch.mul(scores, g_r[:, None])
+            ds = torch.mul(scores, g_r[:, None])
+            if g_pos is not None:
+                ds.index_put_((torch.arange(n, device=ds.device), targets), g_pos, accumulate=True)
+            return ds
         s = scores if keep else _scores(qs, ks, a, b, diag_off)
         ds = None
         if g_c is not None:  # col before rows: the row term may overwrite s
@@ -267,6 +271,8 @@ def _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, scores, dia
         if g_r is not None:
             row = (torch.sub(s, lse_r[a:b, None]) if keep else s.sub_(lse_r[a:b, None])).exp_().mul_(g_r[a:b, None])
             ds = row if ds is None else ds.add_(row)
+        if g_pos is not None:  # the positives, where dS is still in the math dtype
+            ds.index_put_((torch.arange(b - a, device=ds.device), targets[a:b]), g_pos[a:b], accumulate=True)
         return ds
 
     # dq: the unscaled sum_j dS_ij c_j k_j (with symmetric in one block, dq + dk at once); dk likewise
@@ -308,70 +314,90 @@ def _transposed(diag_off: Optional[int]) -> Optional[int]:
     return None if diag_off is None else -diag_off
 
 
+def _positive_columns(n: int, offset: int, shift: int, device) -> Tensor:
+    """The positives' columns t_i = offset + (i + shift) mod n of n rows: a shifted diagonal (the kernels'
+    ``_positive_cols``), distinct; an involution when 2 shift = n (NT-Xent's i +- N)."""
+    return torch.arange(shift, shift + n, device=device).remainder_(n).add_(offset)
+
+
 def _lse_impl(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_off: Optional[int],
-              two_sided: bool, symmetric: bool, keep: bool, q_grad: Tensor,
-              k_grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(row LSE (N,), column LSE (M,) or empty, what the backward needs) in the math dtype: the scores
-    (N, M) when ``keep`` (see :func:`_keeps_scores`: the PyTorch path), the kernels' (max, log-sum) pairs of
-    the rows then the columns ((N + M, 2) or (N, 2), ``lse_forward``) on the Triton path, else empty.
-    The math reads ``q`` and ``k``; the gradients go to ``q_grad`` and ``k_grad``, their values in the math
-    dtype (:func:`_lse`)."""
+              two_sided: bool, symmetric: bool, keep: bool, pos_offset: int, pos_shift: int, q_grad: Tensor,
+              k_grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row LSE (N,), column LSE (M,) or empty, what the backward needs, the positives S_i,t_i (N,) or
+    empty) in the math dtype: the scores (N, M) when ``keep`` (see :func:`_keeps_scores`: the PyTorch path),
+    the kernels' (max, log-sum) pairs of the rows then the columns ((N + M, 2) or (N, 2), ``lse_forward``)
+    on the Triton path, else empty. ``pos_offset`` >= 0 names each row's positive, t_i = pos_offset +
+    (i + pos_shift) mod N (:func:`_positive_columns`), whose gradient the backward puts into dS itself.
+    The math reads ``q`` and ``k``; the gradients go to ``q_grad`` and ``k_grad`` (:func:`_lse`)."""
+    pos = scale.new_empty(0)
+    if pos_offset >= 0:
+        t = _positive_columns(q.shape[0], pos_offset, pos_shift, q.device)
+        ks = k.index_select(0, t)
+        pos = _positive(q, ks if kscale is None else ks * kscale.index_select(0, t)[:, None], scale)
     if not keep and use_triton(q, k, scale):
         from .kernels.contrastive import lse_forward
 
         rows, split = lse_forward(q, k, scale, kscale=kscale, diag_off=diag_off)
         if not two_sided:
-            return rows, scale.new_empty(0), split
+            return rows, scale.new_empty(0), split, pos
         cols, cols_split = lse_forward(k, q, scale, kscale=None, diag_off=_transposed(diag_off))
-        return rows, cols, torch.cat((split, cols_split))
-    return _lse_torch(q, k, scale, kscale, diag_off, two_sided, keep)
+        return rows, cols, torch.cat((split, cols_split)), pos
+    return *_lse_torch(q, k, scale, kscale, diag_off, two_sided, keep), pos
 
 
 _lse_op = torch.library.custom_op("fastssl::contrastive_lse", _lse_impl, mutates_args=())
 
 
 @_lse_op.register_fake
-def _(q, k, scale, kscale, diag_off, two_sided, symmetric, keep, q_grad, k_grad):
+def _(q, k, scale, kscale, diag_off, two_sided, symmetric, keep, pos_offset, pos_shift, q_grad, k_grad):
     n, m = q.shape[0], k.shape[0]
     saved = (n, m) if keep else (n + (m if two_sided else 0), 2) if use_triton(q, k, scale) else (0,)
     return (q.new_empty(n, dtype=scale.dtype), q.new_empty(m if two_sided else 0, dtype=scale.dtype),
-            q.new_empty(saved, dtype=scale.dtype))
+            q.new_empty(saved, dtype=scale.dtype), q.new_empty(n if pos_offset >= 0 else 0, dtype=scale.dtype))
 
 
-def _lse_backward_impl(g_r: Optional[Tensor], g_c: Optional[Tensor], q: Tensor, k: Tensor, scale: Tensor,
-                     kscale: Optional[Tensor], lse_r: Tensor, lse_c: Tensor, saved: Tensor, diag_off: Optional[int],
-                     symmetric: bool, need_dq: bool, need_dk: bool, need_dscale: bool,
-                     keep: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _lse_backward_impl(g_r: Optional[Tensor], g_c: Optional[Tensor], g_pos: Optional[Tensor], pos_offset: int,
+                       pos_shift: int, q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], lse_r: Tensor,
+                       lse_c: Tensor, saved: Tensor, diag_off: Optional[int], symmetric: bool, need_dq: bool,
+                       need_dk: bool, need_dscale: bool, keep: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dq or empty, dk or empty, dscale (1,) or empty) in the math dtype; ``symmetric``: dq is the whole
     gradient; ``saved`` is the forward's third output: kept scores (``keep``) take the PyTorch path, the
-    (max, log-sum) pairs the kernels."""
+    (max, log-sum) pairs the kernels; ``g_pos`` (or None) the positives' gradient (:func:`_lse_impl`)."""
+    n = q.shape[0]
+    targets = None if g_pos is None else _positive_columns(n, pos_offset, pos_shift, q.device)
     if keep or not use_triton(q, k, scale):
-        return _lse_backward_torch(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, saved if keep else saved[:0],
-                                   diag_off, symmetric=symmetric, need_dq=need_dq, need_dk=need_dk,
-                                   need_dscale=need_dscale)
+        return _lse_backward_torch(g_r, g_c, g_pos, targets, q, k, scale, kscale, lse_r, lse_c,
+                                   saved if keep else saved[:0], diag_off, symmetric=symmetric, need_dq=need_dq,
+                                   need_dk=need_dk, need_dscale=need_dscale)
 
     from .kernels.contrastive import lse_backward_rows
 
     acc = scale.dtype
     lse_r, lse_c = saved[:q.shape[0]], saved[q.shape[0]:]  # the rows' and columns' pairs
     dq, dk, dscale = scale.new_empty(0), scale.new_empty(0), scale.new_empty(0)
+    row_pos = col_pos = None
+    if g_pos is not None:  # the rows' positives, and the keys' (the inverse map: key t_i's positive is row i)
+        row_pos = (g_pos + g_pos.index_select(0, targets) if symmetric else g_pos, 0, n, pos_shift, pos_offset)
+        if need_dk and not symmetric:
+            col_pos = (g_pos.new_zeros(k.shape[0]).index_copy_(0, targets, g_pos), pos_offset, n,
+                       (n - pos_shift) % n, 0)
     if symmetric:  # S is symmetric: dZ_i = scale sum_j (g_i P_ij + g_j P_ji) z_j, one row-parallel pass
-        if need_dq:
+        if need_dq:  # (the positives pair rows: t_t_i = i, so (i, t_i) and (t_i, i) meet in row i's weight)
             dq, _ = lse_backward_rows(q, k, scale, lse_r, g_r, lse_r, g_r, kscale=None, diag_off=diag_off,
-                                      need_dscale=False)
+                                      positives=row_pos, need_dscale=False)
         return dq, dk, dscale
     rows_lse, rows_g = (lse_r, g_r) if g_r is not None else (None, None)
     cols_lse, cols_g = (lse_c, g_c) if g_c is not None else (None, None)
     if need_dq or need_dscale:
         dq, partial = lse_backward_rows(q, k, scale, rows_lse, rows_g, cols_lse, cols_g, kscale=kscale,
-                                        diag_off=diag_off, need_dscale=need_dscale)
+                                        diag_off=diag_off, positives=row_pos, need_dscale=need_dscale)
         if need_dscale:
             dscale = partial.reshape(1).to(acc)
         if not need_dq:
             dq = scale.new_empty(0)
     if need_dk:  # the same kernel with the roles of q and k swapped: column-parallel
         dk, _ = lse_backward_rows(k, q, scale, cols_lse, cols_g, rows_lse, rows_g, kscale=None,
-                                  diag_off=_transposed(diag_off), need_dscale=False)
+                                  diag_off=_transposed(diag_off), positives=col_pos, need_dscale=False)
     return dq, dk, dscale
 
 
@@ -379,37 +405,40 @@ _lse_backward_op = torch.library.custom_op("fastssl::contrastive_lse_backward", 
 
 
 @_lse_backward_op.register_fake
-def _(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, saved, diag_off, symmetric, need_dq, need_dk, need_dscale, keep):
+def _(g_r, g_c, g_pos, pos_offset, pos_shift, q, k, scale, kscale, lse_r, lse_c, saved, diag_off, symmetric, need_dq,
+      need_dk, need_dscale, keep):
     return (q.new_empty(q.shape if need_dq else (0,), dtype=scale.dtype),
             k.new_empty(k.shape if (need_dk and not symmetric) else (0,), dtype=scale.dtype),
             scale.new_empty(1 if need_dscale else 0))
 
 
 def _lse_setup(ctx, inputs, output):
-    q, k, scale, kscale, diag_off, two_sided, symmetric, keep, q_grad, k_grad = inputs
+    q, k, scale, kscale, diag_off, two_sided, symmetric, keep, pos_offset, pos_shift, q_grad, k_grad = inputs
     ctx.diag_off, ctx.symmetric, ctx.two_sided, ctx.keep = diag_off, symmetric, two_sided, keep
+    ctx.positives = (pos_offset, pos_shift)
     ctx.needs = (q_grad.requires_grad or (symmetric and k_grad.requires_grad),
                  k_grad.requires_grad and not symmetric, scale.requires_grad)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros of its shape
-    ctx.save_for_backward(q, k, scale, kscale, *output)
+    ctx.save_for_backward(q, k, scale, kscale, *output[:3])
 
 
 @first_order("fastssl's contrastive LSE (info_nce, nt_xent, moco_loss, clip_loss, supcon_loss)")
-def _lse_backward(ctx, g_rows, g_cols, g_scores, backward_op=_lse_backward_op):
+def _lse_backward(ctx, g_rows, g_cols, g_scores, g_positives, backward_op=_lse_backward_op):
     """The scores are an implementation detail (no gradient flows through them)."""
     q, k, scale, kscale, lse_r, lse_c, saved = ctx.saved_tensors
     need_dq, need_dk, need_dscale = ctx.needs
     acc = scale.dtype
     g_r = None if g_rows is None else g_rows.to(acc).contiguous()
     g_c = None if (g_cols is None or not ctx.two_sided) else g_cols.to(acc).contiguous()
-    if not (need_dq or need_dk or need_dscale) or (g_r is None and g_c is None):
-        return (None,) * 10
-    if g_r is None:  # only the column LSE was used: its own row term is zero
+    g_pos = None if (g_positives is None or ctx.positives[0] < 0) else g_positives.to(acc).contiguous()
+    if not (need_dq or need_dk or need_dscale) or (g_r is None and g_c is None and g_pos is None):
+        return (None,) * 12
+    if g_r is None:  # only the column LSE or the positives were used: the row term is zero
         g_r = torch.zeros_like(lse_r)
-    dq, dk, dscale = backward_op(g_r, g_c, q, k, scale, kscale, lse_r, lse_c, saved, ctx.diag_off,
-                                 symmetric=ctx.symmetric, need_dq=need_dq, need_dk=need_dk,
+    dq, dk, dscale = backward_op(g_r, g_c, g_pos, *ctx.positives, q, k, scale, kscale, lse_r, lse_c, saved,
+                                 ctx.diag_off, symmetric=ctx.symmetric, need_dq=need_dq, need_dk=need_dk,
                                  need_dscale=need_dscale, keep=ctx.keep)
-    return (None, None, dscale if need_dscale else None, None, None, None, None, None,
+    return (None, None, dscale if need_dscale else None, None, None, None, None, None, None, None,
             dq if need_dq else None, dk if (need_dk and not ctx.symmetric) else None)
 
 
@@ -425,15 +454,33 @@ def _lse(q: Tensor, k: Tensor, scale: Tensor, *, kscale: Optional[Tensor] = None
     the backward where it pays. A loss takes its positives from the last two: near convergence the LSE's
     gradient and the positive's (each ~|k| / T) nearly cancel, so they are summed in the math dtype and
     rounded to the features' dtype once (autograd adds an input's gradients in its own dtype: rounded
-    first, a bf16 query's gradient was off by more than its size at a loss of 1e-3)."""
-    op = _lse_op if torch.compiler.is_compiling() else _LseFunction.apply
-    keep = _keeps_scores(q.shape[0], k.shape[0], q, k, scale)
+    first, a bf16 query's gradient was off by more than its size at a loss of 1e-3). Positives at one
+    column a row: :func:`_lse_and_positives`."""
     q_grad = _in_math_dtype(q, scale.dtype)
     k_grad = q_grad if k is q else _in_math_dtype(k, scale.dtype)
+    rows, cols, _ = _call_lse(q, k, scale, kscale, diag_off, two_sided, symmetric, (-1, 0), q_grad, k_grad)
+    return rows, cols, q_grad, k_grad
+
+
+def _lse_and_positives(q: Tensor, k: Tensor, scale: Tensor, offset: int, *, shift: int = 0,
+                       diag_off: Optional[int] = None, two_sided: bool = False,
+                       symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(row LSE, column LSE or empty, the positives S_i,t_i) of the op with t_i = offset + (i + shift) mod N
+    (:func:`_positive_columns`; 2 shift = N when ``symmetric``), the positives' gradient formed with the
+    LSE's inside dS (in the kernels, before dS is rounded to bf16/fp16 for the tensor-core product: near
+    convergence g P_ii - g is small, and P_ii rounded first is off by more than it)."""
+    return _call_lse(q, k, scale, None, diag_off, two_sided, symmetric, (offset, shift), q, q if k is q else k)
+
+
+def _call_lse(q, k, scale, kscale, diag_off, two_sided, symmetric, positives, q_grad, k_grad):
+    """The op's outputs but the backward's saved tensor, the scores kept for the backward where it pays."""
+    op = _lse_op if torch.compiler.is_compiling() else _LseFunction.apply
+    keep = _keeps_scores(q.shape[0], k.shape[0], q, k, scale)
     q_math = q.detach()
     k_math = q_math if k is q else k.detach()
-    rows, cols, _ = op(q_math, k_math, scale, kscale, diag_off, two_sided, symmetric, keep, q_grad, k_grad)
-    return rows, cols, q_grad, k_grad
+    rows, cols, _, pos = op(q_math, k_math, scale, kscale, diag_off, two_sided, symmetric, keep, *positives, q_grad,
+                            k_grad)
+    return rows, cols, pos
 
 
 _lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
@@ -484,8 +531,8 @@ class _KeptNTXent(torch.autograd.Function):
         u, norm, unclamped, scale, lse, p = ctx.saved_tensors
         n = u.shape[0] // 2
         g = g.to(scale.dtype).contiguous()
-        du, _, _ = _lse_backward_torch(g, None, u, u, scale, None, lse, lse.new_empty(0), p, 0, symmetric=True,
-                                       need_dq=True, need_dk=False, need_dscale=False)
+        du, _, _ = _lse_backward_torch(g, None, None, None, u, u, scale, None, lse, lse.new_empty(0), p, 0,
+                                       symmetric=True, need_dq=True, need_dk=False, need_dscale=False)
         gp = ((g[:n] + g[n:]) * scale)[:, None]
         du[:n].addcmul_(gp, u[n:], value=-1)
         du[n:].addcmul_(gp, u[:n], value=-1)
@@ -648,7 +695,6 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
         if m < n:
             raise ValueError(f"default targets arange(N) need key to have at least N={n} rows, got key shape "
                              f"{tuple(key.shape)}; pass targets")
-        targets = torch.arange(n, device=query.device)
     else:
         if not isinstance(targets, Tensor):
             raise TypeError(f"targets must be a LongTensor of shape ({n},), got {type(targets).__name__}")
@@ -664,11 +710,15 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
                              f"[{int(targets.min())}, {int(targets.max())}]")
     scale = _scale_from_temperature(temperature, query)
     q, k = _normalized(query, normalize), _normalized(key, normalize)
+    offset = 0
     if _gathers(gather_distributed):
         k, rank = _gather(k)
-        targets = targets + rank * m
-    lse, _, q, k = _lse(q, k, scale)
-    pos = _positive(q, k.index_select(0, targets), scale)
+        offset = rank * m
+    if targets is None:  # the diagonal: the positives join the op's dS
+        lse, _, pos = _lse_and_positives(q, k, scale, offset)
+    else:  # any columns (repeats too): positives by autograd, added in the math dtype
+        lse, _, q, k = _lse(q, k, scale)
+        pos = _positive(q, k.index_select(0, targets + offset), scale)
     return _reduce(lse - pos, reduction)
 
 
@@ -718,16 +768,16 @@ def _nt_xent(z1: Tensor, z2: Tensor, scale: Tensor, normalize: bool, reduction: 
         # is its positive gives exactly 0, as lightly's cross-entropy does); kept for the backward if needed
         return _reduce(_KeptNTXent.apply(z1, z2, scale, normalize), reduction)
     z = torch.cat((_normalized(z1, normalize), _normalized(z2, normalize)))
+    n = z1.shape[0]  # row i's positive: i + N mod 2N (z1's row i pairs z2's row i)
     if gather:
         # Keys: every rank's cat(z1, z2) block in rank order (a permutation of the global batch, which
         # leaves each row's softmax unchanged); this rank's rows sit at rank * 2N, so its own column is
         # row + rank * 2N.
         keys, rank = _gather(z)
-        lse, _, z, _ = _lse(z, keys, scale, diag_off=rank * z.shape[0])
+        lse, _, pos = _lse_and_positives(z, keys, scale, rank * rows, shift=n, diag_off=rank * rows)
     else:
-        lse, _, z, _ = _lse(z, z, scale, diag_off=0, symmetric=True)
-    a, b = z.chunk(2)
-    return _reduce(lse - torch.cat((_positive(a, b, scale), _positive(b, a, scale))), reduction)
+        lse, _, pos = _lse_and_positives(z, z, scale, 0, shift=n, diag_off=0, symmetric=True)
+    return _reduce(lse - pos, reduction)
 
 
 def moco_loss(query: Tensor, key: Tensor, queue: Tensor, *, temperature: float = 0.07, normalize: bool = True,
@@ -818,15 +868,16 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, nor
     _check_options(normalize, reduction, gather_distributed)
     scale = _scalar("logit_scale", logit_scale, image_features, positive=True)
     img, txt = _normalized(image_features, normalize), _normalized(text_features, normalize)
+    n = img.shape[0]
     if _gathers(gather_distributed):
-        all_txt, _ = _gather(txt)
-        all_img, _ = _gather(img)  # the positives are this rank's own pairs (rank * N + i)
-        lse_img, _, img, _ = _lse(img, all_txt, scale)
-        lse_txt, _, txt, _ = _lse(txt, all_img, scale)
+        all_txt, rank = _gather(txt)
+        all_img, _ = _gather(img)
+        lse_img, _, pos_img = _lse_and_positives(img, all_txt, scale, rank * n)  # this rank's own pairs
+        lse_txt, _, pos_txt = _lse_and_positives(txt, all_img, scale, rank * n)
     else:
-        lse_img, lse_txt, img, txt = _lse(img, txt, scale, two_sided=True)
-    pos = _positive(img, txt, scale)
-    return _reduce(0.5 * ((lse_img - pos) + (lse_txt - pos)), reduction)
+        lse_img, lse_txt, pos_img = _lse_and_positives(img, txt, scale, 0, two_sided=True)
+        pos_txt = pos_img
+    return _reduce(0.5 * ((lse_img - pos_img) + (lse_txt - pos_txt)), reduction)
 
 
 # ----------------------------------------------------------------------------------------------------

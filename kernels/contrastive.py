@@ -15,6 +15,15 @@ One kernel family serves every loss (``fastssl/contrastive.py`` composes them):
   ``dZ`` from one launch with both terms and ``lse' = lse``, ``h = g``. With ``need_dscale`` each program
   writes ``sum_j dS_ij c_j (q_i . k_j) = q_i . (sum_j dS_ij c_j k_j)`` (from its gradient accumulator) for
   its rows to per-row partials, summed afterwards in a fixed order (deterministic, no atomics).
+  A loss whose positives lie on a shifted diagonal (InfoNCE's i, CLIP's, NT-Xent's i + N mod 2N, and from the
+  keys' side their inverses: ``_positive_cols``) hands their weights in too: dS_i,t_i gains w_i in fp32,
+  before dS is rounded to bf16/fp16 (or tf32) for the tensor-core product. Near convergence g P_ii and the
+  positive's -g nearly cancel; subtracted after the kernel, a bf16 P_ii of 0.999 was off by up to 1 - P_ii
+  (gradients 14-31% off, 0.3-0.7% now). The exact kernels (fp32, fp64) never round dS: their launcher adds
+  the positives to dq (the code in their loop cost them 16-32 B of spills). The positives' tiles join the
+  masked band (``_band``, two ranges: the excluded diagonal and the positives), so the unmasked loop is
+  unchanged; the span is computed from the launch's scalars, which keeps the tile walk in uniform
+  registers (AOT: 388 SASS instructions a tile for bf16 128 x 64 x 64, from 384).
   The swapped launches recompute a score with its operands swapped (k_j . q_i for the forward's q_i . k_j);
   a tensor core rounds both alike (bf16/fp16/tf32 products exact in fp32, one order over D), so each
   exp2(s - max) is the forward's own even at T = 1e-6, where an ulp of a score is 6% of P (the test models
@@ -156,50 +165,70 @@ def _key_scale(ks_ptr, cols, col_mask, ACC: tl.constexpr, MASKED: tl.constexpr):
 
 @device_function
 @triton.jit
-def _band(row0, diag_off, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Which key tiles need masks, for the rows row0 .. row0 + BLOCK_M: the tiles [lo, hi) meet their
-    excluded columns row + diag_off, and the tile from ``full`` (the end of the whole tiles) meets M. Every
-    other tile is whole and holds no excluded column: it runs without masks (the fused-attention tutorial's
-    split of diagonal and off-diagonal blocks)."""
-    full = (M // BLOCK_N) * BLOCK_N
-    start = tl.maximum(row0 + diag_off, 0)
-    end = tl.maximum(row0 + diag_off + BLOCK_M, 0)
-    lo = tl.minimum((start // BLOCK_N) * BLOCK_N, full)
-    hi = tl.maximum(tl.minimum(tl.cdiv(end, BLOCK_N) * BLOCK_N, full), lo)
-    return lo, hi, full
+def _tiles_of(start, end, full, BLOCK_N: tl.constexpr):
+    """The whole key tiles [lo, hi) that hold any of the columns [start, end), clipped to [0, full)."""
+    lo = tl.minimum((tl.maximum(start, 0) // BLOCK_N) * BLOCK_N, full)
+    hi = tl.maximum(tl.minimum(tl.cdiv(tl.maximum(end, 0), BLOCK_N) * BLOCK_N, full), lo)
+    return lo, hi
 
 
 @device_function
 @triton.jit
-def _tile_start(t, lo, hi, full, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """The first key of the t-th tile of one kind: unmasked tiles are [0, lo) then [hi, full); masked ones
-    [lo, hi) then the partial tile at ``full``."""
+def _band(row0, diag_off, plo, phi, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which key tiles need masks, for the rows row0 .. row0 + BLOCK_M: the whole tiles that meet their
+    excluded columns row + diag_off or hold one of the columns [plo, phi) (the rows' positives, in the
+    backward; plo >= phi: none), and the partial tile from ``full`` (the end of the whole tiles) that meets M.
+    Every other tile is whole and holds neither: it runs without masks (the fused-attention tutorial's
+    split of diagonal and off-diagonal blocks). Returns the two bands as ordered disjoint ranges of whole
+    tiles, lo <= hi <= lo2 <= hi2 <= full (an empty one has zero width), and full."""
+    full = (M // BLOCK_N) * BLOCK_N
+    lo, hi = _tiles_of(row0 + diag_off, row0 + diag_off + BLOCK_M, full, BLOCK_N)
+    lo2, hi2 = _tiles_of(plo, phi, full, BLOCK_N)
+    lo2, hi2 = tl.where(hi2 > lo2, lo2, hi), tl.where(hi2 > lo2, hi2, hi)  # an empty band after the other
+    lo, hi = tl.where(hi > lo, lo, lo2), tl.where(hi > lo, hi, lo2)
+    first = lo <= lo2
+    lo, hi, lo2, hi2 = (tl.where(first, lo, lo2), tl.where(first, hi, hi2), tl.where(first, lo2, lo),
+                        tl.where(first, hi2, hi))
+    touch = lo2 <= hi  # overlapping or adjacent: one band
+    hi = tl.where(touch, tl.maximum(hi, hi2), hi)
+    lo2, hi2 = tl.where(touch, hi, lo2), tl.where(touch, hi, hi2)
+    return lo, hi, lo2, hi2, full
+
+
+@device_function
+@triton.jit
+def _tile_start(t, lo, hi, lo2, hi2, full, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """The first key of the t-th tile of one kind: unmasked tiles are [0, lo), [hi, lo2) then [hi2, full);
+    masked ones [lo, hi), [lo2, hi2) then the partial tile at ``full``."""
     if MASKED:
         col0 = lo + t * BLOCK_N
-        return col0 + (col0 >= hi).to(tl.int32) * (full - hi)
+        col0 = col0 + (col0 >= hi).to(tl.int32) * (lo2 - hi)
+        return col0 + (col0 >= hi2).to(tl.int32) * (full - hi2)
     else:
         col0 = t * BLOCK_N
-        return col0 + (col0 >= lo).to(tl.int32) * (hi - lo)
+        col0 = col0 + (col0 >= lo).to(tl.int32) * (hi - lo)
+        return col0 + (col0 >= lo2).to(tl.int32) * (hi2 - lo2)
 
 
 @device_function
 @triton.jit
-def _tile_counts(lo, hi, full, M, BLOCK_N: tl.constexpr):
+def _tile_counts(lo, hi, lo2, hi2, full, M, BLOCK_N: tl.constexpr):
     """(unmasked tiles, masked tiles) of a row block (``_band``)."""
-    return (full - (hi - lo)) // BLOCK_N, (hi - lo) // BLOCK_N + tl.cdiv(M - full, BLOCK_N)
+    banded = (hi - lo) + (hi2 - lo2)
+    return (full - banded) // BLOCK_N, banded // BLOCK_N + tl.cdiv(M - full, BLOCK_N)
 
 
 @device_function
 @triton.jit
 def _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks, n_tiles,
-               lo, hi, full, lq, lk_ptr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+               lo, hi, lo2, hi2, full, lq, lk_ptr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                D_LOOP: tl.constexpr, KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, LABELS: tl.constexpr):
     """The online log-sum-exp (base 2) over ``n_tiles`` key tiles of one kind (``_tile_start``); with
     ``LABELS`` over the keys whose label (at ``lk_ptr``) differs from the row's (``lq``) only: the
     negatives of the supervised NT-Xent."""
     for t in range(0, n_tiles):
-        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
+        col0 = _tile_start(t, lo, hi, lo2, hi2, full, BLOCK_N, MASKED)
         cols = col0 + tl.arange(0, BLOCK_N)
         col_mask = cols < M
         s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
@@ -235,13 +264,13 @@ def _row_lse2(q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, diag_of
     subtracts the max first and then the log-sum recomputes each P_ij as the forward summed it."""
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)
-    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
-    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    lo, hi, lo2, hi2, full = _band(row0, diag_off, 0, 0, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, lo2, hi2, full, M, BLOCK_N)
     m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
-                          n_plain, lo, hi, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
+                          n_plain, lo, hi, lo2, hi2, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
                           BLOCK_N, False, LABELS)
     m_i, l_i = _fwd_tiles(m_i, l_i, q, q_ptr, k_ptr, ks_ptr, scale2, row0, row_mask, excluded, N, M, n_chunks,
-                          n_masked, lo, hi, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
+                          n_masked, lo, hi, lo2, hi2, full, lq, lk_ptr, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M,
                           BLOCK_N, True, LABELS)
     return m_i, tl.log2(l_i)
 
@@ -266,14 +295,14 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, lse_ptr, split_ptr, N, M, n
 
 @device_function
 @triton.jit
-def _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full, ACC: tl.constexpr,
+def _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, lo2, hi2, full, ACC: tl.constexpr,
               DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """The t-th key tile of one kind in a backward (every backward kernel's loop head): (its columns, their
     mask, the key tile of this program's feature chunk, the scores q . k recomputed: from the resident query
     block, where the key tile loaded once serves both products, or summed over the feature chunks)."""
     cols_l = tl.arange(0, BLOCK_N)
-    col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
+    col0 = _tile_start(t, lo, hi, lo2, hi2, full, BLOCK_N, MASKED)
     cols = col0 + cols_l
     col_mask = cols < M
     kt = _rows(k_ptr + (chunk * M + col0) * BLOCK_D, cols_l, col_mask, BLOCK_D, MASKED)
@@ -287,16 +316,50 @@ def _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi,
 
 @device_function
 @triton.jit
-def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, scale2, max_r, g_r, row0, row_mask, excluded,
-               chunk, N, M, n_chunks, n_tiles, lo, hi, full, row_term, col_term, ACC: tl.constexpr,
-               DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, KSCALE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _positive_cols(rows, rbase, period, shift, cbase):
+    """The positive's column of each row on a shifted diagonal: rbase <= r < rbase + period has
+    cbase + (r - rbase + shift) mod period (0 <= shift < period), other rows -1 (none). Every loss's positives
+    are one: InfoNCE's and CLIP's i (+ rank offset), NT-Xent's i + N mod 2N, and, seen from the keys, their
+    inverses."""
+    x = rows - rbase + shift
+    x = tl.where(x >= period, x - period, x)
+    return tl.where((rows >= rbase) & (rows < rbase + period), cbase + x, -1)
+
+
+@device_function
+@triton.jit
+def _positive_span(row0, N, rbase, period, shift, cbase, M, BLOCK_M: tl.constexpr):
+    """The columns [plo, phi) of the positives (``_positive_cols``) of the rows row0 .. row0 + BLOCK_M (all
+    the period's where they wrap in the block); empty (M, 0) without positives (period 0). Scalars of the
+    launch's arguments: the compiler keeps the tile walk in uniform registers (a span reduced from a
+    loaded vector put it in every thread's: 75 more SASS instructions a tile)."""
+    a = tl.maximum(row0, rbase)
+    b = tl.minimum(tl.minimum(row0 + BLOCK_M, N), rbase + period)
+    u = a - rbase + shift
+    u = tl.where(u >= period, u - period, u)
+    wrap = u + (b - a) > period
+    some = (a < b) & (period > 0)
+    return (tl.where(some, tl.where(wrap, cbase, cbase + u), M),
+            tl.where(some, tl.where(wrap, cbase + period, cbase + u + (b - a)), 0))
+
+
+@device_function
+@triton.jit
+def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, gpos_ptr, scale2, max_r, g_r, row0, row_mask,
+               excluded, chunk, N, M, n_chunks, n_tiles, lo, hi, lo2, hi2, full, row_term, col_term, pos_rbase,
+               pos_period, pos_shift, pos_cbase, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+               D_LOOP: tl.constexpr, KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, POSITIVES: tl.constexpr):
     """acc += dS @ k over ``n_tiles`` key tiles of one kind: the scores recomputed (from the resident query
     block: the key tile loaded once serves both products), dS formed in registers as g P = (g / l)
-    exp2(s2 - max), as the forward summed it (``_row_lse2``): the weights g come divided by l."""
+    exp2(s2 - max), as the forward summed it (``_row_lse2``): the weights g come divided by l. With
+    positives (``pos_period`` > 0, ``_positive_cols``) each row's weight (at ``gpos_ptr``) joins dS at its
+    positive's column (in a masked tile: ``_band``) before dS is rounded to the features' dtype: near
+    convergence g P_ii and the positive's -g nearly cancel, and rounded first P_ii = 0.999 moved by as
+    much as 1 - P_ii in bf16."""
     for t in range(0, n_tiles):
-        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full,
-                                          ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
+        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, lo2,
+                                          hi2, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
         if KSCALE:
             c = _key_scale(ks_ptr, cols, col_mask, ACC, MASKED)
             s = s * (scale2 * c)[None, :]
@@ -317,6 +380,12 @@ def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, scale2, max_r, 
                 max_c = tl.load(max_c_ptr + cols).to(ACC)
                 g_c = tl.load(g_c_ptr + cols).to(ACC)
             ds += g_c[None, :] * tl.exp2(s - max_c[None, :])
+        if MASKED and POSITIVES:
+            if pos_period > 0:
+                rows = row0 + tl.arange(0, BLOCK_M)
+                pos = _positive_cols(rows, pos_rbase, pos_period, pos_shift, pos_cbase)
+                gpos = tl.load(gpos_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+                ds += tl.where(cols[None, :] == pos[:, None], gpos[:, None], 0.0)
         if KSCALE:
             ds = ds * c[None, :]
         acc += dot_acc(ds.to(kt.dtype), kt, ACC, DOT_PREC)
@@ -324,8 +393,9 @@ def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, scale2, max_r, 
 
 
 @triton.jit
-def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, max_r_ptr, g_r_ptr, max_c_ptr, g_c_ptr, dq_ptr, dscale_ptr,
-                    N, M, n_chunks, diag_off, row_term, col_term, need_dscale, n_bucket, m_bucket,
+def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, max_r_ptr, g_r_ptr, max_c_ptr, g_c_ptr, gpos_ptr, dq_ptr,
+                    dscale_ptr, N, M, n_chunks, diag_off, pos_rbase, pos_period, pos_shift, pos_cbase, row_term,
+                    col_term, need_dscale, n_bucket, m_bucket,
                     ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
                     KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One (BLOCK_M, BLOCK_D) fp32 accumulator of dq per program: the feature chunk program_id(1) of the
@@ -342,14 +412,21 @@ def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, max_r_ptr, g_r_ptr, max_c_p
         max_r = tl.load(max_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
         g_r = tl.load(g_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
-    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
-    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
-    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, scale2, max_r, g_r, row0, row_mask,
-                     excluded, chunk, N, M, n_chunks, n_plain, lo, hi, full, row_term, col_term, ACC, DOT_PREC,
-                     BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, False)
-    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, scale2, max_r, g_r, row0, row_mask,
-                     excluded, chunk, N, M, n_chunks, n_masked, lo, hi, full, row_term, col_term, ACC, DOT_PREC,
-                     BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N, True)
+    # Positives where dS is rounded for the product (bf16/fp16, tf32); the exact kernels' dS stays in the math
+    # dtype and their launcher adds them after (the code here cost them 16-32 B of spills), as MoCo's queue
+    # (KSCALE) holds none.
+    POSITIVES: tl.constexpr = not KSCALE and (DOT_PREC == "tf32" or q_ptr.dtype.element_ty != ACC)
+    plo, phi = _positive_span(row0, N, pos_rbase, pos_period, pos_shift, pos_cbase, M, BLOCK_M)
+    lo, hi, lo2, hi2, full = _band(row0, diag_off, plo, phi, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, lo2, hi2, full, M, BLOCK_N)
+    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, gpos_ptr, scale2, max_r, g_r, row0, row_mask,
+                     excluded, chunk, N, M, n_chunks, n_plain, lo, hi, lo2, hi2, full, row_term, col_term, pos_rbase,
+                     pos_period, pos_shift, pos_cbase, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N,
+                     False, POSITIVES)
+    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, gpos_ptr, scale2, max_r, g_r, row0, row_mask,
+                     excluded, chunk, N, M, n_chunks, n_masked, lo, hi, lo2, hi2, full, row_term, col_term, pos_rbase,
+                     pos_period, pos_shift, pos_cbase, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N,
+                     True, POSITIVES)
     tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
              (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
     if need_dscale != 0:
@@ -411,7 +488,9 @@ KEY = ["n_bucket", "m_bucket", "n_chunks"]
 # counts, their buckets and diag_off (0 for NT-Xent, M for InfoNCE/CLIP) are multiples of 16, and Triton
 # specializes them so; n_chunks (1, 2 or 4 feature chunks) and the flags are not.
 _FWD_ARGS = ["N:16", "M:16", "n_chunks", "diag_off:16", "n_bucket:16", "m_bucket:16"]
-_BWD_ARGS = _FWD_ARGS + ["row_term", "col_term", "need_dscale"]
+# The positives' diagonal (``_positive_cols``): 0 or the row counts at those shapes, and 0 without positives.
+_BWD_ARGS = _FWD_ARGS + ["pos_rbase:16", "pos_period:16", "pos_shift:16", "pos_cbase:16", "row_term", "col_term",
+                         "need_dscale"]
 
 
 def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), kscales=(False, True), **flags):
@@ -437,7 +516,7 @@ _TF32 = [(torch.float32, "tf32")]
 _EXACT = [(torch.float32, "ieee"), (torch.float64, "ieee")]
 _FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr", "split_ptr"])
 _BWD_PTRS = (["q_ptr", "k_ptr"], ["dq_ptr", "scale_ptr", "ks_ptr", "max_r_ptr", "g_r_ptr", "max_c_ptr", "g_c_ptr",
-                                   "dscale_ptr"])
+                                   "gpos_ptr", "dscale_ptr"])
 # (key, BLOCK_D, kinds, chip families, KSCALE values): the resident widths, then the chunked kernels
 _ANY = (False, True)
 _KINDS = ((128, 128, _TF32 + _HALF, (), _ANY), (256, 256, _HALF, (), _ANY),
@@ -527,12 +606,17 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=No
     return lse, split
 
 
-def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag_off=None, *, need_dscale=False):
+def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag_off=None, positives=None, *,
+                      need_dscale=False):
     """Launch ``_lse_bwd_kernel`` over the rows of ``q``: returns (dq (N, D) in the math dtype (scale's),
     dscale or None).
     ``split_r`` (N, 2) (:func:`lse_forward`'s) and ``g_r`` (N,) give the row term, ``split_c`` (M, 2) and
     ``g_c`` (M,) the column term; either pair may be None. The kernel reads each max and g / l, l =
-    exp2(log-sum) (two small passes here, and no more registers in its loop than one LSE took)."""
+    exp2(log-sum) (two small passes here, and no more registers in its loop than one LSE took).
+    ``positives`` None or (weights (N,) in the math dtype, rbase, period, shift, cbase): row i's positive
+    column on a shifted diagonal (``_positive_cols``) gains weight_i in dS, in the kernel before dS is
+    rounded to bf16/fp16/tf32; the exact kernels' dS is not rounded, and their positives' w_i scale k_t_i is
+    added to dq here (O(N D)). No positives with ``kscale`` (MoCo's queue)."""
     n, d = q.shape
     m = k.shape[0]
     key, bd, loop = _pick_backward(q, kscale is not None)
@@ -546,15 +630,38 @@ def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag
     max_c, g_c = _max_and_weight(split_c, g_c) if col_term else (None, None)
     dummy = scale  # never read when its term is off
     partials = torch.empty(chunks, n, dtype=scale.dtype, device=q.device) if need_dscale else dummy
+    if positives is not None and kscale is not None:
+        raise ValueError("positives on a key-scaled launch (MoCo's queue holds no positive)")
+    # in the kernel where it rounds dS for the product (its POSITIVES): bf16/fp16 features, or tf32 products
+    inside = positives is not None and (q.dtype in (torch.float16, torch.bfloat16) or dot_precision(q.dtype) == "tf32")
+    rbase, period, shift, cbase = positives[1:] if inside else (0, 0, 0, 0)  # period 0: none
     launch(_bwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks), config=INTERPRET_CONFIG,
            q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=dummy if kscale is None else kscale,
            max_r_ptr=max_r if row_term else dummy,
            g_r_ptr=g_r if row_term else dummy, max_c_ptr=max_c if col_term else dummy,
-           g_c_ptr=g_c if col_term else dummy, dq_ptr=dq, dscale_ptr=partials, N=n, M=m, n_chunks=chunks,
-           diag_off=off, row_term=int(row_term), col_term=int(col_term), need_dscale=int(need_dscale),
+           g_c_ptr=g_c if col_term else dummy, gpos_ptr=positives[0] if inside else dummy, dq_ptr=dq,
+           dscale_ptr=partials, N=n, M=m, n_chunks=chunks, diag_off=off, pos_rbase=rbase, pos_period=period,
+           pos_shift=shift, pos_cbase=cbase, row_term=int(row_term), col_term=int(col_term),
+           need_dscale=int(need_dscale),
            n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype),
            BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None)
-    return _unlayout(dq, n, d, bd), (partials.sum() if need_dscale else None)
+    dq = _unlayout(dq, n, d, bd)
+    if positives is not None and not inside:
+        _add_positives_(dq, partials[0] if need_dscale else None, q, k, scale, *positives)
+    return dq, (partials.sum() if need_dscale else None)
+
+
+def _add_positives_(dq, partial, q, k, scale, w, rbase, period, shift, cbase):
+    """The exact kernels' positives, in place: dq_i += scale w_i k_t_i for the rows with one
+    (``_positive_cols``), and their scale gradient w_i q_i . k_t_i to the per-row ``partial`` (None: not
+    wanted)."""
+    rows = torch.arange(rbase, min(rbase + period, q.shape[0]), device=q.device)
+    cols = (rows - rbase + shift).remainder_(period).add_(cbase)
+    kt = k.index_select(0, cols).to(dq.dtype)
+    w = w.index_select(0, rows)
+    dq.index_add_(0, rows, (scale * w)[:, None] * kt)
+    if partial is not None:
+        partial.index_add_(0, rows, w * (q.index_select(0, rows).to(dq.dtype) * kt).sum(1))
 
 
 def _max_and_weight(split: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -595,11 +702,11 @@ def _softplus2(t2):
 @device_function
 @triton.jit
 def _sig_tiles(acc, q, q_ptr, k_ptr, scale2, bias2, row0, row_mask, positive, N, M, n_chunks, n_tiles, lo, hi,
-               full, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
+               lo2, hi2, full, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """acc_i += sum_j softplus2(-z_ij l2_ij) over ``n_tiles`` key tiles of one kind (``_tile_start``)."""
     for t in range(0, n_tiles):
-        col0 = _tile_start(t, lo, hi, full, BLOCK_N, MASKED)
+        col0 = _tile_start(t, lo, hi, lo2, hi2, full, BLOCK_N, MASKED)
         cols = col0 + tl.arange(0, BLOCK_N)
         col_mask = cols < M
         s = _scores(q, q_ptr, k_ptr, row0, col0, row_mask, col_mask, N, M, n_chunks, ACC, DOT_PREC,
@@ -621,27 +728,27 @@ def _sig_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, out_ptr, N, M, n_chunks, 
     scale2 = tl.load(scale_ptr).to(ACC) * LOG2E
     bias2 = tl.load(bias_ptr).to(ACC) * LOG2E
     acc = tl.zeros((BLOCK_M,), dtype=ACC)
-    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
-    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    lo, hi, lo2, hi2, full = _band(row0, diag_off, 0, 0, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, lo2, hi2, full, M, BLOCK_N)
     positive = rows + diag_off
     acc = _sig_tiles(acc, q, q_ptr, k_ptr, scale2, bias2, row0, row_mask, positive, N, M, n_chunks, n_plain, lo,
-                     hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, False)
+                     hi, lo2, hi2, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, False)
     acc = _sig_tiles(acc, q, q_ptr, k_ptr, scale2, bias2, row0, row_mask, positive, N, M, n_chunks, n_masked, lo,
-                     hi, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, True)
+                     hi, lo2, hi2, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, True)
     tl.store(out_ptr + rows, acc * LN2, mask=row_mask)
 
 
 @device_function
 @triton.jit
 def _sig_bwd_tiles(acc, db, q, q_ptr, k_ptr, w_ptr, scale2, bias2, w_r, row0, row_mask, positive, chunk, N, M,
-                   n_chunks, n_tiles, lo, hi, full, col_weights, need_dparams, ACC: tl.constexpr,
+                   n_chunks, n_tiles, lo, hi, lo2, hi2, full, col_weights, need_dparams, ACC: tl.constexpr,
                    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """acc += dS @ k (and db_i += sum_j dS_ij) over ``n_tiles`` key tiles of one kind: dS from the recomputed
     scores, sigmoid(l) w off the positive, -sigmoid(-l) w on it."""
     for t in range(0, n_tiles):
-        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full,
-                                          ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
+        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, lo2,
+                                          hi2, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
         t2 = s * scale2 + bias2
         if MASKED:
             pos = cols[None, :] == positive[:, None]
@@ -681,14 +788,14 @@ def _sig_bwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, w_ptr, dq_ptr, dscale_ptr
         w_r = tl.load(w_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     db = tl.zeros((BLOCK_M,), dtype=ACC)
-    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
-    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    lo, hi, lo2, hi2, full = _band(row0, diag_off, 0, 0, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, lo2, hi2, full, M, BLOCK_N)
     positive = rows + diag_off
     acc, db = _sig_bwd_tiles(acc, db, q, q_ptr, k_ptr, w_ptr, scale2, bias2, w_r, row0, row_mask, positive, chunk,
-                             N, M, n_chunks, n_plain, lo, hi, full, col_weights, need_dparams, ACC, DOT_PREC,
+                             N, M, n_chunks, n_plain, lo, hi, lo2, hi2, full, col_weights, need_dparams, ACC, DOT_PREC,
                              BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, False)
     acc, db = _sig_bwd_tiles(acc, db, q, q_ptr, k_ptr, w_ptr, scale2, bias2, w_r, row0, row_mask, positive, chunk,
-                             N, M, n_chunks, n_masked, lo, hi, full, col_weights, need_dparams, ACC, DOT_PREC,
+                             N, M, n_chunks, n_masked, lo, hi, lo2, hi2, full, col_weights, need_dparams, ACC, DOT_PREC,
                              BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, True)
     tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
              (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
@@ -831,13 +938,13 @@ def _sup_ds(s2, same, neg2, w, g):
 @device_function
 @triton.jit
 def _sup_bwd_tiles(acc, q, q_ptr, k_ptr, lk_ptr, neg_c_ptr, w_c_ptr, g_c_ptr, scale2, lq, neg_r, w_r, g_r, row0,
-                   row_mask, excluded, chunk, N, M, n_chunks, n_tiles, lo, hi, full, row_term, col_term,
+                   row_mask, excluded, chunk, N, M, n_chunks, n_tiles, lo, hi, lo2, hi2, full, row_term, col_term,
                    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """acc += dS @ k over ``n_tiles`` key tiles of one kind (``_bwd_tiles``' loop with the labels' dS)."""
     for t in range(0, n_tiles):
-        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, full,
-                                          ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
+        cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, lo2,
+                                          hi2, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
         s2 = s * scale2
         if MASKED:
             lk = tl.load(lk_ptr + cols, mask=col_mask, other=0)
@@ -881,14 +988,14 @@ def _sup_bwd_kernel(q_ptr, k_ptr, scale_ptr, lq_ptr, lk_ptr, neg_r_ptr, w_r_ptr,
         w_r = tl.load(w_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
         g_r = tl.load(g_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
-    lo, hi, full = _band(row0, diag_off, M, BLOCK_M, BLOCK_N)
-    n_plain, n_masked = _tile_counts(lo, hi, full, M, BLOCK_N)
+    lo, hi, lo2, hi2, full = _band(row0, diag_off, 0, 0, M, BLOCK_M, BLOCK_N)
+    n_plain, n_masked = _tile_counts(lo, hi, lo2, hi2, full, M, BLOCK_N)
     acc = _sup_bwd_tiles(acc, q, q_ptr, k_ptr, lk_ptr, neg_c_ptr, w_c_ptr, g_c_ptr, scale * LOG2E, lq, neg_r, w_r,
-                         g_r, row0, row_mask, excluded, chunk, N, M, n_chunks, n_plain, lo, hi, full, row_term,
-                         col_term, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, False)
+                         g_r, row0, row_mask, excluded, chunk, N, M, n_chunks, n_plain, lo, hi, lo2, hi2, full,
+                         row_term, col_term, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, False)
     acc = _sup_bwd_tiles(acc, q, q_ptr, k_ptr, lk_ptr, neg_c_ptr, w_c_ptr, g_c_ptr, scale * LOG2E, lq, neg_r, w_r,
-                         g_r, row0, row_mask, excluded, chunk, N, M, n_chunks, n_masked, lo, hi, full, row_term,
-                         col_term, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, True)
+                         g_r, row0, row_mask, excluded, chunk, N, M, n_chunks, n_masked, lo, hi, lo2, hi2, full,
+                         row_term, col_term, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, True)
     tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
              (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
 
