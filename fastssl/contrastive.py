@@ -314,10 +314,16 @@ def _transposed(diag_off: Optional[int]) -> Optional[int]:
     return None if diag_off is None else -diag_off
 
 
+def diagonal_columns(rows: Tensor, rbase: int, period: int, shift: int, cbase: int) -> Tensor:
+    """Positives on a shifted diagonal: cbase + (r - rbase + shift) mod period for the rows r in
+    [rbase, rbase + period) (the kernels' ``_positive_cols``, whose launcher uses this for the exact kernels)."""
+    return (rows - rbase + shift).remainder_(period).add_(cbase)
+
+
 def _positive_columns(n: int, offset: int, shift: int, device) -> Tensor:
-    """The positives' columns t_i = offset + (i + shift) mod n of n rows: a shifted diagonal (the kernels'
-    ``_positive_cols``), distinct; an involution when 2 shift = n (NT-Xent's i +- N)."""
-    return torch.arange(shift, shift + n, device=device).remainder_(n).add_(offset)
+    """The positives' columns t_i = offset + (i + shift) mod n of n rows (:func:`diagonal_columns`),
+    distinct; an involution when 2 shift = n (NT-Xent's i +- N)."""
+    return diagonal_columns(torch.arange(n, device=device), 0, n, shift, offset)
 
 
 def _lse_impl(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_off: Optional[int],

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from . import distributed
 from .checks import (accumulation_dtype, check_bool, check_choice, check_float, check_int, check_ndim, check_number,
                      check_positive, check_same)
-from .contrastive import (REDUCTIONS, _check_moco, _check_pairs, _check_views, _gathers, _lse, _moco, _nt_xent,
-                          _positive, _scalar, clip_loss, info_nce, moco_loss, nt_xent, siglip_loss, supcon_loss,
+from .contrastive import (REDUCTIONS, _check_moco, _check_pairs, _check_views, _gathers, _lse_and_positives, _moco,
+                          _nt_xent, _scalar, clip_loss, info_nce, moco_loss, nt_xent, siglip_loss, supcon_loss,
                           supervised_nt_xent)
 
 __all__ = ["NTXentLoss", "InfoNCELoss", "MoCoQueue", "CLIPLoss", "CPCLoss", "ClipLoss", "SigLipLoss",
@@ -602,11 +602,11 @@ class ClipLoss(nn.Module):
             scale = _scalar("logit_scale", logit_scale, image_features, positive=True)
             img, txt = image_features, text_features
             all_img, all_txt = (distributed.all_gather_local_grad(t, local_grad=False) for t in (img, txt))
-            lse_img, _, img_grad, _ = _lse(img, all_txt, scale)
-            lse_txt, _, txt_grad, _ = _lse(txt, all_img, scale)
-            per_img = lse_img - _positive(img_grad, txt.detach(), scale)
-            per_txt = lse_txt - _positive(txt_grad, img.detach(), scale)
-            loss = 0.5 * (per_img.mean() + per_txt.mean())
+            # the positives are this rank's pairs among the constant keys: their gradient reaches the rows only
+            own = distributed.rank() * img.shape[0]
+            lse_img, _, pos_img = _lse_and_positives(img, all_txt, scale, own)
+            lse_txt, _, pos_txt = _lse_and_positives(txt, all_img, scale, own)
+            loss = 0.5 * ((lse_img - pos_img).mean() + (lse_txt - pos_txt).mean())
         else:  # the global batch's loss on every rank
             _require_group(self)
             gather = distributed.all_gather_with_grad if self.gather_with_grad else distributed.all_gather_local_grad

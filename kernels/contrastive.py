@@ -397,7 +397,7 @@ def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, max_r_ptr, g_r_ptr, max_c_p
                     dscale_ptr, N, M, n_chunks, diag_off, pos_rbase, pos_period, pos_shift, pos_cbase, row_term,
                     col_term, need_dscale, n_bucket, m_bucket,
                     ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
-                    KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    KSCALE: tl.constexpr, POSITIVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One (BLOCK_M, BLOCK_D) fp32 accumulator of dq per program: the feature chunk program_id(1) of the
     # gradient. Without D_LOOP the query block is all of D (one chunk), resident, and each key tile is
     # loaded once; with it the scores are summed over every chunk (q and k chunks streamed).
@@ -412,10 +412,7 @@ def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, max_r_ptr, g_r_ptr, max_c_p
         max_r = tl.load(max_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
         g_r = tl.load(g_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
-    # Positives where dS is rounded for the product (bf16/fp16, tf32); the exact kernels' dS stays in the math
-    # dtype and their launcher adds them after (the code here cost them 16-32 B of spills), as MoCo's queue
-    # (KSCALE) holds none.
-    POSITIVES: tl.constexpr = not KSCALE and (DOT_PREC == "tf32" or q_ptr.dtype.element_ty != ACC)
+    # POSITIVES (``_positives_in_kernel``): the variants whose dS is rounded for the product take them here
     plo, phi = _positive_span(row0, N, pos_rbase, pos_period, pos_shift, pos_cbase, M, BLOCK_M)
     lo, hi, lo2, hi2, full = _band(row0, diag_off, plo, phi, M, BLOCK_M, BLOCK_N)
     n_plain, n_masked = _tile_counts(lo, hi, lo2, hi2, full, M, BLOCK_N)
@@ -493,10 +490,11 @@ _BWD_ARGS = _FWD_ARGS + ["pos_rbase:16", "pos_period:16", "pos_shift:16", "pos_c
                          "need_dscale"]
 
 
-def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), kscales=(False, True), **flags):
+def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), kscales=(False, True), derived=None, **flags):
     """One variant per (dtype, dot precision) in ``kinds`` and per KSCALE in ``kscales`` (a per-key scale:
     MoCo's queue; None: a kernel without the option); ``ints`` named ``"name:16"`` are declared multiples
-    of 16, ``"name:i64"`` are int64 pointers (labels)."""
+    of 16, ``"name:i64"`` are int64 pointers (labels); ``derived(dtype, prec, kscale)``: constexprs that
+    follow from those (the launcher derives them by the same function)."""
     out = []
     for (dtype, prec), kscale in itertools.product(kinds, kscales or (None,)):
         ty, acc = TL_DTYPE[dtype], ("fp64" if dtype == torch.float64 else "fp32")
@@ -504,6 +502,7 @@ def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), kscales=(False, True
                      **{a.partition(":")[0]: ("*i64" if a.endswith(":i64") else f"*{acc}") for a in acc_ptrs},
                      **{a.partition(":")[0]: "i32" + (":16" if a.endswith(":16") else "") for a in ints}}
         options = {} if kscale is None else {"KSCALE": kscale}
+        options.update(derived(dtype, prec, kscale) if derived else {})
         out.append(variant(signature, archs=archs, ACC=acc_type(dtype), DOT_PREC=prec, BLOCK_D=block,
                            **options, **flags))
     return out
@@ -524,6 +523,16 @@ _KINDS = ((128, 128, _TF32 + _HALF, (), _ANY), (256, 256, _HALF, (), _ANY),
 _BWD_KINDS = ((128, 128, _HALF, HOPPER, _ANY), (256, 256, _HALF, HOPPER, (False,)),
               ("loop", 128, _TF32 + _HALF, (), _ANY), ("exact", LOOP_BLOCK_D, _EXACT, (), _ANY))
 _fwd_kernels, _bwd_kernels = {}, {}
+
+
+def _positives_in_kernel(dtype: torch.dtype, prec: str, kscale: bool) -> bool:
+    """Whether the LSE backward adds the positives inside its dS (its POSITIVES): where it rounds dS for the
+    product (bf16/fp16 features, tf32 products). The exact kernels' dS stays in the math dtype: their
+    launcher adds the positives to dq after (in their loop the code cost them 16-32 B of spills); MoCo's
+    queue (the key scale) holds none. One rule for the compiled variants and the launcher."""
+    return not kscale and (dtype in (torch.float16, torch.bfloat16) or prec == "tf32")
+
+
 for _key, _bd, _kinds, _archs, _kscales in _KINDS:
     _fwd_kernels[_key] = register(
         autotune(FWD_CONFIGS[_key], key=KEY)(_lse_fwd_kernel), configs=FWD_CONFIGS[_key], uses_dot=True,
@@ -532,7 +541,8 @@ for _key, _bd, _kinds, _archs, _kscales in _BWD_KINDS:
     _bwd_kernels[_key] = register(
         autotune(BWD_CONFIGS[_key], key=KEY, keep=_keep_backward)(_lse_bwd_kernel), configs=BWD_CONFIGS[_key],
         uses_dot=True, keep=_keep_backward,
-        variants=_variants(*_BWD_PTRS, _BWD_ARGS, _bd, _kinds, _archs, _kscales, D_LOOP=_key in ("loop", "exact")))
+        variants=_variants(*_BWD_PTRS, _BWD_ARGS, _bd, _kinds, _archs, _kscales, D_LOOP=_key in ("loop", "exact"),
+                           derived=lambda *kind: {"POSITIVES": _positives_in_kernel(*kind)}))
 
 
 def _exact(dtype: torch.dtype) -> bool:
@@ -632,8 +642,8 @@ def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag
     partials = torch.empty(chunks, n, dtype=scale.dtype, device=q.device) if need_dscale else dummy
     if positives is not None and kscale is not None:
         raise ValueError("positives on a key-scaled launch (MoCo's queue holds no positive)")
-    # in the kernel where it rounds dS for the product (its POSITIVES): bf16/fp16 features, or tf32 products
-    inside = positives is not None and (q.dtype in (torch.float16, torch.bfloat16) or dot_precision(q.dtype) == "tf32")
+    in_kernel = _positives_in_kernel(q.dtype, dot_precision(q.dtype), kscale is not None)
+    inside = positives is not None and in_kernel
     rbase, period, shift, cbase = positives[1:] if inside else (0, 0, 0, 0)  # period 0: none
     launch(_bwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks), config=INTERPRET_CONFIG,
            q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=dummy if kscale is None else kscale,
@@ -644,7 +654,7 @@ def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag
            pos_shift=shift, pos_cbase=cbase, row_term=int(row_term), col_term=int(col_term),
            need_dscale=int(need_dscale),
            n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype),
-           BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None)
+           BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None, POSITIVES=in_kernel)
     dq = _unlayout(dq, n, d, bd)
     if positives is not None and not inside:
         _add_positives_(dq, partials[0] if need_dscale else None, q, k, scale, *positives)
@@ -655,8 +665,10 @@ def _add_positives_(dq, partial, q, k, scale, w, rbase, period, shift, cbase):
     """The exact kernels' positives, in place: dq_i += scale w_i k_t_i for the rows with one
     (``_positive_cols``), and their scale gradient w_i q_i . k_t_i to the per-row ``partial`` (None: not
     wanted)."""
+    from ..contrastive import diagonal_columns
+
     rows = torch.arange(rbase, min(rbase + period, q.shape[0]), device=q.device)
-    cols = (rows - rbase + shift).remainder_(period).add_(cbase)
+    cols = diagonal_columns(rows, rbase, period, shift, cbase)
     kt = k.index_select(0, cols).to(dq.dtype)
     w = w.index_select(0, rows)
     dq.index_add_(0, rows, (scale * w)[:, None] * kt)

@@ -301,11 +301,13 @@ def test_backward_kernel_choice_on_a_gpu(monkeypatch, dtype, d, kscale, chip, ex
 
 def _fast_backward(device, monkeypatch, path):
     """float64 through the tensor-core kernels' code path (``path``: the resident query block or the chunked
-    scores) on the interpreter, which float64 otherwise never takes (it runs the exact kernels)."""
+    scores) on the interpreter, which float64 otherwise never takes (it runs the exact kernels), the
+    positives inside the kernels' dS as bf16/fp16 take them."""
     if device != "cpu" or not kc.interpreting():
         pytest.skip("forces the launchers' path choice on the interpreter")
     monkeypatch.setenv("FASTSSL_BACKEND", "triton")
     monkeypatch.setattr(kc, "_exact", lambda dtype: False)
+    monkeypatch.setattr(kc, "_positives_in_kernel", lambda dtype, prec, kscale: not kscale)
     if path == "chunked":
         monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
 
@@ -313,8 +315,8 @@ def _fast_backward(device, monkeypatch, path):
 @pytest.mark.parametrize("path", ["resident", "chunked"])
 def test_gradcheck_through_the_fast_backward(device, monkeypatch, path):
     """gradcheck (float64) through the tensor-core kernels' code: the forward's D loop and the backward's
-    resident query block or its chunked scores; masked and unmasked tiles, the column term (CLIP), the key
-    scale (MoCo), dscale."""
+    resident query block or its chunked scores; masked and unmasked tiles, the column term (CLIP), the
+    positives in dS (NT-Xent's wrapped diagonal, CLIP's rows and keys), the key scale (MoCo), dscale."""
     _fast_backward(device, monkeypatch, path)
     assert kc._pick_backward(torch.zeros(3, 18, dtype=torch.float64))[2] == (path == "chunked")
     d = dict(dtype=torch.float64, device=device)
