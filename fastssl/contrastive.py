@@ -326,17 +326,77 @@ def _positive_columns(n: int, offset: int, shift: int, device) -> Tensor:
     return diagonal_columns(torch.arange(n, device=device), 0, n, shift, offset)
 
 
+def _sums_by_label(x: Tensor, labels: Tensor, at: Tensor, acc: torch.dtype) -> Tensor:
+    """sum_{j: labels_j = at_i} x_j for each i, in the math dtype ``acc``: from x sorted by label, a float64
+    running sum differenced at each label's bounds (O(len * D); no host sync, no atomics)."""
+    order = torch.argsort(labels, stable=True)
+    ordered = labels.index_select(0, order)
+    start, end = torch.searchsorted(ordered, at), torch.searchsorted(ordered, at, right=True)
+    running = F.pad(torch.cumsum(x.to(torch.float64).index_select(0, order), 0), (0, 0, 1, 0))
+    return (running.index_select(0, end) - running.index_select(0, start)).to(acc)
+
+
+def _excluded_mates(rows: Tensor, cols: Optional[Tensor], m: int, diag_off: Optional[int]) -> tuple[Tensor, Tensor]:
+    """(rows i, columns i + diag_off) of the excluded entries whose labels match (``cols`` None: a column's
+    label is its index), which the labelled positives leave out (:func:`_mate_sums`)."""
+    i = torch.arange(rows.shape[0], device=rows.device)
+    if diag_off is None:
+        return i[:0], i[:0]
+    i = i[max(0, -diag_off):max(0, min(rows.shape[0], m - diag_off))]
+    j = i + diag_off
+    label = j if cols is None else cols.index_select(0, j)
+    same = rows.index_select(0, i) == label
+    return i[same], j[same]
+
+
+def _mate_sums(x: Tensor, rows: Tensor, cols: Optional[Tensor], diag_off: Optional[int], acc: torch.dtype) -> Tensor:
+    """sum_{j in M(i)} x_j for each row i, M(i) = {j != i + diag_off: cols_j = rows_i} (``cols`` None: j =
+    rows_i): the labelled positives' keys (InfoNCE's explicit targets, SupCon's label-mates)."""
+    if cols is None:
+        sums = x.index_select(0, rows).to(acc)
+    else:
+        sums = _sums_by_label(x, cols, rows, acc)
+    i, j = _excluded_mates(rows, cols, x.shape[0], diag_off)
+    return sums.index_add_(0, i, x.index_select(0, j).to(acc), alpha=-1)
+
+
+def _add_mates_(dq: Optional[Tensor], dk: Optional[Tensor], q: Tensor, k: Tensor, scale: Tensor, w: Tensor,
+                rows: Tensor, cols: Optional[Tensor], diag_off: Optional[int], symmetric: bool) -> Tensor:
+    """The labelled positives' gradients added after the LSE's, in the math dtype (the PyTorch path and the
+    exact kernels, whose dS is never rounded): with weights w_i (their gradient times their weight),
+    dq_i += scale w_i sum_{j in M(i)} k_j and dk_j += scale sum_{i: j in M(i)} w_i q_i (to dq when
+    ``symmetric``); None: not wanted. Returns their scale gradient sum_i w_i q_i . sum_{j in M(i)} k_j."""
+    acc = scale.dtype
+    mates = _mate_sums(k, rows, cols, diag_off, acc)
+    if dq is not None:
+        dq.addcmul_(scale * w[:, None], mates)
+    if dk is not None or (symmetric and dq is not None):
+        wq = w[:, None] * q.to(acc)
+        at = torch.arange(k.shape[0], device=k.device) if cols is None else cols
+        back = _sums_by_label(wq, rows, at, acc)
+        i, j = _excluded_mates(rows, cols, k.shape[0], diag_off)
+        back.index_add_(0, j, wq.index_select(0, i), alpha=-1)
+        (dq if symmetric else dk).add_(back.mul_(scale))
+    return (w * (q.to(acc) * mates).sum(1)).sum()
+
+
 def _lse_impl(q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], diag_off: Optional[int],
-              two_sided: bool, symmetric: bool, keep: bool, pos_offset: int, pos_shift: int, q_grad: Tensor,
+              two_sided: bool, symmetric: bool, keep: bool, pos_offset: int, pos_shift: int,
+              mate_rows: Optional[Tensor], mate_cols: Optional[Tensor], mate_weight: Optional[Tensor], q_grad: Tensor,
               k_grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(row LSE (N,), column LSE (M,) or empty, what the backward needs, the positives S_i,t_i (N,) or
     empty) in the math dtype: the scores (N, M) when ``keep`` (see :func:`_keeps_scores`: the PyTorch path),
     the kernels' (max, log-sum) pairs of the rows then the columns ((N + M, 2) or (N, 2), ``lse_forward``)
     on the Triton path, else empty. ``pos_offset`` >= 0 names each row's positive, t_i = pos_offset +
     (i + pos_shift) mod N (:func:`_positive_columns`), whose gradient the backward puts into dS itself.
+    Labelled positives instead (``mate_rows`` not None: InfoNCE's explicit targets, SupCon's label-mates):
+    row i's are M(i) = {j != i + diag_off: mate_cols_j = mate_rows_i} (``mate_cols`` None: j = mate_rows_i),
+    its output mate_weight_i sum_{j in M(i)} S_ij, their gradient in dS too.
     The math reads ``q`` and ``k``; the gradients go to ``q_grad`` and ``k_grad`` (:func:`_lse`)."""
     pos = scale.new_empty(0)
-    if pos_offset >= 0:
+    if mate_rows is not None:
+        pos = mate_weight * _positive(q, _mate_sums(k, mate_rows, mate_cols, diag_off, scale.dtype), scale)
+    elif pos_offset >= 0:
         t = _positive_columns(q.shape[0], pos_offset, pos_shift, q.device)
         ks = k.index_select(0, t)
         pos = _positive(q, ks if kscale is None else ks * kscale.index_select(0, t)[:, None], scale)
@@ -355,23 +415,39 @@ _lse_op = torch.library.custom_op("fastssl::contrastive_lse", _lse_impl, mutates
 
 
 @_lse_op.register_fake
-def _(q, k, scale, kscale, diag_off, two_sided, symmetric, keep, pos_offset, pos_shift, q_grad, k_grad):
+def _(q, k, scale, kscale, diag_off, two_sided, symmetric, keep, pos_offset, pos_shift, mate_rows, mate_cols,
+      mate_weight, q_grad, k_grad):
     n, m = q.shape[0], k.shape[0]
     saved = (n, m) if keep else (n + (m if two_sided else 0), 2) if use_triton(q, k, scale) else (0,)
+    positives = pos_offset >= 0 or mate_rows is not None
     return (q.new_empty(n, dtype=scale.dtype), q.new_empty(m if two_sided else 0, dtype=scale.dtype),
-            q.new_empty(saved, dtype=scale.dtype), q.new_empty(n if pos_offset >= 0 else 0, dtype=scale.dtype))
+            q.new_empty(saved, dtype=scale.dtype), q.new_empty(n if positives else 0, dtype=scale.dtype))
 
 
 def _lse_backward_impl(g_r: Optional[Tensor], g_c: Optional[Tensor], g_pos: Optional[Tensor], pos_offset: int,
-                       pos_shift: int, q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor], lse_r: Tensor,
-                       lse_c: Tensor, saved: Tensor, diag_off: Optional[int], symmetric: bool, need_dq: bool,
-                       need_dk: bool, need_dscale: bool, keep: bool) -> tuple[Tensor, Tensor, Tensor]:
+                       pos_shift: int, mate_rows: Optional[Tensor], mate_cols: Optional[Tensor],
+                       mate_weight: Optional[Tensor], q: Tensor, k: Tensor, scale: Tensor, kscale: Optional[Tensor],
+                       lse_r: Tensor, lse_c: Tensor, saved: Tensor, diag_off: Optional[int], symmetric: bool,
+                       need_dq: bool, need_dk: bool, need_dscale: bool, keep: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dq or empty, dk or empty, dscale (1,) or empty) in the math dtype; ``symmetric``: dq is the whole
     gradient; ``saved`` is the forward's third output: kept scores (``keep``) take the PyTorch path, the
-    (max, log-sum) pairs the kernels; ``g_pos`` (or None) the positives' gradient (:func:`_lse_impl`)."""
+    (max, log-sum) pairs the kernels; ``g_pos`` (or None) the positives' gradient (:func:`_lse_impl`): on
+    the diagonal, or labelled (``mate_rows``), where the kernels that round dS take them inside and the
+    others add them after (:func:`_add_mates_`)."""
     n = q.shape[0]
+    triton_path = not keep and use_triton(q, k, scale)
+    w_mates = None if (g_pos is None or mate_rows is None) else g_pos * mate_weight
+    if w_mates is not None:
+        g_pos = None  # not on the diagonal
+        if not (triton_path and _mates_in_kernel(q, kscale)):
+            dq, dk, dscale = _lse_backward_impl(g_r, g_c, None, -1, 0, None, None, None, q, k, scale, kscale,
+                                                lse_r, lse_c, saved, diag_off, symmetric, need_dq, need_dk,
+                                                need_dscale, keep)
+            part = _add_mates_(dq if need_dq else None, dk if (need_dk and not symmetric) else None, q, k, scale,
+                               w_mates, mate_rows, mate_cols, diag_off, symmetric)
+            return dq, dk, (dscale + part.reshape(1) if need_dscale else dscale)
     targets = None if g_pos is None else _positive_columns(n, pos_offset, pos_shift, q.device)
-    if keep or not use_triton(q, k, scale):
+    if not triton_path:
         return _lse_backward_torch(g_r, g_c, g_pos, targets, q, k, scale, kscale, lse_r, lse_c,
                                    saved if keep else saved[:0], diag_off, symmetric=symmetric, need_dq=need_dq,
                                    need_dk=need_dk, need_dscale=need_dscale)
@@ -381,7 +457,14 @@ def _lse_backward_impl(g_r: Optional[Tensor], g_c: Optional[Tensor], g_pos: Opti
     acc = scale.dtype
     lse_r, lse_c = saved[:q.shape[0]], saved[q.shape[0]:]  # the rows' and columns' pairs
     dq, dk, dscale = scale.new_empty(0), scale.new_empty(0), scale.new_empty(0)
-    row_pos = col_pos = None
+    row_pos = col_pos = row_mates = col_mates = None
+    if w_mates is not None:  # labels compared in every tile; the keys' launch sees the rows' from its side
+        lr = mate_rows.to(torch.int32)
+        lc = (torch.arange(k.shape[0], dtype=torch.int32, device=k.device) if mate_cols is None
+              else mate_cols.to(torch.int32))
+        none = w_mates.new_zeros(k.shape[0])
+        row_mates = (lr, lc, w_mates, w_mates if symmetric else none)
+        col_mates = (lc, lr, none, w_mates)
     if g_pos is not None:  # the rows' positives, and the keys' (the inverse map: key t_i's positive is row i)
         row_pos = (g_pos + g_pos.index_select(0, targets) if symmetric else g_pos, 0, n, pos_shift, pos_offset)
         if need_dk and not symmetric:
@@ -390,20 +473,22 @@ def _lse_backward_impl(g_r: Optional[Tensor], g_c: Optional[Tensor], g_pos: Opti
     if symmetric:  # S is symmetric: dZ_i = scale sum_j (g_i P_ij + g_j P_ji) z_j, one row-parallel pass
         if need_dq:  # (the positives pair rows: t_t_i = i, so (i, t_i) and (t_i, i) meet in row i's weight)
             dq, _ = lse_backward_rows(q, k, scale, lse_r, g_r, lse_r, g_r, kscale=None, diag_off=diag_off,
-                                      positives=row_pos, need_dscale=False)
+                                      positives=row_pos, labels=row_mates, need_dscale=False)
         return dq, dk, dscale
     rows_lse, rows_g = (lse_r, g_r) if g_r is not None else (None, None)
     cols_lse, cols_g = (lse_c, g_c) if g_c is not None else (None, None)
     if need_dq or need_dscale:
         dq, partial = lse_backward_rows(q, k, scale, rows_lse, rows_g, cols_lse, cols_g, kscale=kscale,
-                                        diag_off=diag_off, positives=row_pos, need_dscale=need_dscale)
+                                        diag_off=diag_off, positives=row_pos, labels=row_mates,
+                                        need_dscale=need_dscale)
         if need_dscale:
             dscale = partial.reshape(1).to(acc)
         if not need_dq:
             dq = scale.new_empty(0)
     if need_dk:  # the same kernel with the roles of q and k swapped: column-parallel
         dk, _ = lse_backward_rows(k, q, scale, cols_lse, cols_g, rows_lse, rows_g, kscale=None,
-                                  diag_off=_transposed(diag_off), positives=col_pos, need_dscale=False)
+                                  diag_off=_transposed(diag_off), positives=col_pos, labels=col_mates,
+                                  need_dscale=False)
     return dq, dk, dscale
 
 
@@ -411,41 +496,43 @@ _lse_backward_op = torch.library.custom_op("fastssl::contrastive_lse_backward", 
 
 
 @_lse_backward_op.register_fake
-def _(g_r, g_c, g_pos, pos_offset, pos_shift, q, k, scale, kscale, lse_r, lse_c, saved, diag_off, symmetric, need_dq,
-      need_dk, need_dscale, keep):
+def _(g_r, g_c, g_pos, pos_offset, pos_shift, mate_rows, mate_cols, mate_weight, q, k, scale, kscale, lse_r, lse_c,
+      saved, diag_off, symmetric, need_dq, need_dk, need_dscale, keep):
     return (q.new_empty(q.shape if need_dq else (0,), dtype=scale.dtype),
             k.new_empty(k.shape if (need_dk and not symmetric) else (0,), dtype=scale.dtype),
             scale.new_empty(1 if need_dscale else 0))
 
 
 def _lse_setup(ctx, inputs, output):
-    q, k, scale, kscale, diag_off, two_sided, symmetric, keep, pos_offset, pos_shift, q_grad, k_grad = inputs
+    (q, k, scale, kscale, diag_off, two_sided, symmetric, keep, pos_offset, pos_shift, mate_rows, mate_cols,
+     mate_weight, q_grad, k_grad) = inputs
     ctx.diag_off, ctx.symmetric, ctx.two_sided, ctx.keep = diag_off, symmetric, two_sided, keep
     ctx.positives = (pos_offset, pos_shift)
+    ctx.has_positives = pos_offset >= 0 or mate_rows is not None
     ctx.needs = (q_grad.requires_grad or (symmetric and k_grad.requires_grad),
                  k_grad.requires_grad and not symmetric, scale.requires_grad)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros of its shape
-    ctx.save_for_backward(q, k, scale, kscale, *output[:3])
+    ctx.save_for_backward(q, k, scale, kscale, *output[:3], mate_rows, mate_cols, mate_weight)
 
 
 @first_order("fastssl's contrastive LSE (info_nce, nt_xent, moco_loss, clip_loss, supcon_loss)")
 def _lse_backward(ctx, g_rows, g_cols, g_scores, g_positives, backward_op=_lse_backward_op):
     """The scores are an implementation detail (no gradient flows through them)."""
-    q, k, scale, kscale, lse_r, lse_c, saved = ctx.saved_tensors
+    q, k, scale, kscale, lse_r, lse_c, saved, mate_rows, mate_cols, mate_weight = ctx.saved_tensors
     need_dq, need_dk, need_dscale = ctx.needs
     acc = scale.dtype
     g_r = None if g_rows is None else g_rows.to(acc).contiguous()
     g_c = None if (g_cols is None or not ctx.two_sided) else g_cols.to(acc).contiguous()
-    g_pos = None if (g_positives is None or ctx.positives[0] < 0) else g_positives.to(acc).contiguous()
+    g_pos = None if (g_positives is None or not ctx.has_positives) else g_positives.to(acc).contiguous()
     if not (need_dq or need_dk or need_dscale) or (g_r is None and g_c is None and g_pos is None):
-        return (None,) * 12
+        return (None,) * 15
     if g_r is None:  # only the column LSE or the positives were used: the row term is zero
         g_r = torch.zeros_like(lse_r)
-    dq, dk, dscale = backward_op(g_r, g_c, g_pos, *ctx.positives, q, k, scale, kscale, lse_r, lse_c, saved,
-                                 ctx.diag_off, symmetric=ctx.symmetric, need_dq=need_dq, need_dk=need_dk,
-                                 need_dscale=need_dscale, keep=ctx.keep)
-    return (None, None, dscale if need_dscale else None, None, None, None, None, None, None, None,
-            dq if need_dq else None, dk if (need_dk and not ctx.symmetric) else None)
+    dq, dk, dscale = backward_op(g_r, g_c, g_pos, *ctx.positives, mate_rows, mate_cols, mate_weight, q, k, scale,
+                                 kscale, lse_r, lse_c, saved, ctx.diag_off, symmetric=ctx.symmetric, need_dq=need_dq,
+                                 need_dk=need_dk, need_dscale=need_dscale, keep=ctx.keep)
+    return (None, None, dscale if need_dscale else None, *(None,) * 10, dq if need_dq else None,
+            dk if (need_dk and not ctx.symmetric) else None)
 
 
 def _in_math_dtype(x: Tensor, acc: torch.dtype) -> Tensor:
@@ -464,7 +551,8 @@ def _lse(q: Tensor, k: Tensor, scale: Tensor, *, kscale: Optional[Tensor] = None
     column a row: :func:`_lse_and_positives`."""
     q_grad = _in_math_dtype(q, scale.dtype)
     k_grad = q_grad if k is q else _in_math_dtype(k, scale.dtype)
-    rows, cols, _ = _call_lse(q, k, scale, kscale, diag_off, two_sided, symmetric, (-1, 0), q_grad, k_grad)
+    rows, cols, _ = _call_lse(q, k, scale, kscale, diag_off, two_sided, symmetric, (-1, 0, None, None, None), q_grad,
+                              k_grad)
     return rows, cols, q_grad, k_grad
 
 
@@ -475,7 +563,27 @@ def _lse_and_positives(q: Tensor, k: Tensor, scale: Tensor, offset: int, *, shif
     (:func:`_positive_columns`; 2 shift = N when ``symmetric``), the positives' gradient formed with the
     LSE's inside dS (in the kernels, before dS is rounded to bf16/fp16 for the tensor-core product: near
     convergence g P_ii - g is small, and P_ii rounded first is off by more than it)."""
-    return _call_lse(q, k, scale, None, diag_off, two_sided, symmetric, (offset, shift), q, q if k is q else k)
+    return _call_lse(q, k, scale, None, diag_off, two_sided, symmetric, (offset, shift, None, None, None), q,
+                     q if k is q else k)
+
+
+def _lse_and_mates(q: Tensor, k: Tensor, scale: Tensor, rows: Tensor, cols: Optional[Tensor], weight: Tensor, *,
+                   diag_off: Optional[int] = None, symmetric: bool = False) -> tuple[Tensor, Tensor]:
+    """(row LSE, weight_i sum_{j in M(i)} S_ij) of the op with labelled positives M(i) = {j != i + diag_off:
+    cols_j = rows_i} (``cols`` None: the column rows_i; labels >= 0, int64): InfoNCE's explicit targets,
+    SupCon's label-mates. Their gradient meets the LSE's inside dS as the diagonal positives' do
+    (:func:`_lse_and_positives`), compared in every tile."""
+    lse, _, pos = _call_lse(q, k, scale, None, diag_off, False, symmetric, (-1, 0, rows, cols, weight), q,
+                            q if k is q else k)
+    return lse, pos
+
+
+def _mates_in_kernel(q: Tensor, kscale: Optional[Tensor]) -> bool:
+    """Whether the LSE kernels' backward for ``q`` takes labelled positives inside dS (where it rounds dS)."""
+    from .kernels.contrastive import _positives_in_kernel
+    from .kernels.registry import dot_precision
+
+    return _positives_in_kernel(q.dtype, dot_precision(q.dtype), kscale is not None)
 
 
 def _call_lse(q, k, scale, kscale, diag_off, two_sided, symmetric, positives, q_grad, k_grad):
@@ -722,9 +830,8 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
         offset = rank * m
     if targets is None:  # the diagonal: the positives join the op's dS
         lse, _, pos = _lse_and_positives(q, k, scale, offset)
-    else:  # any columns (repeats too): positives by autograd, added in the math dtype
-        lse, _, q, k = _lse(q, k, scale)
-        pos = _positive(q, k.index_select(0, targets + offset), scale)
+    else:  # any columns (repeats too): compared in every tile
+        lse, pos = _lse_and_mates(q, k, scale, targets + offset, None, scale.new_ones(n))
     return _reduce(lse - pos, reduction)
 
 
@@ -1321,7 +1428,8 @@ def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float = 0.1, n
     and the mean over the rows that have a positive. The LSE is NT-Xent's (the fused op: the (N, N) matrix
     is never stored); the positive term is O(N * D): s_i . (class sum of f_i's label - f_i) / count, the
     class sums from the rows sorted by label (a float64 running sum, differences at the class bounds: no
-    host sync, no atomics).
+    host sync, no atomics). Its gradient meets the LSE's inside the backward's dS (the kernels compare
+    labels in every tile), where near convergence the two nearly cancel.
 
     Args:
         features: (N, D), or (N, V, D) with V views per sample (flattened view-major, as the paper's code:
@@ -1359,14 +1467,10 @@ def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float = 0.1, n
     scale = _scale_from_temperature(temperature, features)
     acc = scale.dtype
     u = _normalized(features, normalize)
-    lse, _, u, _ = _lse(u, u, scale, diag_off=0, symmetric=True)
-    order = torch.argsort(labels, stable=True)
-    ordered = labels.index_select(0, order)
-    start, end = torch.searchsorted(ordered, labels), torch.searchsorted(ordered, labels, right=True)
-    running = F.pad(torch.cumsum(u.to(torch.float64).index_select(0, order), 0), (0, 0, 1, 0))
-    others = (running.index_select(0, end) - running.index_select(0, start)).to(acc) - u.to(acc)
-    count = end - start - 1
-    pos = _positive(u, others, scale) / count.clamp_min(1).to(acc)
+    ordered = torch.sort(labels).values
+    start = torch.searchsorted(ordered, labels)  # a label's first place: dense ids, as the kernels want
+    count = torch.searchsorted(ordered, labels, right=True) - start - 1
+    lse, pos = _lse_and_mates(u, u, scale, start, start, 1 / count.clamp_min(1).to(acc), diag_off=0, symmetric=True)
     has = count > 0
     per_row = torch.where(has, lse - pos, 0.0)
     if reduction == "none":

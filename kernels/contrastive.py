@@ -23,7 +23,11 @@ One kernel family serves every loss (``fastssl/contrastive.py`` composes them):
   the positives to dq (the code in their loop cost them 16-32 B of spills). The positives' tiles join the
   masked band (``_band``, two ranges: the excluded diagonal and the positives), so the unmasked loop is
   unchanged; the span is computed from the launch's scalars, which keeps the tile walk in uniform
-  registers (AOT: 388 SASS instructions a tile for bf16 128 x 64 x 64, from 384).
+  registers (AOT: 388 SASS instructions a tile for bf16 128 x 64 x 64, from 384). Positives given by labels
+  (InfoNCE's explicit targets: a row's label its target, a key's its index; SupCon's label-mates: class ids
+  on both sides) may fall in any tile: their variant (``POSITIVES == POS_LABELS``) compares the row
+  block's labels with each key tile's and adds w_i + w'_j where they match (555 instructions a tile there,
+  compiled only for the losses that need it).
   The swapped launches recompute a score with its operands swapped (k_j . q_i for the forward's q_i . k_j);
   a tensor core rounds both alike (bf16/fp16/tf32 products exact in fp32, one order over D), so each
   exp2(s - max) is the forward's own even at T = 1e-6, where an ulp of a score is 6% of P (the test models
@@ -72,6 +76,9 @@ from .registry import (TL_DTYPE, acc_type, arch_family, autotune, bucket, device
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(LOG2E * x)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = LN2 * log2(x)
+# where the LSE backward finds the positives it adds to dS (its POSITIVES): none (the exact kernels' launcher
+# adds them after), on a shifted diagonal (the masked band's tiles), or by labels (compared in every tile)
+POS_NONE, POS_DIAGONAL, POS_LABELS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 MAX_BLOCK_D = 256  # widest resident query block; wider D (and float64) loops over LOOP_BLOCK_D chunks
 LOOP_BLOCK_D = 16 if interpreting() else 64
@@ -345,18 +352,20 @@ def _positive_span(row0, N, rbase, period, shift, cbase, M, BLOCK_M: tl.constexp
 
 @device_function
 @triton.jit
-def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, gpos_ptr, scale2, max_r, g_r, row0, row_mask,
-               excluded, chunk, N, M, n_chunks, n_tiles, lo, hi, lo2, hi2, full, row_term, col_term, pos_rbase,
-               pos_period, pos_shift, pos_cbase, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
-               D_LOOP: tl.constexpr, KSCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, POSITIVES: tl.constexpr):
+def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, gpos_ptr, lc_ptr, wc_ptr, scale2, max_r, g_r,
+               lab_r, w_pos, row0, row_mask, excluded, chunk, N, M, n_chunks, n_tiles, lo, hi, lo2, hi2, full,
+               row_term, col_term, pos_rbase, pos_period, pos_shift, pos_cbase, ACC: tl.constexpr,
+               DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr, KSCALE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, POSITIVES: tl.constexpr):
     """acc += dS @ k over ``n_tiles`` key tiles of one kind: the scores recomputed (from the resident query
     block: the key tile loaded once serves both products), dS formed in registers as g P = (g / l)
     exp2(s2 - max), as the forward summed it (``_row_lse2``): the weights g come divided by l. With
     positives (``pos_period`` > 0, ``_positive_cols``) each row's weight (at ``gpos_ptr``) joins dS at its
     positive's column (in a masked tile: ``_band``) before dS is rounded to the features' dtype: near
     convergence g P_ii and the positive's -g nearly cancel, and rounded first P_ii = 0.999 moved by as
-    much as 1 - P_ii in bf16."""
+    much as 1 - P_ii in bf16. Labelled positives (``POSITIVES == POS_LABELS``: InfoNCE's explicit targets,
+    SupCon's label-mates) may sit in any tile: there every tile compares the rows' labels ``lab_r`` with
+    the keys' (at ``lc_ptr``) and a match gains w_pos_i + w_j (at ``wc_ptr``)."""
     for t in range(0, n_tiles):
         cols, col_mask, kt, s = _bwd_tile(t, q, q_ptr, k_ptr, row0, row_mask, chunk, N, M, n_chunks, lo, hi, lo2,
                                           hi2, full, ACC, DOT_PREC, BLOCK_D, D_LOOP, BLOCK_M, BLOCK_N, MASKED)
@@ -380,7 +389,17 @@ def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, gpos_ptr, scale
                 max_c = tl.load(max_c_ptr + cols).to(ACC)
                 g_c = tl.load(g_c_ptr + cols).to(ACC)
             ds += g_c[None, :] * tl.exp2(s - max_c[None, :])
-        if MASKED and POSITIVES:
+        if POSITIVES == POS_LABELS:
+            if MASKED:
+                lc = tl.load(lc_ptr + cols, mask=col_mask, other=-1)
+                wc = tl.load(wc_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+                mate = (lab_r[:, None] == lc[None, :]) & (cols[None, :] != excluded[:, None])
+            else:  # whole tiles off the excluded diagonal
+                lc = tl.load(lc_ptr + cols)
+                wc = tl.load(wc_ptr + cols).to(ACC)
+                mate = lab_r[:, None] == lc[None, :]
+            ds += tl.where(mate, w_pos[:, None] + wc[None, :], 0.0)
+        if MASKED and POSITIVES == POS_DIAGONAL:
             if pos_period > 0:
                 rows = row0 + tl.arange(0, BLOCK_M)
                 pos = _positive_cols(rows, pos_rbase, pos_period, pos_shift, pos_cbase)
@@ -393,8 +412,8 @@ def _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, gpos_ptr, scale
 
 
 @triton.jit
-def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, max_r_ptr, g_r_ptr, max_c_ptr, g_c_ptr, gpos_ptr, dq_ptr,
-                    dscale_ptr, N, M, n_chunks, diag_off, pos_rbase, pos_period, pos_shift, pos_cbase, row_term,
+def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, max_r_ptr, g_r_ptr, max_c_ptr, g_c_ptr, gpos_ptr, lr_ptr,
+                    lc_ptr, wc_ptr, dq_ptr, dscale_ptr, N, M, n_chunks, diag_off, pos_rbase, pos_period, pos_shift, pos_cbase, row_term,
                     col_term, need_dscale, n_bucket, m_bucket,
                     ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, D_LOOP: tl.constexpr,
                     KSCALE: tl.constexpr, POSITIVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -412,18 +431,22 @@ def _lse_bwd_kernel(q_ptr, k_ptr, scale_ptr, ks_ptr, max_r_ptr, g_r_ptr, max_c_p
         max_r = tl.load(max_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
         g_r = tl.load(g_r_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
-    # POSITIVES (``_positives_in_kernel``): the variants whose dS is rounded for the product take them here
+    # POSITIVES (``_positive_modes``): the variants whose dS is rounded for the product take them here
+    lab_r, w_pos = rows, g_r  # unused unless labelled
+    if POSITIVES == POS_LABELS:  # masked-out rows match no key (-2 against -1)
+        lab_r = tl.load(lr_ptr + rows, mask=row_mask, other=-2)
+        w_pos = tl.load(gpos_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     plo, phi = _positive_span(row0, N, pos_rbase, pos_period, pos_shift, pos_cbase, M, BLOCK_M)
     lo, hi, lo2, hi2, full = _band(row0, diag_off, plo, phi, M, BLOCK_M, BLOCK_N)
     n_plain, n_masked = _tile_counts(lo, hi, lo2, hi2, full, M, BLOCK_N)
-    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, gpos_ptr, scale2, max_r, g_r, row0, row_mask,
-                     excluded, chunk, N, M, n_chunks, n_plain, lo, hi, lo2, hi2, full, row_term, col_term, pos_rbase,
-                     pos_period, pos_shift, pos_cbase, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N,
-                     False, POSITIVES)
-    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, gpos_ptr, scale2, max_r, g_r, row0, row_mask,
-                     excluded, chunk, N, M, n_chunks, n_masked, lo, hi, lo2, hi2, full, row_term, col_term, pos_rbase,
-                     pos_period, pos_shift, pos_cbase, ACC, DOT_PREC, BLOCK_D, D_LOOP, KSCALE, BLOCK_M, BLOCK_N,
-                     True, POSITIVES)
+    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, gpos_ptr, lc_ptr, wc_ptr, scale2, max_r, g_r,
+                     lab_r, w_pos, row0, row_mask, excluded, chunk, N, M, n_chunks, n_plain, lo, hi, lo2, hi2, full,
+                     row_term, col_term, pos_rbase, pos_period, pos_shift, pos_cbase, ACC, DOT_PREC, BLOCK_D, D_LOOP,
+                     KSCALE, BLOCK_M, BLOCK_N, False, POSITIVES)
+    acc = _bwd_tiles(acc, q, q_ptr, k_ptr, ks_ptr, max_c_ptr, g_c_ptr, gpos_ptr, lc_ptr, wc_ptr, scale2, max_r, g_r,
+                     lab_r, w_pos, row0, row_mask, excluded, chunk, N, M, n_chunks, n_masked, lo, hi, lo2, hi2, full,
+                     row_term, col_term, pos_rbase, pos_period, pos_shift, pos_cbase, ACC, DOT_PREC, BLOCK_D, D_LOOP,
+                     KSCALE, BLOCK_M, BLOCK_N, True, POSITIVES)
     tl.store(_tile_ptrs(dq_ptr + (chunk * N + row0) * BLOCK_D, rows_l, BLOCK_D),
              (acc * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
     if need_dscale != 0:
@@ -493,18 +516,19 @@ _BWD_ARGS = _FWD_ARGS + ["pos_rbase:16", "pos_period:16", "pos_shift:16", "pos_c
 def _variants(ptrs, acc_ptrs, ints, block, kinds, archs=(), kscales=(False, True), derived=None, **flags):
     """One variant per (dtype, dot precision) in ``kinds`` and per KSCALE in ``kscales`` (a per-key scale:
     MoCo's queue; None: a kernel without the option); ``ints`` named ``"name:16"`` are declared multiples
-    of 16, ``"name:i64"`` are int64 pointers (labels); ``derived(dtype, prec, kscale)``: constexprs that
-    follow from those (the launcher derives them by the same function)."""
+    of 16, ``"name:i64"`` and ``"name:i32"`` are integer pointers (labels); ``derived(dtype, prec, kscale)``:
+    the constexprs that follow from those, one dict per variant (the launcher derives them by the same
+    function)."""
     out = []
     for (dtype, prec), kscale in itertools.product(kinds, kscales or (None,)):
         ty, acc = TL_DTYPE[dtype], ("fp64" if dtype == torch.float64 else "fp32")
         signature = {**{a: f"*{ty}" for a in ptrs},
-                     **{a.partition(":")[0]: ("*i64" if a.endswith(":i64") else f"*{acc}") for a in acc_ptrs},
+                     **{a.partition(":")[0]: f"*{a.partition(':')[2] or acc}" for a in acc_ptrs},
                      **{a.partition(":")[0]: "i32" + (":16" if a.endswith(":16") else "") for a in ints}}
         options = {} if kscale is None else {"KSCALE": kscale}
-        options.update(derived(dtype, prec, kscale) if derived else {})
-        out.append(variant(signature, archs=archs, ACC=acc_type(dtype), DOT_PREC=prec, BLOCK_D=block,
-                           **options, **flags))
+        for more in (derived(dtype, prec, kscale) if derived else [{}]):
+            out.append(variant(signature, archs=archs, ACC=acc_type(dtype), DOT_PREC=prec, BLOCK_D=block,
+                               **options, **more, **flags))
     return out
 
 
@@ -515,7 +539,7 @@ _TF32 = [(torch.float32, "tf32")]
 _EXACT = [(torch.float32, "ieee"), (torch.float64, "ieee")]
 _FWD_PTRS = (["q_ptr", "k_ptr"], ["scale_ptr", "ks_ptr", "lse_ptr", "split_ptr"])
 _BWD_PTRS = (["q_ptr", "k_ptr"], ["dq_ptr", "scale_ptr", "ks_ptr", "max_r_ptr", "g_r_ptr", "max_c_ptr", "g_c_ptr",
-                                   "gpos_ptr", "dscale_ptr"])
+                                   "gpos_ptr", "lr_ptr:i32", "lc_ptr:i32", "wc_ptr", "dscale_ptr"])
 # (key, BLOCK_D, kinds, chip families, KSCALE values): the resident widths, then the chunked kernels
 _ANY = (False, True)
 _KINDS = ((128, 128, _TF32 + _HALF, (), _ANY), (256, 256, _HALF, (), _ANY),
@@ -533,6 +557,14 @@ def _positives_in_kernel(dtype: torch.dtype, prec: str, kscale: bool) -> bool:
     return not kscale and (dtype in (torch.float16, torch.bfloat16) or prec == "tf32")
 
 
+def _positive_modes(dtype: torch.dtype, prec: str, kscale: bool) -> list:
+    """The POSITIVES of the backward variants of a kind (``_positives_in_kernel``): where dS is rounded, a
+    variant for the diagonal (which also serves a launch without positives) and one for labels."""
+    if _positives_in_kernel(dtype, prec, kscale):
+        return [{"POSITIVES": POS_DIAGONAL.value}, {"POSITIVES": POS_LABELS.value}]
+    return [{"POSITIVES": POS_NONE.value}]
+
+
 for _key, _bd, _kinds, _archs, _kscales in _KINDS:
     _fwd_kernels[_key] = register(
         autotune(FWD_CONFIGS[_key], key=KEY)(_lse_fwd_kernel), configs=FWD_CONFIGS[_key], uses_dot=True,
@@ -542,7 +574,7 @@ for _key, _bd, _kinds, _archs, _kscales in _BWD_KINDS:
         autotune(BWD_CONFIGS[_key], key=KEY, keep=_keep_backward)(_lse_bwd_kernel), configs=BWD_CONFIGS[_key],
         uses_dot=True, keep=_keep_backward,
         variants=_variants(*_BWD_PTRS, _BWD_ARGS, _bd, _kinds, _archs, _kscales, D_LOOP=_key in ("loop", "exact"),
-                           derived=lambda *kind: {"POSITIVES": _positives_in_kernel(*kind)}))
+                           derived=_positive_modes))
 
 
 def _exact(dtype: torch.dtype) -> bool:
@@ -617,7 +649,7 @@ def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, kscale=No
 
 
 def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag_off=None, positives=None, *,
-                      need_dscale=False):
+                      labels=None, need_dscale=False):
     """Launch ``_lse_bwd_kernel`` over the rows of ``q``: returns (dq (N, D) in the math dtype (scale's),
     dscale or None).
     ``split_r`` (N, 2) (:func:`lse_forward`'s) and ``g_r`` (N,) give the row term, ``split_c`` (M, 2) and
@@ -626,7 +658,10 @@ def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag
     ``positives`` None or (weights (N,) in the math dtype, rbase, period, shift, cbase): row i's positive
     column on a shifted diagonal (``_positive_cols``) gains weight_i in dS, in the kernel before dS is
     rounded to bf16/fp16/tf32; the exact kernels' dS is not rounded, and their positives' w_i scale k_t_i is
-    added to dq here (O(N D)). No positives with ``kscale`` (MoCo's queue)."""
+    added to dq here (O(N D)). ``labels`` None or (row labels (N,) int32 >= 0, key labels (M,) int32 >= 0,
+    row weights (N,), key weights (M,)), for the kinds that round dS only (``_positives_in_kernel``): every
+    key j != i + diag_off whose label is row i's gains w_i + w'_j in dS. No positives with ``kscale``
+    (MoCo's queue)."""
     n, d = q.shape
     m = k.shape[0]
     key, bd, loop = _pick_backward(q, kscale is not None)
@@ -640,21 +675,27 @@ def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag
     max_c, g_c = _max_and_weight(split_c, g_c) if col_term else (None, None)
     dummy = scale  # never read when its term is off
     partials = torch.empty(chunks, n, dtype=scale.dtype, device=q.device) if need_dscale else dummy
-    if positives is not None and kscale is not None:
+    if (positives is not None or labels is not None) and kscale is not None:
         raise ValueError("positives on a key-scaled launch (MoCo's queue holds no positive)")
     in_kernel = _positives_in_kernel(q.dtype, dot_precision(q.dtype), kscale is not None)
+    if labels is not None and not in_kernel:
+        raise ValueError(f"labelled positives need a kernel that rounds dS ({q.dtype}, {dot_precision(q.dtype)})")
     inside = positives is not None and in_kernel
     rbase, period, shift, cbase = positives[1:] if inside else (0, 0, 0, 0)  # period 0: none
+    mode = POS_LABELS if labels is not None else POS_DIAGONAL if in_kernel else POS_NONE
+    no_labels = torch.empty(1, dtype=torch.int32, device=q.device)  # never read: the pointers' type only
+    lr, lc, wr, wc = labels if labels is not None else (no_labels, no_labels, dummy, dummy)
     launch(_bwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks), config=INTERPRET_CONFIG,
            q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=dummy if kscale is None else kscale,
            max_r_ptr=max_r if row_term else dummy,
            g_r_ptr=g_r if row_term else dummy, max_c_ptr=max_c if col_term else dummy,
-           g_c_ptr=g_c if col_term else dummy, gpos_ptr=positives[0] if inside else dummy, dq_ptr=dq,
+           g_c_ptr=g_c if col_term else dummy, gpos_ptr=positives[0] if inside else wr, lr_ptr=lr, lc_ptr=lc,
+           wc_ptr=wc, dq_ptr=dq,
            dscale_ptr=partials, N=n, M=m, n_chunks=chunks, diag_off=off, pos_rbase=rbase, pos_period=period,
            pos_shift=shift, pos_cbase=cbase, row_term=int(row_term), col_term=int(col_term),
            need_dscale=int(need_dscale),
            n_bucket=bucket(n, TUNED_ROWS), m_bucket=bucket(m, TUNED_ROWS), ACC=acc_type(q.dtype), DOT_PREC=dot_precision(q.dtype),
-           BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None, POSITIVES=in_kernel)
+           BLOCK_D=bd, D_LOOP=loop, KSCALE=kscale is not None, POSITIVES=mode.value)
     dq = _unlayout(dq, n, d, bd)
     if positives is not None and not inside:
         _add_positives_(dq, partials[0] if need_dscale else None, q, k, scale, *positives)

@@ -153,11 +153,12 @@ def test_resident_block_up_to_256_features(backend, device):
         assert_close_lowp(g, r, lp)
 
 
-def _lse_formulas(q, k, scale, kscale, diag_off, g_r, g_c, positives=None):
+def _lse_formulas(q, k, scale, kscale, diag_off, g_r, g_c, positives=None, labels=None):
     """float64 row and column LSE of S = scale * c_j * q_i . k_j without the columns j = i + diag_off, and
     the kernels' gradient dq = scale * (g_r P_row + g_c P_col [+ w_i at (i, t_i)]) c @ k and dscale, with
     ``positives`` = (w, rbase, period, shift, cbase): t_i = cbase + (i - rbase + shift) mod period for the
-    rows rbase .. rbase + period."""
+    rows rbase .. rbase + period; ``labels`` = (row labels, key labels, row weights, key weights): w_i + w'_j
+    wherever the labels match off the excluded columns."""
     q, k = q.double(), k.double()
     c = torch.ones(k.shape[0], dtype=torch.float64) if kscale is None else kscale.double()
     raw = q @ k.t() * c[None, :]
@@ -172,6 +173,10 @@ def _lse_formulas(q, k, scale, kscale, diag_off, g_r, g_c, positives=None):
         w, rbase, period, shift, cbase = positives
         rows = torch.arange(rbase, rbase + period)
         ds[rows, cbase + (rows - rbase + shift) % period] += w[rows]
+    if labels is not None:
+        lr, lc, wr, wc = labels
+        mate = (lr[:, None] == lc[None, :]) & (s > float("-inf"))
+        ds += mate * (wr.double()[:, None] + wc.double()[None, :])
     return lse_r, lse_c, scale * (ds * c[None, :]) @ k, (ds * raw).sum()
 
 
@@ -232,6 +237,38 @@ def test_lse_kernels_mask_only_band_and_edge_tiles(device, monkeypatch, n, m, di
                                                   positives=pos and (pos[0].float(), *pos[1:]))
         torch.testing.assert_close(got_dq.double(), dq, rtol=tol, atol=tol)
         torch.testing.assert_close(got_dscale.double(), dscale, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("n,m,diag_off", MASK_CASES)
+@pytest.mark.parametrize("kind", ["bfloat16", "bfloat16-chunked", "float64-forced"])
+def test_lse_kernels_labelled_positives(device, monkeypatch, n, m, diag_off, kind):
+    """Labelled positives (InfoNCE's explicit targets, SupCon's label-mates) in the backward's dS: every
+    key whose label is the row's, in whole and masked tiles alike, but the excluded column, gains the
+    row's weight plus its own; equal to the float64 formula with few labels (many matches in every tile),
+    with the excluded diagonal's own match left out, for the resident and the chunked kernels, and for the
+    exact fp64 kernel with the labels forced inside (its launcher otherwise refuses them)."""
+    if device != "cpu" or not kc.interpreting():
+        pytest.skip("calls the launchers on CPU tensors: the interpreter's tiles")
+    dtype = torch.float64 if kind == "float64-forced" else torch.bfloat16
+    if kind == "bfloat16-chunked":
+        monkeypatch.setattr(kc, "MAX_BLOCK_D", 16)
+    if kind == "float64-forced":
+        monkeypatch.setattr(kc, "_positives_in_kernel", lambda *kind: True)
+    gen = torch.Generator().manual_seed(n * 1000 + m + diag_off)
+    q = torch.randn(n, 20, generator=gen).to(dtype)
+    k = torch.randn(m, 20, generator=gen).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g_r, g_c = torch.rand(n, generator=gen, dtype=torch.float64), torch.rand(m, generator=gen, dtype=torch.float64)
+    lr, lc = torch.randint(0, 3, (n,), generator=gen), torch.randint(0, 3, (m,), generator=gen)
+    wr, wc = -torch.rand(n, generator=gen, dtype=torch.float64), -torch.rand(m, generator=gen, dtype=torch.float64)
+    scale = torch.tensor([0.7], dtype=acc)
+    lse_r, lse_c, dq, dscale = _lse_formulas(q, k, 0.7, None, diag_off, g_r, g_c, labels=(lr, lc, wr, wc))
+    got_dq, got_dscale = kc.lse_backward_rows(q, k, scale, _as_split(lse_r.to(acc)), g_r.to(acc),
+                                              _as_split(lse_c.to(acc)), g_c.to(acc), diag_off=diag_off,
+                                              need_dscale=True, labels=(lr.int(), lc.int(), wr.to(acc), wc.to(acc)))
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(got_dq.double(), dq, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_dscale.double(), dscale, rtol=tol, atol=tol)
 
 
 def test_tf32_path_resident_query_block(backend, device):
@@ -316,7 +353,8 @@ def _fast_backward(device, monkeypatch, path):
 def test_gradcheck_through_the_fast_backward(device, monkeypatch, path):
     """gradcheck (float64) through the tensor-core kernels' code: the forward's D loop and the backward's
     resident query block or its chunked scores; masked and unmasked tiles, the column term (CLIP), the
-    positives in dS (NT-Xent's wrapped diagonal, CLIP's rows and keys), the key scale (MoCo), dscale."""
+    positives in dS (NT-Xent's wrapped diagonal, CLIP's rows and keys; InfoNCE's explicit targets, repeated,
+    on the rows' and the keys' launches, and SupCon's label-mates, symmetric), the key scale (MoCo), dscale."""
     _fast_backward(device, monkeypatch, path)
     assert kc._pick_backward(torch.zeros(3, 18, dtype=torch.float64))[2] == (path == "chunked")
     d = dict(dtype=torch.float64, device=device)
@@ -329,6 +367,14 @@ def test_gradcheck_through_the_fast_backward(device, monkeypatch, path):
                                     **check)
     queue = torch.randn(21, 18, **d)  # 21 keys: a whole 16-key tile and a partial one
     assert torch.autograd.gradcheck(lambda a: fastssl.moco_loss(a, z2, queue, temperature=0.3), (z1,), **check)
+    keys = torch.randn(21, 18, **d, requires_grad=True)
+    targets = torch.tensor([20, 3, 3, 17, 0], device=device)
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.info_nce(a, b, targets, temperature=0.5, reduction="none"),
+                                    (z1, keys), **check)
+    rows = torch.randn(19, 18, **d, requires_grad=True)
+    labels = torch.tensor([4, 0, 4, 2, 9, 0, 0, 4, 2, 7, 0, 4, 2, 2, 0, 4, 1, 0, 4], device=device)
+    assert torch.autograd.gradcheck(lambda a: fastssl.supcon_loss(a, labels, temperature=0.3, reduction="none"),
+                                    (rows,), **check)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1319,28 +1365,32 @@ def test_gradients_at_a_tiny_temperature(backend, device, dtype, tensor_core_dot
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["info_nce", "nt_xent", "clip_loss", "moco_loss", "supcon_loss"])
+@pytest.mark.parametrize("name", ["info_nce", "info_nce_targets", "nt_xent", "clip_loss", "moco_loss",
+                                  "supcon_loss"])
 def test_gradient_of_a_nearly_converged_loss(backend, device, dtype, name, tensor_core_dot):
     """Each positive close to its anchor (loss ~1e-3, P_ii ~ 0.999): the gradient (P_ij - [j = i]) k_j / T
     is the small difference of the LSE's term and the positive's, each ~|k| / T. Every input's gradient
-    within 2x eager PyTorch's error (flash-attention's rule; norm-wise against float64), and where the
-    positives meet the LSE's term in the math dtype within 0.5% (fp16) and 1% (bf16) on the PyTorch path,
-    twice that on the Triton path: InfoNCE, NT-Xent and CLIP put each positive's weight into the kernels'
-    dS before its bf16/fp16 rounding for the tensor-core product (``_lse_and_positives``); MoCo's positive
-    is outside the LSE. Measured 0.02-0.5% (torch), 0.2-0.7% (Triton) where eager is 1.4-15%. Rounded
-    first and added after, the Triton bf16 gradients were 14-31% off (a P_ii of 0.999 moves by up to
-    1 - P_ii in bf16), and before that (autograd summing an input's gradients in its dtype) both paths 16%
-    in fp16 and 90-140% in bf16. SupCon's label-mates are still added outside the kernel: its Triton bf16
-    gradient is 12% off, half eager's error."""
-    positives_in_ds = backend == "torch" or name != "supcon_loss"
+    within 2x eager PyTorch's error (flash-attention's rule; norm-wise against float64), and within 0.5%
+    (fp16) and 1% (bf16) on the PyTorch path, twice that on the Triton path: InfoNCE, NT-Xent and CLIP put
+    each positive's weight into the kernels' dS before its bf16/fp16 rounding for the tensor-core product
+    (``_lse_and_positives``), InfoNCE's explicit targets (here a permutation) and SupCon's label-mates too,
+    by comparing labels (``_lse_and_mates``); MoCo's positive is outside the LSE. Measured 0.02-0.5%
+    (torch), 0.2-0.7% (Triton) where eager is 1.4-22%. Rounded first and added after, the Triton bf16
+    gradients were 12-31% off (a P_ii of 0.999 moves by up to 1 - P_ii in bf16), and before that (autograd
+    summing an input's gradients in its dtype) both paths 16% in fp16 and 90-140% in bf16."""
     gen = torch.Generator().manual_seed(5)
     n, d = 48, 32
     anchor = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
     close = F.normalize(anchor + 0.03 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
     queue = F.normalize(torch.randn(40, d, generator=gen, dtype=torch.float64), dim=1).to(dtype).to(device)
     labels = torch.arange(n, device=device) % (n // 2)  # supcon: the rows i and i + n/2 share a label
+    order = torch.randperm(n, generator=gen)
+    targets = torch.argsort(order).to(device)  # key order[t] is row t's positive
     losses = {"info_nce": lambda a, b, ref, up: (info_nce_reference(a, b, temperature=0.07, upcast=up) if ref
                                                  else fastssl.info_nce(a, b, temperature=0.07)),
+              "info_nce_targets": lambda a, b, ref, up: (
+                  info_nce_reference(a, b[order], targets, temperature=0.07, upcast=up) if ref
+                  else fastssl.info_nce(a, b[order], targets, temperature=0.07)),
               "nt_xent": lambda a, b, ref, up: (nt_xent_reference(a, b, temperature=0.07, upcast=up) if ref
                                                 else fastssl.nt_xent(a, b, temperature=0.07)),
               "clip_loss": lambda a, b, ref, up: (clip_loss_reference(a, b, 1 / 0.07, upcast=up) if ref
@@ -1366,5 +1416,4 @@ def test_gradient_of_a_nearly_converged_loss(backend, device, dtype, name, tenso
     for g, r, e in zip(grads(inputs, False), exact, grads(inputs, True)):
         err, eager_err = ((t.double() - r).norm() / r.norm() for t in (g, e))
         assert err <= 2 * eager_err, (err, eager_err)
-        if positives_in_ds:
-            assert err <= (0.005 if dtype == torch.float16 else 0.01) * (1 if backend == "torch" else 2), err
+        assert err <= (0.005 if dtype == torch.float16 else 0.01) * (1 if backend == "torch" else 2), err
