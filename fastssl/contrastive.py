@@ -779,7 +779,8 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
         query: (N, D) float32, float16, bfloat16 or float64.
         key: (M, D), same dtype and device.
         targets: LongTensor (N,): the column of each row's positive; default ``arange(N)`` (needs M >= N).
-            Values are range-checked on CPU only (on CUDA a check would synchronize with the host).
+            Values are range-checked on CPU only (on CUDA a check would synchronize with the host), and
+            not inside torch.compile (a data-dependent branch).
         temperature: a Python float > 0; logits are divided by it.
         normalize: L2-normalize the rows of ``query`` and ``key`` first (cosine similarity).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per row, shape (N,)).
@@ -819,7 +820,8 @@ def info_nce(query: Tensor, key: Tensor, targets: Optional[Tensor] = None, *, te
                              f"got {tuple(targets.shape)}")
         if targets.device != query.device:
             raise ValueError(f"targets is on {targets.device} but query is on {query.device}; move them to one device")
-        if targets.device.type == "cpu" and bool(((targets < 0) | (targets >= m)).any()):
+        if (targets.device.type == "cpu" and not torch.compiler.is_compiling()
+                and bool(((targets < 0) | (targets >= m)).any())):
             raise ValueError(f"targets must be in [0, {m}) (key has {m} rows), got values in "
                              f"[{int(targets.min())}, {int(targets.max())}]")
     scale = _scale_from_temperature(temperature, query)
@@ -1504,7 +1506,9 @@ def grad_cache(encoder, inputs, loss_fn, *, chunk_size: int) -> Tensor:
     The parameters' gradients equal those of ``loss_fn(*[encoder(chunk) ...])`` with the chunks embedded in
     that order (the plain ``loss_fn(*map(encoder, inputs)).backward()`` when the encoder draws no random
     numbers, or its chunks draw them as the whole batch would), accumulated into ``.grad`` as a backward
-    does. The global RNG state afterwards is the one step 1 left (one forward's draws).
+    does. The global RNG state afterwards is the one step 1 left (one forward's draws). An encoder in
+    training mode sees every row twice (steps 1 and 3), so BatchNorm's running statistics take two updates a
+    step (as in Gao et al.'s implementation); a view the loss does not use (detached) is not re-run.
 
     Args:
         encoder: a callable (an ``nn.Module``) mapping a (rows, ...) tensor to (rows, D) embeddings.
@@ -1567,6 +1571,8 @@ def grad_cache(encoder, inputs, loss_fn, *, chunk_size: int) -> Tensor:
                              f"gradient), got {loss!r:.80}")
         loss.backward()
         for view, view_states, emb in zip(chunks, states, embedded):
+            if emb.grad is None:  # the loss does not use this view (a detached target): nothing to send back
+                continue
             cached = emb.grad.split(chunk_size)
             for c, (cpu, cuda), grad in zip(view, view_states, cached):
                 with torch.random.fork_rng(devices=devices):

@@ -269,12 +269,13 @@ class NTXentLoss(nn.Module):
             )
         update = out0.requires_grad
         negatives = bank.negatives()
-        if update or negatives.dtype != out0.dtype:
-            negatives = negatives.to(dtype=out0.dtype, copy=True)
+        if update or negatives.dtype != out0.dtype or negatives.device != out0.device:
+            # a copy on the features' device (lightly's script builds the bank on the CPU and never moves it)
+            negatives = negatives.to(dtype=out0.dtype, device=out0.device, copy=True)
         _check_moco(out0, out1, negatives)  # the bank holds unit keys (as lightly's): used as they are
         loss = _moco(out0, out1, negatives, self._scale(out0), True, "mean", queue_normalized=True)
         if update:
-            bank.enqueue(F.normalize(out1.detach(), dim=1))
+            bank.enqueue(F.normalize(out1.detach(), dim=1).to(bank.queue.device))
         return loss
 
     def _scale(self, like: Tensor) -> Tensor:
@@ -303,8 +304,9 @@ class InfoNCELoss(nn.Module):
         temperature: t > 0 (default 0.1).
         normalize: L2-normalize query and key rows first (cosine similarity), default True.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-query losses, shape ``(N,)``).
-        gather_distributed: all-gather queries and keys of every rank with gradient (API.md's
-            convention; needs an initialized process group at call time). Default False.
+        gather_distributed: all-gather the keys of every rank with gradient (API.md's convention: each
+            rank scores its own queries against all keys; without a process group of more than one rank
+            the single-process loss). Default False.
 
     Shapes:
         query ``(N, D)``, key ``(M, D)``, targets ``(N,)`` int64 (optional; needs ``M >= N`` when omitted).
@@ -361,7 +363,8 @@ class CLIPLoss(nn.Module):
         normalize: L2-normalize the features first (default True).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (as :func:`fastssl.clip_loss`).
         gather_distributed: all-gather features of every rank with gradient (open_clip's
-            ``gather_with_grad``, API.md's convention; needs an initialized process group at call time).
+            ``gather_with_grad``, API.md's convention; without a process group of more than one rank the
+            single-process loss).
 
     Shapes:
         image_features, text_features: ``(N, D)`` each; ``logit_scale``: 0-dim float32.
@@ -498,7 +501,7 @@ class CPCLoss(nn.Module):
         total = None
         for k, predictor in enumerate(self.predictors, start=1):
             predictions = predictor(context[:, : steps - k]).reshape(-1, self.code_dim)
-            targets = codes[:, k:].reshape(-1, self.code_dim)
+            targets = codes[:, k:].reshape(-1, self.code_dim).to(predictions.dtype)  # autocast's dtype
             term = info_nce(predictions, targets, temperature=1.0, normalize=False)
             total = term if total is None else total + term
         return total / self.prediction_steps
@@ -693,7 +696,9 @@ class SupervisedNTXentLoss(nn.Module):
 
     The call is pml's: ``loss_fn(embeddings, labels, ref_emb=None, ref_labels=None)``; the result has the
     embeddings' dtype, as pml's (computed in float32, float64 for float64). pml's ``distance``, ``reducer``,
-    ``indices_tuple`` and regularizers are not taken.
+    ``indices_tuple`` and regularizers are not taken. As pml, a call with ``ref_labels`` the labels object
+    itself (and ``ref_emb`` the embeddings or None) leaves a == p out; pml also leaves out the pairs (i, i)
+    when only the labels object is shared with other ``ref_emb``, which here are positives.
 
     Args:
         temperature: t > 0 (default 0.07, pml's).
@@ -715,6 +720,11 @@ class SupervisedNTXentLoss(nn.Module):
                 ref_labels: Optional[Tensor] = None) -> Tensor:
         """The mean loss over the positive pairs of ``embeddings`` (N, D) with ``labels`` (N,) (against
         ``ref_emb`` (M, D) with ``ref_labels`` (M,) when given)."""
+        if isinstance(ref_emb, (tuple, list)):
+            raise TypeError("ref_emb must be a tensor, got a tuple: pml's third positional argument, "
+                            "indices_tuple (a miner's pairs), is not taken here; pass ref_emb= by keyword")
+        if ref_labels is labels and (ref_emb is None or ref_emb is embeddings):  # pml: then a == p is left out
+            ref_emb = ref_labels = None
         loss = supervised_nt_xent(embeddings, labels, temperature=self.temperature, ref_embeddings=ref_emb,
                                   ref_labels=ref_labels)
         return loss.to(embeddings.dtype)

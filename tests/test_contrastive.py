@@ -453,15 +453,19 @@ def test_compiles_fullgraph(backend, device):
     labels = torch.randint(0, 3, (13,), device=device)
     scale = torch.tensor(2.0, device=device, requires_grad=True)
 
+    targets = torch.tensor([3, 0, 0, 12, 5, 1, 2, 7, 7, 9, 4, 11, 6], device=device)
+
     def losses(a, b, s):
-        return (fastssl.nt_xent(a, b) + fastssl.info_nce(a, b) + fastssl.clip_loss(a, b, s.exp())
+        return (fastssl.nt_xent(a, b) + fastssl.info_nce(a, b) + fastssl.info_nce(a, b, targets)
+                + fastssl.clip_loss(a, b, s.exp())
                 + fastssl.moco_loss(a, b, b) + fastssl.siglip_loss(a, b, s.exp(), -s)
                 + fastssl.supervised_nt_xent(a, labels, ref_embeddings=b, ref_labels=labels)
                 + fastssl.supcon_loss(torch.stack((a, b), 1), labels))
 
     compiled = torch.compile(losses, fullgraph=True)
     out = compiled(z1, z2, scale)
-    ref = (nt_xent_reference(z1, z2) + info_nce_reference(z1, z2) + clip_loss_reference(z1, z2, scale.double().exp())
+    ref = (nt_xent_reference(z1, z2) + info_nce_reference(z1, z2) + info_nce_reference(z1, z2, targets)
+           + clip_loss_reference(z1, z2, scale.double().exp())
            + moco_loss_reference(z1, z2, z2) + siglip_loss_reference(z1, z2, scale.double().exp(), -scale.double())
            + supervised_nt_xent_reference(z1, labels, ref_embeddings=z2, ref_labels=labels)
            + supcon_loss_reference(torch.stack((z1, z2), 1), labels))
@@ -1252,6 +1256,19 @@ def test_grad_cache_equals_the_plain_backward_with_dropout():
     for g, r in zip(_param_grads(encoder), expected):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(scale.grad, expected_scale)
+
+
+def test_grad_cache_with_a_view_the_loss_does_not_use():
+    """A loss that detaches one view (a stop-gradient target) gives that view no gradient: grad_cache
+    re-runs only the views that have one, and equals the plain backward."""
+    x1, x2 = torch.randn(12, 12), torch.randn(12, 12)
+    encoder = _encoder(dropout=0.0)
+    loss_fn = lambda a, b: fastssl.info_nce(a, b.detach())  # noqa: E731
+    loss_fn(encoder(x1), encoder(x2)).backward()
+    expected = _param_grads(encoder)
+    fastssl.grad_cache(encoder, (x1, x2), loss_fn, chunk_size=5)
+    for g, r in zip(_param_grads(encoder), expected):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("dropout, chunk", [(0.0, 5), (0.3, 64)])

@@ -153,6 +153,21 @@ def test_ntxent_memory_bank_is_moco_against_the_bank_before_the_update(device):
         assert bank.ptr == ((step + 1) * n) % size
 
 
+def test_ntxent_memory_bank_built_on_the_cpu_serves_features_on_any_device(device):
+    """lightly's MoCo script builds ``NTXentLoss(memory_bank_size=(K, D))`` and never moves it to the GPU:
+    the loss takes the bank's keys to the features' device and writes the new keys back to the bank's."""
+    loss_fn = NTXentLoss(temperature=0.2, memory_bank_size=(6, 4)).double()
+    bank = loss_fn.memory_bank
+    assert bank.negatives().device.type == "cpu"
+    q, k = leaf(3, 4, device=device), torch.randn(3, 4, dtype=F64, device=device)
+    before = bank.negatives().clone()
+    loss = loss_fn(q, k)
+    assert loss.device == q.device
+    assert_close(loss, ref_moco(q, k, before.to(device), 0.2, normalize_queue=False))
+    assert bank.negatives().device.type == "cpu"
+    assert torch.equal(bank.negatives()[:3], F.normalize(k, dim=1).cpu())
+
+
 def test_ntxent_memory_bank_not_updated_without_grad():
     loss_fn = NTXentLoss(memory_bank_size=(8, 4))
     before = loss_fn.memory_bank.negatives().clone()
@@ -419,6 +434,19 @@ def test_cpc_call_validation(context, codes, error, match):
         CPCLoss(5, 4, 2)(torch.randn(*context), torch.randn(*codes))
 
 
+def test_cpc_under_autocast():
+    """Under autocast the predictions come out in bf16 while the codes stay float32: the targets follow
+    the predictions' dtype (the dtype check exempts autocast for this), as the loss of bf16 predictions."""
+    torch.manual_seed(0)
+    loss_fn = CPCLoss(6, 4, 2)
+    context, codes = torch.randn(3, 5, 6), torch.randn(3, 5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(context, codes)
+    weights = [p.weight.to(torch.bfloat16).double() for p in loss_fn.predictors]
+    ref = ref_cpc(context.to(torch.bfloat16).double(), codes.to(torch.bfloat16).double(), weights)
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 0.05 * abs(ref.item())
+
+
 def test_cpc_validation_types():
     with pytest.raises(TypeError, match="codes has dtype torch.float64 but context has torch.float32"):
         CPCLoss(5, 4, 1)(torch.randn(2, 3, 5), torch.randn(2, 3, 4, dtype=F64))
@@ -640,6 +668,24 @@ def test_supervised_ntxent_module_pml_call(backend, device, dtype):
         ref = supervised_nt_xent_reference(x, labels, temperature=0.2, ref_embeddings=kw.get("ref_emb"),
                                            ref_labels=kw.get("ref_labels"))
         assert_close(out, ref, dtype=dtype, scale=2)
+
+
+def test_supervised_ntxent_module_self_references_as_pml():
+    """pml leaves a == p out when ``ref_labels`` is the labels object itself: passing the embeddings as
+    their own references is the call without references there and here; a miner's pairs in the third
+    positional place (pml's ``indices_tuple``) get a TypeError that says so."""
+    x = torch.randn(6, 5, dtype=F64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    loss_fn = SupervisedNTXentLoss(temperature=0.2)
+    alone = loss_fn(x, labels)
+    assert_close(loss_fn(x, labels, ref_emb=x, ref_labels=labels), alone)
+    assert_close(loss_fn(x, labels, ref_labels=labels), alone)
+    assert_close(alone, supervised_nt_xent_reference(x, labels, temperature=0.2))
+    copied = loss_fn(x, labels, ref_emb=x.clone(), ref_labels=labels.clone())  # other objects: a == p allowed
+    assert_close(copied, supervised_nt_xent_reference(x, labels, temperature=0.2, ref_embeddings=x,
+                                                       ref_labels=labels))
+    with pytest.raises(TypeError, match="indices_tuple"):
+        loss_fn(x, labels, (torch.tensor([0]), torch.tensor([1])))
 
 
 def test_supcon_module(backend, device):
