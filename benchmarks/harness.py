@@ -307,18 +307,28 @@ def _same_case_runs(cases: list[Case]) -> list[list[Case]]:
 CPU_PROCESSES = 2
 
 
-def run_case_in_subprocesses(index: int, preset: str, only, processes: int = CPU_PROCESSES) -> dict:
+def run_case_in_subprocesses(index: int, preset: str, only, processes: int = CPU_PROCESSES,
+                             skip_preset: Optional[str] = None) -> dict:
     """The case in ``processes`` fresh processes, one after another: the row with the fastest median."""
-    rows = [run_case_in_subprocess(index, preset, only) for _ in range(processes)]
+    rows = [run_case_in_subprocess(index, preset, only, skip_preset=skip_preset) for _ in range(processes)]
     timed = [r for r in rows if r.get("ms_median") is not None]
     best = min(timed, key=lambda r: r["ms_median"]) if timed else rows[-1]
     return {**best, "ms_median_runs": [r.get("ms_median") for r in rows],
             "case_seconds": round(sum(r["case_seconds"] for r in rows), 1)}
 
 
-def run_case_in_subprocess(index: int, preset: str, only, timeout: float = 600) -> dict:
+def child_command(index: int, preset: str, only, skip_preset: Optional[str] = None) -> list[str]:
+    """The command of the fresh process that measures case ``index`` of ``all_cases(preset, "cpu", only,
+    skip_preset)``: it passes every argument of that selection, so the child (:func:`child_case`) counts
+    the same list."""
+    return [sys.executable, "-m", "fastssl.benchmarks.harness", "--preset", preset, "--index", str(index),
+            *sum((["--only", o] for o in only), []), *(["--skip-preset", skip_preset] if skip_preset else [])]
+
+
+def run_case_in_subprocess(index: int, preset: str, only, timeout: float = 600,
+                           skip_preset: Optional[str] = None) -> dict:
     """CPU: a fresh process per case, so one case's allocations cannot hide another's peak."""
-    cmd = [sys.executable, "-m", "fastssl.benchmarks.harness", "--preset", preset, "--index", str(index), *sum((["--only", o] for o in only), [])]
+    cmd = child_command(index, preset, only, skip_preset)
     start = time.perf_counter()
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
@@ -476,7 +486,8 @@ def run(preset: str, only=(), out_dir: str = "bench-out", device: Optional[str] 
             if bar:
                 bar.set_postfix_str(batch[0].name[:60])
             if isolate:
-                measured = [run_case_in_subprocesses(len(result["rows"]), preset, only)]  # the case's index
+                measured = [run_case_in_subprocesses(len(result["rows"]), preset, only,  # the case's index
+                                                     skip_preset=skip_preset)]
             else:
                 measured = run_cases(batch, device, preset)
             result["rows"].extend(measured)
@@ -501,21 +512,33 @@ def plan(preset: str, device: str, only=(), skip_preset: Optional[str] = None) -
     return "\n".join(f"{i + 1:4d} {c.name}" for i, c in enumerate(cases))
 
 
-def _child(argv=None) -> None:
+def _child_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="run one CPU benchmark case (used by fastssl bench), or "
                                                  "measure the device's ceilings into a JSON file")
     parser.add_argument("--preset")
     parser.add_argument("--index", type=int)
     parser.add_argument("--only", action="append", default=[])
+    parser.add_argument("--skip-preset", default=None)
     parser.add_argument("--ceilings", metavar="FILE", help="measure the ceilings (default device) into FILE")
+    return parser
+
+
+def child_case(argv) -> Case:
+    """The case a child started with :func:`child_command`'s arguments ``argv`` measures."""
+    parser = _child_parser()
     args = parser.parse_args(argv)
+    if args.preset is None or args.index is None:
+        parser.error("--preset and --index go together (or --ceilings FILE)")
+    return all_cases(args.preset, "cpu", args.only, args.skip_preset)[args.index]
+
+
+def _child(argv=None) -> None:
+    args = _child_parser().parse_args(argv)
     if args.ceilings:
         peaks = load_or_measure_peaks(args.ceilings, default_device())
         print(json.dumps(peaks), flush=True)
         return
-    if args.preset is None or args.index is None:
-        parser.error("--preset and --index go together (or --ceilings FILE)")
-    case = all_cases(args.preset, "cpu", args.only)[args.index]
+    case = child_case(argv)
     print(json.dumps(run_case(case, "cpu", args.preset)), flush=True)
 
 

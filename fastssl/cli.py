@@ -12,10 +12,10 @@ Arguments are checked before any work (a positive ``--epochs``, a writable ``--o
 ``--device``, the extras ``train`` needs): a bad one exits 2 with one line. Result files are written
 atomically (a temporary file, then a rename): an interrupted run leaves a complete file or none.
 
->>> main(["bench", "--only", "no_such_op", "--quiet"])
+>>> main(["bench", "--only", "no_such_op", "--quiet"])  # stderr: usage, then "fastssl bench: error: ..."
 Traceback (most recent call last):
     ...
-SystemExit: fastssl bench: no benchmark case matches --only ['no_such_op']
+SystemExit: 2
 """
 from __future__ import annotations
 
@@ -70,8 +70,12 @@ def _bench(args, parser) -> int:
     from fastssl.benchmarks import harness
 
     if args.quick and args.preset not in (None, "quick"):
-        raise SystemExit(f"fastssl bench: --quick is --preset quick; it cannot go with --preset {args.preset}")
+        parser.error(f"--quick is --preset quick; it cannot go with --preset {args.preset}")
     preset = "quick" if args.quick else args.preset or "full"
+    if not harness.all_cases(preset, args.device or harness.default_device(), args.only, args.skip_preset):
+        what = f"--preset {preset}" + (f" less --skip-preset {args.skip_preset}" if args.skip_preset else "")
+        parser.error(f"no benchmark case of {what} matches --only {' '.join(args.only)}" if args.only
+                     else f"{what} leaves no benchmark case")
     check_before_work(parser, out=None if args.plan else args.out, device=None if args.plan else args.device)
     try:
         if args.plan:
@@ -100,6 +104,8 @@ def _train(args, parser) -> int:
         parser.error("--loss goes with the clip method (softmax or sigmoid)")
     if args.readme and not args.all:
         parser.error("--readme goes with --all")
+    if not (args.method or args.list or args.all):
+        parser.error(f"a METHOD is needed, one of: {', '.join(sorted(METHODS))} (or --list, or --all)")
     if args.all or (args.method and not args.list):
         if args.method and not args.all and args.method not in METHODS:
             parser.error(f"unknown method {args.method!r}; fastssl train --list shows them")
@@ -110,10 +116,10 @@ def _train(args, parser) -> int:
         rows = run_all(list(METHODS), config, readme=args.readme)
         print(results_table(rows))
         return 0 if all(r["beats_baseline"] for r in rows) else 1
-    if args.list or not args.method:
+    if args.list:
         for name, (_, what) in sorted(METHODS.items()):
             print(f"{name:<10} {what}")
-        return 0 if args.list else 2
+        return 0
     if args.method not in METHODS:
         parser.error(f"unknown method {args.method!r}; fastssl train --list shows them")
     metrics = run(args.method, config)

@@ -34,6 +34,7 @@ op) are the dense float64 formulas the tests compare against. ``scale`` (1 / tem
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Optional, Sequence
 
 import torch
@@ -52,12 +53,27 @@ CHUNK_ELEMENTS = 1 << 23
 # baseline)
 # ----------------------------------------------------------------------------------------------------
 
+def disk(radius: float, H: int, W: int) -> tuple[int, int]:
+    """The disk of ``radius`` on an H x W map as exact integers ``(rr, rad2)``: key q is in reach of query p
+    iff dy^2 + dx^2 <= rad2 = floor(radius^2) (computed exactly, so no rounding lets in a pixel just
+    outside), and rr = floor(radius) bounds |dy| and |dx|. Both are capped where the disk covers the whole
+    map (rad2 at (H-1)^2 + (W-1)^2, rr at its root), so any larger radius equals ``radius=None``. Every
+    backend and the reference take their radius test from here.
+
+    >>> disk(1 - 1e-9, 5, 5), disk(2.5, 5, 5), disk(1e30, 3, 4)
+    ((0, 0), (2, 6), (3, 13))
+    """
+    far = max(H - 1, 0) ** 2 + max(W - 1, 0) ** 2  # the largest squared distance on the map
+    rad2 = far if radius >= H + W else min(math.floor(Fraction(radius) ** 2), far)
+    return math.isqrt(rad2), rad2
+
+
 def _distance_mask(H: int, W: int, radius: float, device) -> Tensor:
-    """(HW, HW) bool: True where key q lies farther than ``radius`` from query p."""
+    """(HW, HW) bool: True where key q lies farther than ``radius`` from query p (integer test, :func:`disk`)."""
     ys, xs = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
     ys, xs = ys.reshape(-1), xs.reshape(-1)
     d2 = (ys[:, None] - ys[None, :]) ** 2 + (xs[:, None] - xs[None, :]) ** 2
-    return d2 > radius * radius
+    return d2 > disk(radius, H, W)[1]
 
 
 def propagation_logits_reference(target_feats: Tensor, ref_feats: Tensor, *, temperature: float = 1.0,
@@ -164,8 +180,7 @@ class _Tiling:
         B, C, H, W = q.shape
         self.B, self.C, self.H, self.W = B, C, H, W
         self.RL, self.RG = kl.shape[1], kg.shape[1]
-        self.radius = radius
-        self.rr = int(radius) if (radius is not None and self.RL) else 0
+        self.rr, self.rad2 = disk(radius, H, W) if (radius is not None and self.RL) else (0, 0)
         self.acc = accumulation_dtype(q.dtype)
         budget = max(CHUNK_ELEMENTS // max(B, 1), 1)
         if self.RL:  # squares (side ~ max(8, rr)) shrunk until a tile's logits fit the budget
@@ -193,7 +208,7 @@ class _Tiling:
         dy2 = (ar(y0, y1)[:, None] - ar(ky0, ky1)[None, :]) ** 2                 # (th, kh)
         dx2 = (ar(x0, x1)[:, None] - ar(kx0, kx1)[None, :]) ** 2                 # (tw, kw)
         d2 = dy2[:, None, :, None] + dx2[None, :, None, :]                       # (th, tw, kh, kw)
-        return (d2 > self.radius ** 2).reshape((y1 - y0) * (x1 - x0), 1, (ky1 - ky0) * (kx1 - kx0))
+        return (d2 > self.rad2).reshape((y1 - y0) * (x1 - x0), 1, (ky1 - ky0) * (kx1 - kx0))
 
     def parts(self, tile, q: Tensor, kl: Tensor, vl: Tensor, glob: Optional[tuple]) -> list:
         """The tile's parts; ``glob`` = (k (B, C, RG*HW), v) flattened once per call by :meth:`flat`."""
@@ -424,10 +439,18 @@ def _c(*tensors):
     return [t.contiguous() for t in tensors]
 
 
+def _no_pixels(q: Tensor) -> bool:
+    """An empty batch or frame (B * H * W = 0): every backend returns the empty result without a launch."""
+    B, _, H, W = q.shape
+    return B * H * W == 0
+
+
 @torch.library.custom_op("fastssl::color_propagate", mutates_args=())
 def _propagate_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, scale: Tensor,
                   radius: Optional[float]) -> tuple[Tensor, Tensor]:
     q, kl, vl, kg, vg = _c(q, kl, vl, kg, vg)
+    if _no_pixels(q):
+        return _propagate_op_fake(q, kl, vl, kg, vg, scale, radius)
     if use_triton(q):
         from .kernels.propagation import propagate_forward
 
@@ -436,7 +459,7 @@ def _propagate_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, sca
 
 
 @_propagate_op.register_fake
-def _(q, kl, vl, kg, vg, scale, radius):
+def _propagate_op_fake(q, kl, vl, kg, vg, scale, radius):
     B, C, H, W = q.shape
     V = vl.shape[2]
     return q.new_empty((B, V, H, W)), q.new_empty((B, H, W), dtype=accumulation_dtype(q.dtype))
@@ -447,6 +470,8 @@ def _propagate_backward_op(grad: Tensor, q: Tensor, kl: Tensor, vl: Tensor, kg: 
                            lse: Tensor, scale: Tensor, radius: Optional[float]
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grad, q, kl, vl, kg, vg, out, lse = _c(grad.to(q.dtype), q, kl, vl, kg, vg, out, lse)
+    if _no_pixels(q):
+        return tuple(torch.zeros_like(t) for t in (q, kl, vl, kg, vg))
     if use_triton(q):
         from .kernels.propagation import propagate_backward
 
@@ -535,6 +560,8 @@ _colorization_lse_op.register_autograd(_colorization_lse_backward, setup_context
 def _topk_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, scale: Tensor, radius: Optional[float],
              topk: int) -> Tensor:
     q, kl, vl, kg, vg = _c(q, kl, vl, kg, vg)
+    if _no_pixels(q):
+        return _topk_op_fake(q, kl, vl, kg, vg, scale, radius, topk)
     if use_triton(q):
         from .kernels.propagation import propagate_topk_forward, topk_supported
 
@@ -544,7 +571,7 @@ def _topk_op(q: Tensor, kl: Tensor, vl: Tensor, kg: Tensor, vg: Tensor, scale: T
 
 
 @_topk_op.register_fake
-def _(q, kl, vl, kg, vg, scale, radius, topk):
+def _topk_op_fake(q, kl, vl, kg, vg, scale, radius, topk):
     B, C, H, W = q.shape
     return q.new_empty((B, vl.shape[2], H, W))
 
@@ -586,6 +613,13 @@ def _check_target_and_refs(target_feats, ref_feats):
                          f"{tuple(target_feats.shape)}, got {tuple(ref_feats.shape)}")
     if ref_feats.shape[1] < 1:
         raise ValueError(f"ref_feats needs at least one reference frame (R >= 1), got shape {tuple(ref_feats.shape)}")
+    _check_channels("target_feats", target_feats)
+
+
+def _check_channels(name: str, feats: Tensor) -> None:
+    """C >= 1: with no feature channel every logit is 0 and the attention means nothing."""
+    if feats.shape[1] < 1:
+        raise ValueError(f"{name} needs at least one feature channel (C >= 1), got shape {tuple(feats.shape)}")
 
 
 def _empty_group(t: Tensor) -> Tensor:
@@ -613,8 +647,9 @@ def color_propagate(target_feats: Tensor, ref_feats: Tensor, ref_values: Tensor,
         ref_values: (B, R, V, H, W) what is propagated (colors, one-hot labels, masks), same dtype.
         temperature: the logits are <tf, rf> / temperature; > 0.
         radius: only reference pixels within this Euclidean distance (feature-map pixels) of the target
-            pixel's position take part (a disk, as in CRW); ``None`` = all. The kernels visit only the
-            key rows of each window, so the cost follows the window's area, not the frame's.
+            pixel's position take part (a disk, as in CRW; tested exactly, dy^2 + dx^2 <= radius^2); ``None``
+            = all, as is any radius that covers the frame. The kernels visit only the key rows of each
+            window, so the cost follows the window's area, not the frame's.
         topk: only the k largest logits per target pixel take part, softmax over those k (CRW's
             inference). For inference: the output carries no gradient. On CUDA a fused Triton kernel
             (streaming top-k, k <= 32, fp32/fp16/bf16); float64, k > 32 and the CPU use a chunked
@@ -623,12 +658,13 @@ def color_propagate(target_feats: Tensor, ref_feats: Tensor, ref_values: Tensor,
 
     Returns:
         (B, V, H, W) in the input dtype; math in float32 (float64 for float64). Gradients flow to all
-        three inputs in the dense and radius modes.
+        three inputs in the dense and radius modes. An empty batch or frame (B, H or W = 0) gives the empty
+        (B, V, H, W) result (and empty gradients).
 
     Raises:
         TypeError: non-tensor or non-float inputs, mixed dtypes, a non-numeric radius or non-int topk.
-        ValueError: wrong ranks, shapes that do not match, inputs on different devices, temperature <= 0,
-            radius < 0, topk < 1 or topk > R*H*W.
+        ValueError: wrong ranks, shapes that do not match, no feature channel (C = 0), inputs on different
+            devices, temperature <= 0, radius < 0, topk < 1 or topk > R*H*W.
 
     >>> import torch, fastssl
     >>> tf = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # pixel 0 = e0, pixel 1 = e1
@@ -685,8 +721,8 @@ def colorization_loss(target_feats: Tensor, ref_feats: Tensor, ref_labels: Tenso
 
     Raises:
         TypeError: non-float features, mixed dtypes, non-integer labels, a non-int num_classes.
-        ValueError: wrong ranks or shapes, different devices, an empty batch or frame, temperature <= 0,
-            radius < 0, eps <= 0, num_classes < 1, labels out of range (CPU tensors).
+        ValueError: wrong ranks or shapes, no feature channel, different devices, an empty batch or frame,
+            temperature <= 0, radius < 0, eps <= 0, num_classes < 1, labels out of range (CPU tensors).
 
     >>> import torch, fastssl
     >>> feats = torch.eye(2).reshape(1, 2, 1, 2) * 20                      # two pixels, orthogonal features
@@ -779,8 +815,8 @@ def propagate_labels(feats: Tensor, first_labels: Tensor, *, context: int = 20, 
 
     Raises:
         TypeError: non-float or mixed dtypes, non-int context or long-memory indices.
-        ValueError: wrong ranks, shapes or devices, context < 1, long-memory indices out of range,
-            temperature <= 0, radius < 0, topk < 1 or more than the keys of frame 1.
+        ValueError: wrong ranks, shapes or devices, no feature channel, context < 1, long-memory indices out
+            of range, temperature <= 0, radius < 0, topk < 1 or more than the keys of frame 1.
 
     >>> import torch, fastssl
     >>> feats = torch.nn.functional.normalize(torch.randn(3, 8, 5, 5), dim=1)
@@ -799,6 +835,7 @@ def propagate_labels(feats: Tensor, first_labels: Tensor, *, context: int = 20, 
                          f"got {tuple(first_labels.shape)}")
     if T < 1:
         raise ValueError(f"feats must hold at least one frame, got shape {tuple(feats.shape)}")
+    _check_channels("feats", feats)
     context = check_int("context", context, low=1)
     try:
         memory = sorted({check_int("long_memory", m) for m in long_memory}) if long_memory is not None else []

@@ -68,11 +68,21 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
+from ..propagation import disk  # the radius test's exact integers, shared with the PyTorch path
 from .registry import (TL_DTYPE, acc_type, arch_family, device_arch, device_function, dot_acc, dot_precision,
                        dot_precisions, for_archs, launch, register, variant)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(LOG2E * x)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(x) = LN2 * log2(x)
+# The radius test is dy^2 + dx^2 <= rad2 in int32 with |dy|, |dx| clamped at D_MAX (2 * D_MAX^2 < 2^31, no
+# overflow): exact wherever rad2 < D_MAX^2 (a clamped key is out of reach then); a disk covering the map
+# passes rad2 = I32_MAX (every key in reach). ``_geometry`` refuses the one case between (a radius of
+# D_MAX or more on a map wider or taller than that which it does not cover).
+D_MAX = tl.constexpr(32767)
+I32_MAX = 2**31 - 1
+# rr and rad2 follow the caller's radius: never specialized (a radius of 4 would compile apart from 5, rad2
+# 16 being a multiple of 16), so every radius runs one compiled kernel.
+RADIUS_ARGS = ["rr", "rad2"]
 
 # V is padded in registers to BLOCK_V = 16 (tl.dot's minimum); a larger V runs in chunks of 16 (the forward
 # recomputes the logits per chunk; the backward adds the chunks' dQ, dK). GUIDE §6's training shape has V = 16.
@@ -232,14 +242,22 @@ def _log2(x):
 
 @device_function
 @triton.jit
+def _in_disk(dy, dx, rad2):
+    """dy^2 + dx^2 <= rad2 for int32 offsets and an int32 ``rad2`` (see D_MAX): exact, no rounding."""
+    dy = tl.minimum(tl.abs(dy), D_MAX)
+    dx = tl.minimum(tl.abs(dx), D_MAX)
+    return dy * dy + dx * dx <= rad2
+
+
+@device_function
+@triton.jit
 def _mask(s, offs_n, hi, ry, rx, W, rad2, WINDOW: tl.constexpr, MASKED: tl.constexpr):
     """Logits ``s`` (rows: pixels at (ry, rx); columns: pixels ``offs_n``), -inf where the column pixel is at or
-    past ``hi`` (MASKED) or, with WINDOW, farther than sqrt(rad2) from the row's pixel."""
+    past ``hi`` (MASKED) or, with WINDOW, out of the disk (:func:`_in_disk`) around the row's pixel."""
     if WINDOW:
         ky = offs_n // W
-        dy = (ry[:, None] - ky[None, :]).to(tl.float32)
-        dx = (rx[:, None] - (offs_n - ky * W)[None, :]).to(tl.float32)
-        s = tl.where((dy * dy + dx * dx <= rad2) & (offs_n < hi)[None, :], s, float("-inf"))
+        near = _in_disk(ry[:, None] - ky[None, :], rx[:, None] - (offs_n - ky * W)[None, :], rad2)
+        s = tl.where(near & (offs_n < hi)[None, :], s, float("-inf"))
     elif MASKED:
         s = tl.where((offs_n < hi)[None, :], s, float("-inf"))
     return s
@@ -285,7 +303,7 @@ def _fwd_span(q, q_base, k_base, v_base, offs_m, m_ok, qy, qx, ylab, lo, hi, m_i
     return m_i, l_i, acc, my_i, ly_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RADIUS_ARGS)
 def _propagate_fwd_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, y_ptr, scale_ptr, out_ptr, lse_ptr, lsey_ptr,
                           C, V, H, W, RL, RG, rr, rad2,
                           ACC: tl.constexpr, PREC: tl.constexpr, LOSS: tl.constexpr, WINDOWED: tl.constexpr,
@@ -400,7 +418,7 @@ def _dq_span(q, q_base, k_base, v_base, offs_m, m_ok, qy, qx, ylab, do, lse2, de
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RADIUS_ARGS)
 def _propagate_bwd_dq_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, y_ptr, scale_ptr, do_ptr, lse_ptr, delta_ptr,
                              lsey_ptr, gy_ptr, dq_ptr, C, V, H, W, RL, RG, rr, rad2,
                              ACC: tl.constexpr, PREC: tl.constexpr, LOSS: tl.constexpr, WINDOWED: tl.constexpr,
@@ -504,7 +522,7 @@ def _dkdv_span(k, v, klab, k_base, q_base, b, offs_n, n_ok, ky, kx, lo, hi, dk, 
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RADIUS_ARGS)
 def _propagate_bwd_dkdv_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, y_ptr, scale_ptr, do_ptr, lse_ptr, delta_ptr,
                                lsey_ptr, gy_ptr, dkl_ptr, dvl_ptr, dkg_ptr, dvg_ptr, C, V, H, W, RL, RG, rr, rad2,
                                ACC: tl.constexpr, PREC: tl.constexpr, LOSS: tl.constexpr, WINDOWED: tl.constexpr,
@@ -637,7 +655,7 @@ def _topk_logits(q_base, k_base, offs_m, m_ok, offs_n, n_ok, C, HW, scale, PREC:
                         BLOCK_C) * scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RADIUS_ARGS)
 def _propagate_topk_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, scale_ptr, out_ptr, C, V, H, W, RL, RG, rr, rad2,
                            K, PREC: tl.constexpr, TILE_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_C: tl.constexpr, KP: tl.constexpr):
@@ -674,9 +692,7 @@ def _propagate_topk_kernel(q_ptr, kl_ptr, vl_ptr, kg_ptr, vg_ptr, scale_ptr, out
             offs_n = ky * W + kx
             s = _topk_logits(q_base, k_base, offs_m, m_ok, offs_n, n_ok, C, HW, scale, PREC, BLOCK_M, BLOCK_N,
                              BLOCK_C)
-            dy = (qy - ky).to(tl.float32)
-            dx = (qx[:, None] - kx[None, :]).to(tl.float32)
-            near = ((dy * dy)[:, None] + dx * dx <= rad2) & n_ok[None, :]
+            near = _in_disk((qy - ky)[:, None], qx[:, None] - kx[None, :], rad2) & n_ok[None, :]
             top = _insert(top, s, near, r * HW + offs_n[None, :])
     for r in range(0, RG):
         k_base = kg_ptr + (b * RG + r) * C * HW
@@ -731,7 +747,7 @@ def _variants(kind, fam, float_ptrs, acc_ptrs, value_ptrs, label_ptrs, unaligned
     the compile test 2-5 s per chip. For the same reason fp16 is compiled for sm_90 only (on sm_80, mma.sync,
     fp16 and bf16 gave the same registers in all 15 fp16 variants under triton 3.6, 3.8 and 3.9), and there
     the backward's windowed resident kernels in bf16 only (dQ, dK/dV: the same registers and wgmma in both,
-    3.8); the forward's differ (fp16 windowed 112 registers, bf16 82: both kept)."""
+    3.8); the forward's differ (fp16 windowed 117 registers, bf16 102 with the int32 radius test: both kept)."""
     bm, bn, _ = _TILES[fam][kind]
     kinds = [(True, True)] if fam == "fp64" else [(False, False), (True, False), (True, True)]
     out = []
@@ -748,7 +764,7 @@ def _variants(kind, fam, float_ptrs, acc_ptrs, value_ptrs, label_ptrs, unaligned
             sig = {**{a: f"*{ty}" for a in float_ptrs}, **{a: f"*{acc_ty}" for a in acc_ptrs},
                    **{a: ("*i64" if loss else f"*{ty}") for a in value_ptrs},
                    **{a: ("*i64" if loss else f"*{acc_ty}") for a in label_ptrs},  # unused: LSE passed
-                   **_int_signature(shape), "rad2": "fp32"}
+                   **_int_signature(shape), "rad2": "i32"}
             out += [variant(sig, archs=(90,) if dtype == torch.float16 else (), ACC=acc_type(dtype), PREC=prec, LOSS=loss, WINDOWED=windowed, C_LOOP=c_loop,
                             BLOCK_V=MAX_BLOCK_V, BLOCK_M=bm, BLOCK_N=bn,
                             BLOCK_C=_loop_c(fam, kind) if c_loop else _BLOCK_C[fam])
@@ -800,7 +816,7 @@ for _dt, (_bm, _tw, _bn, _bc, _warps) in TOPK_TILES.items():
                                          [arch])],
              variants=[variant({**{a: f"*{TL_DTYPE[_dt]}" for a in ("q_ptr", "kl_ptr", "vl_ptr", "kg_ptr", "vg_ptr",
                                                                     "out_ptr")},
-                                "scale_ptr": "*fp32", **_int_signature(shape), "rad2": "fp32", "K": "i32"},
+                                "scale_ptr": "*fp32", **_int_signature(shape), "rad2": "i32", "K": "i32"},
                                archs=(90,) if _dt == torch.float16 else (),  # sm_80: as bf16 (see _variants)
                                PREC=prec, TILE_W=_tw, BLOCK_M=_bm, BLOCK_N=_bn, BLOCK_C=_bc, KP=kp)
                        for shape, kps in ((_UNALIGNED, (16, 32)), (_ALIGNED, (16,))) for kp in kps
@@ -816,8 +832,12 @@ def _geometry(q, kl, kg, radius):
     B, C, H, W = q.shape
     if max(C, MAX_BLOCK_V) * H * W >= 2**31:  # offsets within one frame are int32 (across frames int64)
         raise ValueError(f"one frame of C * H * W = {C} * {H} * {W} elements is over the kernels' 2**31 limit")
-    rr = int(radius) if radius is not None else 0  # floor: radius >= 0
-    rad2 = float(radius) ** 2 if radius is not None else 0.0
+    rr, rad2 = disk(radius, H, W) if radius is not None else (0, 0)  # capped where the disk covers the map
+    if radius is not None and rad2 == max(H - 1, 0) ** 2 + max(W - 1, 0) ** 2:
+        rad2 = I32_MAX  # every key in reach, whatever the clamped distances
+    elif rad2 >= D_MAX.value ** 2 and kl.shape[1]:
+        raise ValueError(f"radius {radius} on a {H} x {W} map: the kernels take a radius under {D_MAX.value} "
+                         f"pixels or one that covers the map (squared distances are int32)")
     return dict(C=C, H=H, W=W, RL=kl.shape[1], RG=kg.shape[1], rr=rr, rad2=rad2)
 
 

@@ -100,6 +100,24 @@ def test_train_cli_lists_methods_and_rejects_unknown(capsys):
     assert "--readme goes with --all" in _bad_cli_call(["train", "simclr", "--readme", "README.md"], capsys)
 
 
+def test_train_cli_without_a_method_names_the_choices(capsys):
+    """``fastssl train`` alone: exit 2 with one error line listing the methods (it once printed the list on
+    stdout and exited 2 with nothing on stderr)."""
+    line = _bad_cli_call(["train"], capsys)
+    assert line.startswith("fastssl train: error: a METHOD is needed") and all(name in line for name in METHODS)
+
+
+def test_tracker_takes_radius_zero_and_refuses_a_negative_one():
+    """API.md: radius >= 0 (0: each pixel sees only its own position in the reference frames)."""
+    from fastssl.models.tracker import ColorizationTracker, PixelEncoder
+
+    model, (grey, colors) = load_method("tracker").example()
+    zero = ColorizationTracker(model.encoder, num_colors=4, radius=0.0)
+    assert zero.radius == 0.0 and torch.isfinite(zero.loss(grey, colors))
+    with pytest.raises(ValueError, match="radius must be a finite number >= 0"):
+        ColorizationTracker(PixelEncoder(1, width=4, out_dim=8, levels=1, stride=2), radius=-1.0)
+
+
 def _bad_cli_call(argv, capsys) -> str:
     """Run the CLI on ``argv``, which must exit 2 before any work; return its one line of stderr."""
     from fastssl.cli import main

@@ -93,6 +93,77 @@ def test_radius_restricts_attention(backend, device):
     assert_close(out, rv[:, 0])
 
 
+@pytest.mark.parametrize("dtype, topk", [(torch.float64, None), (torch.float32, None), (torch.float32, 4)])
+def test_radius_test_is_exact(backend, device, dtype, topk):
+    """Equal logits on a 2x2 map: pixel (0, 0) averages the values of the keys within the radius, tested
+    exactly (dy^2 + dx^2 <= radius^2 in integers): radii just under 1 and just under sqrt(2) leave out the
+    keys at 1 and sqrt(2), which rounding radius^2 (to float32) let in."""
+    tf = torch.zeros(1, 1, 2, 2, device=device, dtype=dtype)
+    rv = torch.arange(4.0, device=device, dtype=dtype).reshape(1, 1, 1, 2, 2)  # (0, 0): 0, (0, 1): 1, (1, 0): 2
+    for radius, mean in ((1 - 1e-9, 0.0), (1.0, 1.0), (math.nextafter(math.sqrt(2), 0), 1.0), (math.sqrt(2), 1.5)):
+        out = fastssl.color_propagate(tf, tf[:, None], rv, radius=radius, topk=topk)
+        ref = color_propagate_reference(tf, tf[:, None], rv, radius=radius, topk=topk)
+        assert out[0, 0, 0, 0].item() == ref[0, 0, 0, 0].item() == mean, radius
+
+
+@pytest.mark.parametrize("radius", [2147483646.0, 1e30])
+def test_radius_covering_the_frame_equals_none(backend, device, radius):
+    """A radius past int32 (the kernels' windows once wrapped: NaN, wrong values or an OverflowError)
+    covers the frame: the same output and gradients as radius=None, also in top-k, the colorization loss and
+    propagate_labels."""
+    tf, rf, rv = inputs(device, torch.float32, H=3, W=4)
+    grad_out = torch.randn(2, 3, 3, 4, device=device)
+    out = fastssl.color_propagate(tf, rf, rv, radius=radius)
+    assert_close(out, color_propagate_reference(tf, rf, rv))
+    for ours, ref in zip(grads_of(out, (tf, rf, rv), grad_out),
+                         grads_of(fastssl.color_propagate(tf, rf, rv), (tf, rf, rv), grad_out)):
+        assert_close(ours, ref.double(), scale=10)
+    assert_close(fastssl.color_propagate(tf, rf, rv, radius=radius, topk=3),
+                 color_propagate_reference(tf, rf, rv, topk=3))
+    ref_labels = torch.randint(0, 3, (2, 2, 3, 4), device=device)
+    target_labels = torch.randint(0, 3, (2, 3, 4), device=device)
+    assert_close(fastssl.colorization_loss(tf, rf, ref_labels, target_labels, 3, radius=radius),
+                 colorization_loss_reference(tf, rf, ref_labels, target_labels, 3))
+    feats, first = F.normalize(torch.randn(3, 4, 3, 4, device=device), dim=1), torch.rand(2, 3, 4, device=device)
+    assert_close(fastssl.propagate_labels(feats, first, context=2, radius=radius, topk=3, temperature=0.2),
+                 propagate_labels_reference(feats, first, context=2, radius=None, topk=3, temperature=0.2))
+
+
+def test_kernel_radius_arguments():
+    """What the launchers pass the kernels: rr = floor(radius) and rad2 = floor(radius^2) as exact ints,
+    rad2 = int32 max where the disk covers the map (clamped distances: no int32 overflow), and a clear
+    error for the one radius that int32 cannot test (>= 32767 pixels on a wider map it does not cover)."""
+    from fastssl.kernels.propagation import I32_MAX, _geometry
+
+    def geo(radius, H, W):
+        q, k = torch.empty(1, 2, H, W, device="meta"), torch.empty(1, 1, 2, H, W, device="meta")
+        g = _geometry(q, k, k[:, :0], radius)
+        return g["rr"], g["rad2"]
+    assert geo(1 - 1e-9, 5, 7) == (0, 0) and geo(2.5, 5, 7) == (2, 6) and geo(None, 5, 7) == (0, 0)
+    assert geo(2147483646.0, 5, 7) == geo(1e30, 5, 7) == geo(7.3, 5, 7) == (7, I32_MAX)  # 4^2 + 6^2 = 52 < 7.3^2
+    assert geo(7.2, 5, 7) == (7, 51)
+    assert geo(5.0, 1, 40000) == (5, 25) and geo(1e9, 1, 40000) == (39999, I32_MAX)
+    with pytest.raises(ValueError, match=r"radius 32767.0 on a 1 x 40000 map"):
+        geo(32767.0, 1, 40000)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0)])
+def test_empty_batch_or_frame_gives_empty_result(backend, device, shape):
+    """B, H or W = 0: the empty (B, V, H, W) output and empty gradients on both backends, with or without a
+    radius or top-k (the PyTorch path once failed in a reshape or a range() of step 0)."""
+    B, C, H, W = shape
+    tf, rf, rv = inputs(device, torch.float32, B=B, C=C, H=H, W=W)
+    for radius in (None, 1.0):
+        out = fastssl.color_propagate(tf, rf, rv, radius=radius)
+        assert out.shape == (B, 3, H, W)
+        grads = torch.autograd.grad(out.sum(), (tf, rf, rv), allow_unused=True)
+        assert [g.shape for g in grads] == [t.shape for t in (tf, rf, rv)]
+        if B == 0:
+            assert fastssl.color_propagate(tf, rf, rv, radius=radius, topk=2).shape == (0, 3, H, W)
+    feats, first = torch.randn(3, C, H, W, device=device), torch.rand(2, H, W, device=device)
+    assert fastssl.propagate_labels(feats, first, radius=1.0, topk=None).shape == (3, 2, H, W)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_color_propagate_low_precision(backend, device, dtype):
     tf, rf, rv = inputs(device, dtype=dtype, C=8, V=3)
@@ -394,6 +465,8 @@ LBL = dict(ref_labels=_t(2, 2, 5, 7, dtype=torch.long), target_labels=_t(2, 5, 7
     (lambda: CP(_t(2, 5, 5, 7, dtype=torch.long), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7)), TypeError,
      "target_feats must be a floating-point"),
     (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), [1.0]), TypeError, "ref_values must be a torch.Tensor"),
+    (lambda: CP(_t(2, 0, 5, 7), _t(2, 2, 0, 5, 7), _t(2, 2, 3, 5, 7)), ValueError,
+     r"target_feats needs at least one feature channel \(C >= 1\)"),
     (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), temperature=0.0), ValueError, "temperature must be"),
     (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), temperature=-1.0), ValueError, "temperature"),
     (lambda: CP(_t(2, 5, 5, 7), _t(2, 2, 5, 5, 7), _t(2, 2, 3, 5, 7), radius=-1), ValueError, "radius must be"),
@@ -426,6 +499,7 @@ LBL = dict(ref_labels=_t(2, 2, 5, 7, dtype=torch.long), target_labels=_t(2, 5, 7
     (lambda: PL(_t(4, 5, 6), _t(2, 5, 6)), ValueError, r"feats must be 4-D"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 7)), ValueError, r"first_labels must be \(V >= 1, 5, 6\)"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6, dtype=torch.float64)), TypeError, "mixing dtypes"),
+    (lambda: PL(_t(4, 0, 5, 6), _t(2, 5, 6)), ValueError, r"feats needs at least one feature channel"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), context=0), ValueError, "context must be an int >= 1"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=(4,)), ValueError, r"long_memory indices must be in \[0, 4\)"),
     (lambda: PL(_t(4, 3, 5, 6), _t(2, 5, 6), long_memory=("a",)), TypeError, "long_memory must be"),

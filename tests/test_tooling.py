@@ -135,11 +135,47 @@ def test_sync_check_runs_its_loops():
     assert "max |diff| 0 " in results[-1]["detail"]
 
 
-def test_bench_rejects_an_unknown_op():
+@pytest.mark.parametrize("argv, says", [
+    (["--only", "nt_xnet", "--quiet"], "no benchmark case of --preset full matches --only nt_xnet"),
+    (["--only", "nt_xnet", "--plan"], "no benchmark case of --preset full matches --only nt_xnet"),  # was exit 0
+    (["--quick", "--preset", "cpu"], "--quick is --preset quick; it cannot go with --preset cpu"),  # was exit 1
+    (["--preset", "quick", "--skip-preset", "quick", "--plan"], "--preset quick less --skip-preset quick leaves no"),
+])
+def test_bench_rejects_bad_arguments_with_exit_2(argv, says, capsys, tmp_path):
+    """Like every bad argument: exit 2 before any work, the usage and one error line on stderr."""
     from fastssl.cli import main
 
-    with pytest.raises(SystemExit, match="no benchmark case matches"):
-        main(["bench", "--only", "nt_xnet", "--quiet"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *argv, "--out", str(tmp_path / "o")])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and not captured.out and not (tmp_path / "o").exists()
+    assert captured.err.strip().splitlines()[-1].startswith(f"fastssl bench: error: {says}")
+
+
+def test_cpu_preset_child_process_measures_the_parents_case(tmp_path, monkeypatch):
+    """fastssl bench --preset cpu runs each case in fresh processes that find it by its index: the child's
+    command carries every argument of the parent's selection (--only, --skip-preset), so case i is the
+    same case in both (with --skip-preset quick the child once counted the unskipped list)."""
+    from fastssl.benchmarks import harness
+
+    cases = harness.all_cases("cpu", "cpu", ["nt_xent"], "quick")
+    assert 0 < len(cases) < len(harness.all_cases("cpu", "cpu", ["nt_xent"]))  # the skip moves indices
+    seen = []
+
+    def fake_subprocess(index, preset, only, skip_preset=None):  # the child's selection, in this process
+        cmd = harness.child_command(index, preset, only, skip_preset)
+        assert cmd[1:3] == ["-m", "fastssl.benchmarks.harness"]
+        case = harness.child_case(cmd[3:])
+        seen.append(case.name)
+        measured = {"ms_median": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mb": 1.0}
+        return {**harness.row(case, measured), "case_seconds": 0.1}
+    monkeypatch.setattr(harness, "run_case_in_subprocess", fake_subprocess)
+    monkeypatch.setattr(harness, "measure_peaks", lambda device: {"copy_gbps": 1.0})
+    monkeypatch.setattr(harness, "plot", lambda rows, out_dir: [])
+    result = harness.run("cpu", ["nt_xent"], str(tmp_path), "cpu", progress=False, skip_preset="quick")
+    assert seen == [c.name for c in cases for _ in range(harness.CPU_PROCESSES)]
+    assert [(r["provider"], r["mode"], r["shape"]) for r in result["rows"]] == [(c.provider, c.mode, c.shape)
+                                                                                 for c in cases]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs for real")
@@ -175,11 +211,11 @@ def test_cpu_case_keeps_the_fastest_of_its_processes(monkeypatch):
     from fastssl.benchmarks import harness
 
     medians = iter([5.0, 3.0, None])
-    monkeypatch.setattr(harness, "run_case_in_subprocess", lambda index, preset, only: {
+    monkeypatch.setattr(harness, "run_case_in_subprocess", lambda index, preset, only, skip_preset=None: {
         "ms_median": next(medians), "peak_mb": 1.0, "case_seconds": 2.0})
     best = harness.run_case_in_subprocesses(0, "quick", (), processes=3)
     assert best["ms_median"] == 3.0 and best["ms_median_runs"] == [5.0, 3.0, None] and best["case_seconds"] == 6.0
-    monkeypatch.setattr(harness, "run_case_in_subprocess", lambda index, preset, only: {
+    monkeypatch.setattr(harness, "run_case_in_subprocess", lambda index, preset, only, skip_preset=None: {
         "error": "MemoryError", "ms_median": None, "case_seconds": 1.0})
     assert harness.run_case_in_subprocesses(0, "quick", (), processes=2)["error"] == "MemoryError"
 

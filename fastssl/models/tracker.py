@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_positive
+from ..checks import check_number, check_positive
 from ..data import moving_shapes
 from ..propagation import colorization_loss, propagate_labels
 from ..training import Result, TrainConfig, fit, shuffled_batches
@@ -74,7 +74,7 @@ class ColorizationTracker(nn.Module):
         check_size("num_colors", num_colors)
         check_positive("temperature", temperature)
         if radius is not None:
-            check_positive("radius", radius)
+            check_number("radius", radius, low=0)  # 0: each pixel attends only to its own position
         self.encoder, self.num_colors, self.temperature, self.radius = encoder, num_colors, temperature, radius
 
     def forward(self, grey: torch.Tensor) -> torch.Tensor:
