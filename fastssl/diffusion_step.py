@@ -9,7 +9,9 @@ runs the PyTorch path below. Every step, whatever the sampler, prediction and va
 
     e   = m + w * (m - u)                      (guided model output; e = m without uncond)
     x0  = clip(c1 * x + c2 * e)                (predicted x_0, clamped when clip_sample, or
-                                                clamp(x0, -s, s) / s with thresholding)
+                                                clamp(x0, -s, s) / s with thresholding; an epsilon model's
+                                                formed as (x + k * e) * c1, diffusers' division, which
+                                                is +-inf, not NaN, at abar_t = 0: zero terminal SNR)
     out = ca * x0 + cx * x + ce * e + cz * f(v) * z   (z only where t > 0)
 
 with six per-sample coefficients of abar_t and abar_prev (:func:`step_coefficients`, shared by the host and
@@ -183,13 +185,15 @@ _FIELD_TYPES = {f.name: _PARSERS[f.type] for f in dataclasses.fields(StepSpec)} 
 # ----------------------------------------------------------------------------------------------------
 
 def _derive(spec: StepSpec, a_t, a_p, noisy, at_least, where):
-    """(c1, c2, ca, cx, ce, cz, ck) from abar_t and abar_prev in float64: Python floats, numpy scalars or
+    """(c1, c2, ca, cx, ce, cz, ck, k) from abar_t and abar_prev in float64: Python floats, numpy scalars or
     arrays, or tensors, with ``at_least`` (max) and ``where`` (select) for that kind. Differences of nearby
     abar are formed as (abar_prev - abar_t) / abar_prev. A coefficient that is zero by construction (DDPM's
     ce, cx of DDIM for an epsilon model) is exactly 0: both backends then leave its term out. ck is
     learned_range's rate (0 otherwise): with var = max(fixed_small's sigma^2, 1e-20), sigma = sqrt(var) *
     exp((v + 1) / 2 * ck), ck = log(beta / var) / 2, which is diffusers' exp(((1 - frac) log var + frac log
-    beta) / 2), frac = (v + 1) / 2; ``learned`` has cz = 1 and sigma = sqrt(v)."""
+    beta) / 2), frac = (v + 1) / 2; ``learned`` has cz = 1 and sigma = sqrt(v). k is how an epsilon model's x0
+    is formed, (x + k * e) * c1 with k = -sqrt(1 - abar_t) (:func:`_x0`: at abar_t = 0 that is diffusers' +-inf,
+    where c1 * x + c2 * e is inf - inf); c2 for the other prediction types."""
     b_t, b_p = 1 - a_t, 1 - a_p
     # the current (strided) step's beta
     beta = 1 - _round32(a_t / a_p) if spec.diffusers_rounding else (a_p - a_t) / a_p
@@ -214,9 +218,12 @@ def _derive(spec: StepSpec, a_t, a_p, noisy, at_least, where):
         direction = at_least(b_p - cz * cz, 0.0) ** 0.5
         if spec.use_clipped_model_output:  # eps re-derived from the clipped x0: (x - sa * x0) / sb
             ca, cx, ce = a_p ** 0.5 - direction * sa / sb, direction / sb, zero
+            if not (spec.clip_sample or spec.thresholding):  # x0 unclamped: at abar_t = 0 it is +-inf, c1 = inf,
+                ca = ca + 0 * c1  # and diffusers' sa * x0 = 0 * inf makes the step NaN: so does 0 * c1 here
         else:
             ca, cx, ce = a_p ** 0.5, direction * d1, direction * d2
-    return c1, c2, ca, cx, ce, where(noisy, cz, zero), ck  # never noise where t == 0
+    k = -sb if spec.prediction_type == "epsilon" else c2
+    return c1, c2, ca, cx, ce, where(noisy, cz, zero), ck, k  # never noise where t == 0
 
 
 def _round32(x):
@@ -254,12 +261,12 @@ def _kept_coefficients(key: str, a_t: float, a_p: float, noisy: bool) -> tuple:
 
 
 def step_coefficients(spec: StepSpec, alphas_cumprod: Tensor, t, prev_t) -> tuple:
-    """The step's seven per-sample coefficients for timesteps ``t`` and ``prev_t + spec.prev_offset``: int64
-    tensors, or Python ints (one timestep on the host, :func:`apply_step`'s eager CPU path, which passes
-    ``alphas_cumprod`` as the schedule's list of floats).
+    """The step's per-sample coefficients (c1, c2, ca, cx, ce, cz, ck, k: :func:`_derive`) for timesteps ``t``
+    and ``prev_t + spec.prev_offset``: int64 tensors, or Python ints (one timestep on the host,
+    :func:`apply_step`'s eager CPU path, which passes ``alphas_cumprod`` as the schedule's list of floats).
 
     On the host (ints, or CPU tensors in eager mode) they come from Python floats for one timestep and
-    float64 (B,) numpy arrays for per-sample timesteps; elsewhere six float64 device tensors (no host sync)."""
+    float64 (B,) numpy arrays for per-sample timesteps; elsewhere float64 device tensors (no host sync)."""
     below = spec.final_alpha_cumprod
     host_ints = isinstance(t, int)
     if host_ints or (t.device.type == "cpu" and not torch.compiler.is_compiling()):
@@ -360,11 +367,28 @@ def _noise_scale(spec: StepSpec, model_output: Tensor, like: Tensor, ck, acc):
 
 
 def predicted_x0(spec: StepSpec, model_output, uncond_output, x_t, t, prev_t, guidance, alphas_cumprod) -> Tensor:
-    """The unclamped predicted x0, c1 * x + c2 * e, in the math dtype (a buffer of its own)."""
+    """The unclamped predicted x0 (:func:`_x0`) in the math dtype (a buffer of its own)."""
     acc = accumulation_dtype(x_t.dtype)
-    c1, c2 = _views(step_coefficients(spec, alphas_cumprod, t, prev_t)[:2], x_t)
+    c1, c2, *_, k = _views(step_coefficients(spec, alphas_cumprod, t, prev_t), x_t)
     e, _ = _guided(_mean_half(model_output, x_t), _mean_half(uncond_output, x_t), guidance, acc)
-    return add_scaled_(scaled(as_dtype(x_t, acc), c1), e, c2)
+    return _x0(spec, as_dtype(x_t, acc), e, c1, c2, k)
+
+
+def _x0(spec: StepSpec, x: Tensor, e: Tensor, c1, c2, k) -> Tensor:
+    """The unclamped predicted x0 in a buffer of its own, two passes: c1 * x + c2 * e, but for an epsilon
+    model (x + k * e) * c1, diffusers' (x - sqrt(1 - abar_t) e) / sqrt(abar_t), so that abar_t = 0 (zero
+    terminal SNR, c1 = inf) gives its +-inf (clip_sample then clamps it to +-clip_range), not inf - inf = NaN."""
+    if spec.prediction_type == "epsilon":
+        return scale_(torch.add(x, e, alpha=k) if isinstance(k, float) else torch.addcmul(x, e, k), c1)
+    return add_scaled_(scaled(x, c1), e, c2)
+
+
+def _finite(c) -> Optional[bool]:
+    """Whether a coefficient (a float, or per-sample values) is finite everywhere: None for device tensors,
+    which reading would sync."""
+    if isinstance(c, float):
+        return math.isfinite(c)
+    return bool(np.isfinite(c).all()) if isinstance(c, np.ndarray) else None
 
 
 def dynamic_threshold(spec: StepSpec, x0: Tensor) -> Tensor:
@@ -378,26 +402,34 @@ def _step_torch(spec: StepSpec, model_output, uncond_output, x_t, noise, t, prev
                 alphas_cumprod):
     """Per-sample coefficients, then in-place passes over fresh buffers. Without clipping (and without
     pred_x0 wanted) the x0 stage is folded into the coefficients: 3 passes (x, e, noise) plus the lerp; with
-    clipping at one host timestep, c1 is taken out of the clamp (4 passes for DDIM, 5 for DDPM)."""
+    clipping at one host timestep, c1 is taken out of the clamp (4 passes for DDIM, 5 for DDPM). An epsilon
+    model at abar_t = 0 (c1 = inf: zero terminal SNR) is not folded, as in the kernel: x0 = (x + k e) * c1 is
+    +-inf there, as in diffusers, where the folded map would give inf - inf. Per-sample coefficients on a
+    device cannot be read without a sync: there an epsilon model's step forms x0 first (one pass more), which
+    gives the kernel's result but for an inf input (the kernel folds where c1 is finite)."""
     acc = accumulation_dtype(x_t.dtype)
     coeffs = step_coefficients(spec, alphas_cumprod, t, prev_t)
     x = as_dtype(x_t, acc)
     e, _ = _guided(_mean_half(model_output, x_t), _mean_half(uncond_output, x_t), guidance, acc)
     x0 = None
-    fold = not (spec.clip_sample or spec.thresholding or spec.return_pred_x0)
+    staged = spec.clip_sample or spec.thresholding or spec.return_pred_x0
+    fold = not staged and (spec.prediction_type != "epsilon" or _finite(coeffs[0]))
     if fold:
-        c1, c2, ca, cx, ce, cz, ck = coeffs  # out = (ca c1 + cx) x + (ca c2 + ce) e + cz f(v) z
+        c1, c2, ca, cx, ce, cz, ck, _ = coeffs  # out = (ca c1 + cx) x + (ca c2 + ce) e + cz f(v) z
         kx, ke, cz, ck = _views((ca * c1 + cx, ca * c2 + ce, cz, ck), x_t)
         out = add_scaled_(scaled(x, kx), e, ke)
     elif (spec.clip_sample and not (spec.thresholding or spec.return_pred_x0) and isinstance(coeffs[0], float)
           and 0 < coeffs[0] < math.inf):
         # one timestep on the host: clamp(c1 x + c2 e, +-r) = c1 clamp(x + (c2 / c1) e, +-r / c1), one pass fewer
-        c1, c2, ca, cx, ce, cz, ck = coeffs
+        c1, c2, ca, cx, ce, cz, ck, _ = coeffs
         bound = spec.clip_range / c1
         out = scale_(torch.add(x, e, alpha=c2 / c1).clamp_(-bound, bound), ca * c1)
+    elif not staged:  # an epsilon model whose c1 is infinite, or not known to be finite: ca times x0, in its pass
+        c1, c2, ca, cx, ce, cz, ck, k = _views(coeffs, x_t)
+        out = _x0(spec, x, e, ca * c1, ca * c2, k)
     else:
-        c1, c2, ca, cx, ce, cz, ck = _views(coeffs, x_t)
-        x0 = add_scaled_(scaled(x, c1), e, c2)
+        c1, c2, ca, cx, ce, cz, ck, k = _views(coeffs, x_t)
+        x0 = _x0(spec, x, e, c1, c2, k)
         if spec.thresholding:
             s = threshold.to(acc).reshape(-1, *([1] * (x0.dim() - 1)))
             x0.clamp_(-s, s).div_(s)
@@ -434,7 +466,7 @@ def _noise_where_stepping(z: Tensor, t: Tensor):
 def _step_backward_torch(spec: StepSpec, grad, grad_pred_x0, model_output, uncond_output, x_t, t, prev_t, guidance,
                          alphas_cumprod, want_grad_noise):
     acc = accumulation_dtype(grad.dtype)
-    c1, c2, ca, cx, ce, cz, _ = _views(step_coefficients(spec, alphas_cumprod, t, prev_t), grad)
+    c1, c2, ca, cx, ce, cz, _, k = _views(step_coefficients(spec, alphas_cumprod, t, prev_t), grad)
     g = grad.to(acc)
     g_x0 = torch.mul(g, ca)
     if grad_pred_x0 is not None:
@@ -442,14 +474,14 @@ def _step_backward_torch(spec: StepSpec, grad, grad_pred_x0, model_output, uncon
     w = None if uncond_output is None else _per_sample(guidance, grad)
     if spec.clip_sample:  # the clamp passes the gradient where -r <= x0 <= r
         e, _ = _guided(model_output, uncond_output, guidance, acc)
-        x0 = add_scaled_(torch.mul(x_t.to(acc), c1), e, c2)
+        x0 = _x0(spec, x_t.to(acc), e, c1, c2, k)  # as the forward forms it
         g_x0.mul_((x0 >= -spec.clip_range) & (x0 <= spec.clip_range))
     g_e = add_scaled_(torch.mul(g_x0, c2), g, ce)
     g_x = add_scaled_(torch.mul(g_x0, c1), g, cx)
-    empty = grad.new_empty(0)
     grad_model = g_e if w is None else g_e * (1.0 + w)
-    grad_uncond = empty if w is None else -w * g_e
-    grad_noise = torch.mul(g, cz).to(grad.dtype).contiguous() if want_grad_noise else empty
+    # an absent gradient is an empty tensor of its own: a custom op's outputs may not alias one another
+    grad_uncond = grad.new_empty(0) if w is None else -w * g_e
+    grad_noise = torch.mul(g, cz).to(grad.dtype).contiguous() if want_grad_noise else grad.new_empty(0)
     return (grad_model.to(grad.dtype).contiguous(), grad_uncond.to(grad.dtype).contiguous(),
             g_x.to(grad.dtype).contiguous(), grad_noise)
 
@@ -508,9 +540,8 @@ def _step_backward_op(grad: Tensor, grad_pred_x0: Optional[Tensor], model_output
 def _(grad, grad_pred_x0, model_output, uncond_output, x_t, t, prev_t, guidance, alphas_cumprod, spec, triton,
       want_grad_noise):
     like = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    empty = grad.new_empty(0)
-    return (like, torch.empty_like(like) if uncond_output is not None else empty, torch.empty_like(like),
-            torch.empty_like(like) if want_grad_noise else empty)
+    return (like, torch.empty_like(like) if uncond_output is not None else grad.new_empty(0), torch.empty_like(like),
+            torch.empty_like(like) if want_grad_noise else grad.new_empty(0))
 
 
 def _step_setup(ctx, inputs, output):
@@ -699,8 +730,14 @@ def _timesteps(t, prev_t, schedule: NoiseSchedule, batch: int, device, host: boo
     return t, (t if prev_t is None else timestep_tensor("prev_t", prev_t, schedule, batch, device, allow_negative=True))
 
 
-def _draws_somewhere(t) -> bool:
-    """Whether some sample steps from t > 0 (so noise is added): read on the host, assumed elsewhere."""
+def _draws(spec: StepSpec, t) -> bool:
+    """Whether the PyTorch path draws noise for a step that adds some, as diffusers' schedulers draw it: DDIM
+    (eta > 0) always, at t == 0 too, where its std is 0 (diffusers' DDIMScheduler calls randn_tensor whenever
+    eta > 0); DDPM only when some sample steps from t > 0 (DDPMScheduler draws only ``if t > 0``), read on the
+    host and assumed for device timesteps (reading them would sync), so a shared generator advances as
+    diffusers' does."""
+    if spec.sampler == "ddim":
+        return True
     steps = _host_values(t)
     return True if steps is None else _some(steps > 0)
 
@@ -713,8 +750,8 @@ def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: N
 
     ``prev_t`` defaults to ``t`` (the step then goes to ``t + spec.prev_offset``). Noise: ``noise`` as given;
     else, when the spec draws noise, drawn from ``generator`` (Triton: a Philox seed, or ``seed``, a (1,)
-    int64 device tensor prepared by the caller; PyTorch: :func:`torch_noise`, and none for a step that adds
-    none, on the CPU, like diffusers)."""
+    int64 device tensor prepared by the caller; PyTorch: :func:`torch_noise` where diffusers' schedulers
+    draw, :func:`_draws`)."""
     _check_step_tensors(spec, model_output, x_t, uncond_output, noise)
     check_schedule(schedule)
     check_generator(generator, noise)
@@ -733,7 +770,7 @@ def apply_step(spec: StepSpec, model_output: Tensor, t, x_t: Tensor, schedule: N
         noise = seed = None
     elif noise is None and triton:
         seed = philox_seeds(generator, 1, device) if seed is None else seed
-    elif noise is None and _draws_somewhere(t):
+    elif noise is None and _draws(spec, t):
         noise, seed = torch_noise(generator, x_t), None
     else:
         seed = None

@@ -202,8 +202,10 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
                 timestep = timestep.to(sample.device)
             return timestep.reshape(()) if timestep.numel() == 1 and sample.shape[0] != 1 else timestep
         if isinstance(timestep, numbers.Integral) and not isinstance(timestep, bool):
-            self._check_range(np.asarray(int(timestep)))
-            return int(timestep)
+            timestep = int(timestep)
+            if not 0 <= timestep < self.config.num_train_timesteps:  # plain Python: torch.compile traces it
+                self._check_range(np.asarray(timestep))
+            return timestep
         raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
 
     def _check_range(self, timesteps: np.ndarray) -> None:
@@ -214,19 +216,35 @@ class _FusedScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
         """``sqrt(abar_t) * original_samples + sqrt(1 - abar_t) * noise`` (:func:`fastssl.q_sample`, one fused
-        pass); ``timesteps`` (B,) or one for all, moved to the samples' device; noise cast to their dtype."""
+        pass); ``timesteps`` an int or an integer tensor, (B,) or one for all, moved to the samples' device;
+        noise cast to their dtype.
+
+        Raises:
+            TypeError: float timesteps (a float, or a float tensor even of whole numbers), as diffusers' table
+                lookup refuses them (10.9 was read as 10): judged by type and dtype, so a CUDA tensor is not read.
+        """
         return q_sample(original_samples, self._noise_timesteps(timesteps, original_samples),
                         noise.to(original_samples.dtype), self.schedule)
 
     def get_velocity(self, sample: Tensor, noise: Tensor, timesteps) -> Tensor:
-        """The v-prediction target ``sqrt(abar_t) * noise - sqrt(1 - abar_t) * sample``."""
+        """The v-prediction target ``sqrt(abar_t) * noise - sqrt(1 - abar_t) * sample``; ``timesteps`` as in
+        :meth:`add_noise` (float ones are a TypeError)."""
         return q_sample(sample, self._noise_timesteps(timesteps, sample), noise.to(sample.dtype), self.schedule,
                         return_v=True)[1]
 
     def _noise_timesteps(self, timesteps, like: Tensor):
-        if isinstance(timesteps, numbers.Integral):
+        """add_noise's timesteps as q_sample takes them: an int, or an int64 tensor on like's device. Anything
+        but ints and integer tensors (lists and arrays of them) is a TypeError: a float would be truncated."""
+        if isinstance(timesteps, numbers.Integral) and not isinstance(timesteps, (bool, np.bool_)):
             return int(timesteps)
-        timesteps = torch.as_tensor(timesteps)
+        given = timesteps
+        if not isinstance(timesteps, (Tensor, bool, np.bool_, numbers.Number)):
+            timesteps = torch.as_tensor(timesteps)  # a list or an array: its dtype decides
+        if not isinstance(timesteps, Tensor) or timesteps.dtype.is_floating_point or timesteps.dtype.is_complex \
+                or timesteps.dtype == torch.bool:
+            what = f"a {timesteps.dtype} tensor" if isinstance(timesteps, Tensor) else type(given).__name__
+            raise TypeError(f"timesteps must be an int or an integer tensor (diffusers indexes its tables by them), "
+                            f"got {what}")
         if timesteps.device.type == "cpu" and timesteps.numel() == 1:
             return int(timesteps.reshape(()).item())
         timesteps = timesteps.to(like.device).long()
@@ -305,7 +323,7 @@ class DDPMScheduler(_FusedScheduler):
             for s, p in zip(steps, steps[1:] + [-1]):
                 if 0 <= s < T:
                     prev[s] = p
-        self._prev_host = torch.from_numpy(prev)
+        self._prev_host, self._prev_list = torch.from_numpy(prev), prev.tolist()  # the list: int lookups compile
         self._prev_device = {}
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, timesteps=None):
@@ -333,7 +351,7 @@ class DDPMScheduler(_FusedScheduler):
             table = self._prev_on(timestep.device)
             index = timestep.reshape(-1).long().clamp(0, table.numel() - 1)
             return table.index_select(0, index).reshape(timestep.shape)
-        return int(self._prev_host[int(timestep)])
+        return self._prev_list[int(timestep)]
 
     def _prev_on(self, device) -> Tensor:
         key = str(device)

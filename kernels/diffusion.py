@@ -16,7 +16,9 @@ per-sample coefficients (seven with learned_range)::
 
     e   = m + w * (m - u)                   (guided model output; e = m without uncond)
     x0  = clip(c1 * x + c2 * e)             (predicted x_0, clamped when clip_sample; with thresholding
-                                             clamp(x0, -s, s) / s, s a per-sample table the caller computed)
+                                             clamp(x0, -s, s) / s, s a per-sample table the caller computed;
+                                             formed as (q * x + k * e) * p: an epsilon model's
+                                             (x - sqrt(1 - abar_t) e) / sqrt(abar_t), +-inf at abar_t = 0)
     out = ca * x0 + cx * x + ce * e + cz * f(v) * z   (z only where t > 0)
 
 DDPM: ca, cx are the posterior-mean coefficients of formula (7), and no e term; DDIM: ca = sqrt(abar_prev),
@@ -228,13 +230,14 @@ def _sqrt(x, ACC: tl.constexpr):
 @triton.jit
 def _div(a, b, ACC: tl.constexpr):
     """a / b without the IEEE slow-path subroutine (see _sqrt): float32 div.full (2 ulp); float64 a float32
-    reciprocal estimate refined by Newton steps, then one residual correction."""
+    reciprocal estimate refined by Newton steps, then one residual correction; b = 0 gives a * (+-inf), as
+    IEEE division (the Newton steps would make that inf * 0 = NaN). Per-program scalars only."""
     if ACC == tl.float64:
-        r = tl.fdiv(tl.full(b.shape, 1.0, tl.float32), b.to(tl.float32)).to(tl.float64)
-        r = r * (2.0 - b * r)
+        r0 = tl.fdiv(tl.full(b.shape, 1.0, tl.float32), b.to(tl.float32)).to(tl.float64)
+        r = r0 * (2.0 - b * r0)
         r = r * (2.0 - b * r)
         q = a * r
-        return q + r * (a - b * q)
+        return tl.where(b == 0.0, a * r0, q + r * (a - b * q))
     else:
         return tl.fdiv(a + 0.0 * b, b)
 
@@ -273,8 +276,11 @@ def _gather_q(q_ptr, t, num_t, ACC: tl.constexpr):
 @triton.jit
 def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sampler, variance_type, prediction_type,
                        use_clipped_model_output, diffusers_rounding, ACC: tl.constexpr):
-    """The seven per-sample scalars (c1, c2, ca, cx, ce, cz, ck) of the affine step (module docstring), in
-    ACC (ck: learned_range's rate, fastssl.diffusion_step._derive).
+    """The per-sample scalars (p, q, k, ca, cx, ce, cz, ck) of the affine step (module docstring), in ACC:
+    x0 = (q * x + k * e) * p, so c1 = p * q and c2 = p * k (ck: learned_range's rate,
+    fastssl.diffusion_step._derive). An epsilon model has p = 1 / sqrt(abar_t), q = 1, k = -sqrt(1 - abar_t):
+    diffusers' (x - sqrt(1 - abar_t) e) / sqrt(abar_t), which at abar_t = 0 (zero terminal SNR) is +-inf (then
+    clamped by clip_sample), where c1 * x + c2 * e would be inf - inf = NaN; the other types have p = 1.
     Differences of nearby abar are formed as (abar_prev - abar_t) / abar_prev (exact subtraction) rather
     than 1 - abar_t / abar_prev, which loses ~3 digits in float32 at small t; ``diffusers_rounding``
     reproduces that loss as diffusers' schedulers have it, 1 - fl32(abar_t / abar_prev) (the ratio divided
@@ -292,9 +298,10 @@ def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sam
     sb = _sqrt(beta_t, ACC)
     inv_sa = _div(1.0 + 0.0 * sa, sa, ACC)
     inv_sb = _div(1.0 + 0.0 * sb, sb, ACC)
-    # x0 = c1 * x + c2 * e and eps = d1 * x + d2 * e, by prediction type (epsilon, sample, v_prediction)
-    c1 = tl.where(prediction_type == 0, inv_sa, tl.where(prediction_type == 1, 0.0, sa))
-    c2 = tl.where(prediction_type == 0, -sb * inv_sa, tl.where(prediction_type == 1, 1.0, -sb))
+    # x0 = (q * x + k * e) * p and eps = d1 * x + d2 * e, by prediction type (epsilon, sample, v_prediction)
+    p = tl.where(prediction_type == 0, inv_sa, 1.0)
+    q = tl.where(prediction_type == 0, 1.0, tl.where(prediction_type == 1, 0.0, sa))
+    k = tl.where(prediction_type == 1, 1.0, -sb)
     d1 = tl.where(prediction_type == 0, 0.0, tl.where(prediction_type == 1, inv_sb, sb))
     d2 = tl.where(prediction_type == 0, 1.0, tl.where(prediction_type == 1, -sa * inv_sb, sa))
     # DDPM: posterior mean of formula (7); sigma^2 = fixed_small (clamped at 1e-20) or fixed_large; the learned
@@ -302,7 +309,8 @@ def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sam
     inv_bt = _div(1.0 + 0.0 * beta_t, beta_t, ACC)
     sqrt_p = _sqrt(abar_p, ACC)
     ddpm_a = sqrt_p * beta_cur * inv_bt
-    ddpm_x = _sqrt(1.0 - beta_cur, ACC) * beta_p * inv_bt  # sqrt(alpha_t) = sqrt(abar_t / abar_prev)
+    # sqrt(alpha_t) = sqrt(abar_t / abar_prev); 1 - beta_cur >= 0 but for rounding (abar_t = 0: beta_cur ~ 1)
+    ddpm_x = _sqrt(tl.maximum(1.0 - beta_cur, 0.0, propagate_nan=tl.PropagateNan.ALL), ACC) * beta_p * inv_bt
     var = beta_p * inv_bt * beta_cur
     var_c = tl.maximum(var, 1e-20)
     ddpm_z = tl.where(variance_type == 2, 1.0, _sqrt(tl.where(variance_type == 1, beta_cur, var_c), ACC))
@@ -323,7 +331,7 @@ def _step_coefficients(abar_ptr, t, prev_t, num_t, final_alpha_cumprod, eta, sam
     cx = tl.where(is_ddpm, ddpm_x, ddim_x)
     ce = tl.where(is_ddpm, 0.0, ddim_e)
     cz = tl.where(t > 0, tl.where(is_ddpm, ddpm_z, std), 0.0)  # never noise where t == 0
-    return c1, c2, ca, cx, ce, cz, ck
+    return p, q, k, ca, cx, ce, cz, ck
 
 
 @device_function
@@ -419,15 +427,19 @@ def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_
     m_offs = row * model_stride + col0 + tl.arange(0, BLOCK)
     t = tl.load(t_ptr + row * t_stride)
     prev_t = tl.load(prev_t_ptr + row * prev_t_stride) + prev_offset
-    c1, c2, ca, cx, ce, cz, ck = _step_coefficients(
+    p, q, k, ca, cx, ce, cz, ck = _step_coefficients(
         abar_ptr, t, prev_t, num_t, _scalar(final_alpha_cumprod, final_alpha_cumprod_lo, ACC), _scalar(eta, eta_lo, ACC),
         sampler, variance_type, prediction_type, use_clipped_model_output, diffusers_rounding, ACC)
+    c1, c2 = p * q, p * k
+    # use_clipped_model_output 2 (DDIM's, x0 unclamped: diffusion_step_forward): diffusers' eps = (x - sa * x0) / sb
+    # is NaN where x0 is +-inf (an epsilon model at abar_t = 0, p = inf); 0 * p makes ca so (0 elsewhere)
+    ca = tl.where(use_clipped_model_output == 2, ca + 0.0 * p, ca)
     w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     e = tl.load(model_ptr + m_offs, mask=mask).to(ACC)
     u = tl.load(uncond_ptr + m_offs, mask=_gate(mask, has_uncond), other=0.0).to(ACC)
     e = tl.where(has_uncond != 0, e + w * (e - u), e)  # classifier-free guidance, fused
-    x0 = c1 * x + c2 * e
+    x0 = (q * x + k * e) * p
     # clip_sample clamps to +-clip_range; thresholding to +-s (this sample's dynamic threshold), then divides by s
     s = tl.load(threshold_ptr + row * threshold_stride).to(ACC)
     r = tl.where(thresholding != 0, s, _scalar(clip_range, clip_range_lo, ACC))
@@ -437,12 +449,14 @@ def _diffusion_step_kernel(model_ptr, uncond_ptr, x_ptr, noise_ptr, seed_ptr, t_
     # the terms the step has (StepSpec.terms): an absent one is left out, not added as 0 * x (an inf there
     # stays what the literal formula makes of it). With x0 neither clamped nor returned the x0 stage folds
     # into the coefficients, out = (ca c1 + cx) x + (ca c2 + ce) e, as on the host: both backends compute
-    # the same map, for non-finite inputs too
+    # the same map, for non-finite inputs too. Not where p is infinite (an epsilon model at abar_t = 0): x0 is
+    # +-inf there, and the folded map inf - inf
     has_x = (sampler == 0) | (prediction_type != 0) | (use_clipped_model_output != 0)
     has_e = (sampler == 1) & (use_clipped_model_output == 0)
     staged = ca * x0 + tl.where(has_x, cx * x, 0.0) + tl.where(has_e, ce * e, 0.0)
     folded = (ca * c1 + cx) * x + (ca * c2 + ce) * e
-    out = tl.where((clip_sample == 0) & (thresholding == 0) & (return_pred_x0 == 0), folded, staged)
+    out = tl.where((clip_sample == 0) & (thresholding == 0) & (return_pred_x0 == 0) & (p < float("inf")), folded,
+                   staged)
     if NOISE != 0:
         if NOISE == 1:
             z = tl.load(noise_ptr + offs, mask=mask).to(ACC)
@@ -470,9 +484,10 @@ def _diffusion_step_backward_kernel(grad_ptr, grad_pred_x0_ptr, model_ptr, uncon
     row, _, mask, offs = _row_block(inner, BLOCK)
     t = tl.load(t_ptr + row * t_stride)
     prev_t = tl.load(prev_t_ptr + row * prev_t_stride) + prev_offset
-    c1, c2, ca, cx, ce, cz, _ = _step_coefficients(
+    p, q, k, ca, cx, ce, cz, _ = _step_coefficients(
         abar_ptr, t, prev_t, num_t, _scalar(final_alpha_cumprod, final_alpha_cumprod_lo, ACC), _scalar(eta, eta_lo, ACC),
         sampler, variance_type, prediction_type, use_clipped_model_output, diffusers_rounding, ACC)
+    c1, c2 = p * q, p * k
     w = tl.load(guidance_ptr + row * guidance_stride).to(ACC)
     g = tl.load(grad_ptr + offs, mask=mask).to(ACC)
     g_x0 = ca * g + tl.load(grad_pred_x0_ptr + offs, mask=_gate(mask, has_grad_pred_x0), other=0.0).to(ACC)
@@ -482,7 +497,7 @@ def _diffusion_step_backward_kernel(grad_ptr, grad_pred_x0_ptr, model_ptr, uncon
     e = tl.load(model_ptr + offs, mask=clipping, other=0.0).to(ACC)
     u = tl.load(uncond_ptr + offs, mask=_gate(clipping, has_uncond), other=0.0).to(ACC)
     e = tl.where(has_uncond != 0, e + w * (e - u), e)
-    x0 = c1 * x + c2 * e
+    x0 = (q * x + k * e) * p  # as the forward forms it
     r = _scalar(clip_range, clip_range_lo, ACC)
     g_x0 = tl.where((clip_sample == 0) | ((x0 >= -r) & (x0 <= r)), g_x0, 0.0)
     g_e = c2 * g_x0 + ce * g
@@ -625,6 +640,9 @@ def diffusion_step_forward(*, model_output, uncond_output, x_t, noise, seed, t, 
     mode = NOISE_READ if noise is not None else NOISE_PHILOX if seed is not None else NOISE_NONE
     shared = _step_arguments(x_t, t, prev_t, guidance, alphas_cumprod, uncond_output is not None, **options)
     table, stride = (threshold, _stride(threshold)) if thresholding else (shared["guidance_ptr"], 0)
+    if shared["use_clipped_model_output"] and options["sampler"] == "ddim" and not (options["clip_sample"]
+                                                                                   or thresholding):
+        shared["use_clipped_model_output"] = 2  # eps re-derived from an unclamped x0 (the kernel's ca)
     _launch(_diffusion_step_kernel, x_t.shape[0], shared["inner"], block, **shared, threshold_ptr=table,
             threshold_stride=stride, thresholding=int(thresholding), model_stride=model_output.numel() // x_t.shape[0],
             model_ptr=model_output,
@@ -638,16 +656,16 @@ def diffusion_step_forward(*, model_output, uncond_output, x_t, noise, seed, t, 
 def diffusion_step_backward(*, grad, grad_pred_x0, model_output, uncond_output, x_t, t, prev_t, guidance,
                             alphas_cumprod, want_grad_noise, block=None, **options):
     """Launch ``_diffusion_step_backward_kernel``: (grad_model, grad_uncond, grad_x, grad_noise); the
-    entries for an absent uncond or an unwanted noise gradient are empty tensors. With ``clip_sample`` the
-    kernel re-reads model_output, uncond_output and x_t to rebuild the clamp's mask."""
+    entries for an absent uncond or an unwanted noise gradient are empty tensors, each its own (a custom op's
+    outputs may not alias one another). With ``clip_sample`` the kernel re-reads model_output, uncond_output
+    and x_t to rebuild the clamp's mask."""
     grad = grad.contiguous()
     grad_pred_x0 = grad_pred_x0.contiguous() if grad_pred_x0 is not None else None
     model_output, x_t = model_output.contiguous(), x_t.contiguous()
     uncond_output = uncond_output.contiguous() if uncond_output is not None else None
-    empty = torch.empty(0, dtype=grad.dtype, device=grad.device)
     grad_model, grad_x = torch.empty_like(grad), torch.empty_like(grad)
-    grad_uncond = torch.empty_like(grad) if uncond_output is not None else empty
-    grad_noise = torch.empty_like(grad) if want_grad_noise else empty
+    grad_uncond = torch.empty_like(grad) if uncond_output is not None else grad.new_empty(0)
+    grad_noise = torch.empty_like(grad) if want_grad_noise else grad.new_empty(0)
     if grad.numel() == 0:
         return grad_model, grad_uncond, grad_x, grad_noise
     shared = _step_arguments(grad, t, prev_t, guidance, alphas_cumprod, uncond_output is not None, **options)

@@ -350,6 +350,46 @@ def test_non_finite_inputs_give_one_result_on_both_backends(device, monkeypatch)
         assert_close(ours[finite], theirs[finite], scale=10)
 
 
+def _assert_same_or_close(out, ref, dtype, scale=10):
+    """``out`` equals ``ref`` where ``ref`` is not finite (NaN where NaN, the same signed inf) and is close to
+    it elsewhere."""
+    out, ref = out.detach().double(), ref.detach().double().to(out.device)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf()), (out, ref)
+    assert torch.equal(out[ref.isinf()], ref[ref.isinf()])
+    finite = ref.isfinite()
+    assert_close(out[finite], ref[finite], dtype, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clip_sample", [True, False])
+def test_zero_terminal_snr_steps_match_the_reference(backend, device, dtype, clip_sample):
+    """abar_t = 0 (zero terminal SNR: beta = 1) with an epsilon model: x0 = (x - sqrt(1 - abar) e) / sqrt(abar)
+    is +-inf (NaN where x = e), which clip_sample clamps to +-1 and the rest of the step keeps finite. The
+    affine x0 = c1 x + c2 e with c1 = inf, c2 = -inf made it inf - inf = NaN on both backends. Without clipping
+    the literal formula's +-inf / NaN, as diffusers; one timestep for all and per sample (a row at abar_t = 0
+    beside one that is not)."""
+    schedule = NoiseSchedule([0.1, 0.2, 1.0])  # abar_2 = 0
+    x = torch.tensor([[1.0, -1.0, 0.5, 0.3, 2.0, -0.7]], device=device, dtype=dtype).repeat(2, 1)
+    e = torch.tensor([[0.5, 0.5, 0.5, 0.3, -1.0, 0.2]], device=device, dtype=dtype).repeat(2, 1)
+    z = torch.randn_like(x)
+    for t in (2, torch.tensor([2, 1], device=device)):
+        opts = dict(clip_sample=clip_sample)
+        cases = [(fastssl.ddim_step(e, t, 0, x, schedule, **opts), ddim_step_reference(e, t, 0, x, schedule, **opts)),
+                 (fastssl.ddim_step(e, t, 0, x, schedule, eta=0.6, noise=z, **opts),
+                  ddim_step_reference(e, t, 0, x, schedule, eta=0.6, noise=z, **opts))]
+        for variance_type in ("fixed_small", "fixed_large"):
+            opts = dict(clip_sample=clip_sample, variance_type=variance_type, noise=z)
+            cases.append((fastssl.ddpm_step(e, t, x, schedule, **opts), ddpm_step_reference(e, t, x, schedule, **opts)))
+        spec = StepSpec("ddim", eta=0.3, use_clipped_model_output=True, clip_sample=clip_sample, return_pred_x0=True)
+        out, x0 = apply_step(spec, e, t, x, schedule, prev_t=0, noise=z)
+        ref, ref_x0 = ddim_step_reference(e, t, 0, x, schedule, eta=0.3, noise=z, clip_sample=clip_sample,
+                                          use_clipped_model_output=True)
+        cases += [(out, (ref, None)), (x0, (ref_x0, None))]
+        for out, (ref, _) in cases:
+            assert ref[0, 0].isfinite() == clip_sample and ref[0, 2].isnan()  # x = e: 0 / 0
+            _assert_same_or_close(out, ref, dtype)
+
+
 def test_noise_is_never_added_at_t_zero_even_if_it_is_nan(backend, device):
     """Noise never enters where t == 0 (its coefficient is 0, and 0 * NaN is NaN): a NaN or inf noise
     there leaves the mean, on both backends, for one timestep and per-sample ones (issue 16 item 2)."""
@@ -482,6 +522,59 @@ def test_step_gradients(backend, device, sampler):
     ref(*inputs64).backward(grad)
     for a, b in zip(inputs32, inputs64):
         assert_close(a.grad, b.grad, torch.float32, scale=20)
+
+
+def _model_output_only_cases(device):
+    """(name, ours, reference) of steps where only model_output needs a gradient: no uncond_output, and the
+    noise either a tensor that needs none or drawn from a seed; ddpm_step, ddim_step (eta 0 and > 0) and both
+    schedulers' step (their float32 tables, read by the float64 reference)."""
+    from fastssl.schedulers import DDIMScheduler, DDPMScheduler
+
+    _, _, x, z = _inputs(device)
+    t = torch.tensor([5, 300, 990], device=device)
+    ddpm, ddim = DDPMScheduler(), DDIMScheduler()
+    ddpm.set_timesteps(10)
+    ddim.set_timesteps(10)
+    s = int(ddpm.timesteps[2])  # 700 (a step's beta far from t = 1, where diffusers' rounding of it shows)
+    return [
+        ("ddpm_step", lambda m: fastssl.ddpm_step(m, t, x, SCHEDULE, noise=z, clip_sample=True),
+         lambda m: ddpm_step_reference(m, t, x, SCHEDULE, noise=z, clip_sample=True)[0]),
+        ("ddpm_step seeded", lambda m: fastssl.ddpm_step(m, 300, x, SCHEDULE, generator=3),
+         lambda m: ddpm_step_reference(m, 300, x, SCHEDULE)[0]),
+        ("ddim_step", lambda m: fastssl.ddim_step(m, t, t - 20, x, SCHEDULE, prediction_type="v_prediction"),
+         lambda m: ddim_step_reference(m, t, t - 20, x, SCHEDULE, prediction_type="v_prediction")[0]),
+        ("ddim_step eta", lambda m: fastssl.ddim_step(m, t, t - 20, x, SCHEDULE, eta=0.7, noise=z, clip_sample=True),
+         lambda m: ddim_step_reference(m, t, t - 20, x, SCHEDULE, eta=0.7, noise=z, clip_sample=True)[0]),
+        ("ddim_step eta seeded", lambda m: fastssl.ddim_step(m, t, t - 20, x, SCHEDULE, eta=1.0, generator=4),
+         lambda m: ddim_step_reference(m, t, t - 20, x, SCHEDULE, eta=1.0)[0]),
+        ("DDPMScheduler.step", lambda m: ddpm.step(m, s, x, noise=z).prev_sample,
+         lambda m: ddpm_step_reference(m, s, x, ddpm.schedule, prev_t=ddpm.previous_timestep(s), noise=z,
+                                       clip_sample=True)[0]),
+        ("DDIMScheduler.step eta", lambda m: ddim.step(m, s, x, eta=0.5, variance_noise=z).prev_sample,
+         lambda m: ddim_step_reference(m, s, s - 100, x, ddim.schedule, eta=0.5, noise=z, clip_sample=True)[0]),
+        ("DDIMScheduler.step", lambda m: ddim.step(m, s, x).prev_sample,
+         lambda m: ddim_step_reference(m, s, s - 100, x, ddim.schedule, clip_sample=True)[0]),
+    ]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_step_backward_with_only_model_output_requiring_grad(backend, device, compiled):
+    """The common training case, only model_output needing a gradient: the backward op returned one empty
+    tensor for both absent gradients (uncond's, noise's), which a custom op may not ("may not alias any
+    inputs ... or other returns"), so every such backward raised. Its gradient now equals autograd through
+    the float64 reference, eagerly and under torch.compile(fullgraph=True) (aot_eager: the op's fake too)."""
+    m = torch.randn(3, 37, device=device)
+    grad = torch.randn_like(m)
+    for name, ours, ref in _model_output_only_cases(device):
+        if compiled:
+            torch._dynamo.reset()
+            ours = torch.compile(ours, backend="aot_eager", fullgraph=True)
+        m32 = m.clone().requires_grad_()
+        (got,) = torch.autograd.grad(ours(m32), m32, grad)
+        m64 = m.double().requires_grad_()
+        (want,) = torch.autograd.grad(ref(m64), m64, grad.double())
+        assert want.isfinite().all() and want.abs().max() > 0, name
+        assert_close(got, want, torch.float32, scale=20), name
 
 
 def test_ops_compile_fullgraph(backend, device):

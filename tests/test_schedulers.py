@@ -88,6 +88,62 @@ def test_ddpm_scheduler_generator_reproduces_diffusers(device, monkeypatch):
         torch.testing.assert_close(a, x, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_a_shared_generator_advances_as_in_diffusers(device, monkeypatch, name):
+    """On the PyTorch path a loop with one torch.Generator leaves it where diffusers leaves it, so what the
+    caller draws next is the same: DDIM with eta > 0 draws at every step, the last (t = 0, std 0) included, as
+    diffusers' DDIMScheduler does (fastssl skipped that draw); DDPM draws only where t > 0, as
+    DDPMScheduler. The samples agree too."""
+    monkeypatch.setenv("FASTSSL_BACKEND", "torch")
+    make = {"ddim": (DDIMScheduler, diffusers.DDIMScheduler), "ddpm": (DDPMScheduler, diffusers.DDPMScheduler)}[name]
+    outs, start = [], torch.randn(2, 4, device=device)
+    for cls in make:
+        scheduler = cls()
+        scheduler.set_timesteps(3)
+        assert scheduler.timesteps[-1] == 0
+        g, x = torch.Generator(device=device).manual_seed(0), start
+        options = dict(eta=1.0) if name == "ddim" else {}
+        for t in scheduler.timesteps:
+            x = scheduler.step(0.1 * x, t, x, generator=g, **options).prev_sample
+        outs.append((x, torch.randn(2, generator=g, device=device)))
+    (ours, our_next), (theirs, their_next) = outs
+    assert torch.equal(our_next, their_next)
+    torch.testing.assert_close(ours, theirs, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+@pytest.mark.parametrize("clip_sample", [True, False])
+def test_zero_terminal_snr_first_step_equals_diffusers(backend, device, monkeypatch, name, clip_sample):
+    """rescale_betas_zero_snr with trailing spacing starts at abar = 0: with an epsilon model diffusers' x0 =
+    (x - e) / 0 is +-inf (NaN where x = e), clip_sample clamps it to +-1 and the step is finite (fastssl gave
+    NaN: inf - inf); without clipping diffusers' +-inf / NaN, which fastssl now gives too, on both backends."""
+    import diffusers.schedulers.scheduling_ddpm as module
+
+    config = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=clip_sample)
+    ours, theirs = {"ddim": (DDIMScheduler(**config), diffusers.DDIMScheduler(**config)),
+                    "ddpm": (DDPMScheduler(**config), diffusers.DDPMScheduler(**config))}[name]
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    t = theirs.timesteps[0]
+    assert theirs.alphas_cumprod[t] == 0
+    x = torch.tensor([[1.0, -1.0, 0.5, 2.0, -0.3]], device=device).repeat(2, 1)
+    e = torch.tensor([[0.5, 0.5, 0.5, -1.0, 0.4]], device=device).repeat(2, 1)
+    z = torch.randn_like(x)
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: z)
+    # (eta = 1 would make diffusers' 1 - abar_prev - std^2 = 0 round below 0 here: NaN, which fastssl clamps)
+    variants = [dict(), dict(eta=0.7, variance_noise=z), dict(eta=0.5, variance_noise=z, use_clipped_model_output=True)]
+    for kw in (variants if name == "ddim" else [dict()]):
+        a = ours.step(e, t, x, **kw, **(dict(noise=z) if name == "ddpm" else {}))
+        b = theirs.step(e, t, x, **kw)
+        for got, want in ((a.prev_sample, b.prev_sample), (a.pred_original_sample, b.pred_original_sample)):
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), (kw, got, want)
+            assert torch.equal(got[want.isinf()], want[want.isinf()])
+            torch.testing.assert_close(got[want.isfinite()], want[want.isfinite()], rtol=2e-5, atol=2e-5)
+        assert b.prev_sample[:, 0].isfinite().all() == clip_sample and b.prev_sample[:, 2].isnan().all()
+    if name == "ddim" and clip_sample:  # the review's numbers: x = 1, e = 0.5
+        torch.testing.assert_close(ours.step(e, t, x).prev_sample[0, 0], torch.tensor(0.5102754, device=device))
+
+
 def _run(pipeline, **kwargs):
     pipeline.set_progress_bar_config(disable=True)
     return pipeline(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=10,
@@ -380,6 +436,26 @@ def test_add_noise_and_velocity_equal_diffusers(backend, device):
     for t in (torch.tensor([0, 400, 999]), torch.tensor([250]), torch.tensor([7, 8, 9], dtype=torch.int32)):
         torch.testing.assert_close(ours.add_noise(x, noise, t), theirs.add_noise(x, noise, t), rtol=1e-5, atol=2e-5)
         torch.testing.assert_close(ours.get_velocity(x, noise, t), theirs.get_velocity(x, noise, t), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("make", [DDPMScheduler, DDIMScheduler])
+def test_add_noise_and_velocity_refuse_float_timesteps(make):
+    """add_noise / get_velocity took float timesteps and truncated them (10.9 read as 10, 999.5 as 999); now a
+    TypeError naming timesteps, as step's (diffusers' lookup refuses float indices: its own tests pass the
+    integer scheduler.timesteps). Judged by type and dtype only (no read of a device tensor); integer
+    timesteps of every kind still work."""
+    s = make()
+    x, noise = torch.randn(2, 3), torch.randn(2, 3)
+    for bad in (torch.tensor([10.9, 999.5]), torch.tensor([10.0, 20.0]), torch.tensor(5.0), 10.9, 10.0, np.float64(3.0),
+                [1.5, 2.0], np.array([1.0, 2.0]), True, torch.tensor([True, False])):
+        for call in (s.add_noise, s.get_velocity):
+            with pytest.raises(TypeError, match="timesteps must be an int or an integer tensor"):
+                call(x, noise, bad)
+    want = diffusers.DDPMScheduler().add_noise(x, noise, torch.tensor([10, 999]))
+    for good in (torch.tensor([10, 999]), torch.tensor([10, 999], dtype=torch.int32), [10, 999], np.array([10, 999])):
+        torch.testing.assert_close(s.add_noise(x, noise, good), want, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(s.add_noise(x, noise, np.int64(10)), s.add_noise(x, noise, torch.tensor([10, 10])))
+    assert s.get_velocity(x, noise, 10).shape == (2, 3)
 
 
 def test_step_with_fused_guidance(backend, device):
