@@ -64,6 +64,7 @@ and bucketed by rows and keys up to ``TUNED_ROWS``. Every offered config is comp
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -484,10 +485,11 @@ FWD_CONFIGS = {128: _configs([(128, 64, 8, 3), (64, 64, 4, 3)])
 # use 224-244 registers, no spills. With D = 256 (bf16/fp16, sm_90) the (64, 256) fp32 accumulator is split
 # over two warpgroups: 64 x 64 x 8 warps (254 registers, 20 wgmma a tile) and 64 x 32 x 8 (206); 128 rows or
 # 4 warps spill (56-136 B), and so does MoCo's key scale at 64 x 64 (32 B): MoCo at D > 128 takes the
-# chunked kernel (the 256 variants are compiled without KSCALE). The resident block spills elsewhere too
-# (--report, triton 3.8, 2026-12-03): in tf32 on sm_90 (80-160 B) and with MoCo's key scale on sm_80
-# (48-72 B): those take the chunked kernel. Chunked, 64 x 32 x 8 warps x 2 stages is clean under triton
-# 3.6-3.9 on both chips except tf32 on sm_80 under 3.6 (STACK:8): there tf32 takes 32 x 32 (128-175
+# chunked kernel (the 256 variants are compiled without KSCALE), and so do the labelled positives (SupCon,
+# InfoNCE's explicit targets: 8 B of stack there under triton 3.6, 255 registers under 3.8). The resident
+# block spills elsewhere too (--report, triton 3.8, 2026-12-03): in tf32 on sm_90 (80-160 B) and with MoCo's
+# key scale on sm_80 (48-72 B): those take the chunked kernel. Chunked, 64 x 32 x 8 warps x 2 stages is clean
+# under triton 3.6-3.9 on both chips except tf32 on sm_80 under 3.6 (STACK:8): there tf32 takes 32 x 32 (128-175
 # registers; ``_keep_backward``). The exact (FMA-unit) backward stays at one stage: with two, fp32 spills
 # on sm_90 under triton 3.9 (32 x 32 x 8: STACK:16; 16 x 32 x 4: 8).
 BWD_CONFIGS = {128: _configs([(64, 64, 4, 2), (128, 64, 8, 2)], HOPPER),
@@ -557,11 +559,12 @@ def _positives_in_kernel(dtype: torch.dtype, prec: str, kscale: bool) -> bool:
     return not kscale and (dtype in (torch.float16, torch.bfloat16) or prec == "tf32")
 
 
-def _positive_modes(dtype: torch.dtype, prec: str, kscale: bool) -> list:
+def _positive_modes(dtype: torch.dtype, prec: str, kscale: bool, labels: bool = True) -> list:
     """The POSITIVES of the backward variants of a kind (``_positives_in_kernel``): where dS is rounded, a
-    variant for the diagonal (which also serves a launch without positives) and one for labels."""
+    variant for the diagonal (which also serves a launch without positives) and, with ``labels``, one for
+    labels (not at D = 256: 8 B of stack under triton 3.6; ``_pick_backward`` sends those to the chunks)."""
     if _positives_in_kernel(dtype, prec, kscale):
-        return [{"POSITIVES": POS_DIAGONAL.value}, {"POSITIVES": POS_LABELS.value}]
+        return [{"POSITIVES": POS_DIAGONAL.value}] + ([{"POSITIVES": POS_LABELS.value}] if labels else [])
     return [{"POSITIVES": POS_NONE.value}]
 
 
@@ -574,7 +577,7 @@ for _key, _bd, _kinds, _archs, _kscales in _BWD_KINDS:
         autotune(BWD_CONFIGS[_key], key=KEY, keep=_keep_backward)(_lse_bwd_kernel), configs=BWD_CONFIGS[_key],
         uses_dot=True, keep=_keep_backward,
         variants=_variants(*_BWD_PTRS, _BWD_ARGS, _bd, _kinds, _archs, _kscales, D_LOOP=_key in ("loop", "exact"),
-                           derived=_positive_modes))
+                           derived=functools.partial(_positive_modes, labels=_key != 256)))
 
 
 def _exact(dtype: torch.dtype) -> bool:
@@ -606,18 +609,19 @@ def _chip(x: torch.Tensor) -> int:
     return arch_family(device_arch(x)) if x.is_cuda else 0
 
 
-def _pick_backward(x: torch.Tensor, kscale: bool = False):
+def _pick_backward(x: torch.Tensor, kscale: bool = False, labels: bool = False):
     """(kernel key, BLOCK_D, D_LOOP) of the backward: the query block resident where its tile and the
     gradient accumulator fit in registers beside the scores (bf16/fp16 on sm_90: D <= 128, and D <= 256
-    without a key scale), else the gradient in 128-wide chunks (64 for the exact kernels) with the scores
-    summed over all of them."""
+    without a key scale or labelled positives, whose per-key vectors spill there), else the gradient in
+    128-wide chunks (64 for the exact kernels) with the scores summed over all of them."""
     d = x.shape[1]
     if _exact(x.dtype):
         return "exact", BWD_BLOCK_D["exact"], True
     # the interpreter takes the resident kernel in every dtype, with a small block (the tests force the
     # chunked path with a narrow MAX_BLOCK_D)
     interpret = interpreting()
-    if d <= MAX_BLOCK_D // (2 if kscale else 1) and (interpret or x.dtype != torch.float32 and _chip(x) >= 90):
+    per_key = kscale or labels
+    if d <= MAX_BLOCK_D // (2 if per_key else 1) and (interpret or x.dtype != torch.float32 and _chip(x) >= 90):
         key = 128 if d <= 128 else 256
         return key, (max(16, triton.next_power_of_2(d)) if interpret else key), False
     return "loop", BWD_BLOCK_D["fast"], True
@@ -664,7 +668,7 @@ def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag
     (MoCo's queue)."""
     n, d = q.shape
     m = k.shape[0]
-    key, bd, loop = _pick_backward(q, kscale is not None)
+    key, bd, loop = _pick_backward(q, kscale is not None, labels is not None)
     ql = _layout(q, bd)
     kl = ql if k is q else _layout(k, bd)
     chunks = ql.shape[0]
