@@ -41,6 +41,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """argparse type of --seed: an int in [0, 2**64), the range torch.manual_seed takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**64), got {text!r}")
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**64), got {value}")
+    return value
+
+
 def check_before_work(parser: argparse.ArgumentParser, *, out=None, device=None, extras=None) -> None:
     """Everything a run needs, checked before any work (exits 2 with one line, as argparse does): ``out`` a
     folder that exists or can be made and is writable; ``device`` available; the ``extras`` modules
@@ -153,7 +164,7 @@ def main(argv=None) -> int:
     train.add_argument("--epochs", type=_positive_int, default=None, help="override the preset's epochs (>= 1)")
     train.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     train.add_argument("--out", default="train-out", metavar="DIR", help="metrics.json and figures go to DIR/METHOD")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--loss", choices=["softmax", "sigmoid"], default=None,
                        help="clip: CLIP's softmax loss (default) or SigLIP's sigmoid loss")
     train.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -135,6 +135,13 @@ def test_train_cli_refuses_epochs_below_one(tmp_path, capsys, epochs):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**64), "1.5"])
+def test_train_cli_refuses_a_seed_torch_cannot_take(tmp_path, capsys, seed):
+    line = _bad_cli_call(["train", "simclr", "--seed", seed, "--out", str(tmp_path / "o")], capsys)
+    assert "--seed" in line and "must be an int in [0, 2**64)" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_and_bench_cli_check_the_output_folder_first(tmp_path, capsys):
     """An --out that is a file, or under one, exits 2 at once (it used to train the whole run first)."""
     a_file = tmp_path / "taken"
