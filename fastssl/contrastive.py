@@ -336,17 +336,19 @@ def _sums_by_label(x: Tensor, labels: Tensor, at: Tensor, acc: torch.dtype) -> T
     return (running.index_select(0, end) - running.index_select(0, start)).to(acc)
 
 
-def _excluded_mates(rows: Tensor, cols: Optional[Tensor], m: int, diag_off: Optional[int]) -> tuple[Tensor, Tensor]:
-    """(rows i, columns i + diag_off) of the excluded entries whose labels match (``cols`` None: a column's
-    label is its index), which the labelled positives leave out (:func:`_mate_sums`)."""
+def _excluded_mates(rows: Tensor, cols: Optional[Tensor], m: int, diag_off: Optional[int],
+                    acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows i, columns i + diag_off, 1 where their labels match else 0, (n, 1) in ``acc``) of the excluded
+    entries (``cols`` None: a column's label is its index), which the labelled positives leave out
+    (:func:`_mate_sums`). A 0/1 weight, not a boolean index: that would synchronize with the host on CUDA."""
     i = torch.arange(rows.shape[0], device=rows.device)
-    if diag_off is None:
-        return i[:0], i[:0]
-    i = i[max(0, -diag_off):max(0, min(rows.shape[0], m - diag_off))]
-    j = i + diag_off
+    if diag_off is not None:
+        i = i[max(0, -diag_off):max(0, min(rows.shape[0], m - diag_off))]
+    else:
+        i = i[:0]
+    j = i + (diag_off or 0)
     label = j if cols is None else cols.index_select(0, j)
-    same = rows.index_select(0, i) == label
-    return i[same], j[same]
+    return i, j, (rows.index_select(0, i) == label).to(acc)[:, None]
 
 
 def _mate_sums(x: Tensor, rows: Tensor, cols: Optional[Tensor], diag_off: Optional[int], acc: torch.dtype) -> Tensor:
@@ -356,8 +358,8 @@ def _mate_sums(x: Tensor, rows: Tensor, cols: Optional[Tensor], diag_off: Option
         sums = x.index_select(0, rows).to(acc)
     else:
         sums = _sums_by_label(x, cols, rows, acc)
-    i, j = _excluded_mates(rows, cols, x.shape[0], diag_off)
-    return sums.index_add_(0, i, x.index_select(0, j).to(acc), alpha=-1)
+    i, j, same = _excluded_mates(rows, cols, x.shape[0], diag_off, acc)
+    return sums.index_add_(0, i, x.index_select(0, j).to(acc) * same, alpha=-1)
 
 
 def _add_mates_(dq: Optional[Tensor], dk: Optional[Tensor], q: Tensor, k: Tensor, scale: Tensor, w: Tensor,
@@ -374,8 +376,8 @@ def _add_mates_(dq: Optional[Tensor], dk: Optional[Tensor], q: Tensor, k: Tensor
         wq = w[:, None] * q.to(acc)
         at = torch.arange(k.shape[0], device=k.device) if cols is None else cols
         back = _sums_by_label(wq, rows, at, acc)
-        i, j = _excluded_mates(rows, cols, k.shape[0], diag_off)
-        back.index_add_(0, j, wq.index_select(0, i), alpha=-1)
+        i, j, same = _excluded_mates(rows, cols, k.shape[0], diag_off, acc)
+        back.index_add_(0, j, wq.index_select(0, i) * same, alpha=-1)
         (dq if symmetric else dk).add_(back.mul_(scale))
     return (w * (q.to(acc) * mates).sum(1)).sum()
 
