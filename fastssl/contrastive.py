@@ -326,12 +326,17 @@ def _positive_columns(n: int, offset: int, shift: int, device) -> Tensor:
     return diagonal_columns(torch.arange(n, device=device), 0, n, shift, offset)
 
 
+def _label_bounds(ordered: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Each label's first place and one past its last in the sorted labels ``ordered`` (two binary
+    searches: no host sync, no (N, M) mask)."""
+    return torch.searchsorted(ordered, labels), torch.searchsorted(ordered, labels, right=True)
+
+
 def _sums_by_label(x: Tensor, labels: Tensor, at: Tensor, acc: torch.dtype) -> Tensor:
     """sum_{j: labels_j = at_i} x_j for each i, in the math dtype ``acc``: from x sorted by label, a float64
     running sum differenced at each label's bounds (O(len * D); no host sync, no atomics)."""
     order = torch.argsort(labels, stable=True)
-    ordered = labels.index_select(0, order)
-    start, end = torch.searchsorted(ordered, at), torch.searchsorted(ordered, at, right=True)
+    start, end = _label_bounds(labels.index_select(0, order), at)
     running = F.pad(torch.cumsum(x.to(torch.float64).index_select(0, order), 0), (0, 0, 1, 0))
     return (running.index_select(0, end) - running.index_select(0, start)).to(acc)
 
@@ -1353,11 +1358,9 @@ def _check_labels(name: str, labels, like: Tensor, like_name: str) -> Tensor:
 
 
 def _same_label_counts(labels: Tensor, keys: Tensor, symmetric: bool) -> Tensor:
-    """Per row, the keys with its label (less itself when ``symmetric``): rows sorted, two binary searches
-    (no host sync, no (N, M) mask)."""
-    sorted_keys = torch.sort(keys).values
-    count = torch.searchsorted(sorted_keys, labels, right=True) - torch.searchsorted(sorted_keys, labels)
-    return count - 1 if symmetric else count
+    """Per row, the keys with its label (less itself when ``symmetric``)."""
+    start, end = _label_bounds(torch.sort(keys).values, labels)
+    return end - start - int(symmetric)
 
 
 def supervised_nt_xent(embeddings: Tensor, labels: Tensor, *, temperature: float = 0.07,
@@ -1471,9 +1474,8 @@ def supcon_loss(features: Tensor, labels: Tensor, *, temperature: float = 0.1, n
     scale = _scale_from_temperature(temperature, features)
     acc = scale.dtype
     u = _normalized(features, normalize)
-    ordered = torch.sort(labels).values
-    start = torch.searchsorted(ordered, labels)  # a label's first place: dense ids, as the kernels want
-    count = torch.searchsorted(ordered, labels, right=True) - start - 1
+    start, end = _label_bounds(torch.sort(labels).values, labels)  # first places: dense ids, as the kernels want
+    count = end - start - 1
     lse, pos = _lse_and_mates(u, u, scale, start, start, 1 / count.clamp_min(1).to(acc), diag_off=0, symmetric=True)
     has = count > 0
     per_row = torch.where(has, lse - pos, 0.0)

@@ -687,7 +687,7 @@ def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag
     inside = positives is not None and in_kernel
     rbase, period, shift, cbase = positives[1:] if inside else (0, 0, 0, 0)  # period 0: none
     mode = POS_LABELS if labels is not None else POS_DIAGONAL if in_kernel else POS_NONE
-    no_labels = torch.empty(1, dtype=torch.int32, device=q.device)  # never read: the pointers' type only
+    no_labels = _no_labels(q.device)
     lr, lc, wr, wc = labels if labels is not None else (no_labels, no_labels, dummy, dummy)
     launch(_bwd_kernels[key], lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), chunks), config=INTERPRET_CONFIG,
            q_ptr=ql, k_ptr=kl, scale_ptr=scale, ks_ptr=dummy if kscale is None else kscale,
@@ -704,6 +704,13 @@ def lse_backward_rows(q, k, scale, split_r, g_r, split_c, g_c, kscale=None, diag
     if positives is not None and not inside:
         _add_positives_(dq, partials[0] if need_dscale else None, q, k, scale, *positives)
     return dq, (partials.sum() if need_dscale else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_labels(device: torch.device) -> torch.Tensor:
+    """The label pointers of a launch without labels: never read, there for their int32 type (one tensor
+    a device, not an allocation a launch)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _add_positives_(dq, partial, q, k, scale, w, rbase, period, shift, cbase):
