@@ -142,9 +142,11 @@ def offered(config, dtype: Optional[torch.dtype], arch: int, keep=None) -> bool:
 
 
 def _offered_to_launch(keep):
-    """The autotuner's ``early_config_prune``: the configs :func:`offered` to this launch's first tensor."""
+    """The autotuner's ``early_config_prune``: the configs :func:`offered` to this launch's first tensor.
+    Triton passes the positional arguments as ``named_args`` and the keyword ones as ``kwargs``; a
+    :func:`launch` passes all by keyword, so ``named_args`` is empty there."""
     def prune(configs, named_args, **kwargs):
-        tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+        tensor = next(v for v in (*named_args.values(), *kwargs.values()) if isinstance(v, torch.Tensor))
         arch = device_arch(tensor) if tensor.is_cuda else 90
         return [c for c in configs if offered(c, tensor.dtype, arch, keep)]
     return prune

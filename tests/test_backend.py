@@ -66,3 +66,37 @@ def test_top_level_kernels_module_is_not_installed(tmp_path):
             "else:\n    print('ours' if os.path.exists(os.path.join(os.path.dirname(kernels.__file__), 'registry.py')) else 'other')")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert run.stdout.strip() in ("absent", "other"), run.stdout + run.stderr
+
+
+def test_a_launch_autotunes_through_tritons_autotuner_over_the_offered_configs():
+    """On a GPU a kernel chooses among several configs; under the interpreter :func:`registry.autotune`
+    keeps one, so the slice tests never reach Triton's pruning and timing. Here Triton's own autotuner
+    (a stand-in timer in place of CUDA events) prunes through the registry's filter and picks the fastest,
+    for a :func:`registry.launch` (every argument by keyword: Triton's ``named_args`` is then empty)."""
+    import triton
+    import triton.language as tl
+
+    from fastssl.kernels import registry
+
+    @triton.jit
+    def double(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, 2 * tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (16, 32, 64)]
+    keep = lambda config, dtype, arch: dtype == torch.float32 and config.kwargs["BLOCK"] != 32
+    timings = iter([3.0, 1.0])  # BLOCK 16, then 64: the offered configs in order
+    timed = []
+
+    def timer(kernel_call, quantiles=None, **_):
+        kernel_call()
+        timed.append(1)
+        t = next(timings)
+        return [t, t, t] if quantiles else t
+    kernel = triton.autotune(configs, key=["n"], do_bench=timer,
+                             prune_configs_by={"early_config_prune": registry._offered_to_launch(keep)})(double)
+    x = torch.arange(100, dtype=torch.float32)
+    out = torch.empty_like(x)
+    registry.launch(kernel, lambda meta: (triton.cdiv(100, meta["BLOCK"]),), x_ptr=x, out_ptr=out, n=100)
+    assert len(timed) == 2 and kernel.best_config.kwargs["BLOCK"] == 64
+    assert torch.equal(out, 2 * x)
