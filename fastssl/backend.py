@@ -58,8 +58,13 @@ def requested_backend() -> str:
     return value
 
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton is installed: looked up once, at import (torch 2.11's dynamo refuses to trace
+    ``importlib.util.find_spec``, so a lookup per call broke ``torch.compile(fullgraph=True)`` of the ops)."""
+    return _TRITON_INSTALLED
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
