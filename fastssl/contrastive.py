@@ -21,6 +21,7 @@ the materialized logits, float64 when ``upcast``) that the tests compare against
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -64,7 +65,7 @@ def nt_xent_reference(z1, z2, *, temperature=0.5, normalize=True, reduction="mea
     z = torch.cat((_ref_prep(z1, normalize, upcast), _ref_prep(z2, normalize, upcast)))
     n = z1.shape[0]
     logits = (z @ z.t() / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    targets = torch.cat((torch.arange(n, 2 * n), torch.arange(n))).to(z.device)
+    targets = torch.arange(n, 3 * n, device=z.device).remainder_(2 * n)  # i + N mod 2N, built on the device
     return F.cross_entropy(logits, targets, reduction=reduction)
 
 
@@ -119,7 +120,7 @@ def supervised_nt_xent_reference(embeddings, labels, *, temperature=0.07, ref_em
         pos.fill_diagonal_(False)
     neg = torch.logsumexp(s.masked_fill(same, float("-inf")), 1, keepdim=True)
     pair = torch.logaddexp(s, neg) - s
-    return pair[pos].sum() / max(int(pos.sum()), 1)
+    return torch.where(pos, pair, 0.0).sum() / pos.sum().clamp_min(1)  # no host sync
 
 
 def supcon_loss_reference(features, labels, *, temperature=0.1, normalize=True, reduction="mean",
@@ -145,6 +146,20 @@ def supcon_loss_reference(features, labels, *, temperature=0.1, normalize=True, 
 # ----------------------------------------------------------------------------------------------------
 # The PyTorch path: the whole score matrix kept for the backward when small, else blocks of rows recomputed
 # ----------------------------------------------------------------------------------------------------
+
+def _without_autocast(body):
+    """``body`` (a PyTorch-path body) with autocast off on its first tensor's device: its matmuls run in the
+    math dtype it chose, as without autocast (autocast would round them to bf16/fp16, and the bf16 blocks then
+    fail to meet float32 ones in ``out=`` and ``index_put_``)."""
+    @functools.wraps(body)
+    def run(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, Tensor)).device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+            return body(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return body(*args, **kwargs)
+    return run
+
 
 def _chunk_rows(m: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(m, 1))
@@ -223,6 +238,7 @@ def _lse_rows(qs: Tensor, ks: Tensor, diag_off: Optional[int]) -> Tensor:
     return out
 
 
+@_without_autocast
 def _lse_torch(q, k, scale, kscale, diag_off, two_sided, keep):
     """(row LSE, column LSE or empty, what the backward keeps or empty when not ``keep``): with ``keep`` one
     matmul gives S, both LSEs and the backward's block: two-sided S itself, one-sided the row softmax P
@@ -238,6 +254,7 @@ def _lse_torch(q, k, scale, kscale, diag_off, two_sided, keep):
     return _lse_rows(qs, ks, diag_off), cols, scale.new_empty(0)  # distinct empties: outputs may not alias
 
 
+@_without_autocast
 def _lse_backward_torch(g_r, g_c, g_pos, targets, q, k, scale, kscale, lse_r, lse_c, scores, diag_off, *, symmetric,
                         need_dq, need_dk, need_dscale):
     """dq, dk, dscale of ``sum_i g_i lse_i [+ sum_j h_j lse'_j] [+ sum_i g+_i S_i,t_i]``: with dS = g_i P_ij
@@ -630,6 +647,7 @@ class _KeptNTXent(torch.autograd.Function):
     clamped)."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, z1: Tensor, z2: Tensor, scale: Tensor, normalize: bool) -> Tensor:
         n = z1.shape[0]
         u = torch.cat((z1, z2)).to(scale.dtype)
@@ -648,6 +666,7 @@ class _KeptNTXent(torch.autograd.Function):
 
     @staticmethod
     @first_order("fastssl.nt_xent")
+    @_without_autocast
     def backward(ctx, g: Tensor):
         u, norm, unclamped, scale, lse, p = ctx.saved_tensors
         n = u.shape[0] // 2
@@ -936,12 +955,13 @@ def moco_loss(query: Tensor, key: Tensor, queue: Tensor, *, temperature: float =
 
 
 def _moco(query: Tensor, key: Tensor, queue: Tensor, scale: Tensor, normalize: bool, reduction: str, *,
-          queue_normalized: bool = False) -> Tensor:
+          queue_normalized: bool = False, key_grad: bool = False) -> Tensor:
     """moco_loss on validated inputs with the multiplier ``scale`` (1,); ``queue_normalized``: the queue's
-    rows are unit already (``NTXentLoss``'s bank, as lightly's) and are used as they are."""
+    rows are unit already (``NTXentLoss``'s bank, as lightly's) and are used as they are; ``key_grad``: the
+    positive's gradient also flows into ``key`` (lightly's ``NTXentLoss`` with a memory bank)."""
     acc = scale.dtype
     q = _normalized(query, normalize)
-    k = _normalized(key.detach(), normalize)
+    k = _normalized(key if key_grad else key.detach(), normalize)
     queue = queue.detach()
     kscale = None
     if normalize and not queue_normalized:  # F.normalize's 1 / max(||x||, eps), per key inside the kernels
@@ -1042,6 +1062,7 @@ def _sig_gradient(t: Tensor, a: int, diag_off: int) -> Tensor:
     return g
 
 
+@_without_autocast
 def _siglip_torch(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, diag_off: int, keep: bool):
     """(row sums, the (N, M) gradient matrix kept for the backward or empty): one matmul when ``keep``, else
     blocks of rows (memory O(chunk * M))."""
@@ -1074,6 +1095,7 @@ def _siglip_fake(x, y, scale, bias, diag_off, keep):
                                                                    dtype=scale.dtype)
 
 
+@_without_autocast
 def _siglip_backward_torch(w, x, y, scale, bias, kept, diag_off, need_dx, need_dy, need_dparams):
     acc = scale.dtype
     n, m = x.shape[0], y.shape[0]
@@ -1236,6 +1258,7 @@ def _sup_gradient(pos: Tensor, e: Tensor, total: Tensor, sig: Tensor, wsum: Tens
     return torch.where(pos, -sig, e.mul_(wsum[:, None] / total.clamp_min(1.0)))  # no negatives: e = 0
 
 
+@_without_autocast
 def _sup_torch(q, k, lq, lk, scale, symmetric, keep):
     acc = scale.dtype
     qs, ka = q.to(acc) * scale, k.to(acc)
@@ -1271,6 +1294,7 @@ def _sup_fake(q, k, lq, lk, scale, symmetric, keep):
             q.new_empty((n, k.shape[0]) if keep else (0,), dtype=scale.dtype))
 
 
+@_without_autocast
 def _sup_backward_torch(g, q, k, lq, lk, scale, neg, wsum, kept, symmetric, need_dq, need_dk):
     acc = scale.dtype
     n, m = q.shape[0], k.shape[0]
@@ -1517,7 +1541,8 @@ def grad_cache(encoder, inputs, loss_fn, *, chunk_size: int) -> Tensor:
     Args:
         encoder: a callable (an ``nn.Module``) mapping a (rows, ...) tensor to (rows, D) embeddings.
         inputs: a tensor, or a tuple/list of tensors (one per view or tower, each embedded by ``encoder``),
-            split along dim 0.
+            split along dim 0. An input with a graph (a learnable transform before the encoder) gets its
+            gradient through it, sent once after the chunks.
         loss_fn: a callable of the embeddings (one per input, in order) returning a scalar loss.
         chunk_size: rows per encoder call, an int >= 1.
 
@@ -1555,6 +1580,10 @@ def grad_cache(encoder, inputs, loss_fn, *, chunk_size: int) -> Tensor:
         if v.dim() == 0 or v.shape[0] == 0:
             raise ValueError(f"inputs[{i}] has no rows to split (shape {tuple(v.shape)})")
     devices = sorted({v.device.index or 0 for v in views if v.is_cuda})
+    # an input with a graph of its own (a learnable transform before the encoder) is cut off it: the chunks'
+    # backwards fill a leaf's .grad, sent into that graph once at the end (its first backward frees it)
+    graphs = {id(v): (v, v.detach().requires_grad_()) for v in views if v.grad_fn is not None}
+    views = [graphs[id(v)][1] if id(v) in graphs else v for v in views]
     chunks = [list(v.split(chunk_size)) for v in views]
     states, embedded = [], []
     with torch.no_grad():
@@ -1584,4 +1613,7 @@ def grad_cache(encoder, inputs, loss_fn, *, chunk_size: int) -> Tensor:
                     for d, state in zip(devices, cuda):
                         torch.cuda.set_rng_state(state, d)
                     torch.autograd.backward(encoder(c), grad)
+        sent = [(v, leaf.grad) for v, leaf in graphs.values() if leaf.grad is not None]
+        if sent:
+            torch.autograd.backward(*zip(*sent))
     return loss.detach()

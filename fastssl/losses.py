@@ -72,8 +72,9 @@ class MoCoQueue(nn.Module):
     ``p, p+1, ..., p+B-1 (mod size)``, so no key is dropped while fewer than ``size`` newer keys have
     arrived after it, also when ``B`` does not divide ``size``. A batch larger than the queue keeps its
     newest ``size`` keys (the rows they would hold after writing the whole batch one key at a time).
-    The write pointer is a host-side Python int (the batch size is known on the host), so enqueueing
-    never synchronizes with the GPU; it is saved in ``state_dict`` as extra state.
+    The write pointer is a 0-dim int64 buffer ``queue_ptr`` on the queue's device, advanced in place, so
+    enqueueing never synchronizes with the GPU and ``torch.compile`` traces it once, not once a position
+    (:attr:`ptr` reads it as an int); it is saved in ``state_dict`` as extra state.
 
     Because :meth:`negatives` is a view of the live buffer, a loss whose backward reads it must run its
     backward before the next :meth:`enqueue`, or be given ``negatives().clone()`` (autograd's version
@@ -108,6 +109,7 @@ class MoCoQueue(nn.Module):
     """
 
     queue: Tensor
+    queue_ptr: Tensor
 
     def __init__(self, size: int, dim: int, *, gather_distributed: bool = False,
                  dtype: Optional[torch.dtype] = None, device=None) -> None:
@@ -118,7 +120,12 @@ class MoCoQueue(nn.Module):
         _check_gather_available(gather_distributed)
         init = F.normalize(torch.randn(size, dim, dtype=torch.float64), dim=1)
         self.register_buffer("queue", init.to(dtype=dtype or torch.get_default_dtype(), device=device))
-        self.ptr = 0
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+
+    @property
+    def ptr(self) -> int:
+        """The row the next key goes to (reading it synchronizes with the queue's device)."""
+        return int(self.queue_ptr)
 
     def negatives(self) -> Tensor:
         """The ``(size, dim)`` buffer of keys itself (no copy); row order is storage order, not age."""
@@ -145,20 +152,16 @@ class MoCoQueue(nn.Module):
         if _gathers(self.gather_distributed):
             keys = distributed.all_gather_with_grad(keys)
         total = keys.shape[0]
-        n = min(total, self.size)
-        keys = keys[total - n:]
-        start = (self.ptr + total - n) % self.size
-        first = min(n, self.size - start)
-        self.queue[start:start + first].copy_(keys[:first])
-        if first < n:
-            self.queue[: n - first].copy_(keys[first:])
-        self.ptr = (self.ptr + total) % self.size
+        n = min(total, self.size)  # a batch larger than the queue: its newest keys
+        rows = torch.arange(total - n, total, device=self.queue.device).add_(self.queue_ptr).remainder_(self.size)
+        self.queue.index_copy_(0, rows, keys[total - n:].to(self.queue.dtype))
+        self.queue_ptr.add_(total).remainder_(self.size)
 
     def get_extra_state(self):
         return {"ptr": self.ptr}
 
     def set_extra_state(self, state) -> None:
-        self.ptr = int(state["ptr"])
+        self.queue_ptr.fill_(int(state["ptr"]))
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, gather_distributed={self.gather_distributed}"
@@ -183,7 +186,8 @@ class NTXentLoss(nn.Module):
 
         loss = mean_i [ -q_i.k_i / t + log( exp(q_i.k_i / t) + sum_j exp(q_i.m_j / t) ) ]
 
-    (:func:`fastssl.moco_loss`, all vectors L2-normalized). After the loss is computed, the normalized
+    (:func:`fastssl.moco_loss`, all vectors L2-normalized; as in lightly, ``out1`` gets the positive's
+    gradient too, where moco_loss detaches its key; the bank gets none). After the loss is computed, the normalized
     ``out1`` is enqueued (only when ``out0`` requires grad, i.e. in training, as in lightly), so the
     next call sees it among its negatives. The loss is computed against a copy of the bank (``K * D``
     elements, as lightly and MoCo do) so that enqueueing in place cannot corrupt this step's backward.
@@ -273,7 +277,7 @@ class NTXentLoss(nn.Module):
             # a copy on the features' device (lightly's script builds the bank on the CPU and never moves it)
             negatives = negatives.to(dtype=out0.dtype, device=out0.device, copy=True)
         _check_moco(out0, out1, negatives)  # the bank holds unit keys (as lightly's): used as they are
-        loss = _moco(out0, out1, negatives, self._scale(out0), True, "mean", queue_normalized=True)
+        loss = _moco(out0, out1, negatives, self._scale(out0), True, "mean", queue_normalized=True, key_grad=True)
         if update:
             bank.enqueue(F.normalize(out1.detach(), dim=1).to(bank.queue.device))
         return loss

@@ -301,6 +301,37 @@ def test_non_contiguous_inputs(backend, device):
            (q, k), torch.float32)
 
 
+def test_references_stay_on_the_inputs_device():
+    """The *_reference formulas (the benchmarks' eager baseline) build every tensor on the inputs' device and
+    read nothing on the host: on the meta device no op returns a tensor elsewhere (nt_xent's targets were
+    built on the CPU and copied, a host-to-device copy a call on CUDA; the supervised mean read its count)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen.update(t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    x, y = torch.empty(6, 4, device="meta"), torch.empty(6, 4, device="meta")
+    labels, scale = torch.empty(6, dtype=torch.long, device="meta"), torch.empty((), device="meta")
+    with Devices() as mode:
+        info_nce_reference(x, y)
+        nt_xent_reference(x, y)
+        moco_loss_reference(x, y, y)
+        clip_loss_reference(x, y, scale)
+        siglip_loss_reference(x, y, scale, scale)
+        supervised_nt_xent_reference(x, labels)
+        supervised_nt_xent_reference(x, labels, ref_embeddings=y, ref_labels=labels)
+        supcon_loss_reference(x, labels)
+    assert mode.seen == {"meta"}
+
+
 # ----------------------------------------------------------------------------------------------------
 # gradients through the kernels
 # ----------------------------------------------------------------------------------------------------
@@ -459,6 +490,60 @@ def test_nan_propagates(backend, device):
     assert per_row[2].isnan() and not per_row[[0, 1, 3, 4, 5]].isnan().any()
     assert fastssl.clip_loss(q, k[:6], 10.0).isnan()
     assert fastssl.moco_loss(q, k[:6], k).isnan()
+
+
+def _classes(x):
+    return torch.arange(x.shape[0], device=x.device) % 3
+
+
+# each loss of (x, y, log scale, bias), all with a matmul on the PyTorch path
+AUTOCAST_LOSSES = {
+    "info_nce": lambda x, y, s, b: fastssl.info_nce(x, y),
+    "info_nce_targets": lambda x, y, s, b: fastssl.info_nce(x, y, _classes(x)),
+    "nt_xent": lambda x, y, s, b: fastssl.nt_xent(x, y, temperature=0.2),
+    "moco_loss": lambda x, y, s, b: fastssl.moco_loss(x, y, y.flip(0)),
+    "clip_loss": lambda x, y, s, b: fastssl.clip_loss(x, y, s.exp()),
+    "siglip_loss": lambda x, y, s, b: fastssl.siglip_loss(x, y, s.exp(), b),
+    "supervised_nt_xent": lambda x, y, s, b: fastssl.supervised_nt_xent(x, _classes(x), temperature=0.2),
+    "supervised_nt_xent_refs": lambda x, y, s, b: fastssl.supervised_nt_xent(
+        x, _classes(x), temperature=0.2, ref_embeddings=y, ref_labels=_classes(y)),
+    "supcon_loss": lambda x, y, s, b: fastssl.supcon_loss(torch.stack((x, y), 1), _classes(x), temperature=0.2),
+}
+
+
+@pytest.mark.parametrize("scheme", ["kept", "blocks"])
+@pytest.mark.parametrize("name", list(AUTOCAST_LOSSES))
+def test_autocast_leaves_float32_losses_in_float32(backend, device, monkeypatch, name, scheme):
+    """Under torch.autocast (bf16) float32 inputs give the loss and gradients of the same call without
+    autocast, in float32, with the backward inside the region or after it: the PyTorch path's matmuls are
+    not rounded to bf16 (nt_xent was off by 3e-2) and its blocks' dtypes still meet (clip_loss and
+    siglip_loss crashed in backward)."""
+    import fastssl.contrastive as fc
+
+    if scheme == "blocks":
+        if backend == "triton":
+            pytest.skip("blocks of rows are the PyTorch path's")
+        monkeypatch.setattr(fc, "KEEP_ELEMENTS", 0)
+        monkeypatch.setattr(fc, "CHUNK_ELEMENTS", 4 * 22)  # 4 to 8 rows a block
+    fn = AUTOCAST_LOSSES[name]
+    inputs = (_feats(11, 8, device=device), _feats(11, 8, device=device),
+              *(torch.tensor(v, device=device, requires_grad=True) for v in (1.5, -2.0)))  # log scale, bias
+    plain = fn(*inputs)
+    plain_grads = _grads(plain, inputs)
+    for inside in (True, False):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            out = fn(*inputs)
+            if inside:
+                grads = _grads(out, inputs)
+        if not inside:
+            grads = _grads(out, inputs)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, plain)
+        for g, r in zip(grads, plain_grads):
+            assert (g is None) == (r is None)
+            if g is not None:
+                assert g.dtype == torch.float32
+                torch.testing.assert_close(g, r)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1287,6 +1372,25 @@ def test_grad_cache_with_a_view_the_loss_does_not_use():
     fastssl.grad_cache(encoder, (x1, x2), loss_fn, chunk_size=5)
     for g, r in zip(_param_grads(encoder), expected):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [10, 4])
+def test_grad_cache_inputs_with_a_graph(chunk):
+    """Inputs that carry a graph (a learnable transform before the encoder; one tensor as both views) get
+    the plain backward's gradients, also split into several chunks (the second chunk's backward through
+    the input's freed graph raised)."""
+    x = torch.randn(10, 8, dtype=torch.float64)
+    encoder = torch.nn.Linear(8, 4).double()
+    loss_fn = lambda a, b, c: fastssl.nt_xent(a, b, temperature=0.3) + fastssl.info_nce(c, a)  # noqa: E731
+    w = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    y = x @ w
+    loss_fn(encoder(y), encoder(x), encoder(y)).backward()
+    expected = (w.grad.clone(), *_param_grads(encoder))
+    w.grad = None
+    y = x @ w
+    fastssl.grad_cache(encoder, (y, x, y), loss_fn, chunk_size=chunk)
+    for g, r in zip((w.grad, *_param_grads(encoder)), expected):
+        torch.testing.assert_close(g, r)
 
 
 @pytest.mark.parametrize("dropout, chunk", [(0.0, 5), (0.3, 64)])

@@ -3,6 +3,7 @@ where installed), gradients, validation, MoCoQueue's ring buffer, CLIP's learnab
 against a brute-force loop, torch.compile(fullgraph=True)."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 
@@ -189,13 +190,50 @@ def test_ntxent_memory_bank_bare_size_takes_shape_dtype_from_first_batch():
         loss_fn(leaf(5, 4), torch.randn(5, 4, dtype=F64))
 
 
-def test_ntxent_memory_bank_gradient_only_to_queries():
-    loss_fn = NTXentLoss(memory_bank_size=(8, 4))
+def test_ntxent_memory_bank_gradient_to_both_views_as_lightly():
+    """lightly's meaning: the positive q.k is not detached, so out1 (the keys) gets its gradient too (it got
+    none); the bank gets none."""
+    loss_fn = NTXentLoss(temperature=0.2, memory_bank_size=(8, 4))
     q, k = leaf(3, 4, dtype=torch.float32), leaf(3, 4, dtype=torch.float32)
-    loss_fn(q, k).backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
-    assert k.grad is None or not k.grad.any()
+    bank = loss_fn.memory_bank.negatives().clone()
+    loss = loss_fn(q, k)
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    qn, kn = F.normalize(q64, dim=1), F.normalize(k64, dim=1)
+    logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ bank.double().T], 1) / 0.2
+    ref = F.cross_entropy(logits, torch.zeros(3, dtype=torch.long))
+    ours = grads(loss, q, k)
+    for g, r in zip(ours, grads(ref, q64, k64)):
+        assert_close(g, r, torch.float32)
     assert not loss_fn.memory_bank.negatives().requires_grad
+    if importlib.util.find_spec("lightly") is not None:
+        from lightly.loss import NTXentLoss as LightlyNTXent
+
+        theirs = LightlyNTXent(temperature=0.2, memory_bank_size=(8, 4))
+        theirs.memory_bank.bank.copy_(bank)
+        for g, r in zip(ours, grads(theirs(q, k), q, k)):
+            torch.testing.assert_close(g, r)
+
+
+def test_ntxent_memory_bank_compiles_once_fullgraph():
+    """torch.compile(fullgraph=True) of the loss with a bank over 12 steps (the pointer wraps around) equals
+    eager in loss, gradient, bank and pointer, from one compilation: the pointer is a tensor advanced in
+    place (as a Python int each position recompiled and fullgraph failed at the recompile limit)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    eager = NTXentLoss(temperature=0.2, memory_bank_size=(10, 4))
+    module = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(module, backend=counter, fullgraph=True)
+    for _ in range(12):
+        q, k = torch.randn(3, 4), torch.randn(3, 4)
+        a, b = q.clone().requires_grad_(), q.clone().requires_grad_()
+        ours, ref = compiled(b, k), eager(a, k)
+        torch.testing.assert_close(ours, ref)
+        torch.testing.assert_close(grads(ours, b)[0], grads(ref, a)[0])
+        assert torch.equal(module.memory_bank.negatives(), eager.memory_bank.negatives())
+        assert module.memory_bank.ptr == eager.memory_bank.ptr
+    assert eager.memory_bank.ptr == 36 % 10 and counter.frame_count == 1
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -447,6 +485,53 @@ def test_cpc_under_autocast():
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 0.05 * abs(ref.item())
 
 
+# each module and its call on (x, y, log scale, bias); labels are x's rows mod 3
+AUTOCAST_MODULES = {
+    "NTXentLoss": (lambda: NTXentLoss(temperature=0.3), lambda m, x, y, s, b: m(x, y)),
+    "NTXentLoss_bank": (lambda: NTXentLoss(temperature=0.3, memory_bank_size=(7, 6)), lambda m, x, y, s, b: m(x, y)),
+    "InfoNCELoss": (InfoNCELoss, lambda m, x, y, s, b: m(x, y)),
+    "CLIPLoss": (CLIPLoss, lambda m, x, y, s, b: m(x, y)),
+    "ClipLoss": (lambda: ClipLoss(), lambda m, x, y, s, b: m(x, y, s.exp(), b)),
+    "SigLipLoss": (lambda: SigLipLoss(), lambda m, x, y, s, b: m(x, y, s.exp(), b)),
+    "SupervisedNTXentLoss": (lambda: SupervisedNTXentLoss(), lambda m, x, y, s, b: m(x, _classes(x))),
+    "SupConLoss": (lambda: SupConLoss(), lambda m, x, y, s, b: m(torch.stack((x, y), 1), _classes(x))),
+}
+
+
+def _classes(x):
+    return torch.arange(x.shape[0], device=x.device) % 3
+
+
+@pytest.mark.parametrize("name", list(AUTOCAST_MODULES))
+def test_modules_under_autocast_as_without(backend, device, name):
+    """The drop-ins called inside torch.autocast (bf16) on float32 features (open_clip's and lightly's
+    training loops do) return the float32 loss and gradients (parameters' too) of the call without autocast,
+    with the backward inside the region or after it (ClipLoss and SigLipLoss crashed in backward)."""
+    build, call = AUTOCAST_MODULES[name]
+    x, y = leaf(9, 6, dtype=torch.float32, device=device), leaf(9, 6, dtype=torch.float32, device=device)
+    s, b = (torch.tensor(v, device=device, requires_grad=True) for v in (1.5, -2.0))
+    module = build()
+    results = []
+    for autocast, inside in ((False, False), (True, True), (True, False)):
+        m = copy.deepcopy(module).to(device)  # the bank's state before the call, each time
+        tensors = (x, y, s, b, *m.parameters())
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            loss = call(m, x, y, s, b)
+            if inside:
+                results.append((loss, torch.autograd.grad(loss, tensors, allow_unused=True)))
+        if not inside:
+            results.append((loss, torch.autograd.grad(loss, tensors, allow_unused=True)))
+    (plain, plain_grads), *autocast_runs = results
+    for loss, grads_ in autocast_runs:
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, plain)
+        for g, r in zip(grads_, plain_grads):
+            assert (g is None) == (r is None)
+            if g is not None:
+                assert g.dtype == torch.float32
+                torch.testing.assert_close(g, r)
+
+
 def test_cpc_validation_types():
     with pytest.raises(TypeError, match="codes has dtype torch.float64 but context has torch.float32"):
         CPCLoss(5, 4, 1)(torch.randn(2, 3, 5), torch.randn(2, 3, 4, dtype=F64))
@@ -603,11 +688,13 @@ def test_open_clip_modules_equal_open_clip(name):
 
 
 @pytest.mark.skipif(not HAVE_OPEN_CLIP, reason="open_clip is not installed")
+@pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
 @pytest.mark.parametrize("siglip", [False, True])
-def test_open_clip_training_loop_runs_with_our_losses(monkeypatch, siglip):
+def test_open_clip_training_loop_runs_with_our_losses(monkeypatch, siglip, precision):
     """open_clip's own training code (open_clip_train.train.train_one_epoch, the loss built by
     open_clip.factory.create_loss) with our ClipLoss / SigLipLoss in place of its own: three steps of a tiny
-    CLIP (or SigLIP, with its logit bias) end at the parameters its own loss reaches."""
+    CLIP (or SigLIP, with its logit bias) end at the parameters its own loss reaches. With amp_bf16 (the loss
+    called under autocast, its backward after) open_clip's logits are bf16 and ours float32: near, not equal."""
     import argparse
 
     import open_clip
@@ -624,7 +711,7 @@ def test_open_clip_training_loop_runs_with_our_losses(monkeypatch, siglip):
             embed_dim=16, vision_cfg=dict(image_size=16, patch_size=8, width=64, layers=1, head_width=32),
             text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1),
             init_logit_bias=-10.0 if siglip else None, output_dict=True)
-        args = argparse.Namespace(device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=True,
+        args = argparse.Namespace(device="cpu", precision=precision, distill=False, accum_freq=1, skip_scheduler=True,
                                   horovod=False, grad_clip_norm=None, log_every_n_steps=1, batch_size=8,
                                   world_size=1, rank=0, local_rank=0, wandb=False, siglip=siglip, local_loss=False,
                                   gather_with_grad=False, loss_dist_impl=None, model="tiny", save_logs=False,
@@ -643,8 +730,9 @@ def test_open_clip_training_loop_runs_with_our_losses(monkeypatch, siglip):
     theirs_loss, theirs = run((factory.ClipLoss, factory.SigLipLoss))
     our_loss, mine = run((ours.ClipLoss, ours.SigLipLoss))
     assert type(our_loss) is (ours.SigLipLoss if siglip else ours.ClipLoss)
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=0.0, atol=0.05)  # amp: 0.015 apart
     for a, b in zip(mine, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, **tol)
 
 
 # ----------------------------------------------------------------------------------------------------
