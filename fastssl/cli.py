@@ -8,8 +8,9 @@
 - ``fastssl train --all [--quick] [--readme README.md]``: every method, a summary table (``DIR/table.md``,
   and the README's results table when ``--readme`` is given).
 
-Arguments are checked before any work (a positive ``--epochs``, a writable ``--out`` folder, an available
-``--device``, the extras ``train`` needs): a bad one exits 2 with one line. Result files are written
+Arguments are checked before any work (one of METHOD, ``--list``, ``--all``; a positive ``--epochs``, a
+writable ``--out`` folder, an available ``--device``, the extras ``train`` needs, a ``--readme`` file with the
+train-table markers): a bad one exits 2 with one line. Result files are written
 atomically (a temporary file, then a rename): an interrupted run leaves a complete file or none.
 
 >>> main(["bench", "--only", "no_such_op", "--quiet"])  # stderr: usage, then "fastssl bench: error: ..."
@@ -104,6 +105,21 @@ def _bench(args, parser) -> int:
     return 1 if any(r.get("error") and r["provider"] == "fastssl" for r in result["rows"]) else 0
 
 
+def _check_readme(parser: argparse.ArgumentParser, path: str) -> None:
+    """``--readme``: an existing, writable file with a train-table block to replace (checked before training)."""
+    from fastssl.runner import replace_table
+
+    if not os.path.isfile(path) or not os.access(path, os.W_OK):
+        parser.error(f"--readme {path} is not a writable file")
+    try:
+        with open(path) as f:
+            replace_table(f.read(), "")
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"--readme {path} cannot be read ({getattr(exc, 'strerror', None) or exc})")
+    except ValueError as exc:
+        parser.error(f"--readme {path}: {exc}")
+
+
 def _train(args, parser) -> int:
     from fastssl.models import METHODS
     from fastssl.runner import results_table, run, run_all
@@ -111,17 +127,21 @@ def _train(args, parser) -> int:
 
     config = TrainConfig(quick=args.quick, epochs=args.epochs, device=args.device, out=args.out, seed=args.seed,
                          progress=not args.quiet, loss=args.loss)
-    if args.loss and (args.all or args.method != "clip"):
+    chosen = [what for what, given in ((f"METHOD {args.method!r}", args.method), ("--list", args.list),
+                                       ("--all", args.all)) if given]
+    if len(chosen) > 1:
+        parser.error(f"{' and '.join(chosen)} do not go together: give one of METHOD, --list, --all")
+    if args.loss and args.method != "clip":
         parser.error("--loss goes with the clip method (softmax or sigmoid)")
     if args.readme and not args.all:
         parser.error("--readme goes with --all")
-    if not (args.method or args.list or args.all):
+    if not chosen:
         parser.error(f"a METHOD is needed, one of: {', '.join(sorted(METHODS))} (or --list, or --all)")
-    if args.all or (args.method and not args.list):
-        if args.method and not args.all and args.method not in METHODS:
+    if not args.list:
+        if args.method and args.method not in METHODS:
             parser.error(f"unknown method {args.method!r}; fastssl train --list shows them")
-        if args.readme and not os.access(args.readme, os.W_OK):
-            parser.error(f"--readme {args.readme} is not a writable file")
+        if args.readme:
+            _check_readme(parser, args.readme)
         check_before_work(parser, out=args.out, device=args.device, extras=TRAIN_EXTRAS)
     if args.all:
         rows = run_all(list(METHODS), config, readme=args.readme)
@@ -131,8 +151,6 @@ def _train(args, parser) -> int:
         for name, (_, what) in sorted(METHODS.items()):
             print(f"{name:<10} {what}")
         return 0
-    if args.method not in METHODS:
-        parser.error(f"unknown method {args.method!r}; fastssl train --list shows them")
     metrics = run(args.method, config)
     better = "beats" if metrics["beats_baseline"] else "does NOT beat"
     print(f"{metrics['method']}: {metrics['metric']} = {metrics['value']:.4f}, baseline {metrics['baseline']:.4f} "

@@ -6,6 +6,8 @@ name, and the README's results table, are :mod:`fastssl.runner`'s (this module i
 >>> from fastssl.training import TrainConfig
 >>> TrainConfig(quick=True).epochs_or(3, 10)
 3
+>>> TrainConfig(seed=2**64 - 1).sub_seed(10_000), TrainConfig(seed=2**32).sub_seed(bits=32)
+(9999, 0)
 """
 from __future__ import annotations
 
@@ -16,9 +18,13 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from .checks import check_bool, check_int
+
 
 @dataclass
 class TrainConfig:
+    """A training run's settings, checked on construction (ValueError/TypeError naming the field)."""
+
     quick: bool = False
     epochs: Optional[int] = None  # None: the method's preset
     device: str = "cpu"
@@ -27,8 +33,30 @@ class TrainConfig:
     progress: bool = True
     loss: Optional[str] = None  # a method's loss variant (clip: "softmax" or "sigmoid"); None: its default
 
+    def __post_init__(self):
+        check_bool("quick", self.quick)
+        check_bool("progress", self.progress)
+        if self.epochs is not None:  # stored as Python ints: a numpy seed would wrap in sub_seed's sum
+            self.epochs = check_int("epochs", self.epochs, low=1, accepted="None or an int")
+        self.seed = check_int("seed", self.seed, low=0, high=2**64 - 1)  # torch.manual_seed's range
+        if not isinstance(self.device, (str, torch.device)):
+            raise TypeError(f"device must be a str or a torch.device, got {type(self.device).__name__}")
+        try:
+            torch.device(self.device)  # "cuda:1" is fine
+        except RuntimeError:
+            raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {self.device!r}") from None
+        if not isinstance(self.out, (str, os.PathLike)):
+            raise TypeError(f"out must be a folder path (str or os.PathLike), got {type(self.out).__name__}")
+        if self.loss is not None and not isinstance(self.loss, str):
+            raise TypeError(f"loss must be None or a str, got {type(self.loss).__name__}")
+
     def epochs_or(self, quick: int, full: int) -> int:
         return self.epochs if self.epochs is not None else (quick if self.quick else full)
+
+    def sub_seed(self, offset: int = 0, *, bits: int = 63) -> int:
+        """``(seed + offset) % 2**bits``: a seed for one of the recipe's random streams that every consumer
+        takes (63 bits: fastssl's int generators and torch's; 32: scikit-learn's ``random_state``)."""
+        return (self.seed + offset) % 2**bits
 
 
 @dataclass

@@ -34,6 +34,21 @@ def test_simclr_augment_is_random_reproducible_and_in_range():
     assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_augmentations_keep_the_dtype_and_refuse_integer_images(dtype):
+    """theta was always float32: float64 and bfloat16 images died in affine_grid / grid_sample."""
+    from fastssl.data.augment import random_resized_crop
+
+    x = sample_images(16)
+    for augment in (simclr_augment, random_resized_crop):
+        out = augment(x.to(dtype), generator=torch.Generator().manual_seed(0))
+        assert out.dtype == dtype and out.shape == x.shape
+        torch.testing.assert_close(out.float(), augment(x, generator=torch.Generator().manual_seed(0)),
+                                   atol=2e-2, rtol=0)  # float32 math, rounded once to dtype
+        with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+            augment((x * 255).to(torch.uint8))
+
+
 def test_moving_shapes_masks_move_with_the_shape():
     v = moving_shapes(num_videos=3, frames=5, size=24, speed=1.5, generator=torch.Generator().manual_seed(0))
     assert v.frames.shape == (3, 5, 3, 24, 24) and v.masks.shape == (3, 5, 24, 24)
@@ -140,6 +155,97 @@ def test_train_cli_refuses_a_seed_torch_cannot_take(tmp_path, capsys, seed):
     line = _bad_cli_call(["train", "simclr", "--seed", seed, "--out", str(tmp_path / "o")], capsys)
     assert "--seed" in line and "must be an int in [0, 2**64)" in line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["simclr", "--all"], "METHOD 'simclr' and --all do not go together"),
+    (["--list", "--all"], "--list and --all do not go together"),
+    (["simclr", "--list"], "METHOD 'simclr' and --list do not go together"),
+])
+def test_train_cli_takes_one_of_a_method_list_and_all(tmp_path, capsys, monkeypatch, argv, says):
+    """A METHOD beside --all (or --list beside --all) was ignored: every method was trained, or listed."""
+    import fastssl.runner as runner
+
+    monkeypatch.setattr(runner, "run", lambda name, config: pytest.fail("trained"))
+    assert says in _bad_cli_call(["train", *argv, "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_cli_checks_the_readme_before_training(tmp_path, capsys, monkeypatch):
+    """--readme without the train-table markers (or a folder) failed after all 13 methods had trained."""
+    import fastssl.runner as runner
+
+    trained = []
+    monkeypatch.setattr(runner, "run", lambda name, config: trained.append(name) or {
+        "method": name, "metric": "acc", "value": 0.9, "baseline": 0.5, "higher_is_better": True,
+        "beats_baseline": True, "seconds": 1.0})
+    no_markers = tmp_path / "plain.md"
+    no_markers.write_text("# no table here\n")
+    for readme, says in ((no_markers, "no <!-- train-table:begin -->"), (tmp_path, "is not a writable file"),
+                         (tmp_path / "missing.md", "is not a writable file")):
+        line = _bad_cli_call(["train", "--all", "--readme", str(readme), "--out", str(tmp_path / "o"), "--quiet"], capsys)
+        assert f"--readme {readme}" in line and says in line and not trained
+    good = tmp_path / "README.md"
+    good.write_text(f"intro\n{runner.TABLE_BEGIN}\nold\n{runner.TABLE_END}\n")
+    from fastssl.cli import main
+
+    assert main(["train", "--all", "--readme", str(good), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert trained == list(METHODS) and "| simclr | acc" in good.read_text()
+
+
+@pytest.mark.parametrize("kw, error, says", [
+    ({"epochs": 0}, ValueError, "epochs must be an int >= 1"), ({"epochs": -3}, ValueError, "epochs must be"),
+    ({"epochs": 2.0}, TypeError, "epochs must be None or an int"), ({"seed": -1}, ValueError, "seed must be"),
+    ({"seed": 2**64}, ValueError, "seed must be"), ({"seed": "0"}, TypeError, "seed must be"),
+    ({"quick": "yes"}, TypeError, "quick must be True or False"), ({"device": "gpu"}, ValueError, "device must"),
+    ({"out": None}, TypeError, "out must be"), ({"loss": 1}, TypeError, "loss must be"),
+])
+def test_train_config_checks_its_fields(kw, error, says):
+    """TrainConfig(epochs=0) through the Python API trained nothing and still reported a result."""
+    from fastssl.training import TrainConfig
+
+    with pytest.raises(error, match=says):
+        TrainConfig(**kw)
+
+
+def _stub_training_and_evaluation(name, monkeypatch):
+    """``name``'s recipe module with its training loop and evaluation stubbed: what still runs is the recipe's
+    own seeding (data, held-out sets, quantizer, samplers); the stubs take their seeds as torch does."""
+    module = load_method(name)
+
+    def seeded(seed, value):
+        torch.manual_seed(seed)
+        return value
+
+    def small_sample(model, shape, schedule, **kwargs):  # the real sampler, one step, on 2 of the samples
+        kwargs.update(num_steps=1, cond=kwargs["cond"][:2], uncond=kwargs["uncond"][:2])
+        x = real_sample(model, (2, *shape[1:]), schedule, **kwargs)
+        return torch.cat([x, x.new_zeros(shape[0] - 2, *shape[1:])])
+
+    real_sample, judge = getattr(module, "sample", None), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
+    stubs = {"tracker": {"fit": lambda *a, **k: [1.0], "mean_iou": lambda *a, **k: (0.5, None)},
+             "don": {"fit": lambda *a, **k: [1.0], "match_accuracy": lambda *a, **k: (0.5, None)},
+             "gan": {"fit_gan": lambda *a, **k: ([1.0], [1.0]),
+                     "real_vs_fake_accuracy": lambda real, fake, seed, device: seeded(seed, 0.5)},
+             "ddpm": {"fit": lambda *a, **k: [1.0], "digit_judge": lambda data, seed, device: seeded(seed, (judge, 1.0)),
+                      "sample": small_sample}}[name]
+    for attr, stub in stubs.items():
+        monkeypatch.setattr(module, attr, stub)
+    return module
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**63, 2**64 - 1])
+@pytest.mark.parametrize("name", ["tracker", "don", "gan", "ddpm"])
+def test_recipes_take_every_seed_the_cli_takes(name, seed, monkeypatch):
+    """--seed takes [0, 2**64); recipes died inside it: scikit-learn's KMeans (< 2**32), fastssl's int generator
+    (< 2**63), manual_seed(10_000 + seed) and seed + 1 (> 2**64 - 1). TrainConfig.sub_seed keeps them in range."""
+    from fastssl.training import TrainConfig
+
+    result = _stub_training_and_evaluation(name, monkeypatch).train(TrainConfig(seed=seed, epochs=1, progress=False))
+    assert result.losses == [1.0]
+    config = TrainConfig(seed=seed)
+    assert config.sub_seed(10_000) < 2**63 and config.sub_seed(bits=32) < 2**32
+    assert TrainConfig(seed=5).sub_seed(10_000) == 10_005  # seeds below 2**63 keep their streams
 
 
 def test_train_and_bench_cli_check_the_output_folder_first(tmp_path, capsys):

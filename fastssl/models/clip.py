@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from ..checks import check_positive
 from ..data import digits
 from ..losses import CLIPLoss, SigLipLoss
 from ..training import Result, TrainConfig, fit, shuffled_batches
@@ -101,7 +102,8 @@ class CLIP(nn.Module):
     Args:
         image_tower: images (N, C, H, W) -> (N, D).
         text_tower: word ids (N, L) -> (N, D).
-        init_temperature: the initial temperature 1 / s (``CLIPLoss``'s ``logit_scale`` starts at log(1 / t)).
+        init_temperature: the initial temperature 1 / s (``CLIPLoss``'s ``logit_scale`` starts at log(1 / t));
+            softmax only.
         loss: ``"softmax"`` (CLIP's symmetric cross-entropy, ``fastssl.losses.CLIPLoss``) or ``"sigmoid"``
             (SigLIP, Zhai et al. 2023: ``fastssl.siglip_loss`` on the normalized features with a learnable
             log-scale started at log(10) and bias at -10, the paper's initialization).
@@ -114,9 +116,11 @@ class CLIP(nn.Module):
             raise TypeError("image_tower and text_tower must be nn.Modules")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        check_positive("init_temperature", init_temperature)
         self.image_tower, self.text_tower, self.loss_kind = image_tower, text_tower, loss
-        self.clip_loss = CLIPLoss(init_temperature=init_temperature)
-        if loss == "sigmoid":
+        if loss == "softmax":  # each variant owns only the parameters its loss trains
+            self.clip_loss = CLIPLoss(init_temperature=init_temperature)
+        else:
             self.sigmoid_loss = SigLipLoss()
             self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
             self.logit_bias = nn.Parameter(torch.tensor(-10.0))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_float
 from ..data import digits, random_patches, sample_images
 from ..evaluate import probe_against_untrained
 from ..training import Result, TrainConfig, fit
@@ -115,7 +116,15 @@ class Colorizer(nn.Module):
 
     def loss(self, lightness: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
         """Rebalanced cross-entropy between the predicted bins and the bins of the true ``ab`` averaged
-        over 4 x 4 blocks."""
+        over 4 x 4 blocks. ``lightness`` (N, 1, H, W) and ``ab`` (N, 2, H, W), H and W multiples of 8."""
+        check_float("lightness", lightness)
+        check_float("ab", ab)
+        if lightness.dim() != 4 or lightness.shape[1] != 1 or lightness.shape[2] % 8 or lightness.shape[3] % 8:
+            raise ValueError(f"lightness must be (N, 1, H, W) with H and W multiples of 8 (the encoder's stride), got "
+                             f"shape {tuple(lightness.shape)}")
+        if ab.shape != (lightness.shape[0], 2, *lightness.shape[2:]):
+            raise ValueError(f"ab must be (N, 2, H, W) = {(lightness.shape[0], 2, *lightness.shape[2:])} to match "
+                             f"lightness, got shape {tuple(ab.shape)}")
         target = self.bins.index(F.avg_pool2d(ab, self.stride))
         return F.cross_entropy(self(lightness), target, weight=self.weights)
 

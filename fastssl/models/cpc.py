@@ -4,11 +4,14 @@ c_t = g_ar(z_1..z_t) (a GRU over rows, fed a 1x3 convolution across the row), an
 the rows below with ``fastssl.losses.CPCLoss``: for k = 1..K the bilinear score z_{t+k}^T W_k c_t, InfoNCE
 against the codes of every other (image, column, row) of the batch. Patches overlap by half, so the
 prediction skips the next row (which shares pixels with row t): step k scores row t + k + skip.
-Trained on scikit-learn's digits (the probe's data); the patch encoder is what is evaluated.
+The patch encoder normalizes each patch on its own (layer norm, as CPC v2, Henaff et al. 2019): batch norm
+in training would pool statistics over every patch of the batch, the rows below included, and so let the
+context see what it must predict. Trained on scikit-learn's digits (the probe's data); the patch encoder is
+what is evaluated.
 
 >>> import torch
 >>> from fastssl.models.encoders import ConvEncoder
->>> m = CPC(ConvEncoder(1, 8, 16), patch=8, stride=4, context_dim=16, prediction_steps=2)
+>>> m = CPC(ConvEncoder(1, 8, 16, norm="layer"), patch=8, stride=4, context_dim=16, prediction_steps=2)
 >>> m.patches(torch.rand(2, 1, 32, 32)).shape  # 7 x 7 patches of 8 x 8
 torch.Size([2, 7, 7, 1, 8, 8])
 >>> m.loss(torch.rand(2, 1, 32, 32)).shape
@@ -33,7 +36,8 @@ class CPC(nn.Module):
     """Patch encoder g_enc, column-wise GRU context g_ar over rows, and CPC's bilinear predictors W_k.
 
     Args:
-        encoder: the patch encoder (a :class:`ConvEncoder`; ``encoder.out_dim`` is the code width).
+        encoder: the patch encoder (e.g. ``ConvEncoder(..., norm="layer")``; ``encoder.out_dim`` is the code
+            width); no batch norm, which would mix the patches of the batch.
         patch: side of the square patches, in pixels.
         stride: step between patches (``patch // 2``: CPC's 50% overlap).
         context_dim: width of the context vectors c_t.
@@ -47,6 +51,10 @@ class CPC(nn.Module):
         super().__init__()
         if not isinstance(encoder, nn.Module) or not hasattr(encoder, "out_dim"):
             raise TypeError(f"encoder must be an nn.Module with an out_dim (e.g. ConvEncoder), got {type(encoder).__name__}")
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules()):
+            raise ValueError("encoder must not use batch norm: in training it mixes every patch of the batch, so the "
+                             "context would see the rows it predicts; use a per-sample norm, e.g. "
+                             "ConvEncoder(..., norm=\"layer\")")
         for name, value in (("patch", patch), ("stride", stride), ("context_dim", context_dim),
                             ("prediction_steps", prediction_steps)):
             check_size(name, value)
@@ -102,12 +110,12 @@ def pooled_patch_features(model: CPC):
 
 def example():
     """A tiny CPC and a batch for one training step: ``model.loss(*args)``."""
-    return CPC(ConvEncoder(1, 8, 16), context_dim=16, prediction_steps=2), (torch.rand(4, 1, 32, 32),)
+    return CPC(ConvEncoder(1, 8, 16, norm="layer"), context_dim=16, prediction_steps=2), (torch.rand(4, 1, 32, 32),)
 
 
 def train(config: TrainConfig) -> Result:
     data = digits(32)
-    untrained = ConvEncoder(1, 16, 64)
+    untrained = ConvEncoder(1, 16, 64, norm="layer")
     model = CPC(copy.deepcopy(untrained), patch=8, stride=4).to(config.device)
     losses = fit_images(model, data.train_x.to(config.device), config, batch_size=32, epochs=config.epochs_or(6, 40),
                         desc="cpc", loss=lambda x, generator: model.loss(x))

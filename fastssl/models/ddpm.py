@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_int, check_number
+from ..checks import check_int, check_number, check_tensor
 from ..data import digits
 from ..diffusion import q_sample
 from ..sampling import sample
@@ -121,11 +121,23 @@ class DDPM(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.net(x, t, labels)
 
+    def check_labels(self, labels: torch.Tensor, n: int | None = None) -> None:
+        """``labels`` is an integer (n,) tensor of class ids in [0, null_class] (the null class last, as in
+        :class:`TinyUNet`). The range is checked on CPU tensors only: on CUDA it would cost a host sync."""
+        check_tensor("labels", labels)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor of class ids, got {labels.dtype}")
+        if labels.dim() != 1 or (n is not None and len(labels) != n):
+            raise ValueError(f"labels must have shape ({'N' if n is None else n},), got {tuple(labels.shape)}")
+        null = self.net.null_class
+        if labels.device.type == "cpu" and len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= null:
+            raise ValueError(f"labels must be class ids in [0, {null}] ({null}: the null class), got values in "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+
     def loss(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Algorithm 1 on a batch of images x0 in [-1, 1] with their labels: ||eps - eps_theta(x_t, t, y')||^2,
-        y' the label or, with probability p_uncond, the null class."""
-        if labels.shape != x0.shape[:1]:
-            raise ValueError(f"labels must have shape ({x0.shape[0]},), got {tuple(labels.shape)}")
+        """Algorithm 1 on a batch of images x0 in [-1, 1] with their labels (:meth:`check_labels`):
+        ||eps - eps_theta(x_t, t, y')||^2, y' the label or, with probability p_uncond, the null class."""
+        self.check_labels(labels, x0.shape[0])
         B = x0.shape[0]
         t = torch.randint(self.schedule.num_timesteps, (B,), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
@@ -139,6 +151,7 @@ class DDPM(nn.Module):
         """Samples in [-1, 1], one per label, by ``fastssl.sample`` (deterministic DDIM over ``num_steps``
         steps, predicted x0 clipped to [-1, 1]) with classifier-free guidance w = ``guidance`` against the
         null class."""
+        self.check_labels(labels)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -177,7 +190,7 @@ def train(config: TrainConfig) -> Result:
     wanted = torch.arange(10).repeat_interleave(per_class)
 
     def judged(w):
-        x = (ema.generate(wanted, guidance=w, num_steps=steps, generator=config.seed, image_shape=(1, size, size)) + 1) / 2
+        x = (ema.generate(wanted, guidance=w, num_steps=steps, generator=config.sub_seed(), image_shape=(1, size, size)) + 1) / 2
         return accuracy(judge, x, wanted), x.cpu()
 
     by_guidance = {w: judged(w) for w in sorted({0.0, 1.0, 2.0, 4.0, GUIDANCE})}  # the others for context only

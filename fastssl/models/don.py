@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_int, check_positive
+from ..checks import check_float, check_int, check_ndim, check_positive, check_same_shape
 from ..contrastive import info_nce
 from ..data import sample_images
 from ..training import Result, TrainConfig, fit
@@ -126,6 +126,17 @@ def warped_pairs(images: torch.Tensor, count: int, size: int, points: int, gener
     return views[0].to(images), view_b.to(images), take(pa).to(images), take(pb).to(images)
 
 
+def check_pairs(view_a, view_b, points_a, points_b) -> None:
+    """Views (N, C, H, W) of one shape and matched points (N, M, 2) of one shape, all floating tensors."""
+    for name, value in (("view_a", view_a), ("view_b", view_b), ("points_a", points_a), ("points_b", points_b)):
+        check_float(name, value)
+    check_ndim("view_a", view_a, 4, "(N, C, H, W)")
+    check_same_shape(("view_a", "view_b"), (view_a, view_b))
+    if points_a.dim() != 3 or points_a.shape[0] != view_a.shape[0] or points_a.shape[2] != 2:
+        raise ValueError(f"points_a must be (N, M, 2) with N = {view_a.shape[0]} views, got shape {tuple(points_a.shape)}")
+    check_same_shape(("points_a", "points_b"), (points_a, points_b))
+
+
 class DenseObjectNet(nn.Module):
     """A descriptor net and its pixel-wise contrastive loss over matched pixels."""
 
@@ -143,7 +154,9 @@ class DenseObjectNet(nn.Module):
 
     def loss(self, view_a, view_b, points_a, points_b, generator: torch.Generator | None = None) -> torch.Tensor:
         """info_nce of matched descriptors: queries d_a(points_a), keys d_b(points_b) (the positives, row
-        for row) followed by ``num_negatives`` random pixels of each view b."""
+        for row) followed by ``num_negatives`` random pixels of each view b. Views (N, C, H, W) and points
+        (N, M, 2) as :func:`warped_pairs` gives them; each pair's shapes must match."""
+        check_pairs(view_a, view_b, points_a, points_b)
         desc = self(torch.cat([view_a, view_b]))
         da, db = desc.chunk(2)
         n, _, h, w = db.shape
@@ -159,6 +172,7 @@ class DenseObjectNet(nn.Module):
 def match_accuracy(encoder: nn.Module, view_a, view_b, points_a, points_b, threshold: float = 2.0):
     """Share of query points whose nearest descriptor (cosine) in view b lies within ``threshold`` px of
     the true correspondence; also returns the matched pixel coordinates (N, M, 2) for drawing."""
+    check_pairs(view_a, view_b, points_a, points_b)
     was_training = encoder.training
     encoder.eval()
     da, db = (F.normalize(encoder(v), dim=1) for v in (view_a, view_b))
@@ -216,7 +230,7 @@ def train(config: TrainConfig) -> Result:
     losses = fit(step, lambda: range(25), model.parameters(), epochs=config.epochs_or(12, 60), lr=3e-3, config=config,
                  desc="don")
     # held-out warps: a generator the training never used, 64 pairs x 100 query pixels
-    test = warped_pairs(photos, 64, size, 100, generator=torch.Generator().manual_seed(10_000 + config.seed))
+    test = warped_pairs(photos, 64, size, 100, generator=torch.Generator().manual_seed(config.sub_seed(10_000)))
     value, matched = match_accuracy(model.encoder, *test)
     baseline, matched_untrained = match_accuracy(untrained.to(config.device), *test)
     figures = {"correspondences.png": lambda path: draw_correspondences(

@@ -185,10 +185,11 @@ def train(config: TrainConfig) -> Result:
     real = data.test_x  # digits the GAN never saw, in [0, 1]
 
     def samples(generator_net):
-        return (GAN(generator_net, gan.discriminator).generate(len(real), torch.Generator().manual_seed(config.seed + 1)).cpu() + 1) / 2
+        fixed = torch.Generator().manual_seed(config.sub_seed(1))
+        return (GAN(generator_net, gan.discriminator).generate(len(real), fixed).cpu() + 1) / 2
 
     def detected(fake):  # mean over random train/test splits: one detector's accuracy varies by several points
-        return sum(real_vs_fake_accuracy(real, fake, seed=config.seed + 100 * s, device=config.device)
+        return sum(real_vs_fake_accuracy(real, fake, seed=config.sub_seed(100 * s), device=config.device)
                    for s in range(detector_splits)) / detector_splits
 
     fake, fake_untrained = samples(ema), samples(untrained.generator)

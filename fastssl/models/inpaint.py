@@ -23,9 +23,11 @@ import copy
 import torch
 from torch import nn
 
+from ..checks import check_float
 from ..data import digits
 from ..evaluate import probe_against_untrained
 from ..training import Result, TrainConfig, fit_images
+from . import check_size
 from .encoders import ConvEncoder, conv_block
 
 
@@ -60,7 +62,7 @@ class ContextEncoder(nn.Module):
         super().__init__()
         if hole < 1:
             raise ValueError(f"hole must be a positive number of pixels, got {hole}")
-        self.encoder, self.hole, self.fill = encoder, hole, fill
+        self.encoder, self.channels, self.hole, self.fill = encoder, check_size("channels", channels), hole, fill
         self.decoder = upsampler(encoder.out_dim, channels, decoder_width)
 
     def forward(self, holed: torch.Tensor) -> torch.Tensor:
@@ -70,6 +72,10 @@ class ContextEncoder(nn.Module):
     def mask(self, images: torch.Tensor, generator: torch.Generator | None = None):
         """``images`` with one random ``hole`` x ``hole`` square each set to ``fill``, and the 0/1 mask
         (N, 1, H, W) of the hole."""
+        check_float("images", images)
+        if images.dim() != 4 or images.shape[1] != self.channels:
+            raise ValueError(f"images must be (N, {self.channels}, H, W) (channels={self.channels}), got shape "
+                             f"{tuple(images.shape)}")
         n, _, h, w = images.shape
         if self.hole > min(h, w):
             raise ValueError(f"hole {self.hole} does not fit in {h} x {w} images")

@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from ..checks import check_number, check_positive
+from ..checks import check_float, check_ndim, check_number, check_positive
 from ..contrastive import moco_loss
 from ..data import digits
 from ..evaluate import probe_against_untrained
@@ -40,8 +40,9 @@ class MoCo(nn.Module):
         momentum: m of the key encoder's update, in [0, 1).
         temperature: t of the InfoNCE logits, > 0.
         augment: ``augment(x, generator=...)`` draws a random view of a batch.
-        key_bn_groups: the key batch is shuffled and encoded in this many groups (MoCo's "shuffling BN"
-            on one device), so batch-norm statistics cannot leak which key matches which query.
+        key_bn_groups: the key batch is shuffled and encoded in this many groups of balanced sizes (MoCo's
+            "shuffling BN" on one device), so batch-norm statistics cannot leak which key matches which
+            query; a batch needs at least 2 samples a group.
     """
 
     def __init__(self, encoder: ConvEncoder, proj_dim: int = 64, queue_size: int = 1024, momentum: float = 0.99,
@@ -76,16 +77,26 @@ class MoCo(nn.Module):
         for k, q in zip([*self.key_encoder.buffers(), *self.key_head.buffers()], [*self.encoder.buffers(), *self.head.buffers()]):
             k.copy_(q)
 
+    def _check_batch(self, x: torch.Tensor) -> None:
+        """``x`` is (N, C, H, W) with N >= 2 * key_bn_groups: batch norm needs 2 samples in every key group."""
+        check_float("x", x)
+        check_ndim("x", x, 4, "(N, C, H, W)")
+        if len(x) < 2 * self.key_bn_groups:
+            raise ValueError(f"x has {len(x)} samples but key_bn_groups={self.key_bn_groups} needs at least "
+                             f"{2 * self.key_bn_groups} (2 a group for batch norm); use a larger batch or fewer groups")
+
     @torch.no_grad()
     def keys(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Keys of ``x`` from the momentum encoder, encoded in shuffled groups (shuffling BN)."""
+        """Keys of ``x`` from the momentum encoder, encoded in shuffled groups of balanced sizes (shuffling BN)."""
+        self._check_batch(x)
         perm = torch.randperm(len(x), generator=generator).to(x.device)
-        groups = [self.key_head(self.key_encoder(chunk)) for chunk in x[perm].chunk(self.key_bn_groups)]
+        groups = [self.key_head(self.key_encoder(chunk)) for chunk in x[perm].tensor_split(self.key_bn_groups)]
         return torch.cat(groups)[perm.argsort()]
 
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One MoCo step's loss: the key encoder first catches up with the last step's query encoder, then
         InfoNCE of the queries against their keys and the queue; this batch's keys are enqueued after."""
+        self._check_batch(x)  # before any state changes
         self.momentum_update()
         q = self(self.augment(x, generator=generator))
         k = self.keys(self.augment(x, generator=generator), generator)

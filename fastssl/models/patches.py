@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_int
+
 
 def patch_grid(images: torch.Tensor, grid: int = 3, patch: int | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
@@ -22,11 +24,12 @@ def patch_grid(images: torch.Tensor, grid: int = 3, patch: int | None = None,
     image and cell (``patch`` defaults to 3/4 of a cell)."""
     if images.dim() != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    check_int("grid", grid, low=1)
     n, _, h, w = images.shape
     cell = min(h, w) // grid
-    patch = patch if patch is not None else max(1, (3 * cell) // 4)
-    if grid < 1 or not 1 <= patch <= cell:
-        raise ValueError(f"need grid >= 1 and 1 <= patch <= cell ({cell} = min(H, W) // grid), got grid={grid}, patch={patch}")
+    patch = check_int("patch", patch, accepted="None or an int") if patch is not None else max(1, (3 * cell) // 4)
+    if not 1 <= patch <= cell:
+        raise ValueError(f"need 1 <= patch <= cell ({cell} = min(H, W) // grid), got grid={grid}, patch={patch}")
     k = grid * grid
     offsets = torch.randint(cell - patch + 1, (2, n, k), generator=generator).to(images.device)
     cells = torch.arange(k, device=images.device)

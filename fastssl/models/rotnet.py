@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_ndim, check_tensor
 from ..data import digits
 from ..data.augment import random_resized_crop
 from ..evaluate import probe_against_untrained
@@ -27,7 +28,12 @@ from .encoders import ConvEncoder
 
 
 def rotations(x: torch.Tensor):
-    """All four rotations of each image, stacked rotation-major, and the rotation labels."""
+    """All four rotations of each square image of ``x`` (N, C, H, H), stacked rotation-major, and the rotation
+    labels."""
+    check_ndim("x", check_tensor("x", x), 4, "(N, C, H, W)")
+    if x.shape[2] != x.shape[3]:
+        raise ValueError(f"x must hold square images (H == W: a rotation by 90 degrees keeps the shape), got "
+                         f"shape {tuple(x.shape)}")
     views = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
     labels = torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
     return torch.cat(views), labels

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_number, check_positive
+from ..checks import check_int, check_number, check_positive
 from ..data import moving_shapes
 from ..propagation import colorization_loss, propagate_labels
 from ..training import Result, TrainConfig, fit, shuffled_batches
@@ -31,10 +31,13 @@ from .don import PixelEncoder
 
 class ColorQuantizer:
     """k-means over the ab channels of Lab (scikit-learn), fit on training frames: ``grey(frames)`` gives
-    L / 100 as (..., 1, H, W), ``labels(frames)`` the cluster id of every pixel (..., H, W)."""
+    L / 100 as (..., 1, H, W), ``labels(frames)`` the cluster id of every pixel (..., H, W). ``seed`` is an
+    int in [0, 2**32), scikit-learn's ``random_state`` range (``TrainConfig.sub_seed(bits=32)`` gives one)."""
 
     def __init__(self, num_colors: int = 16, samples: int = 20000, seed: int = 0):
         check_size("num_colors", num_colors)
+        check_size("samples", samples)
+        check_int("seed", seed, low=0, high=2**32 - 1)
         self.num_colors, self.samples, self.seed = num_colors, samples, seed
         self.kmeans = None
 
@@ -174,8 +177,8 @@ def train(config: TrainConfig) -> Result:
     refs, size = 3, 32
     videos = moving_shapes(num_videos=48, frames=8, size=size, generator=torch.Generator().manual_seed(config.seed))
     held_out = moving_shapes(num_videos=16, frames=12, size=size,
-                             generator=torch.Generator().manual_seed(10_000 + config.seed))
-    quantizer = ColorQuantizer(16, seed=config.seed).fit(videos.frames)
+                             generator=torch.Generator().manual_seed(config.sub_seed(10_000)))
+    quantizer = ColorQuantizer(16, seed=config.sub_seed(bits=32)).fit(videos.frames)
     untrained = PixelEncoder(1, width=16, out_dim=32, levels=2, stride=2)
     # grey input at full resolution, colour targets on the feature grid (RGB average-pooled first)
     grey = quantizer.grey(videos.frames).to(config.device)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from fastssl.models.clip import (DIGIT_NAMES, TRAIN_TEMPLATES, ZERO_SHOT_TEMPLATE, Vocabulary, build, caption_tokens,
-                                 caption_vocabulary)
+from fastssl.models.clip import (CLIP, DIGIT_NAMES, TRAIN_TEMPLATES, ZERO_SHOT_TEMPLATE, Vocabulary, build,
+                                 caption_tokens, caption_vocabulary, example)
 
 
 def test_caption_tokens_spell_the_captions():
@@ -40,6 +40,17 @@ def test_zero_shot_predicts_a_class_a_image_and_scale_learns():
     loss = model.loss(torch.rand(10, 1, 32, 32), tokens[0])
     loss.backward()
     assert model.clip_loss.logit_scale.grad is not None and model.clip_loss.logit_scale.requires_grad
+
+
+def test_each_loss_variant_owns_only_the_parameters_it_trains():
+    """The sigmoid variant kept CLIPLoss's logit_scale: trainable, never reached by its loss."""
+    for loss in ("softmax", "sigmoid"):
+        model, args = example(loss=loss)
+        model.loss(*args).backward()
+        assert [n for n, p in model.named_parameters() if p.grad is None] == []
+        assert hasattr(model, "clip_loss") == (loss == "softmax") and hasattr(model, "logit_bias") == (loss == "sigmoid")
+    with pytest.raises(ValueError, match="init_temperature"):
+        CLIP(model.image_tower, model.text_tower, init_temperature=0.0, loss="sigmoid")
 
 
 def test_confusion_figure_is_written(tmp_path):

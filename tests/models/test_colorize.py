@@ -42,6 +42,19 @@ def test_colorize_reads_out_the_annealed_mean_of_the_bins():
     assert torch.allclose(model.colorize(torch.rand(1, 1, 8, 8)), bins.centres[0].view(1, 2, 1, 1).expand(1, 2, 8, 8), atol=1e-4)
 
 
+def test_loss_needs_sizes_that_are_multiples_of_8_and_matching_ab():
+    """20 x 20 images gave 6 x 6 logits against a 5 x 5 target: a size mismatch deep in cross_entropy."""
+    from fastssl.models.colorize import example
+
+    model, (lightness, ab) = example()
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model.loss(torch.rand(2, 1, 20, 20), torch.randn(2, 2, 20, 20))
+    with pytest.raises(ValueError, match="ab must be"):
+        model.loss(lightness, ab[:, :, :8])
+    with pytest.raises(TypeError, match="ab"):
+        model.loss(lightness, ab.long())
+
+
 def test_colorizer_rejects_bad_arguments():
     bins = ab_bins(torch.randn(1, 2, 4, 4) * 20)
     with pytest.raises(TypeError, match="ABBins"):

@@ -70,6 +70,19 @@ def test_bad_arguments_are_rejected():
         SmallCNN(num_classes=1)
 
 
+def test_labels_must_be_integer_class_ids_in_range():
+    """Float labels and ids past the null class died inside the embedding; the null class itself is a label."""
+    model, x = tiny(), torch.rand(4, 1, 16, 16)
+    assert torch.isfinite(model.loss(x, torch.full((4,), 10)))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        model.loss(x, torch.arange(4.0))
+    for bad in (torch.full((4,), 11), torch.tensor([0, 1, -1, 2])):
+        with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 10\]"):
+            model.loss(x, bad)
+    with pytest.raises(ValueError, match="labels must be class ids"):
+        model.generate(torch.tensor([3, 12]), num_steps=2, generator=0)
+
+
 def test_judges_separate_what_differs_and_not_what_does_not():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(200, 1, 16, 16, generator=g)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastssl.contrastive import info_nce
-from fastssl.models.don import DenseObjectNet, PixelEncoder, match_accuracy, sample_descriptors, warped_pairs
+from fastssl.models.don import DenseObjectNet, PixelEncoder, example, match_accuracy, sample_descriptors, warped_pairs
 
 
 def ramp_image(size=64):
@@ -55,6 +55,18 @@ def test_loss_is_info_nce_over_matched_descriptors_without_negatives():
     expected = info_nce(sample_descriptors(da, pa).flatten(0, 1), sample_descriptors(db, pb).flatten(0, 1),
                         temperature=0.1, normalize=False)
     torch.testing.assert_close(model.loss(va, vb, pa, pb), expected)
+
+
+def test_loss_and_match_accuracy_refuse_misaligned_pairs():
+    """points_b with one point more than points_a paired queries and keys row for row, off by one."""
+    model, (va, vb, pa, pb) = example()
+    for call in (model.loss, lambda *args: match_accuracy(model.encoder, *args)):
+        with pytest.raises(ValueError, match="points_b has shape"):
+            call(va, vb, pa, torch.cat([pb, pb[:, :1]], 1))
+        with pytest.raises(ValueError, match="view_b has shape"):
+            call(va, vb[..., :12, :12], pa, pb)
+        with pytest.raises(ValueError, match="points_a must be"):
+            call(va, vb, pa[..., :1], pb[..., :1])
 
 
 class Coordinates(torch.nn.Module):

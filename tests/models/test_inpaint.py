@@ -24,6 +24,17 @@ def test_loss_is_the_squared_error_inside_the_hole_only():
     assert torch.allclose(model.loss(x, torch.Generator().manual_seed(3)), expected)
 
 
+def test_images_must_have_the_channels_the_model_reconstructs():
+    """3-channel images into a 1-channel model were broadcast against the reconstruction without a word."""
+    model = ContextEncoder(ConvEncoder(3, 8, 16), hole=8, decoder_width=16)
+    with pytest.raises(ValueError, match=r"images must be \(N, 1, H, W\)"):
+        model.loss(torch.rand(4, 3, 24, 24))
+    with pytest.raises(ValueError, match="images must be"):
+        model.mask(torch.rand(3, 24, 24))
+    with pytest.raises(ValueError, match="channels"):
+        ContextEncoder(ConvEncoder(1, 8, 16), channels=0)
+
+
 def test_upsampler_returns_to_full_resolution_and_bad_holes_are_rejected():
     assert upsampler(32, 3, width=16)(torch.rand(2, 32, 4, 4)).shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="positive"):

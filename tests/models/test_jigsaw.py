@@ -30,6 +30,14 @@ def test_patch_grid_jitters_with_the_generator_and_rejects_bad_sizes():
         patch_grid(x[0])
 
 
+@pytest.mark.parametrize("grid", [0, -1])
+def test_patch_grid_checks_grid_before_dividing_by_it(grid):
+    with pytest.raises(ValueError, match="grid must be an int >= 1"):
+        patch_grid(torch.rand(1, 1, 6, 6), grid=grid)
+    with pytest.raises(TypeError, match="grid"):
+        patch_grid(torch.rand(1, 1, 6, 6), grid=1.5)
+
+
 def test_hamming_permutations_are_distinct_far_apart_and_deterministic():
     perms = hamming_permutations(30)
     assert perms.shape == (30, 9) and torch.equal(perms[0], torch.arange(9))

@@ -46,6 +46,17 @@ def test_shuffled_key_groups_keep_the_order_of_the_batch():
     torch.testing.assert_close(m.keys(x, torch.Generator().manual_seed(3)), m.key_head(m.key_encoder(x)))
 
 
+def test_key_groups_are_balanced_and_a_group_of_one_is_refused_up_front():
+    """10 samples in 4 groups: 3, 3, 2, 2 (chunk gave 3, 3, 3, 1 and batch norm died on the group of one)."""
+    m = small(key_bn_groups=4)
+    assert torch.isfinite(m.loss(torch.rand(10, 1, 16, 16), torch.Generator().manual_seed(0)))
+    for n, groups in ((3, 2), (5, 4)):
+        m = small(key_bn_groups=groups)
+        with pytest.raises(ValueError, match=f"x has {n} samples but key_bn_groups={groups}"):
+            m.loss(torch.rand(n, 1, 16, 16))
+        assert m.queue.ptr == 0  # refused before any state changed
+
+
 @pytest.mark.parametrize("kw", [{"momentum": 1.0}, {"momentum": -0.1}, {"temperature": 0.0}, {"key_bn_groups": 0}])
 def test_bad_arguments_raise(kw):
     with pytest.raises(ValueError):
