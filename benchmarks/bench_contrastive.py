@@ -96,8 +96,10 @@ def _clip_loss(provider):
         def two_calls(a, b, s):
             a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
             labels = torch.arange(a.shape[0], device=a.device)
-            return (cal_inf_loss(a, b, scale=s, labels=labels).mean()
-                    + cal_inf_loss(b, a, scale=s, labels=labels).mean()) / 2
+            # the scale folded in here: inf_cl's own scale= gathers its gradient with dist.all_reduce, which
+            # fails without a process group; head_dim is its name for the feature width (default 256)
+            return (cal_inf_loss(s * a, b, labels=labels, head_dim=a.shape[1])
+                    + cal_inf_loss(s * b, a, labels=labels, head_dim=a.shape[1])) / 2
         return two_calls
     raise ValueError(provider)
 
@@ -240,11 +242,10 @@ def cases(preset: str, device: str) -> list[Case]:
         out += [_nt_xent_case(p, "fwd+bwd", "float32", 8192, 128) for p in ("fastssl", "torch")]
         return out
     # full: GUIDE §6's GPU sizes in bf16 (2N from 1024 to 65536, D 128 and 256), float32 at one size; on
-    # the GPU first the 1M-row NT-Xent (2N = 2^21, D = 256, bf16): memory O(N * D) where the logits alone
-    # would take 8 TiB (no eager reference can run it)
+    # the GPU last the 1M-row NT-Xent (2N = 2^21, D = 256, bf16): memory O(N * D) where the logits alone
+    # would take 8 TiB (no eager reference can run it). Last: at ~9e15 FLOPs a call it takes a minute,
+    # which would leave gpu_check's short part e no other row
     dtype = "bfloat16" if device == "cuda" else "float32"
-    if device == "cuda":
-        out.append(_nt_xent_case("fastssl", "fwd+bwd", "bfloat16", 1 << 20, 256, tune_rows=1 << 15))
     sizes = [512, 2048, 8192, 32768] if device == "cuda" else [512, 2048, 8192]
     for d in (128, 256):
         for n in sizes:
@@ -260,6 +261,8 @@ def cases(preset: str, device: str) -> list[Case]:
             out += [_siglip_case(p, mode, dtype, 2 * n, 256) for p in providers + clip_peers]
             out += [_supervised_case(p, mode, dtype, 2 * n, 256, 1000) for p in ("fastssl", "torch")]
     out += [_supervised_case(p, "fwd+bwd", dtype, 128, 256, 8) for p in ["fastssl", "torch"] + pml]
+    if device == "cuda":
+        out.append(_nt_xent_case("fastssl", "fwd+bwd", "bfloat16", 1 << 20, 256, tune_rows=1 << 15))
     return out
 
 

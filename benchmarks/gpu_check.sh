@@ -5,7 +5,8 @@
 #   b. the targets preset: exactly GUIDE §6's cases, fastssl and its reference each (150 s, autotuning
 #      included);
 #   c. the no-host-sync proof: sample loop, nt_xent step, propagate_labels under
-#      torch.cuda.set_sync_debug_mode("error"), and the sampling loop replayed from a CUDA graph;
+#      torch.cuda.set_sync_debug_mode("error"), the sampling loop replayed from a CUDA graph, and a
+#      SupCon + InfoNCE(targets) step (the labelled positives);
 #   d. the tiny-temperature gradient test (40 s), then the three slices' parity tests on the Triton backend
 #      (compiled kernels against the float64 references), each stopped with SIGINT at its time box so pytest
 #      still writes its summary and junit file;
@@ -26,12 +27,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 device=cuda total=${FASTSSL_GPU_SECONDS:-360}
-box_ceilings=30 box_targets=150 box_syncs=45 box_first=60 box_tests=50
+box_ceilings=30 box_targets=150 box_syncs=60 box_first=60 box_tests=50
 targets_args=(--preset targets) rest_args=(--preset full --skip-preset targets)
 if [ "${1:-}" = "--rehearse" ]; then  # CPU-sized stand-ins for the two benchmark parts
   shift
-  device=cpu total=${FASTSSL_GPU_SECONDS:-120}
-  box_ceilings=20 box_targets=30 box_syncs=30 box_first=60 box_tests=15
+  device=cpu total=${FASTSSL_GPU_SECONDS:-150}
+  box_ceilings=20 box_targets=30 box_syncs=45 box_first=60 box_tests=15
   targets_args=(--preset quick --only cfg_combine) rest_args=(--preset quick --only ddim_step)
 fi
 tests=(tests/test_contrastive.py tests/test_diffusion.py tests/test_propagation.py)

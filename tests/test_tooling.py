@@ -232,8 +232,10 @@ def test_gpu_check_rehearsal_leaves_every_file_and_the_table_last(tmp_path):
     assert "rehearsal on the CPU" in run.stdout, run.stderr[-3000:]
     for name in ("versions.txt", "peaks.json", "syncs.json", "tests.xml", "target-table.txt"):
         assert (out / name).exists(), (name, run.stdout[-3000:], run.stderr[-3000:])
+    from fastssl.benchmarks import sync_check
+
     syncs = json.loads((out / "syncs.json").read_text())
-    assert [s["check"] for s in syncs] == ["sample_loop", "nt_xent_step", "propagate_labels_frame", "cuda_graph"]
+    assert [s["check"] for s in syncs] == sync_check.RUN_ORDER
     assert all(s["ok"] for s in syncs), syncs
     first = ElementTree.parse(out / "tests-first.xml").getroot().find("testsuite")  # T = 1e-6, near convergence
     assert (first.get("tests"), first.get("failures"), first.get("errors")) == ("14", "0", "0")
