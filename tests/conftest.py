@@ -144,3 +144,15 @@ def assert_close_lowp(ours: torch.Tensor, reference: torch.Tensor, torch_lowp: t
     assert ours_err <= factor * torch_err + atol, (
         f"error {ours_err:.3g} against the float64 reference exceeds {factor} x PyTorch's own {torch_err:.3g} + {atol}"
     )
+
+
+def assert_same_float32(out: torch.Tensor, grads, plain: torch.Tensor, plain_grads) -> None:
+    """A call under autocast against the same call without it: ``out`` and ``grads`` (None where a tensor
+    gets no gradient) float32 and equal to ``plain`` and ``plain_grads``."""
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, plain)
+    for g, r in zip(grads, plain_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, r)

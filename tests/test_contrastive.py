@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fastssl
 import fastssl.kernels.contrastive as kc
 from fastssl.kernels import registry
-from conftest import assert_close, assert_close_lowp
+from conftest import assert_close, assert_close_lowp, assert_same_float32
 from fastssl.contrastive import (clip_loss_reference, info_nce_reference, moco_loss_reference, nt_xent_reference,
                                  siglip_loss_reference, supcon_loss_reference, supervised_nt_xent_reference)
 
@@ -537,13 +537,7 @@ def test_autocast_leaves_float32_losses_in_float32(backend, device, monkeypatch,
                 grads = _grads(out, inputs)
         if not inside:
             grads = _grads(out, inputs)
-        assert out.dtype == torch.float32
-        torch.testing.assert_close(out, plain)
-        for g, r in zip(grads, plain_grads):
-            assert (g is None) == (r is None)
-            if g is not None:
-                assert g.dtype == torch.float32
-                torch.testing.assert_close(g, r)
+        assert_same_float32(out, grads, plain, plain_grads)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from fastssl.losses import CLIPLoss, CPCLoss, InfoNCELoss, MoCoQueue, NTXentLoss
 
-from conftest import assert_close
+from conftest import assert_close, assert_same_float32
 
 HAVE_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
 F64 = torch.float64
@@ -523,13 +523,7 @@ def test_modules_under_autocast_as_without(backend, device, name):
             results.append((loss, torch.autograd.grad(loss, tensors, allow_unused=True)))
     (plain, plain_grads), *autocast_runs = results
     for loss, grads_ in autocast_runs:
-        assert loss.dtype == torch.float32
-        torch.testing.assert_close(loss, plain)
-        for g, r in zip(grads_, plain_grads):
-            assert (g is None) == (r is None)
-            if g is not None:
-                assert g.dtype == torch.float32
-                torch.testing.assert_close(g, r)
+        assert_same_float32(loss, grads_, plain, plain_grads)
 
 
 def test_cpc_validation_types():
