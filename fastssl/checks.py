@@ -36,6 +36,14 @@ def check_float(name: str, value) -> torch.Tensor:
     return value
 
 
+def check_class_ids(name: str, value) -> torch.Tensor:
+    """``value`` is a tensor of an integer dtype (class ids: not float, complex or bool)."""
+    check_tensor(name, value)
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class ids, got {value.dtype}")
+    return value
+
+
 def check_ndim(name: str, value: torch.Tensor, ndim: int, layout: str = "") -> torch.Tensor:
     if value.dim() != ndim:
         hint = f" {layout}" if layout else ""

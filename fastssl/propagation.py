@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .backend import first_order, use_triton
 from .checks import (accumulation_dtype, check_float, check_int, check_ndim, check_number, check_positive, check_same,
-                     check_tensor)
+                     check_class_ids)
 
 # Logits per tile in the PyTorch path (32 MB in fp32): bounds its working memory at a few times this.
 CHUNK_ELEMENTS = 1 << 23
@@ -735,9 +735,7 @@ def colorization_loss(target_feats: Tensor, ref_feats: Tensor, ref_labels: Tenso
     R = ref_feats.shape[1]
     for name, labels, ndim, layout, shape in (("ref_labels", ref_labels, 4, "(B, R, H, W)", (B, R, H, W)),
                                               ("target_labels", target_labels, 3, "(B, H, W)", (B, H, W))):
-        check_tensor(name, labels)
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor of class ids, got {labels.dtype}")
+        check_class_ids(name, labels)
         check_ndim(name, labels, ndim, layout)
         if tuple(labels.shape) != shape:
             raise ValueError(f"{name} must be {layout} = {shape} to match the features, got {tuple(labels.shape)}")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_int, check_number, check_tensor
+from ..checks import check_class_ids, check_int, check_number
 from ..data import digits
 from ..diffusion import q_sample
 from ..sampling import sample
@@ -124,9 +124,7 @@ class DDPM(nn.Module):
     def check_labels(self, labels: torch.Tensor, n: int | None = None) -> None:
         """``labels`` is an integer (n,) tensor of class ids in [0, null_class] (the null class last, as in
         :class:`TinyUNet`). The range is checked on CPU tensors only: on CUDA it would cost a host sync."""
-        check_tensor("labels", labels)
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor of class ids, got {labels.dtype}")
+        check_class_ids("labels", labels)
         if labels.dim() != 1 or (n is not None and len(labels) != n):
             raise ValueError(f"labels must have shape ({'N' if n is None else n},), got {tuple(labels.shape)}")
         null = self.net.null_class
